@@ -1,0 +1,432 @@
+//! `weftctl`: a thin client of the agent's API (and, for cluster-wide operations such as
+//! removing a host, of etcd directly).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint, Uri};
+use weft_proto::v1 as pb;
+use weft_proto::v1::agent_client::AgentClient;
+
+#[derive(Debug, Parser)]
+#[command(name = "weftctl", version, about = "Control a weft agent")]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, env = "WEFT_SOCKET", default_value = "/run/weft/agent.sock", global = true)]
+    pub socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Wire a container into the fabric.
+    Attach {
+        container_id: String,
+        /// Network namespace path (/var/run/netns/x, /proc/PID/ns/net).
+        #[arg(long, conflicts_with = "pid")]
+        netns: Option<String>,
+        /// Use the network namespace of this process.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Interface name inside the container.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        /// Publish a port: HOSTPORT:PORT[/udp].
+        #[arg(short = 'p', long = "publish")]
+        publish: Vec<String>,
+    },
+    /// Remove a container from the fabric.
+    Detach { container_id: String },
+    /// Show one endpoint.
+    Get { container_id: String },
+    /// List this host's endpoints.
+    Ls,
+    /// Show the host, its blocks and its peers.
+    Status,
+    /// Cluster-wide host operations (talk to etcd directly).
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Remove a host for good: release its blocks, addresses and endpoint records; every peer
+    /// drops its routes. Stop the host's agent first.
+    Remove {
+        name: String,
+        #[arg(long, env = "WEFT_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379")]
+        etcd_endpoints: String,
+        #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft/v1")]
+        etcd_prefix: String,
+    },
+}
+
+/// Parses `HOSTPORT:PORT[/proto]`.
+pub fn parse_publish(text: &str) -> Result<pb::PortMapping, String> {
+    let (ports, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
+    let (host, container) = ports
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: expected HOSTPORT:PORT[/udp]"))?;
+    let number = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("{text:?}: {s:?} is not a port number"))
+    };
+    Ok(pb::PortMapping {
+        protocol: protocol.to_string(),
+        host_port: number(host)?,
+        container_port: number(container)?,
+    })
+}
+
+/// Connects to the agent's Unix socket.
+pub async fn connect(socket: &Path) -> Result<AgentClient<Channel>, String> {
+    let path = socket.to_path_buf();
+    // The URI is required by the API but unused: every connection goes to the socket.
+    let channel = Endpoint::try_from("http://localhost")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot reach the agent at {}: {e}", socket.display()))?;
+    Ok(AgentClient::new(channel))
+}
+
+/// The one place a failure becomes an exit code.
+fn exit_code(status: &tonic::Status) -> ExitCode {
+    use tonic::Code;
+    ExitCode::from(match status.code() {
+        Code::InvalidArgument => 2,
+        Code::NotFound => 3,
+        Code::AlreadyExists => 4,
+        Code::ResourceExhausted => 5,
+        Code::Unavailable => 6,
+        _ => 1,
+    })
+}
+
+fn endpoint_json(e: &pb::Endpoint) -> serde_json::Value {
+    json!({
+        "container_id": e.container_id,
+        "host": e.host,
+        "ip": e.ip,
+        "gateway": e.gateway,
+        "mac": e.mac,
+        "host_ifname": e.host_ifname,
+        "ifname": e.ifname,
+        "netns": e.netns,
+        "ports": e.ports.iter().map(|p| json!({
+            "protocol": p.protocol, "host_port": p.host_port, "container_port": p.container_port,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn ports_text(ports: &[pb::PortMapping]) -> String {
+    if ports.is_empty() {
+        return "-".into();
+    }
+    ports
+        .iter()
+        .map(|p| format!("{}:{}/{}", p.host_port, p.container_port, p.protocol))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Renders rows as a table with aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn endpoint_rows(endpoints: &[pb::Endpoint]) -> String {
+    let rows: Vec<Vec<String>> = endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                e.container_id.clone(),
+                e.ip.clone(),
+                e.host_ifname.clone(),
+                e.mac.clone(),
+                ports_text(&e.ports),
+                e.netns.clone(),
+            ]
+        })
+        .collect();
+    table(&["CONTAINER", "IP", "VETH", "MAC", "PORTS", "NETNS"], &rows)
+}
+
+fn status_text(s: &pb::StatusResponse) -> String {
+    let mut out = format!(
+        "host:      {}\nunderlay:  {} ({})\nversion:   {}\netcd:      {}\nendpoints: {}\nroutes:    {}\n",
+        s.host,
+        s.underlay_ip,
+        s.underlay_interface,
+        s.version,
+        if s.etcd_connected { "connected" } else { "UNREACHABLE" },
+        s.endpoint_count,
+        s.route_count,
+    );
+    for pool in &s.pools {
+        out.push_str(&format!(
+            "pool:      {} {} (/{} blocks, nat-outgoing {})\n",
+            pool.name,
+            pool.cidr,
+            pool.block_size,
+            if pool.nat_outgoing { "on" } else { "off" }
+        ));
+    }
+    let blocks = if s.local_blocks.is_empty() {
+        "-".to_string()
+    } else {
+        s.local_blocks.join(", ")
+    };
+    out.push_str(&format!("blocks:    {blocks}\n\n"));
+    let rows: Vec<Vec<String>> = s
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.host.clone(),
+                p.underlay_ip.clone(),
+                if p.alive { "alive" } else { "DOWN" }.to_string(),
+                if p.blocks.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.blocks.join(",")
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["PEER", "UNDERLAY", "STATE", "BLOCKS"], &rows));
+    out
+}
+
+fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    json!({
+        "host": s.host,
+        "underlay_ip": s.underlay_ip,
+        "underlay_interface": s.underlay_interface,
+        "version": s.version,
+        "etcd_connected": s.etcd_connected,
+        "endpoint_count": s.endpoint_count,
+        "route_count": s.route_count,
+        "rule_count": s.rule_count,
+        "pools": s.pools.iter().map(|p| json!({
+            "name": p.name, "cidr": p.cidr, "block_size": p.block_size,
+            "nat_outgoing": p.nat_outgoing,
+        })).collect::<Vec<_>>(),
+        "local_blocks": s.local_blocks,
+        "peers": s.peers.iter().map(|p| json!({
+            "host": p.host, "underlay_ip": p.underlay_ip, "blocks": p.blocks, "alive": p.alive,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print(json: bool, value: serde_json::Value, text: String) {
+    if json {
+        println!("{value:#}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// Runs one weftctl command; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Status(status)) => {
+            eprintln!("weftctl: {}", status.message());
+            exit_code(&status)
+        }
+        Err(Failure::Other(message)) => {
+            eprintln!("weftctl: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Status(tonic::Status),
+    Other(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        Failure::Status(status)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Other(message)
+    }
+}
+
+async fn execute(cli: Cli) -> Result<(), Failure> {
+    if let Command::Host {
+        command:
+            HostCommand::Remove {
+                name,
+                etcd_endpoints,
+                etcd_prefix,
+            },
+    } = &cli.command
+    {
+        return remove_host(cli.json, name, etcd_endpoints, etcd_prefix).await;
+    }
+    let mut client = connect(&cli.socket).await?;
+    match cli.command {
+        Command::Attach {
+            container_id,
+            netns,
+            pid,
+            ifname,
+            publish,
+        } => {
+            let ports = publish
+                .iter()
+                .map(|p| parse_publish(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let response = client
+                .attach(pb::AttachRequest {
+                    container_id,
+                    netns: netns.unwrap_or_default(),
+                    pid: pid.unwrap_or(0),
+                    ifname,
+                    ports,
+                })
+                .await?
+                .into_inner();
+            let endpoint = response
+                .endpoint
+                .ok_or_else(|| "agent returned no endpoint".to_string())?;
+            print(
+                cli.json,
+                endpoint_json(&endpoint),
+                endpoint_rows(std::slice::from_ref(&endpoint)),
+            );
+        }
+        Command::Detach { container_id } => {
+            client
+                .detach(pb::DetachRequest {
+                    container_id: container_id.clone(),
+                })
+                .await?;
+            print(
+                cli.json,
+                json!({ "detached": container_id }),
+                format!("detached {container_id}"),
+            );
+        }
+        Command::Get { container_id } => {
+            let endpoint = client
+                .get(pb::GetRequest { container_id })
+                .await?
+                .into_inner();
+            print(
+                cli.json,
+                endpoint_json(&endpoint),
+                endpoint_rows(std::slice::from_ref(&endpoint)),
+            );
+        }
+        Command::Ls => {
+            let list = client.list(pb::ListRequest {}).await?.into_inner();
+            print(
+                cli.json,
+                json!(list.endpoints.iter().map(endpoint_json).collect::<Vec<_>>()),
+                endpoint_rows(&list.endpoints),
+            );
+        }
+        Command::Status => {
+            let status = client.status(pb::StatusRequest {}).await?.into_inner();
+            print(cli.json, status_json(&status), status_text(&status));
+        }
+        Command::Host { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn remove_host(
+    json_out: bool,
+    name: &str,
+    endpoints: &str,
+    prefix: &str,
+) -> Result<(), Failure> {
+    crate::validate::host_name(name)?;
+    let store = weft_etcd::Datastore::connect(&weft_etcd::EtcdConfig {
+        endpoints: endpoints.split(',').map(|s| s.trim().to_string()).collect(),
+        prefix: prefix.to_string(),
+        timeout: std::time::Duration::from_secs(5),
+        tls: None,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let released = store.remove_host(name).await.map_err(|e| e.to_string())?;
+    print(
+        json_out,
+        json!({
+            "host": name, "blocks": released.blocks, "ips": released.ips,
+            "endpoints": released.endpoints, "ports": released.ports,
+        }),
+        format!(
+            "removed host {name}: released {} blocks, {} addresses, {} endpoints, {} ports",
+            released.blocks, released.ips, released.endpoints, released.ports
+        ),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_syntax() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!((p.protocol.as_str(), p.host_port, p.container_port), ("tcp", 8080, 80));
+        let p = parse_publish("5353:53/udp").unwrap();
+        assert_eq!((p.protocol.as_str(), p.host_port, p.container_port), ("udp", 5353, 53));
+        assert!(parse_publish("8080").is_err());
+        assert!(parse_publish("x:80").is_err());
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
+        assert_eq!(t, "A     BB\nlong  x");
+    }
+}

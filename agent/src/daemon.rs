@@ -1,0 +1,788 @@
+//! The agent's core: attach and detach, the host's view of the cluster, liveness, and the
+//! reconciler — the only place where datastore state and kernel state meet.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+use weft_etcd::records::{AliveRecord, EndpointRecord, PoolRecord, PortRecord};
+use weft_etcd::{alloc, ClusterEvent, ClusterView, CreateConflict, Datastore, EventType};
+
+use crate::config::Config;
+use crate::dataplane::{self, ContainerLink, Dataplane, KernelRoute, RouteTarget, Underlay};
+use crate::error::ApiError;
+use crate::netns::{self, Netns};
+use crate::{routes, sysctl, validate};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What a client asks for in an attach, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct AttachSpec {
+    pub container_id: String,
+    pub netns: String,
+    pub pid: u32,
+    pub ifname: String,
+    /// (protocol, host port, container port) as received.
+    pub ports: Vec<(String, u32, u32)>,
+}
+
+/// What this host holds locally, guarded by one short-lived lock (never held across `.await`).
+#[derive(Default)]
+struct Local {
+    endpoints: HashMap<String, EndpointRecord>,
+    /// Addresses handed to an attach still writing its record.
+    reserved: HashSet<Ipv4Addr>,
+    /// Addresses of our blocks found taken in etcd by a record we do not hold.
+    foreign: HashSet<Ipv4Addr>,
+}
+
+/// The outcome of one reconciliation pass.
+#[derive(Debug, Default, Clone)]
+pub struct ReconcileReport {
+    pub routes_replaced: usize,
+    pub routes_deleted: usize,
+    pub sysctls_fixed: usize,
+    pub errors: usize,
+    pub duration: Duration,
+}
+
+/// A peer as shown by `Status`.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub host: String,
+    pub underlay_ip: Ipv4Addr,
+    pub blocks: Vec<Ipv4Network>,
+    pub alive: bool,
+}
+
+/// The agent's answer to `Status`.
+#[derive(Debug, Clone)]
+pub struct HostStatus {
+    pub host: String,
+    pub underlay: Underlay,
+    pub pools: Vec<(String, PoolRecord)>,
+    pub local_blocks: Vec<Ipv4Network>,
+    pub endpoint_count: usize,
+    pub etcd_connected: bool,
+    pub peers: Vec<PeerStatus>,
+    pub route_count: usize,
+}
+
+pub struct Agent {
+    config: Config,
+    store: Datastore,
+    dataplane: Dataplane,
+    underlay: Underlay,
+    pool: PoolRecord,
+    local: Mutex<Local>,
+    cluster: RwLock<ClusterView>,
+    /// One block claim at a time: concurrent attaches that find the blocks full wait for it.
+    claim: tokio::sync::Mutex<()>,
+    /// One attach or detach at a time per container id.
+    container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    reconcile_lock: tokio::sync::Mutex<()>,
+    resync: Notify,
+    etcd_ok: AtomicBool,
+}
+
+impl Agent {
+    /// Connects to etcd, checks the pool, finds the underlay, registers the host and loads this
+    /// host's endpoints and the cluster view. Fails with a clear message on bad configuration.
+    pub async fn start(config: Config) -> anyhow::Result<Arc<Self>> {
+        let store = Datastore::connect(&weft_etcd::EtcdConfig {
+            endpoints: config.etcd_endpoints.clone(),
+            prefix: config.etcd_prefix.clone(),
+            timeout: config.etcd_timeout,
+            tls: tls_files(&config),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to etcd {:?}: {e}", config.etcd_endpoints))?;
+        let wanted = PoolRecord {
+            cidr: config.pool,
+            block_size: config.block_size,
+            nat_outgoing: config.nat_outgoing,
+        };
+        let pool = store.ensure_pool(&config.pool_name, &wanted).await?;
+        let dataplane = Dataplane::new()?;
+        let underlay = dataplane
+            .underlay(config.underlay_interface.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        sysctl::configure_host()?;
+        store
+            .register_host(&config.host_name, underlay.ip, VERSION)
+            .await?;
+        let endpoints = store.list_endpoints(&config.host_name).await?;
+        let cluster = store.snapshot().await?;
+        info!(
+            host = %config.host_name,
+            underlay = %underlay.ip,
+            interface = %underlay.ifname,
+            endpoints = endpoints.len(),
+            blocks = cluster.blocks_of(&config.host_name).len(),
+            "agent starting"
+        );
+        Ok(Arc::new(Self {
+            local: Mutex::new(Local {
+                endpoints: endpoints
+                    .into_iter()
+                    .map(|e| (e.container_id.clone(), e))
+                    .collect(),
+                ..Default::default()
+            }),
+            cluster: RwLock::new(cluster),
+            config,
+            store,
+            dataplane,
+            underlay,
+            pool,
+            claim: Default::default(),
+            container_locks: Default::default(),
+            reconcile_lock: Default::default(),
+            resync: Notify::new(),
+            etcd_ok: AtomicBool::new(true),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn me(&self) -> &str {
+        &self.config.host_name
+    }
+
+    /// Asks the reconciler for a pass soon.
+    pub fn request_resync(&self) {
+        self.resync.notify_one();
+    }
+
+    async fn lock_container(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.container_locks.lock().unwrap();
+            // Drop locks nobody holds, so the map does not grow with every id ever seen.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(id.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    fn owned_netns_name(&self, container_id: &str) -> String {
+        format!("weft-{}-{}", self.me(), container_id)
+    }
+
+    // ---- attach -------------------------------------------------------------------------------
+
+    pub async fn attach(&self, spec: AttachSpec) -> Result<EndpointRecord, ApiError> {
+        validate::container_id(&spec.container_id).map_err(ApiError::InvalidArgument)?;
+        let ifname = if spec.ifname.is_empty() {
+            "eth0".to_string()
+        } else {
+            spec.ifname.clone()
+        };
+        validate::ifname(&ifname).map_err(ApiError::InvalidArgument)?;
+        let ports = validate::ports(&spec.ports).map_err(ApiError::InvalidArgument)?;
+        if !ports.is_empty() {
+            return Err(ApiError::Unimplemented(
+                "published ports are not implemented yet".into(),
+            ));
+        }
+        if !spec.netns.is_empty() && spec.pid != 0 {
+            return Err(ApiError::InvalidArgument(
+                "give either netns or pid, not both".into(),
+            ));
+        }
+        if spec.netns.contains('\0') {
+            return Err(ApiError::InvalidArgument("netns path contains NUL".into()));
+        }
+        if !spec.netns.is_empty() && !spec.netns.starts_with('/') {
+            return Err(ApiError::InvalidArgument(format!(
+                "netns {:?} must be an absolute path",
+                spec.netns
+            )));
+        }
+
+        let id = spec.container_id.as_str();
+        let _guard = self.lock_container(id).await;
+        let existing = self.local.lock().unwrap().endpoints.get(id).cloned();
+        if let Some(existing) = existing {
+            self.repair(&existing).await?;
+            return Ok(existing);
+        }
+
+        let (netns, owned) = self.open_netns(&spec).await?;
+        let result = self.attach_into(id, &ifname, &netns, owned, ports).await;
+        if result.is_err() && owned {
+            if let Err(e) = netns::delete_named(std::path::Path::new(netns.path())) {
+                warn!(container = id, error = %e, "cannot delete namespace after failed attach");
+            }
+        }
+        result
+    }
+
+    async fn open_netns(&self, spec: &AttachSpec) -> Result<(Netns, bool), ApiError> {
+        if spec.pid != 0 {
+            let path = format!("/proc/{}/ns/net", spec.pid);
+            if !std::path::Path::new(&format!("/proc/{}", spec.pid)).exists() {
+                return Err(ApiError::InvalidArgument(format!(
+                    "process {} does not exist",
+                    spec.pid
+                )));
+            }
+            return Ok((Netns::open(&path)?, false));
+        }
+        if !spec.netns.is_empty() {
+            return Ok((Netns::open(&spec.netns)?, false));
+        }
+        let path = netns::named_path(&self.owned_netns_name(&spec.container_id));
+        // No endpoint exists (we hold the container lock), so a namespace of this name is a
+        // leftover of an interrupted attach of ours.
+        netns::delete_named(&path).map_err(|e| {
+            ApiError::Internal(format!("removing stale namespace {}: {e}", path.display()))
+        })?;
+        let path = netns::create_named(&self.owned_netns_name(&spec.container_id)).await?;
+        let path = path.display().to_string();
+        match Netns::open(&path) {
+            Ok(ns) => Ok((ns, true)),
+            Err(e) => {
+                let _ = netns::delete_named(std::path::Path::new(&path));
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn attach_into(
+        &self,
+        id: &str,
+        ifname: &str,
+        netns: &Netns,
+        owns_netns: bool,
+        ports: Vec<PortRecord>,
+    ) -> Result<EndpointRecord, ApiError> {
+        let started = Instant::now();
+        let mac = dataplane::random_mac();
+        let record = self
+            .allocate(|ip| EndpointRecord {
+                container_id: id.to_string(),
+                host: self.me().to_string(),
+                ip,
+                host_ifname: dataplane::host_ifname(id),
+                ifname: ifname.to_string(),
+                mac: dataplane::format_mac(&mac),
+                netns: netns.path().to_string(),
+                owns_netns,
+                ports: ports.clone(),
+                created: weft_etcd::unix_now(),
+            })
+            .await?;
+        let allocated = started.elapsed();
+        let link = ContainerLink {
+            host_ifname: record.host_ifname.clone(),
+            ifname: ifname.to_string(),
+            ip: record.ip,
+            mac,
+            mtu: self.underlay.mtu,
+        };
+        if let Err(err) = self.dataplane.wire(netns, &link).await {
+            warn!(container = id, error = %err, "attach failed; rolling back");
+            self.roll_back(&record).await;
+            return Err(err.into());
+        }
+        info!(
+            container = id,
+            ip = %record.ip,
+            veth = %record.host_ifname,
+            netns = %record.netns,
+            allocate_ms = allocated.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "attached"
+        );
+        Ok(record)
+    }
+
+    /// Undoes a partial attach: the link (with its route), then the records.
+    async fn roll_back(&self, record: &EndpointRecord) {
+        if let Err(e) = self.dataplane.delete_link(&record.host_ifname).await {
+            warn!(container = %record.container_id, error = %e, "rollback: cannot delete link");
+        }
+        if let Err(e) = self.store.delete_endpoint(record).await {
+            warn!(container = %record.container_id, error = %e, "rollback: cannot delete records");
+        }
+        self.local
+            .lock()
+            .unwrap()
+            .endpoints
+            .remove(&record.container_id);
+    }
+
+    /// Picks an address in this host's blocks (claiming a block when they are full) and writes
+    /// the endpoint record guarded by the address. The record is visible to the reconciler from
+    /// the moment it is written, so the route the dataplane adds is never taken for stale.
+    async fn allocate(
+        &self,
+        make: impl Fn(Ipv4Addr) -> EndpointRecord,
+    ) -> Result<EndpointRecord, ApiError> {
+        const ATTEMPTS: usize = 64;
+        for _ in 0..ATTEMPTS {
+            let blocks = self.cluster.read().unwrap().blocks_of(self.me());
+            let picked = {
+                let mut local = self.local.lock().unwrap();
+                let mut used: HashSet<Ipv4Addr> =
+                    local.endpoints.values().map(|e| e.ip).collect();
+                used.extend(local.reserved.iter().copied());
+                used.extend(local.foreign.iter().copied());
+                let ip = alloc::first_free_ip(&blocks, &used);
+                if let Some(ip) = ip {
+                    local.reserved.insert(ip);
+                }
+                ip
+            };
+            let Some(ip) = picked else {
+                self.claim_block(blocks.len()).await?;
+                continue;
+            };
+            let block = *blocks.iter().find(|b| b.contains(ip)).expect("ip from a block");
+            let record = make(ip);
+            let outcome = self
+                .store
+                .create_endpoint(&record, (&self.config.pool_name, block))
+                .await;
+            let mut local = self.local.lock().unwrap();
+            local.reserved.remove(&ip);
+            match outcome {
+                Ok(()) => {
+                    local
+                        .endpoints
+                        .insert(record.container_id.clone(), record.clone());
+                    return Ok(record);
+                }
+                Err(CreateConflict::IpTaken) => {
+                    debug!(%ip, "address taken in etcd by a record unknown here; trying another");
+                    local.foreign.insert(ip);
+                }
+                Err(CreateConflict::EndpointExists(existing)) => {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "container {} already has an endpoint ({}) written by another agent \
+                         process",
+                        existing.container_id, existing.ip
+                    )));
+                }
+                Err(CreateConflict::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Unavailable(
+            "could not allocate an address: too many conflicts".into(),
+        ))
+    }
+
+    /// Claims one more block unless another attach did so while we waited for the claim lock.
+    async fn claim_block(&self, blocks_seen: usize) -> Result<(), ApiError> {
+        let _claim = self.claim.lock().await;
+        if self.cluster.read().unwrap().blocks_of(self.me()).len() > blocks_seen {
+            return Ok(());
+        }
+        let block = self
+            .store
+            .claim_block(&self.config.pool_name, &self.pool, self.me())
+            .await?;
+        info!(%block, "claimed block");
+        self.cluster.write().unwrap().apply(ClusterEvent::BlockPut {
+            pool: self.config.pool_name.clone(),
+            block,
+            host: self.me().to_string(),
+        });
+        // Unused addresses of the block must be dropped here, not sent to the default route.
+        if let Err(e) = self
+            .dataplane
+            .replace_route(&KernelRoute {
+                dst: block,
+                target: RouteTarget::Blackhole,
+            })
+            .await
+        {
+            warn!(%block, error = %e, "cannot add blackhole route; the reconciler will retry");
+        }
+        Ok(())
+    }
+
+    /// Brings a known endpoint's dataplane back if it was damaged: a missing veth is rebuilt in
+    /// the recorded namespace; a present one gets its sysctls and route checked.
+    async fn repair(&self, record: &EndpointRecord) -> Result<(), ApiError> {
+        let links = self.dataplane.weft_links().await?;
+        if let Some(index) = links.get(&record.host_ifname) {
+            sysctl::configure_host_veth(&record.host_ifname)
+                .map_err(|e| ApiError::Internal(format!("sysctls of {}: {e}", record.host_ifname)))?;
+            self.dataplane
+                .replace_route(&KernelRoute {
+                    dst: Ipv4Network::new(record.ip, 32).expect("/32"),
+                    target: RouteTarget::Dev(*index),
+                })
+                .await?;
+            return Ok(());
+        }
+        let netns = match Netns::open(&record.netns) {
+            Ok(ns) => ns,
+            Err(_) if record.owns_netns => {
+                let name = self.owned_netns_name(&record.container_id);
+                netns::delete_named(&netns::named_path(&name)).ok();
+                let path = netns::create_named(&name).await?;
+                Netns::open(&path.display().to_string())?
+            }
+            Err(e) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "container {} has an endpoint but its namespace is gone ({e}); detach it \
+                     first",
+                    record.container_id
+                )))
+            }
+        };
+        let link = ContainerLink {
+            host_ifname: record.host_ifname.clone(),
+            ifname: record.ifname.clone(),
+            ip: record.ip,
+            mac: dataplane::parse_mac(&record.mac).unwrap_or_else(dataplane::random_mac),
+            mtu: self.underlay.mtu,
+        };
+        self.dataplane.wire(&netns, &link).await?;
+        info!(container = %record.container_id, "repaired endpoint dataplane");
+        Ok(())
+    }
+
+    // ---- detach, get, list --------------------------------------------------------------------
+
+    pub async fn detach(&self, container_id: &str) -> Result<(), ApiError> {
+        validate::container_id(container_id).map_err(ApiError::InvalidArgument)?;
+        let _guard = self.lock_container(container_id).await;
+        let known = self.local.lock().unwrap().endpoints.get(container_id).cloned();
+        let record = match known {
+            Some(record) => record,
+            None => match self.store.get_endpoint(self.me(), container_id).await? {
+                Some(record) => record,
+                None => return Ok(()),
+            },
+        };
+        self.dataplane.delete_link(&record.host_ifname).await?;
+        if record.owns_netns {
+            netns::delete_named(std::path::Path::new(&record.netns)).map_err(|e| {
+                ApiError::Internal(format!("deleting namespace {}: {e}", record.netns))
+            })?;
+        }
+        self.store.delete_endpoint(&record).await?;
+        self.local.lock().unwrap().endpoints.remove(container_id);
+        info!(container = container_id, ip = %record.ip, "detached");
+        Ok(())
+    }
+
+    pub fn get(&self, container_id: &str) -> Result<EndpointRecord, ApiError> {
+        self.local
+            .lock()
+            .unwrap()
+            .endpoints
+            .get(container_id)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("container {container_id:?} is not attached here"))
+            })
+    }
+
+    pub fn list(&self) -> Vec<EndpointRecord> {
+        let mut all: Vec<_> = self.local.lock().unwrap().endpoints.values().cloned().collect();
+        all.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        all
+    }
+
+    // ---- status -------------------------------------------------------------------------------
+
+    pub async fn status(&self) -> HostStatus {
+        let etcd_connected = self.store.ping().await.is_ok();
+        self.etcd_ok.store(etcd_connected, Ordering::Relaxed);
+        let pools = match etcd_connected {
+            true => self.store.list_pools().await.unwrap_or_default(),
+            false => vec![(self.config.pool_name.clone(), self.pool.clone())],
+        };
+        let cluster = self.cluster.read().unwrap().clone();
+        let peers = cluster
+            .hosts
+            .iter()
+            .filter(|(name, _)| name.as_str() != self.me())
+            .map(|(name, host)| PeerStatus {
+                host: name.clone(),
+                underlay_ip: host.underlay_ip,
+                blocks: cluster.blocks_of(name),
+                alive: cluster.alive.contains(name),
+            })
+            .collect();
+        let endpoint_count = self.local.lock().unwrap().endpoints.len();
+        let route_count = self
+            .dataplane
+            .weft_routes()
+            .await
+            .map(|r| r.len())
+            .unwrap_or(0);
+        HostStatus {
+            host: self.me().to_string(),
+            underlay: self.underlay.clone(),
+            pools,
+            local_blocks: cluster.blocks_of(self.me()),
+            endpoint_count,
+            etcd_connected,
+            peers,
+            route_count,
+        }
+    }
+
+    // ---- reconciliation -----------------------------------------------------------------------
+
+    /// The routes this host should hold: a /32 per local container whose veth exists, a
+    /// blackhole per local block, and each peer block via its host's underlay address.
+    fn desired_routes(
+        &self,
+        links: &BTreeMap<String, u32>,
+    ) -> BTreeMap<Ipv4Network, RouteTarget> {
+        let cluster = self.cluster.read().unwrap();
+        let mut desired: BTreeMap<Ipv4Network, RouteTarget> = cluster
+            .peer_routes(self.me())
+            .into_iter()
+            .map(|(block, via)| (block, RouteTarget::Via(via)))
+            .collect();
+        for block in cluster.blocks_of(self.me()) {
+            desired.insert(block, RouteTarget::Blackhole);
+        }
+        drop(cluster);
+        for endpoint in self.local.lock().unwrap().endpoints.values() {
+            if let Some(index) = links.get(&endpoint.host_ifname) {
+                desired.insert(
+                    Ipv4Network::new(endpoint.ip, 32).expect("/32"),
+                    RouteTarget::Dev(*index),
+                );
+            }
+        }
+        desired
+    }
+
+    /// One reconciliation pass: host sysctls, per-veth sysctls, and the route diff.
+    pub async fn reconcile(&self) -> ReconcileReport {
+        let _one_at_a_time = self.reconcile_lock.lock().await;
+        let started = Instant::now();
+        let mut report = ReconcileReport::default();
+        match sysctl::configure_host() {
+            Ok(n) => report.sysctls_fixed += n,
+            Err(e) => {
+                warn!(error = %e, "cannot set host sysctls");
+                report.errors += 1;
+            }
+        }
+        // Routes are read before links: a route seen here has its link in the list read next,
+        // so a container being attached right now is never mistaken for stale.
+        let actual = match self.dataplane.weft_routes().await {
+            Ok(routes) => routes,
+            Err(e) => {
+                warn!(error = %e, "cannot list routes");
+                report.errors += 1;
+                return report;
+            }
+        };
+        let links = match self.dataplane.weft_links().await {
+            Ok(links) => links,
+            Err(e) => {
+                warn!(error = %e, "cannot list links");
+                report.errors += 1;
+                return report;
+            }
+        };
+        let endpoint_links: Vec<String> = self
+            .local
+            .lock()
+            .unwrap()
+            .endpoints
+            .values()
+            .map(|e| e.host_ifname.clone())
+            .collect();
+        for name in endpoint_links.iter().filter(|n| links.contains_key(*n)) {
+            match sysctl::configure_host_veth(name) {
+                Ok(n) => report.sysctls_fixed += n,
+                // The link may have been deleted since it was listed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(veth = %name, error = %e, "cannot set veth sysctls");
+                    report.errors += 1;
+                }
+            }
+        }
+        let desired = self.desired_routes(&links);
+        let diff = routes::diff(&desired, &actual);
+        for route in &diff.replace {
+            match self.dataplane.replace_route(route).await {
+                Ok(()) => report.routes_replaced += 1,
+                Err(e) => {
+                    warn!(error = %e, "cannot program route");
+                    report.errors += 1;
+                }
+            }
+        }
+        for route in &diff.delete {
+            match self.dataplane.delete_route(route).await {
+                Ok(()) => report.routes_deleted += 1,
+                Err(e) => {
+                    warn!(error = %e, "cannot delete route");
+                    report.errors += 1;
+                }
+            }
+        }
+        report.duration = started.elapsed();
+        if report.routes_replaced + report.routes_deleted + report.sysctls_fixed > 0 {
+            info!(
+                replaced = report.routes_replaced,
+                deleted = report.routes_deleted,
+                sysctls = report.sysctls_fixed,
+                errors = report.errors,
+                ms = report.duration.as_secs_f64() * 1e3,
+                "reconciled"
+            );
+        }
+        report
+    }
+
+    /// Runs reconciliation at start, every resync interval, and soon after any request.
+    pub async fn run_reconciler(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.config.resync_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = self.resync.notified() => {}
+            }
+            self.reconcile().await;
+        }
+    }
+
+    // ---- cluster watch and liveness -----------------------------------------------------------
+
+    /// Keeps the cluster view current: a snapshot, then a watch from the snapshot's revision;
+    /// on compaction or a broken stream, a fresh snapshot replaces the view.
+    pub async fn run_watcher(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.watch_once().await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    self.etcd_ok.store(false, Ordering::Relaxed);
+                    warn!(error = %e, "cluster watch interrupted; re-listing");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn watch_once(&self) -> Result<(), weft_etcd::StoreError> {
+        let snapshot = self.store.snapshot().await?;
+        let revision = snapshot.revision;
+        *self.cluster.write().unwrap() = snapshot;
+        self.etcd_ok.store(true, Ordering::Relaxed);
+        self.request_resync();
+        let mut stream = self.store.watch_cluster(revision + 1).await?;
+        loop {
+            let Some(response) = stream.message().await.map_err(weft_etcd::StoreError::from)?
+            else {
+                return Ok(());
+            };
+            if response.canceled() || response.compact_revision() > 0 {
+                info!(
+                    compact_revision = response.compact_revision(),
+                    reason = response.cancel_reason(),
+                    "watch cancelled; re-listing"
+                );
+                return Ok(());
+            }
+            let mut changed = false;
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let parsed = match event.event_type() {
+                    EventType::Put => self.store.event_for_put(kv),
+                    EventType::Delete => self
+                        .store
+                        .event_for_delete(&String::from_utf8_lossy(kv.key())),
+                };
+                if let Some(parsed) = parsed {
+                    debug!(event = ?parsed, "cluster event");
+                    let mut cluster = self.cluster.write().unwrap();
+                    cluster.apply(parsed);
+                    cluster.revision = kv.mod_revision();
+                    changed = true;
+                }
+            }
+            if changed {
+                self.request_resync();
+            }
+        }
+    }
+
+    /// Keeps `alive/<host>` on a lease; if the lease is lost (etcd was away longer than the TTL),
+    /// registers again with a new one.
+    pub async fn run_liveness(self: Arc<Self>) {
+        let ttl = self.config.alive_ttl.as_secs().max(2) as i64;
+        let record = AliveRecord {
+            boot_id: boot_id(),
+            started: weft_etcd::unix_now(),
+        };
+        let period = self.config.alive_ttl / 3;
+        let mut lease = None;
+        loop {
+            match lease {
+                None => {
+                    let registered = self
+                        .store
+                        .register_host(self.me(), self.underlay.ip, VERSION)
+                        .await;
+                    match registered {
+                        Ok(_) => match self.store.announce_alive(self.me(), &record, ttl).await {
+                            Ok(id) => {
+                                info!(lease = id, ttl, "host is alive in etcd");
+                                lease = Some(id);
+                            }
+                            Err(e) => warn!(error = %e, "cannot announce liveness"),
+                        },
+                        Err(e) => warn!(error = %e, "cannot register host"),
+                    }
+                }
+                Some(id) => match self.store.keep_alive_once(id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(lease = id, "liveness lease expired; announcing again");
+                        lease = None;
+                        continue;
+                    }
+                    Err(e) => warn!(error = %e, "liveness keep-alive failed"),
+                },
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.config.socket.clone()
+    }
+}
+
+fn tls_files(config: &Config) -> Option<weft_etcd::TlsFiles> {
+    (config.etcd_cacert.is_some() || config.etcd_cert.is_some() || config.etcd_key.is_some())
+        .then(|| weft_etcd::TlsFiles {
+            ca: config.etcd_cacert.clone(),
+            cert: config.etcd_cert.clone(),
+            key: config.etcd_key.clone(),
+        })
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,581 @@
+//! The kernel side of weft: veth pairs, addresses, neighbours, sysctls and `proto weft` routes,
+//! all over rtnetlink (and /proc/sys for sysctls). Nothing here knows about etcd.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+use crate::netns::{NetlinkHandle, Netns, NetnsError};
+use crate::sysctl;
+
+/// The protocol number on every route the agent creates (`proto weft`); see
+/// deploy/rt_protos.d/weft.conf.
+pub const RT_PROTO_WEFT: u8 = 119;
+/// The MAC of every host-side veth: containers reach their gateway at this address.
+pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
+/// The gateway address every container routes through; answered by the host-side veth.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Prefix of every link the agent creates.
+pub const LINK_PREFIX: &str = "weft";
+
+const ENOENT: i32 = libc::ENOENT;
+const ENODEV: i32 = libc::ENODEV;
+const EEXIST: i32 = libc::EEXIST;
+const ESRCH: i32 = libc::ESRCH;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("interface {ifname} already exists in netns {netns}")]
+    IfnameTaken { ifname: String, netns: String },
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// The errno of a netlink error, if it is one.
+pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(msg) => Some(msg.raw_code().abs()),
+        _ => None,
+    }
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Netlink { what, source }
+}
+
+/// Where a `proto weft` route sends its traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteTarget {
+    /// A local container: `dev <veth> scope link`.
+    Dev(u32),
+    /// A peer's block: `via <underlay ip>`.
+    Via(Ipv4Addr),
+    /// A local block: drop what no container claims.
+    Blackhole,
+}
+
+/// One `proto weft` route as the kernel holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KernelRoute {
+    pub dst: Ipv4Network,
+    pub target: RouteTarget,
+}
+
+/// Everything needed to wire one container.
+#[derive(Debug, Clone)]
+pub struct ContainerLink {
+    pub host_ifname: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// The host's underlay interface, as found at start-up.
+#[derive(Debug, Clone)]
+pub struct Underlay {
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Netlink access to the agent's own (host) namespace.
+pub struct Dataplane {
+    host: NetlinkHandle,
+}
+
+impl Dataplane {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            host: NetlinkHandle::here()?,
+        })
+    }
+
+    fn handle(&self) -> &rtnetlink::Handle {
+        &self.host.handle
+    }
+
+    /// Finds the underlay interface: `ifname` if given, else the interface of the default route.
+    pub async fn underlay(&self, ifname: Option<&str>) -> Result<Underlay, String> {
+        let name = match ifname {
+            Some(name) => name.to_string(),
+            None => {
+                let index = self
+                    .default_route_ifindex()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| {
+                        "this host has no IPv4 default route, so the underlay interface cannot be \
+                         guessed; pass --underlay-interface"
+                            .to_string()
+                    })?;
+                link_name(&self.link_by_index(index).await.map_err(|e| e.to_string())?)
+                    .ok_or("default route interface has no name")?
+            }
+        };
+        let link = link_by_name(self.handle(), &name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("underlay interface {name} does not exist"))?;
+        let mtu = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(1500);
+        let ip = self
+            .first_ipv4(link.header.index)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("underlay interface {name} has no IPv4 address"))?;
+        Ok(Underlay {
+            ifname: name,
+            ip,
+            mtu,
+        })
+    }
+
+    async fn default_route_ifindex(&self) -> Result<Option<u32>> {
+        let routes = self.dump_routes().await?;
+        Ok(routes
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 0 && r.header.table == 254)
+            .find_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            }))
+    }
+
+    async fn link_by_index(&self, index: u32) -> Result<LinkMessage> {
+        self.handle()
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl(format!("looking up link {index}")))?
+            .ok_or_else(|| DataplaneError::Io {
+                what: format!("link {index}"),
+                source: io::Error::from_raw_os_error(ENODEV),
+            })
+    }
+
+    async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
+        use netlink_packet_route::address::AddressAttribute;
+        let mut addrs = self
+            .handle()
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) =
+                    attr
+                {
+                    return Ok(Some(*ip));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Creates the veth pair with its peer born inside the container namespace, configures both
+    /// ends and adds the container's /32 route. On failure the caller removes the host link.
+    pub async fn wire(&self, netns: &Netns, link: &ContainerLink) -> Result<u32> {
+        let inside = netns.netlink().await?;
+        let inside = &inside.handle;
+        if link_by_name(inside, &link.ifname)
+            .await
+            .map_err(nl(format!("looking up {} in {}", link.ifname, netns.path())))?
+            .is_some()
+        {
+            return Err(DataplaneError::IfnameTaken {
+                ifname: link.ifname.clone(),
+                netns: netns.path().to_string(),
+            });
+        }
+        // A host link of this name is a leftover of an earlier, interrupted attach of the same
+        // container id (the name is derived from it): replace it.
+        self.delete_link(&link.host_ifname).await?;
+
+        use std::os::fd::AsRawFd;
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(link.ifname.clone())
+            .address(link.mac.to_vec())
+            .mtu(link.mtu)
+            .setns_by_fd(netns.file().as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+            .name(link.host_ifname.clone())
+            .address(HOST_VETH_MAC.to_vec())
+            .mtu(link.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle()
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(nl(format!("creating veth {}", link.host_ifname)))?;
+
+        configure_container_side(inside, link, netns.path()).await?;
+
+        let host_index = link_by_name(self.handle(), &link.host_ifname)
+            .await
+            .map_err(nl(format!("looking up {}", link.host_ifname)))?
+            .map(|m| m.header.index)
+            .ok_or_else(|| DataplaneError::Io {
+                what: format!("veth {} vanished after creation", link.host_ifname),
+                source: io::Error::from_raw_os_error(ENODEV),
+            })?;
+        sysctl::configure_host_veth(&link.host_ifname).map_err(|source| DataplaneError::Io {
+            what: format!("setting sysctls of {}", link.host_ifname),
+            source,
+        })?;
+        set_up(self.handle(), host_index)
+            .await
+            .map_err(nl(format!("bringing up {}", link.host_ifname)))?;
+        self.replace_route(&KernelRoute {
+            dst: Ipv4Network::new(link.ip, 32).expect("/32"),
+            target: RouteTarget::Dev(host_index),
+        })
+        .await?;
+        Ok(host_index)
+    }
+
+    /// Deletes a link by name (its veth peer goes with it). A missing link is not an error.
+    pub async fn delete_link(&self, name: &str) -> Result<bool> {
+        let Some(link) = link_by_name(self.handle(), name)
+            .await
+            .map_err(nl(format!("looking up {name}")))?
+        else {
+            return Ok(false);
+        };
+        match self.handle().link().del(link.header.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(false),
+            Err(e) => Err(nl(format!("deleting {name}"))(e)),
+        }
+    }
+
+    /// The index of every `weft*` link, by name.
+    pub async fn weft_links(&self) -> Result<BTreeMap<String, u32>> {
+        let mut links = self.handle().link().get().execute();
+        let mut found = BTreeMap::new();
+        while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
+            if let Some(name) = link_name(&msg) {
+                if name.starts_with(LINK_PREFIX) {
+                    found.insert(name, msg.header.index);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn dump_routes(&self) -> Result<Vec<RouteMessage>> {
+        self.handle()
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))
+    }
+
+    /// Every IPv4 `proto weft` route of the main table.
+    pub async fn weft_routes(&self) -> Result<Vec<KernelRoute>> {
+        let routes = self.dump_routes().await?;
+        Ok(routes.iter().filter_map(parse_weft_route).collect())
+    }
+
+    /// Adds or replaces a route (`ip route replace ... proto weft`).
+    pub async fn replace_route(&self, route: &KernelRoute) -> Result<()> {
+        self.handle()
+            .route()
+            .add(route_message(route))
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("adding route {}", describe_route(route))))
+    }
+
+    /// Deletes a route; one already gone is not an error.
+    pub async fn delete_route(&self, route: &KernelRoute) -> Result<()> {
+        match self.handle().route().del(route_message(route)).execute().await {
+            Err(e) if !matches!(errno(&e), Some(ESRCH) | Some(ENOENT)) => {
+                Err(nl(format!("deleting route {}", describe_route(route)))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn configure_container_side(
+    inside: &rtnetlink::Handle,
+    link: &ContainerLink,
+    netns: &str,
+) -> Result<()> {
+    let index = link_by_name(inside, &link.ifname)
+        .await
+        .map_err(nl(format!("looking up {} in {netns}", link.ifname)))?
+        .map(|m| m.header.index)
+        .ok_or_else(|| DataplaneError::Io {
+            what: format!("{} missing in {netns} after creation", link.ifname),
+            source: io::Error::from_raw_os_error(ENODEV),
+        })?;
+    if let Some(lo) = link_by_name(inside, "lo")
+        .await
+        .map_err(nl(format!("looking up lo in {netns}")))?
+    {
+        set_up(inside, lo.header.index)
+            .await
+            .map_err(nl(format!("bringing up lo in {netns}")))?;
+    }
+    match inside
+        .address()
+        .add(index, IpAddr::V4(link.ip), 32)
+        .execute()
+        .await
+    {
+        Err(e) if errno(&e) != Some(EEXIST) => {
+            return Err(nl(format!("adding {}/32 in {netns}", link.ip))(e))
+        }
+        _ => {}
+    }
+    set_up(inside, index)
+        .await
+        .map_err(nl(format!("bringing up {} in {netns}", link.ifname)))?;
+    // The gateway is on-link through eth0 and answered from a permanent neighbour entry, so it
+    // works even where the host's proxy ARP would stay silent (no default route on the host).
+    let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(GATEWAY, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build();
+    inside
+        .route()
+        .add(gateway_route)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("adding gateway route in {netns}")))?;
+    let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(GATEWAY)
+        .output_interface(index)
+        .build();
+    inside
+        .route()
+        .add(default_route)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("adding default route in {netns}")))?;
+    inside
+        .neighbours()
+        .add(index, IpAddr::V4(GATEWAY))
+        .link_layer_address(&HOST_VETH_MAC)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("adding gateway neighbour in {netns}")))?;
+    Ok(())
+}
+
+async fn set_up(handle: &rtnetlink::Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+}
+
+/// Looks a link up by name; `None` when it does not exist.
+async fn link_by_name(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>, rtnetlink::Error> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn link_name(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+fn route_message(route: &KernelRoute) -> RouteMessage {
+    let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.dst.network(), route.dst.prefix())
+        .protocol(RouteProtocol::Other(RT_PROTO_WEFT));
+    match route.target {
+        RouteTarget::Dev(index) => builder.output_interface(index).scope(RouteScope::Link),
+        RouteTarget::Via(gateway) => builder.gateway(gateway),
+        RouteTarget::Blackhole => builder.kind(RouteType::BlackHole),
+    }
+    .build()
+}
+
+fn parse_weft_route(msg: &RouteMessage) -> Option<KernelRoute> {
+    let header = &msg.header;
+    if header.protocol != RouteProtocol::Other(RT_PROTO_WEFT)
+        || header.address_family != AddressFamily::Inet
+        || header.table != 254
+    {
+        return None;
+    }
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            _ => {}
+        }
+    }
+    let target = match (header.kind, gateway, oif) {
+        (RouteType::BlackHole, _, _) => RouteTarget::Blackhole,
+        (_, Some(gateway), _) => RouteTarget::Via(gateway),
+        (_, None, Some(index)) => RouteTarget::Dev(index),
+        _ => return None,
+    };
+    Some(KernelRoute {
+        dst: Ipv4Network::new(dst, header.destination_prefix_length).ok()?,
+        target,
+    })
+}
+
+pub fn describe_route(route: &KernelRoute) -> String {
+    match route.target {
+        RouteTarget::Dev(index) => format!("{} dev #{index}", route.dst),
+        RouteTarget::Via(gateway) => format!("{} via {gateway}", route.dst),
+        RouteTarget::Blackhole => format!("blackhole {}", route.dst),
+    }
+}
+
+/// The host-side veth name of a container: `weft` + 11 hex digits of a hash of its id.
+pub fn host_ifname(container_id: &str) -> String {
+    // FNV-1a: stable across versions and platforms, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in container_id.bytes() {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{LINK_PREFIX}{:011x}", hash >> 20)
+}
+
+/// A random locally administered unicast MAC for a container interface.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac: [u8; 6] = rand_bytes();
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+fn rand_bytes() -> [u8; 6] {
+    let mut bytes = [0u8; 6];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&nanos.to_le_bytes()[..6]);
+    }
+    bytes
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ifnames_fit_the_kernel_limit_and_are_stable() {
+        let name = host_ifname("web-1");
+        assert_eq!(name.len(), 15);
+        assert!(name.starts_with("weft"));
+        assert_eq!(name, host_ifname("web-1"));
+        assert_ne!(name, host_ifname("web-2"));
+    }
+
+    #[test]
+    fn macs_round_trip_and_are_local_unicast() {
+        let mac = random_mac();
+        assert_eq!(mac[0] & 0x03, 0x02);
+        assert_eq!(parse_mac(&format_mac(&mac)), Some(mac));
+        assert_eq!(parse_mac("ee:ee:ee:ee:ee"), None);
+        assert_eq!(parse_mac("ee:ee:ee:ee:ee:ee:ee"), None);
+    }
+
+    #[test]
+    fn route_messages_parse_back() {
+        for target in [
+            RouteTarget::Dev(7),
+            RouteTarget::Via("198.51.100.2".parse().unwrap()),
+            RouteTarget::Blackhole,
+        ] {
+            let route = KernelRoute {
+                dst: "10.65.0.64/26".parse().unwrap(),
+                target,
+            };
+            assert_eq!(parse_weft_route(&route_message(&route)), Some(route));
+        }
+    }
+}

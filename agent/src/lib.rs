@@ -1,0 +1,13 @@
+//! The weft agent: configuration, the kernel dataplane, the reconciler, the gRPC API, and the
+//! `weftctl` client.
+
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod dataplane;
+pub mod error;
+pub mod netns;
+pub mod routes;
+pub mod server;
+pub mod sysctl;
+pub mod validate;

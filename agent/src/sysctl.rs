@@ -1,0 +1,63 @@
+//! Sysctls under /proc/sys/net. They follow the calling thread's network namespace, and the
+//! agent's threads all live in the host namespace.
+
+use std::io;
+
+/// Per-veth settings of the host end, as (path template, value); `{}` is the interface name.
+pub const HOST_VETH: &[(&str, &str)] = &[
+    ("/proc/sys/net/ipv4/conf/{}/proxy_arp", "1"),
+    ("/proc/sys/net/ipv4/neigh/{}/proxy_delay", "0"),
+    ("/proc/sys/net/ipv4/conf/{}/forwarding", "1"),
+    ("/proc/sys/net/ipv4/conf/{}/rp_filter", "1"),
+    ("/proc/sys/net/ipv6/conf/{}/accept_ra", "0"),
+];
+
+/// Host-wide settings.
+pub const HOST: &[(&str, &str)] = &[("/proc/sys/net/ipv4/ip_forward", "1")];
+
+pub fn read(path: &str) -> io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
+/// Writes a sysctl unless it already has the value. Returns whether it changed.
+pub fn ensure(path: &str, value: &str) -> io::Result<bool> {
+    if read(path)? == value {
+        return Ok(false);
+    }
+    std::fs::write(path, value)?;
+    Ok(true)
+}
+
+fn optional(result: io::Result<bool>) -> io::Result<bool> {
+    // IPv6 may be disabled on the host; its knobs are then absent.
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        other => other,
+    }
+}
+
+/// Applies `HOST_VETH` to one interface. Returns how many values had to change.
+pub fn configure_host_veth(ifname: &str) -> io::Result<usize> {
+    let mut changed = 0;
+    for (template, value) in HOST_VETH {
+        let path = template.replace("{}", ifname);
+        let result = ensure(&path, value);
+        let result = if path.contains("/ipv6/") {
+            optional(result)
+        } else {
+            result.map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+        };
+        changed += result? as usize;
+    }
+    Ok(changed)
+}
+
+/// Applies `HOST`. Returns how many values had to change.
+pub fn configure_host() -> io::Result<usize> {
+    let mut changed = 0;
+    for (path, value) in HOST {
+        changed += ensure(path, value)
+            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))? as usize;
+    }
+    Ok(changed)
+}

@@ -1,0 +1,62 @@
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+
+/// Errors of the datastore layer. Each carries the key or name a user needs to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd is unavailable: {0}")]
+    Unavailable(String),
+    #[error("etcd request failed: {0}")]
+    Etcd(etcd_client::Error),
+    #[error(
+        "pool {name} is stored in etcd as {existing}, but this agent is configured with {wanted}; \
+         fix the agent's pool settings or remove the pool"
+    )]
+    PoolMismatch {
+        name: String,
+        existing: String,
+        wanted: String,
+    },
+    #[error("pool {pool} ({cidr}) has no free block left")]
+    PoolExhausted { pool: String, cidr: Ipv4Network },
+    #[error("host port {protocol}/{port} is already published by container {owner}")]
+    PortTaken {
+        protocol: String,
+        port: u16,
+        owner: String,
+    },
+    #[error("address {ip} is already held by {holder}")]
+    IpTaken { ip: Ipv4Addr, holder: String },
+    #[error("malformed record at {key}: {reason}")]
+    Malformed { key: String, reason: String },
+    #[error("gave up after {attempts} conflicting attempts at {what}")]
+    Contention { what: String, attempts: u32 },
+}
+
+impl From<etcd_client::Error> for StoreError {
+    fn from(err: etcd_client::Error) -> Self {
+        use etcd_client::Error as E;
+        let unavailable = match &err {
+            E::TransportError(_) | E::IoError(_) => true,
+            E::GRpcStatus(status) => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            _ => false,
+        };
+        if unavailable {
+            StoreError::Unavailable(err.to_string())
+        } else {
+            StoreError::Etcd(err)
+        }
+    }
+}
+
+impl From<tokio::time::error::Elapsed> for StoreError {
+    fn from(_: tokio::time::error::Elapsed) -> Self {
+        StoreError::Unavailable("request timed out".into())
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
