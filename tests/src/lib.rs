@@ -1,1 +1,20 @@
+//! The weft lab: hosts as network namespaces behind a router namespace, a real etcd, and one real
+//! `weft-agent` per host. Used by the end-to-end tests and by `weft-lab demo`.
+//!
+//! Everything lives in namespaces named `<prefix>-*` (and the agents' container namespaces
+//! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
+//! side and nothing is ever routed towards the machine's real interfaces.
 
+pub mod etcd;
+pub mod lab;
+pub mod sh;
+
+pub use lab::{Lab, LabOptions};
+
+/// Fails loudly when the suite cannot do its job: the end-to-end tests need root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tests build network namespaces and must run as root; they do not skip"
+    );
+}

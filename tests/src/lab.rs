@@ -1,0 +1,453 @@
+//! The lab topology:
+//!
+//! ```text
+//!   <p>-h1 eth0 198.51.100.1 ─┐
+//!   <p>-h2 eth0 198.51.100.2 ─┼─ br0 198.51.100.100 [<p>-r router, etcd] eth1 203.0.113.1 ── <p>-out eth0 203.0.113.10
+//!   <p>-hN eth0 198.51.100.N ─┘
+//! ```
+//!
+//! The bridge lives inside the router namespace, so the root namespace holds nothing of the lab.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tonic::transport::Channel;
+use weft_proto::v1 as pb;
+use weft_proto::v1::agent_client::AgentClient;
+
+use crate::etcd::EtcdServer;
+use crate::sh;
+
+pub const ROUTER_IP: &str = "198.51.100.100";
+pub const OUTSIDE_GW: &str = "203.0.113.1";
+pub const OUTSIDE_IP: &str = "203.0.113.10";
+pub const ETCD_PORT: u16 = 2379;
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub hosts: usize,
+    /// Name prefix of everything the lab creates; must be short (it ends up in netns names).
+    pub prefix: Option<String>,
+    /// Extra flags for every agent.
+    pub agent_args: Vec<String>,
+    /// Whether hosts get a default route via the router.
+    pub default_route: bool,
+    pub start_agents: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            hosts: 3,
+            prefix: None,
+            agent_args: vec![],
+            default_route: true,
+            start_agents: true,
+        }
+    }
+}
+
+pub struct LabHost {
+    /// Both the namespace name and the agent's host name.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    agent: Option<Child>,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub router: String,
+    pub outside: String,
+    pub hosts: Vec<LabHost>,
+    pub etcd: Option<EtcdServer>,
+    options: LabOptions,
+    keep: bool,
+}
+
+/// Path of the compiled workspace binaries (next to the test executable's `deps/` folder).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("WEFT_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+fn unique_prefix() -> String {
+    // 'w' + 5 hex digits: unique enough among concurrent labs, short enough for names.
+    let mut bytes = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .expect("urandom");
+    format!("w{:05x}", u32::from_le_bytes(bytes) & 0xfffff)
+}
+
+impl Lab {
+    pub fn new(options: LabOptions) -> Result<Self> {
+        crate::require_root();
+        let prefix = options.prefix.clone().unwrap_or_else(unique_prefix);
+        let dir = std::env::temp_dir().join(format!("weft-lab-{prefix}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut lab = Lab {
+            router: format!("{prefix}-r"),
+            outside: format!("{prefix}-out"),
+            hosts: vec![],
+            etcd: None,
+            dir,
+            options: options.clone(),
+            keep: false,
+            prefix,
+        };
+        // From here on, Drop tears down whatever was built, even if building fails halfway.
+        lab.build_network()?;
+        lab.etcd = Some(EtcdServer::start(&lab.router, ROUTER_IP, ETCD_PORT, &lab.dir)?);
+        if options.start_agents {
+            for i in 0..lab.hosts.len() {
+                lab.start_agent(i)?;
+            }
+            for i in 0..lab.hosts.len() {
+                lab.wait_agent(i, Duration::from_secs(30))?;
+            }
+        }
+        Ok(lab)
+    }
+
+    fn build_network(&mut self) -> Result<()> {
+        let router = self.router.clone();
+        let outside = self.outside.clone();
+        for ns in [&router, &outside] {
+            sh::run("ip", &["netns", "add", ns])?;
+            sh::run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        sh::run("ip", &["-n", &router, "link", "add", "br0", "type", "bridge"])?;
+        sh::run("ip", &["-n", &router, "addr", "add", &format!("{ROUTER_IP}/24"), "dev", "br0"])?;
+        sh::run("ip", &["-n", &router, "link", "set", "br0", "up"])?;
+        sh::run("ip", &["netns", "exec", &router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The outside network: the router's second leg and one outside host.
+        sh::run(
+            "ip",
+            &["-n", &router, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &outside],
+        )?;
+        sh::run("ip", &["-n", &router, "addr", "add", &format!("{OUTSIDE_GW}/24"), "dev", "eth1"])?;
+        sh::run("ip", &["-n", &router, "link", "set", "eth1", "up"])?;
+        sh::run("ip", &["-n", &outside, "addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
+        sh::run("ip", &["-n", &outside, "link", "set", "eth0", "up"])?;
+        sh::run("ip", &["-n", &outside, "route", "add", "default", "via", OUTSIDE_GW])?;
+
+        for i in 0..self.options.hosts {
+            let name = format!("{}-h{}", self.prefix, i + 1);
+            let ip = Ipv4Addr::new(198, 51, 100, (i + 1) as u8);
+            sh::run("ip", &["netns", "add", &name])?;
+            self.hosts.push(LabHost {
+                socket: self.dir.join(format!("h{}.sock", i + 1)),
+                log: self.dir.join(format!("h{}.log", i + 1)),
+                name: name.clone(),
+                ip,
+                agent: None,
+            });
+            let port = format!("h{}", i + 1);
+            sh::run("ip", &["-n", &name, "link", "set", "lo", "up"])?;
+            sh::run(
+                "ip",
+                &["-n", &router, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &name],
+            )?;
+            sh::run("ip", &["-n", &router, "link", "set", &port, "master", "br0", "up"])?;
+            sh::run("ip", &["-n", &name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            sh::run("ip", &["-n", &name, "link", "set", "eth0", "up"])?;
+            if self.options.default_route {
+                sh::run("ip", &["-n", &name, "route", "add", "default", "via", ROUTER_IP])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn etcd(&self) -> &EtcdServer {
+        self.etcd.as_ref().expect("lab etcd")
+    }
+
+    pub fn etcd_mut(&mut self) -> &mut EtcdServer {
+        self.etcd.as_mut().expect("lab etcd")
+    }
+
+    /// Starts (or restarts) the agent of host `i`, with the lab's and the given extra flags.
+    pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        let url = format!("http://{ROUTER_IP}:{ETCD_PORT}");
+        let host = &self.hosts[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&host.log)?;
+        let mut command = sh::command_in_ns(&host.name, bin("weft-agent").to_str().unwrap())?;
+        command
+            .args([
+                "--host-name",
+                &host.name,
+                "--etcd-endpoints",
+                &url,
+                "--underlay-interface",
+                "eth0",
+                "--socket",
+                host.socket.to_str().unwrap(),
+                "--alive-ttl",
+                "3s",
+                "--resync-interval",
+                "2s",
+            ])
+            .args(&self.options.agent_args)
+            .args(extra)
+            .env("WEFT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        let child = command.spawn().context("starting weft-agent")?;
+        self.hosts[i].agent = Some(child);
+        Ok(())
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.start_agent_with(i, &[])
+    }
+
+    /// Waits until host `i`'s agent answers Status.
+    pub fn wait_agent(&mut self, i: usize, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let socket = self.hosts[i].socket.clone();
+        while Instant::now() < deadline {
+            if let Some(child) = self.hosts[i].agent.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "agent of {} exited with {status}:\n{}",
+                        self.hosts[i].name,
+                        self.agent_log(i)
+                    );
+                }
+            }
+            if socket.exists() && self.ctl(i, &["status"]).map(|o| o.status.success())? {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent of {} did not come up:\n{}", self.hosts[i].name, self.agent_log(i))
+    }
+
+    /// Sends `signal` to host `i`'s agent and reaps it.
+    pub fn stop_agent(&mut self, i: usize, signal: Signal) -> Result<()> {
+        if let Some(mut child) = self.hosts[i].agent.take() {
+            kill(Pid::from_raw(child.id() as i32), signal)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    child.wait()?;
+                    bail!("agent of {} ignored {signal}", self.hosts[i].name);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.hosts[i].agent.as_ref().map(|c| c.id())
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+
+    /// Runs weftctl against host `i`'s agent.
+    pub fn ctl(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        let socket = self.hosts[i].socket.to_str().unwrap().to_string();
+        let mut all = vec!["--socket", &socket];
+        all.extend_from_slice(args);
+        sh::output(bin("weftctl").to_str().unwrap(), &all)
+    }
+
+    /// Runs weftctl with `--json` and parses the output; fails on a non-zero exit.
+    pub fn ctl_json(&self, i: usize, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(i, &all)?;
+        if !out.status.success() {
+            bail!(
+                "weftctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// A gRPC client of host `i`'s agent.
+    pub async fn client(&self, i: usize) -> Result<AgentClient<Channel>> {
+        weft_agent::ctl::connect(&self.hosts[i].socket)
+            .await
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Attaches a container in an agent-made namespace; returns (netns name, ip).
+    pub fn attach(&self, i: usize, id: &str) -> Result<(String, String)> {
+        let endpoint = self.ctl_json(i, &["attach", id])?;
+        let netns = endpoint["netns"].as_str().unwrap_or_default();
+        let name = netns.rsplit('/').next().unwrap_or_default().to_string();
+        Ok((name, endpoint["ip"].as_str().unwrap_or_default().to_string()))
+    }
+
+    /// Container namespaces the agents created in this lab.
+    pub fn container_namespaces(&self) -> Vec<String> {
+        let mine = format!("weft-{}-", self.prefix);
+        list_netns().into_iter().filter(|n| n.starts_with(&mine)).collect()
+    }
+
+    /// Every etcd key of the lab with its value.
+    pub fn etcd_keys(&self) -> Result<BTreeMap<String, String>> {
+        Ok(self.etcd().get_prefix("/weft/v1/")?.into_iter().collect())
+    }
+
+    /// Polls `check` until it holds or `limit` passes.
+    pub fn eventually(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut() -> bool,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if check() {
+                return Ok(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out after {limit:?} waiting for: {what}")
+    }
+
+    /// Keeps the lab after this value is dropped (for `weft-lab demo --keep`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    fn teardown(&mut self) {
+        for host in &mut self.hosts {
+            if let Some(mut child) = host.agent.take() {
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                let _ = child.wait();
+            }
+        }
+        if let Some(mut etcd) = self.etcd.take() {
+            etcd.stop();
+        }
+        teardown_namespaces(&self.prefix);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (i, host) in self.hosts.iter().enumerate() {
+                let log = self.agent_log(i);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- agent log of {} (last lines) ----", host.name);
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        if !self.keep {
+            self.teardown();
+        }
+    }
+}
+
+pub fn list_netns() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Deletes every namespace of the lab `prefix`: its hosts, router and outside host, and the
+/// container namespaces its agents made. Links inside go with them.
+pub fn teardown_namespaces(prefix: &str) {
+    let ours = format!("{prefix}-");
+    let containers = format!("weft-{prefix}-");
+    for ns in list_netns() {
+        if ns.starts_with(&ours) || ns.starts_with(&containers) {
+            let _ = sh::output("ip", &["netns", "del", &ns]);
+        }
+    }
+}
+
+/// Ends processes of a lab left behind by a run that could not clean up (by the PID files the
+/// demo writes), then deletes its namespaces.
+pub fn teardown_leftovers(prefix: &str) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("weft-lab-{prefix}"));
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(_role) = name.strip_suffix(".pid") {
+                let pid: i32 = std::fs::read_to_string(entry.path())?
+                    .trim()
+                    .parse()
+                    .context("pid file")?;
+                // Only a process that is still one of ours: PIDs get reused.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains("weft-agent") || cmdline.contains(&format!("weft-lab-{prefix}")) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    teardown_namespaces(prefix);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+impl Lab {
+    /// Writes PID files so `weft-lab down` can end this lab's processes later.
+    pub fn write_pid_files(&self) -> Result<()> {
+        if let Some(etcd) = &self.etcd {
+            std::fs::write(self.dir.join("etcd.pid"), etcd.pid().to_string())?;
+        }
+        for (i, host) in self.hosts.iter().enumerate() {
+            if let Some(pid) = self.agent_pid(i) {
+                std::fs::write(self.dir.join(format!("{}.pid", host.name)), pid.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The Status of host `i` as JSON.
+    pub fn status(&self, i: usize) -> Result<serde_json::Value> {
+        self.ctl_json(i, &["status"])
+    }
+}
+
+/// Convenience for tests that need a pb type.
+pub fn endpoint_ip(endpoint: &pb::Endpoint) -> Ipv4Addr {
+    endpoint.ip.parse().expect("endpoint ip")
+}

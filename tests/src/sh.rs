@@ -1,0 +1,60 @@
+//! Running commands, on the host or inside a lab namespace.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+
+use anyhow::{bail, Context, Result};
+
+/// Runs a command to completion and returns its output; fails if it could not start.
+pub fn output(program: &str, args: &[&str]) -> Result<Output> {
+    Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} {}", args.join(" ")))
+}
+
+/// Runs a command that must succeed.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = output(program, args)?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command inside a named network namespace (`ip netns exec`).
+pub fn in_ns(ns: &str, args: &[&str]) -> Result<Output> {
+    let mut all = vec!["netns", "exec", ns];
+    all.extend_from_slice(args);
+    output("ip", &all)
+}
+
+/// A command that will start inside the network namespace `ns` (only the network namespace is
+/// entered, so namespaces the child creates under /run/netns stay visible to everyone).
+pub fn command_in_ns(ns: &str, program: &str) -> Result<Command> {
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))
+        .with_context(|| format!("opening netns {ns}"))?;
+    let mut command = Command::new(program);
+    // SAFETY: setns is async-signal-safe; the fd stays open in the closure until exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
+}
+
+/// Pings `target` once from namespace `ns`; true if it answered within a second.
+pub fn ping(ns: &str, target: &str) -> bool {
+    in_ns(ns, &["ping", "-c", "1", "-W", "1", "-q", target])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}

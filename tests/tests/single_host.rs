@@ -1,0 +1,254 @@
+//! Single-host behaviour of the agent (the foundation issue): real etcd, real kernel, the agent
+//! running inside a lab host namespace.
+
+use std::time::Duration;
+
+use weft_proto::v1 as pb;
+use weft_tests::{sh, Lab, LabOptions};
+
+fn one_host(default_route: bool, agent_args: &[&str]) -> Lab {
+    Lab::new(LabOptions {
+        hosts: 1,
+        default_route,
+        agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .expect("lab")
+}
+
+/// `weft*` links in a namespace.
+fn weft_links(ns: &str) -> Vec<String> {
+    let out = sh::run("ip", &["-n", ns, "-o", "link", "show"]).unwrap();
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap().to_string())
+        .filter(|n| n.starts_with("weft"))
+        .collect()
+}
+
+/// `proto weft` routes in a namespace.
+fn weft_routes(ns: &str) -> Vec<String> {
+    sh::run("ip", &["-n", ns, "route", "show", "proto", "119"])
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn keys_under(lab: &Lab, part: &str) -> Vec<String> {
+    lab.etcd_keys()
+        .unwrap()
+        .into_keys()
+        .filter(|k| k.contains(part))
+        .collect()
+}
+
+#[test]
+fn two_containers_reach_each_other_and_the_host_without_a_host_default_route() {
+    let lab = one_host(false, &[]);
+    let host = &lab.hosts[0];
+    let no_default = sh::run("ip", &["-n", &host.name, "route", "show", "default"]).unwrap();
+    assert!(no_default.trim().is_empty(), "host must have no default route");
+
+    let (ns_a, ip_a) = lab.attach(0, "a").unwrap();
+    let (ns_b, ip_b) = lab.attach(0, "b").unwrap();
+    assert_ne!(ip_a, ip_b);
+
+    assert!(sh::ping(&ns_a, &ip_b), "a -> b");
+    assert!(sh::ping(&ns_b, &ip_a), "b -> a");
+    assert!(sh::ping(&ns_a, &host.ip.to_string()), "a -> host");
+    assert!(sh::ping(&host.name, &ip_a), "host -> a");
+
+    let lo = sh::run("ip", &["-n", &ns_a, "link", "show", "lo"]).unwrap();
+    assert!(lo.contains("UP"), "lo must be up inside: {lo}");
+    assert!(sh::ping(&ns_a, "127.0.0.1"), "loopback inside the container");
+
+    let neigh = sh::run("ip", &["-n", &ns_a, "neigh", "show", "169.254.1.1"]).unwrap();
+    assert!(
+        neigh.contains("ee:ee:ee:ee:ee:ee") && neigh.contains("PERMANENT"),
+        "gateway neighbour: {neigh}"
+    );
+    let addr = sh::run("ip", &["-n", &ns_a, "-4", "addr", "show", "eth0"]).unwrap();
+    assert!(addr.contains(&format!("{ip_a}/32")), "{addr}");
+
+    // Host side: proxy ARP, strict rp_filter, a /32 route tagged proto weft, a blackhole block.
+    let veth = lab.ctl_json(0, &["get", "a"]).unwrap()["host_ifname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (knob, want) in [("proxy_arp", "1"), ("rp_filter", "1"), ("forwarding", "1")] {
+        let value = sh::run(
+            "ip",
+            &["netns", "exec", &host.name, "cat", &format!("/proc/sys/net/ipv4/conf/{veth}/{knob}")],
+        )
+        .unwrap();
+        assert_eq!(value.trim(), want, "{knob} of {veth}");
+    }
+    let routes = weft_routes(&host.name);
+    assert!(
+        routes.iter().any(|r| r.starts_with(&format!("{ip_a} dev {veth}"))),
+        "{routes:?}"
+    );
+    assert!(routes.iter().any(|r| r.starts_with("blackhole 10.65.")), "{routes:?}");
+}
+
+#[test]
+fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
+    let lab = one_host(true, &[]);
+    let ns = &lab.hosts[0].name;
+    let first = lab.ctl_json(0, &["attach", "web"]).unwrap();
+    let again = lab.ctl_json(0, &["attach", "web"]).unwrap();
+    assert_eq!(first, again, "re-attach returns the same endpoint");
+    assert_eq!(weft_links(ns).len(), 1);
+
+    // Break the dataplane behind the agent's back; a re-attach repairs it.
+    let veth = first["host_ifname"].as_str().unwrap();
+    sh::run("ip", &["-n", ns, "link", "del", veth]).unwrap();
+    let repaired = lab.ctl_json(0, &["attach", "web"]).unwrap();
+    assert_eq!(repaired["ip"], first["ip"]);
+    let container_ns = first["netns"].as_str().unwrap().rsplit('/').next().unwrap();
+    assert!(sh::ping(container_ns, &lab.hosts[0].ip.to_string()), "repaired container works");
+
+    lab.ctl_json(0, &["detach", "web"]).unwrap();
+    lab.ctl_json(0, &["detach", "web"]).unwrap(); // idempotent
+    assert!(weft_links(ns).is_empty(), "links left: {:?}", weft_links(ns));
+    let routes = weft_routes(ns);
+    assert!(
+        routes.iter().all(|r| r.starts_with("blackhole")),
+        "only the block's blackhole may stay: {routes:?}"
+    );
+    assert!(keys_under(&lab, "/endpoints/").is_empty());
+    assert!(keys_under(&lab, "/ips/").is_empty());
+    assert!(lab.container_namespaces().is_empty(), "agent-made netns must go on detach");
+    let missing = lab.ctl(0, &["get", "web"]).unwrap();
+    assert_eq!(missing.status.code(), Some(3), "get of a detached container is NOT_FOUND");
+}
+
+#[test]
+fn attach_into_existing_namespaces_by_path_and_by_pid() {
+    let lab = one_host(true, &[]);
+    // By path: a namespace made with `ip netns add`.
+    let by_path = format!("{}-byp", lab.prefix);
+    sh::run("ip", &["netns", "add", &by_path]).unwrap();
+    let ep = lab
+        .ctl_json(0, &["attach", "path-c", "--netns", &format!("/run/netns/{by_path}")])
+        .unwrap();
+    assert!(sh::ping(&by_path, &lab.hosts[0].ip.to_string()));
+
+    // By pid: a process started with `unshare --net`.
+    let mut sleeper = std::process::Command::new("unshare")
+        .args(["--net", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = sleeper.id().to_string();
+    let result = (|| -> anyhow::Result<()> {
+        let ep2 = lab.ctl_json(0, &["attach", "pid-c", "--pid", &pid])?;
+        assert_eq!(ep2["netns"], format!("/proc/{pid}/ns/net"));
+        let ip = ep["ip"].as_str().unwrap();
+        let ping = sh::output(
+            "nsenter",
+            &["--net", &format!("--target={pid}"), "ping", "-c1", "-W1", ip],
+        )?;
+        assert!(ping.status.success(), "pid container -> path container");
+        lab.ctl_json(0, &["detach", "pid-c"])?;
+        Ok(())
+    })();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    result.unwrap();
+
+    lab.ctl_json(0, &["detach", "path-c"]).unwrap();
+    // A namespace the agent did not create is left in place, without our interface.
+    let links = sh::run("ip", &["-n", &by_path, "-o", "link"]).unwrap();
+    assert!(!links.contains("eth0"), "{links}");
+    sh::run("ip", &["netns", "del", &by_path]).unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_leaves_nothing() {
+    let lab = one_host(true, &[]);
+    let ns = lab.hosts[0].name.clone();
+    // A namespace already holding eth0, a regular file, a dead pid.
+    let busy = format!("{}-busy", lab.prefix);
+    sh::run("ip", &["netns", "add", &busy]).unwrap();
+    sh::run("ip", &["-n", &busy, "link", "add", "eth0", "type", "veth", "peer", "name", "x0"]).unwrap();
+    let file = lab.dir.join("not-a-netns");
+    std::fs::write(&file, "x").unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+
+    let req = |id: &str, netns: &str, pid: u32, ifname: &str| pb::AttachRequest {
+        container_id: id.into(),
+        netns: netns.into(),
+        pid,
+        ifname: ifname.into(),
+        ports: vec![],
+    };
+    let file = file.to_str().unwrap();
+    let cases = [
+        ("invalid id", req("bad/id", "", 0, "")),
+        ("empty id", req("", "", 0, "")),
+        ("missing netns", req("c1", "/run/netns/does-not-exist", 0, "")),
+        ("regular file", req("c1", file, 0, "")),
+        ("directory", req("c1", "/run", 0, "")),
+        ("mount namespace", req("c1", "/proc/self/ns/mnt", 0, "")),
+        ("agent's own netns", req("c1", "/proc/self/ns/net", 0, "")),
+        ("dead pid", req("c1", "", dead_pid, "")),
+        ("bad ifname", req("c1", "", 0, "a/b")),
+        ("long ifname", req("c1", "", 0, "abcdefghijklmnop")),
+        ("ifname present", req("c1", &format!("/run/netns/{busy}"), 0, "eth0")),
+        ("netns and pid", req("c1", "/proc/self/ns/net", 1, "")),
+    ];
+    let mut client = lab.client(0).await.unwrap();
+    for (what, request) in cases {
+        let status = client.attach(request).await.expect_err(what);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+        assert!(!status.message().is_empty(), "{what}: message");
+    }
+    // Ports are a later feature: refused, never silently ignored.
+    let mut with_port = req("c2", "", 0, "");
+    with_port.ports.push(pb::PortMapping {
+        protocol: "tcp".into(),
+        host_port: 8080,
+        container_port: 80,
+    });
+    let status = client.attach(with_port).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+
+    assert!(weft_links(&ns).is_empty(), "links left: {:?}", weft_links(&ns));
+    assert!(keys_under(&lab, "/endpoints/").is_empty());
+    assert!(keys_under(&lab, "/ips/").is_empty());
+    assert!(lab.container_namespaces().is_empty());
+    let busy_links = sh::run("ip", &["-n", &busy, "-o", "link"]).unwrap();
+    assert_eq!(busy_links.lines().count(), 3, "busy netns untouched: {busy_links}");
+    sh::run("ip", &["netns", "del", &busy]).unwrap();
+}
+
+#[tokio::test]
+async fn pool_exhaustion_is_resource_exhausted_and_leaves_nothing() {
+    // A /30 pool in /31 blocks: exactly four addresses.
+    let lab = one_host(true, &["--pool", "10.99.0.0/30", "--block-size", "31"]);
+    for i in 0..4 {
+        lab.attach(0, &format!("c{i}")).unwrap();
+    }
+    let mut client = lab.client(0).await.unwrap();
+    let status = client
+        .attach(pb::AttachRequest {
+            container_id: "one-too-many".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(keys_under(&lab, "/endpoints/").len(), 4);
+    assert_eq!(keys_under(&lab, "/ips/").len(), 4);
+    assert_eq!(keys_under(&lab, "/blocks/").len(), 2);
+    assert_eq!(weft_links(&lab.hosts[0].name).len(), 4);
+    assert_eq!(lab.container_namespaces().len(), 4, "no namespace left by the failed attach");
+
+    // Freed addresses are handed out again.
+    lab.ctl_json(0, &["detach", "c2"]).unwrap();
+    lab.attach(0, "again").unwrap();
+}
