@@ -11,7 +11,11 @@ use serde::Deserialize;
 /// Command-line flags (each also `WEFT_<FLAG>` in the environment). Every value is optional here
 /// so that the TOML file can fill what flags and environment leave unset.
 #[derive(Debug, Default, Parser)]
-#[command(name = "weft-agent", version, about = "weft per-host agent: a routed container fabric")]
+#[command(
+    name = "weft-agent",
+    version,
+    about = "weft per-host agent: a routed container fabric"
+)]
 pub struct Flags {
     /// TOML file with any of the settings below (keys as the long flags, e.g. host-name).
     #[arg(long, env = "WEFT_CONFIG")]
@@ -125,7 +129,10 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("{setting}: {message}")]
-    Invalid { setting: &'static str, message: String },
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
@@ -196,7 +203,11 @@ impl Config {
         let duration = |setting: &'static str, value: Option<String>, default: &str| {
             parse_duration(value.as_deref().unwrap_or(default)).map_err(|m| invalid(setting, m))
         };
-        let etcd_timeout = duration("etcd-timeout", flags.etcd_timeout.or(file.etcd_timeout), "2s")?;
+        let etcd_timeout = duration(
+            "etcd-timeout",
+            flags.etcd_timeout.or(file.etcd_timeout),
+            "2s",
+        )?;
         let alive_ttl = duration("alive-ttl", flags.alive_ttl.or(file.alive_ttl), "10s")?;
         if alive_ttl < Duration::from_secs(2) {
             return Err(invalid("alive-ttl", "must be at least 2s"));
@@ -220,7 +231,11 @@ impl Config {
         if pool.network() != pool.ip() {
             return Err(invalid(
                 "pool",
-                format!("{pool} has host bits set; did you mean {}/{}?", pool.network(), pool.prefix()),
+                format!(
+                    "{pool} has host bits set; did you mean {}/{}?",
+                    pool.network(),
+                    pool.prefix()
+                ),
             ));
         }
         let block_size = flags.block_size.or(file.block_size).unwrap_or(26);
@@ -245,7 +260,12 @@ impl Config {
         {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(invalid("log-format", format!("{other:?}: use text or json"))),
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    format!("{other:?}: use text or json"),
+                ))
+            }
         };
 
         Ok(Config {

@@ -15,7 +15,12 @@ use weft_proto::v1::agent_client::AgentClient;
 #[command(name = "weftctl", version, about = "Control a weft agent")]
 pub struct Cli {
     /// The agent's API socket.
-    #[arg(long, env = "WEFT_SOCKET", default_value = "/run/weft/agent.sock", global = true)]
+    #[arg(
+        long,
+        env = "WEFT_SOCKET",
+        default_value = "/run/weft/agent.sock",
+        global = true
+    )]
     pub socket: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -63,7 +68,11 @@ pub enum HostCommand {
     /// drops its routes. Stop the host's agent first.
     Remove {
         name: String,
-        #[arg(long, env = "WEFT_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379")]
+        #[arg(
+            long,
+            env = "WEFT_ETCD_ENDPOINTS",
+            default_value = "http://127.0.0.1:2379"
+        )]
         etcd_endpoints: String,
         #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft/v1")]
         etcd_prefix: String,
@@ -417,9 +426,15 @@ mod tests {
     #[test]
     fn publish_syntax() {
         let p = parse_publish("8080:80").unwrap();
-        assert_eq!((p.protocol.as_str(), p.host_port, p.container_port), ("tcp", 8080, 80));
+        assert_eq!(
+            (p.protocol.as_str(), p.host_port, p.container_port),
+            ("tcp", 8080, 80)
+        );
         let p = parse_publish("5353:53/udp").unwrap();
-        assert_eq!((p.protocol.as_str(), p.host_port, p.container_port), ("udp", 5353, 53));
+        assert_eq!(
+            (p.protocol.as_str(), p.host_port, p.container_port),
+            ("udp", 5353, 53)
+        );
         assert!(parse_publish("8080").is_err());
         assert!(parse_publish("x:80").is_err());
     }

@@ -334,8 +334,7 @@ impl Agent {
             let blocks = self.cluster.read().unwrap().blocks_of(self.me());
             let picked = {
                 let mut local = self.local.lock().unwrap();
-                let mut used: HashSet<Ipv4Addr> =
-                    local.endpoints.values().map(|e| e.ip).collect();
+                let mut used: HashSet<Ipv4Addr> = local.endpoints.values().map(|e| e.ip).collect();
                 used.extend(local.reserved.iter().copied());
                 used.extend(local.foreign.iter().copied());
                 let ip = alloc::first_free_ip(&blocks, &used);
@@ -348,7 +347,10 @@ impl Agent {
                 self.claim_block(blocks.len()).await?;
                 continue;
             };
-            let block = *blocks.iter().find(|b| b.contains(ip)).expect("ip from a block");
+            let block = *blocks
+                .iter()
+                .find(|b| b.contains(ip))
+                .expect("ip from a block");
             let record = make(ip);
             let outcome = self
                 .store
@@ -417,8 +419,9 @@ impl Agent {
     async fn repair(&self, record: &EndpointRecord) -> Result<(), ApiError> {
         let links = self.dataplane.weft_links().await?;
         if let Some(index) = links.get(&record.host_ifname) {
-            sysctl::configure_host_veth(&record.host_ifname)
-                .map_err(|e| ApiError::Internal(format!("sysctls of {}: {e}", record.host_ifname)))?;
+            sysctl::configure_host_veth(&record.host_ifname).map_err(|e| {
+                ApiError::Internal(format!("sysctls of {}: {e}", record.host_ifname))
+            })?;
             self.dataplane
                 .replace_route(&KernelRoute {
                     dst: Ipv4Network::new(record.ip, 32).expect("/32"),
@@ -460,7 +463,13 @@ impl Agent {
     pub async fn detach(&self, container_id: &str) -> Result<(), ApiError> {
         validate::container_id(container_id).map_err(ApiError::InvalidArgument)?;
         let _guard = self.lock_container(container_id).await;
-        let known = self.local.lock().unwrap().endpoints.get(container_id).cloned();
+        let known = self
+            .local
+            .lock()
+            .unwrap()
+            .endpoints
+            .get(container_id)
+            .cloned();
         let record = match known {
             Some(record) => record,
             None => match self.store.get_endpoint(self.me(), container_id).await? {
@@ -493,7 +502,14 @@ impl Agent {
     }
 
     pub fn list(&self) -> Vec<EndpointRecord> {
-        let mut all: Vec<_> = self.local.lock().unwrap().endpoints.values().cloned().collect();
+        let mut all: Vec<_> = self
+            .local
+            .lock()
+            .unwrap()
+            .endpoints
+            .values()
+            .cloned()
+            .collect();
         all.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         all
     }
@@ -542,10 +558,7 @@ impl Agent {
 
     /// The routes this host should hold: a /32 per local container whose veth exists, a
     /// blackhole per local block, and each peer block via its host's underlay address.
-    fn desired_routes(
-        &self,
-        links: &BTreeMap<String, u32>,
-    ) -> BTreeMap<Ipv4Network, RouteTarget> {
+    fn desired_routes(&self, links: &BTreeMap<String, u32>) -> BTreeMap<Ipv4Network, RouteTarget> {
         let cluster = self.cluster.read().unwrap();
         let mut desired: BTreeMap<Ipv4Network, RouteTarget> = cluster
             .peer_routes(self.me())
@@ -690,7 +703,10 @@ impl Agent {
         self.request_resync();
         let mut stream = self.store.watch_cluster(revision + 1).await?;
         loop {
-            let Some(response) = stream.message().await.map_err(weft_etcd::StoreError::from)?
+            let Some(response) = stream
+                .message()
+                .await
+                .map_err(weft_etcd::StoreError::from)?
             else {
                 return Ok(());
             };
@@ -773,12 +789,13 @@ impl Agent {
 }
 
 fn tls_files(config: &Config) -> Option<weft_etcd::TlsFiles> {
-    (config.etcd_cacert.is_some() || config.etcd_cert.is_some() || config.etcd_key.is_some())
-        .then(|| weft_etcd::TlsFiles {
+    (config.etcd_cacert.is_some() || config.etcd_cert.is_some() || config.etcd_key.is_some()).then(
+        || weft_etcd::TlsFiles {
             ca: config.etcd_cacert.clone(),
             cert: config.etcd_cert.clone(),
             key: config.etcd_key.clone(),
-        })
+        },
+    )
 }
 
 fn boot_id() -> String {

@@ -195,8 +195,8 @@ impl Dataplane {
             .execute();
         while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
             for attr in &msg.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) =
-                    attr
+                if let AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) = attr
                 {
                     return Ok(Some(*ip));
                 }
@@ -212,7 +212,11 @@ impl Dataplane {
         let inside = &inside.handle;
         if link_by_name(inside, &link.ifname)
             .await
-            .map_err(nl(format!("looking up {} in {}", link.ifname, netns.path())))?
+            .map_err(nl(format!(
+                "looking up {} in {}",
+                link.ifname,
+                netns.path()
+            )))?
             .is_some()
         {
             return Err(DataplaneError::IfnameTaken {
@@ -327,7 +331,13 @@ impl Dataplane {
 
     /// Deletes a route; one already gone is not an error.
     pub async fn delete_route(&self, route: &KernelRoute) -> Result<()> {
-        match self.handle().route().del(route_message(route)).execute().await {
+        match self
+            .handle()
+            .route()
+            .del(route_message(route))
+            .execute()
+            .await
+        {
             Err(e) if !matches!(errno(&e), Some(ESRCH) | Some(ENOENT)) => {
                 Err(nl(format!("deleting route {}", describe_route(route)))(e))
             }

@@ -30,7 +30,9 @@ pub enum NetnsError {
     NotNamespace { path: String },
     #[error("netns {path} is a {kind} namespace, not a network namespace")]
     WrongKind { path: String, kind: &'static str },
-    #[error("netns {path} is the host's own network namespace; refusing to wire a container into it")]
+    #[error(
+        "netns {path} is the host's own network namespace; refusing to wire a container into it"
+    )]
     HostNamespace { path: String },
     #[error("cannot create network namespace {path}: {source}")]
     Create { path: String, source: io::Error },

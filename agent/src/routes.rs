@@ -94,10 +94,7 @@ mod tests {
         let d = diff(&desired, &actual);
         assert_eq!(
             d.replace,
-            vec![
-                route("10.65.0.64/26", moved),
-                route("10.65.0.128/26", peer)
-            ]
+            vec![route("10.65.0.64/26", moved), route("10.65.0.128/26", peer)]
         );
         assert_eq!(
             d.delete,

@@ -108,7 +108,10 @@ impl pb::agent_server::Agent for Service {
         Ok(Response::new(pb::DetachResponse {}))
     }
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Endpoint>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
         let record = self.0.get(&request.into_inner().container_id)?;
         Ok(Response::new(endpoint_to_pb(&record)))
     }

@@ -57,7 +57,8 @@ pub fn configure_host() -> io::Result<usize> {
     let mut changed = 0;
     for (path, value) in HOST {
         changed += ensure(path, value)
-            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))? as usize;
+            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?
+            as usize;
     }
     Ok(changed)
 }

@@ -32,7 +32,10 @@ pub fn container_id(id: &str) -> Result<(), String> {
 pub fn host_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -111,7 +114,18 @@ mod tests {
         for ok in ["a", "web-1", "A_b.c-9", &"x".repeat(64)] {
             assert!(container_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", ".a", "../x", "a/b", "a b", "a\0b", "é", " a", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "../x",
+            "a/b",
+            "a b",
+            "a\0b",
+            "é",
+            " a",
+            &"x".repeat(65),
+        ] {
             assert!(container_id(bad).is_err(), "{bad:?}");
         }
     }
@@ -121,7 +135,16 @@ mod tests {
         for ok in ["eth0", "net1", "a.b-c_d", "123456789012345"] {
             assert!(ifname(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "lo", ".", "..", "a/b", "a b", "1234567890123456", "eth0:1"] {
+        for bad in [
+            "",
+            "lo",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "1234567890123456",
+            "eth0:1",
+        ] {
             assert!(ifname(bad).is_err(), "{bad:?}");
         }
     }

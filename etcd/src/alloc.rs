@@ -81,10 +81,16 @@ mod tests {
     fn first_free_ip_skips_used_and_moves_to_next_block() {
         let blocks = [net("10.65.0.0/31"), net("10.65.9.0/31")];
         let mut used = HashSet::new();
-        assert_eq!(first_free_ip(&blocks, &used), Some("10.65.0.0".parse().unwrap()));
+        assert_eq!(
+            first_free_ip(&blocks, &used),
+            Some("10.65.0.0".parse().unwrap())
+        );
         used.insert("10.65.0.0".parse().unwrap());
         used.insert("10.65.0.1".parse().unwrap());
-        assert_eq!(first_free_ip(&blocks, &used), Some("10.65.9.0".parse().unwrap()));
+        assert_eq!(
+            first_free_ip(&blocks, &used),
+            Some("10.65.9.0".parse().unwrap())
+        );
         used.insert("10.65.9.0".parse().unwrap());
         used.insert("10.65.9.1".parse().unwrap());
         assert_eq!(first_free_ip(&blocks, &used), None);

@@ -125,10 +125,7 @@ mod tests {
         let block: Ipv4Network = "10.65.3.64/26".parse().unwrap();
         let key = keys.block("default", block);
         assert_eq!(key, "/weft/v1/blocks/default/10.65.3.64-26");
-        assert_eq!(
-            keys.parse_block(&key),
-            Some(("default".to_string(), block))
-        );
+        assert_eq!(keys.parse_block(&key), Some(("default".to_string(), block)));
     }
 
     #[test]

@@ -149,7 +149,11 @@ impl Datastore {
         Ok(tokio::time::timeout(self.timeout, self.kv().txn(txn)).await??)
     }
 
-    async fn get(&self, key: &str, options: Option<GetOptions>) -> Result<etcd_client::GetResponse> {
+    async fn get(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse> {
         Ok(tokio::time::timeout(self.timeout, self.kv().get(key, options)).await??)
     }
 
@@ -162,9 +166,12 @@ impl Datastore {
 
     /// Checks that etcd answers.
     pub async fn ping(&self) -> Result<()> {
-        self.get(&self.keys.pools(), Some(GetOptions::new().with_count_only().with_prefix()))
-            .await
-            .map(|_| ())
+        self.get(
+            &self.keys.pools(),
+            Some(GetOptions::new().with_count_only().with_prefix()),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Creates the pool if absent; otherwise checks that the stored one matches `wanted`.
@@ -272,7 +279,11 @@ impl Datastore {
         let [hosts, alive, blocks] = ops.as_slice() else {
             return Err(StoreError::Unavailable("short snapshot response".into()));
         };
-        for kv in get_kvs(hosts).iter().chain(get_kvs(alive)).chain(get_kvs(blocks)) {
+        for kv in get_kvs(hosts)
+            .iter()
+            .chain(get_kvs(alive))
+            .chain(get_kvs(blocks))
+        {
             if let Some(event) = self.event_for_put(kv) {
                 view.apply(event);
             }
@@ -480,7 +491,8 @@ impl Datastore {
         ops.push(guarded(self.keys.ip(endpoint.ip), mine_ip));
         for port in &endpoint.ports {
             ops.push(guarded(
-                self.keys.port(&endpoint.host, &port.protocol, port.host_port),
+                self.keys
+                    .port(&endpoint.host, &port.protocol, port.host_port),
                 mine_port.clone(),
             ));
         }
@@ -488,8 +500,14 @@ impl Datastore {
         Ok(())
     }
 
-    pub async fn get_endpoint(&self, host: &str, container_id: &str) -> Result<Option<EndpointRecord>> {
-        let response = self.get(&self.keys.endpoint(host, container_id), None).await?;
+    pub async fn get_endpoint(
+        &self,
+        host: &str,
+        container_id: &str,
+    ) -> Result<Option<EndpointRecord>> {
+        let response = self
+            .get(&self.keys.endpoint(host, container_id), None)
+            .await?;
         response.kvs().first().map(decode).transpose()
     }
 

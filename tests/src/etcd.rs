@@ -75,10 +75,20 @@ impl EtcdServer {
     pub fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
         let out = sh::in_ns(
             &self.netns,
-            &["etcdctl", "--endpoints", &self.url, "get", "--prefix", prefix],
+            &[
+                "etcdctl",
+                "--endpoints",
+                &self.url,
+                "get",
+                "--prefix",
+                prefix,
+            ],
         )?;
         if !out.status.success() {
-            bail!("etcdctl get failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "etcdctl get failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let lines: Vec<&str> = text.lines().collect();
@@ -96,7 +106,10 @@ impl EtcdServer {
             &["etcdctl", "--endpoints", &self.url, "put", key, value],
         )?;
         if !out.status.success() {
-            bail!("etcdctl put failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "etcdctl put failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }

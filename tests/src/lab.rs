@@ -106,8 +106,10 @@ impl Lab {
     pub fn new(options: LabOptions) -> Result<Self> {
         crate::require_root();
         let prefix = options.prefix.clone().unwrap_or_else(unique_prefix);
-        let dir = std::env::temp_dir().join(format!("weft-lab-{prefix}"));
+        reap_orphans();
+        let dir = lab_dir(&prefix);
         std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("owner"), std::process::id().to_string())?;
         let mut lab = Lab {
             router: format!("{prefix}-r"),
             outside: format!("{prefix}-out"),
@@ -120,7 +122,12 @@ impl Lab {
         };
         // From here on, Drop tears down whatever was built, even if building fails halfway.
         lab.build_network()?;
-        lab.etcd = Some(EtcdServer::start(&lab.router, ROUTER_IP, ETCD_PORT, &lab.dir)?);
+        lab.etcd = Some(EtcdServer::start(
+            &lab.router,
+            ROUTER_IP,
+            ETCD_PORT,
+            &lab.dir,
+        )?);
         if options.start_agents {
             for i in 0..lab.hosts.len() {
                 lab.start_agent(i)?;
@@ -139,20 +146,72 @@ impl Lab {
             sh::run("ip", &["netns", "add", ns])?;
             sh::run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
-        sh::run("ip", &["-n", &router, "link", "add", "br0", "type", "bridge"])?;
-        sh::run("ip", &["-n", &router, "addr", "add", &format!("{ROUTER_IP}/24"), "dev", "br0"])?;
+        sh::run(
+            "ip",
+            &["-n", &router, "link", "add", "br0", "type", "bridge"],
+        )?;
+        sh::run(
+            "ip",
+            &[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{ROUTER_IP}/24"),
+                "dev",
+                "br0",
+            ],
+        )?;
         sh::run("ip", &["-n", &router, "link", "set", "br0", "up"])?;
-        sh::run("ip", &["netns", "exec", &router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        sh::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &router,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
         // The outside network: the router's second leg and one outside host.
         sh::run(
             "ip",
-            &["-n", &router, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &outside],
+            &[
+                "-n", &router, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0",
+                "netns", &outside,
+            ],
         )?;
-        sh::run("ip", &["-n", &router, "addr", "add", &format!("{OUTSIDE_GW}/24"), "dev", "eth1"])?;
+        sh::run(
+            "ip",
+            &[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{OUTSIDE_GW}/24"),
+                "dev",
+                "eth1",
+            ],
+        )?;
         sh::run("ip", &["-n", &router, "link", "set", "eth1", "up"])?;
-        sh::run("ip", &["-n", &outside, "addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
+        sh::run(
+            "ip",
+            &[
+                "-n",
+                &outside,
+                "addr",
+                "add",
+                &format!("{OUTSIDE_IP}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
         sh::run("ip", &["-n", &outside, "link", "set", "eth0", "up"])?;
-        sh::run("ip", &["-n", &outside, "route", "add", "default", "via", OUTSIDE_GW])?;
+        sh::run(
+            "ip",
+            &["-n", &outside, "route", "add", "default", "via", OUTSIDE_GW],
+        )?;
 
         for i in 0..self.options.hosts {
             let name = format!("{}-h{}", self.prefix, i + 1);
@@ -169,13 +228,33 @@ impl Lab {
             sh::run("ip", &["-n", &name, "link", "set", "lo", "up"])?;
             sh::run(
                 "ip",
-                &["-n", &router, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &name],
+                &[
+                    "-n", &router, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", &name,
+                ],
             )?;
-            sh::run("ip", &["-n", &router, "link", "set", &port, "master", "br0", "up"])?;
-            sh::run("ip", &["-n", &name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            sh::run(
+                "ip",
+                &["-n", &router, "link", "set", &port, "master", "br0", "up"],
+            )?;
+            sh::run(
+                "ip",
+                &[
+                    "-n",
+                    &name,
+                    "addr",
+                    "add",
+                    &format!("{ip}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
             sh::run("ip", &["-n", &name, "link", "set", "eth0", "up"])?;
             if self.options.default_route {
-                sh::run("ip", &["-n", &name, "route", "add", "default", "via", ROUTER_IP])?;
+                sh::run(
+                    "ip",
+                    &["-n", &name, "route", "add", "default", "via", ROUTER_IP],
+                )?;
             }
         }
         Ok(())
@@ -221,7 +300,7 @@ impl Lab {
             .stderr(Stdio::from(log));
         let child = command.spawn().context("starting weft-agent")?;
         self.hosts[i].agent = Some(child);
-        Ok(())
+        self.write_pid_files()
     }
 
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
@@ -247,7 +326,11 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("agent of {} did not come up:\n{}", self.hosts[i].name, self.agent_log(i))
+        bail!(
+            "agent of {} did not come up:\n{}",
+            self.hosts[i].name,
+            self.agent_log(i)
+        )
     }
 
     /// Sends `signal` to host `i`'s agent and reaps it.
@@ -310,13 +393,19 @@ impl Lab {
         let endpoint = self.ctl_json(i, &["attach", id])?;
         let netns = endpoint["netns"].as_str().unwrap_or_default();
         let name = netns.rsplit('/').next().unwrap_or_default().to_string();
-        Ok((name, endpoint["ip"].as_str().unwrap_or_default().to_string()))
+        Ok((
+            name,
+            endpoint["ip"].as_str().unwrap_or_default().to_string(),
+        ))
     }
 
     /// Container namespaces the agents created in this lab.
     pub fn container_namespaces(&self) -> Vec<String> {
         let mine = format!("weft-{}-", self.prefix);
-        list_netns().into_iter().filter(|n| n.starts_with(&mine)).collect()
+        list_netns()
+            .into_iter()
+            .filter(|n| n.starts_with(&mine))
+            .collect()
     }
 
     /// Every etcd key of the lab with its value.
@@ -401,10 +490,35 @@ pub fn teardown_namespaces(prefix: &str) {
     }
 }
 
-/// Ends processes of a lab left behind by a run that could not clean up (by the PID files the
-/// demo writes), then deletes its namespaces.
+fn lab_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("weft-lab-{prefix}"))
+}
+
+/// Removes labs whose owning process died without cleaning up (a test killed by a timeout).
+pub fn reap_orphans() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(prefix) = name.strip_prefix("weft-lab-") else {
+            continue;
+        };
+        let owner = std::fs::read_to_string(entry.path().join("owner")).unwrap_or_default();
+        let alive = owner
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !owner.is_empty() && !alive {
+            let _ = teardown_leftovers(prefix);
+        }
+    }
+}
+
+/// Ends the processes of a lab left behind by a run that could not clean up (by the PID files
+/// the lab writes), then deletes its namespaces.
 pub fn teardown_leftovers(prefix: &str) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("weft-lab-{prefix}"));
+    let dir = lab_dir(prefix);
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -416,7 +530,8 @@ pub fn teardown_leftovers(prefix: &str) -> Result<()> {
                 // Only a process that is still one of ours: PIDs get reused.
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("weft-agent") || cmdline.contains(&format!("weft-lab-{prefix}")) {
+                if cmdline.contains("weft-agent") || cmdline.contains(&format!("weft-lab-{prefix}"))
+                {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
@@ -428,14 +543,19 @@ pub fn teardown_leftovers(prefix: &str) -> Result<()> {
 }
 
 impl Lab {
-    /// Writes PID files so `weft-lab down` can end this lab's processes later.
+    /// Writes PID files so `weft-lab down` (or the next lab, if this process dies) can end
+    /// this lab's processes later.
     pub fn write_pid_files(&self) -> Result<()> {
         if let Some(etcd) = &self.etcd {
             std::fs::write(self.dir.join("etcd.pid"), etcd.pid().to_string())?;
         }
         for (i, host) in self.hosts.iter().enumerate() {
-            if let Some(pid) = self.agent_pid(i) {
-                std::fs::write(self.dir.join(format!("{}.pid", host.name)), pid.to_string())?;
+            let file = self.dir.join(format!("{}.pid", host.name));
+            match self.agent_pid(i) {
+                Some(pid) => std::fs::write(file, pid.to_string())?,
+                None => {
+                    let _ = std::fs::remove_file(file);
+                }
             }
         }
         Ok(())

@@ -48,7 +48,10 @@ fn two_containers_reach_each_other_and_the_host_without_a_host_default_route() {
     let lab = one_host(false, &[]);
     let host = &lab.hosts[0];
     let no_default = sh::run("ip", &["-n", &host.name, "route", "show", "default"]).unwrap();
-    assert!(no_default.trim().is_empty(), "host must have no default route");
+    assert!(
+        no_default.trim().is_empty(),
+        "host must have no default route"
+    );
 
     let (ns_a, ip_a) = lab.attach(0, "a").unwrap();
     let (ns_b, ip_b) = lab.attach(0, "b").unwrap();
@@ -61,7 +64,10 @@ fn two_containers_reach_each_other_and_the_host_without_a_host_default_route() {
 
     let lo = sh::run("ip", &["-n", &ns_a, "link", "show", "lo"]).unwrap();
     assert!(lo.contains("UP"), "lo must be up inside: {lo}");
-    assert!(sh::ping(&ns_a, "127.0.0.1"), "loopback inside the container");
+    assert!(
+        sh::ping(&ns_a, "127.0.0.1"),
+        "loopback inside the container"
+    );
 
     let neigh = sh::run("ip", &["-n", &ns_a, "neigh", "show", "169.254.1.1"]).unwrap();
     assert!(
@@ -79,17 +85,28 @@ fn two_containers_reach_each_other_and_the_host_without_a_host_default_route() {
     for (knob, want) in [("proxy_arp", "1"), ("rp_filter", "1"), ("forwarding", "1")] {
         let value = sh::run(
             "ip",
-            &["netns", "exec", &host.name, "cat", &format!("/proc/sys/net/ipv4/conf/{veth}/{knob}")],
+            &[
+                "netns",
+                "exec",
+                &host.name,
+                "cat",
+                &format!("/proc/sys/net/ipv4/conf/{veth}/{knob}"),
+            ],
         )
         .unwrap();
         assert_eq!(value.trim(), want, "{knob} of {veth}");
     }
     let routes = weft_routes(&host.name);
     assert!(
-        routes.iter().any(|r| r.starts_with(&format!("{ip_a} dev {veth}"))),
+        routes
+            .iter()
+            .any(|r| r.starts_with(&format!("{ip_a} dev {veth}"))),
         "{routes:?}"
     );
-    assert!(routes.iter().any(|r| r.starts_with("blackhole 10.65.")), "{routes:?}");
+    assert!(
+        routes.iter().any(|r| r.starts_with("blackhole 10.65.")),
+        "{routes:?}"
+    );
 }
 
 #[test]
@@ -107,11 +124,18 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
     let repaired = lab.ctl_json(0, &["attach", "web"]).unwrap();
     assert_eq!(repaired["ip"], first["ip"]);
     let container_ns = first["netns"].as_str().unwrap().rsplit('/').next().unwrap();
-    assert!(sh::ping(container_ns, &lab.hosts[0].ip.to_string()), "repaired container works");
+    assert!(
+        sh::ping(container_ns, &lab.hosts[0].ip.to_string()),
+        "repaired container works"
+    );
 
     lab.ctl_json(0, &["detach", "web"]).unwrap();
     lab.ctl_json(0, &["detach", "web"]).unwrap(); // idempotent
-    assert!(weft_links(ns).is_empty(), "links left: {:?}", weft_links(ns));
+    assert!(
+        weft_links(ns).is_empty(),
+        "links left: {:?}",
+        weft_links(ns)
+    );
     let routes = weft_routes(ns);
     assert!(
         routes.iter().all(|r| r.starts_with("blackhole")),
@@ -119,9 +143,16 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
     );
     assert!(keys_under(&lab, "/endpoints/").is_empty());
     assert!(keys_under(&lab, "/ips/").is_empty());
-    assert!(lab.container_namespaces().is_empty(), "agent-made netns must go on detach");
+    assert!(
+        lab.container_namespaces().is_empty(),
+        "agent-made netns must go on detach"
+    );
     let missing = lab.ctl(0, &["get", "web"]).unwrap();
-    assert_eq!(missing.status.code(), Some(3), "get of a detached container is NOT_FOUND");
+    assert_eq!(
+        missing.status.code(),
+        Some(3),
+        "get of a detached container is NOT_FOUND"
+    );
 }
 
 #[test]
@@ -131,7 +162,15 @@ fn attach_into_existing_namespaces_by_path_and_by_pid() {
     let by_path = format!("{}-byp", lab.prefix);
     sh::run("ip", &["netns", "add", &by_path]).unwrap();
     let ep = lab
-        .ctl_json(0, &["attach", "path-c", "--netns", &format!("/run/netns/{by_path}")])
+        .ctl_json(
+            0,
+            &[
+                "attach",
+                "path-c",
+                "--netns",
+                &format!("/run/netns/{by_path}"),
+            ],
+        )
         .unwrap();
     assert!(sh::ping(&by_path, &lab.hosts[0].ip.to_string()));
 
@@ -148,7 +187,14 @@ fn attach_into_existing_namespaces_by_path_and_by_pid() {
         let ip = ep["ip"].as_str().unwrap();
         let ping = sh::output(
             "nsenter",
-            &["--net", &format!("--target={pid}"), "ping", "-c1", "-W1", ip],
+            &[
+                "--net",
+                &format!("--target={pid}"),
+                "ping",
+                "-c1",
+                "-W1",
+                ip,
+            ],
         )?;
         assert!(ping.status.success(), "pid container -> path container");
         lab.ctl_json(0, &["detach", "pid-c"])?;
@@ -172,7 +218,13 @@ async fn bad_input_is_refused_and_leaves_nothing() {
     // A namespace already holding eth0, a regular file, a dead pid.
     let busy = format!("{}-busy", lab.prefix);
     sh::run("ip", &["netns", "add", &busy]).unwrap();
-    sh::run("ip", &["-n", &busy, "link", "add", "eth0", "type", "veth", "peer", "name", "x0"]).unwrap();
+    sh::run(
+        "ip",
+        &[
+            "-n", &busy, "link", "add", "eth0", "type", "veth", "peer", "name", "x0",
+        ],
+    )
+    .unwrap();
     let file = lab.dir.join("not-a-netns");
     std::fs::write(&file, "x").unwrap();
     let mut dead = std::process::Command::new("true").spawn().unwrap();
@@ -190,7 +242,10 @@ async fn bad_input_is_refused_and_leaves_nothing() {
     let cases = [
         ("invalid id", req("bad/id", "", 0, "")),
         ("empty id", req("", "", 0, "")),
-        ("missing netns", req("c1", "/run/netns/does-not-exist", 0, "")),
+        (
+            "missing netns",
+            req("c1", "/run/netns/does-not-exist", 0, ""),
+        ),
         ("regular file", req("c1", file, 0, "")),
         ("directory", req("c1", "/run", 0, "")),
         ("mount namespace", req("c1", "/proc/self/ns/mnt", 0, "")),
@@ -198,13 +253,20 @@ async fn bad_input_is_refused_and_leaves_nothing() {
         ("dead pid", req("c1", "", dead_pid, "")),
         ("bad ifname", req("c1", "", 0, "a/b")),
         ("long ifname", req("c1", "", 0, "abcdefghijklmnop")),
-        ("ifname present", req("c1", &format!("/run/netns/{busy}"), 0, "eth0")),
+        (
+            "ifname present",
+            req("c1", &format!("/run/netns/{busy}"), 0, "eth0"),
+        ),
         ("netns and pid", req("c1", "/proc/self/ns/net", 1, "")),
     ];
     let mut client = lab.client(0).await.unwrap();
     for (what, request) in cases {
         let status = client.attach(request).await.expect_err(what);
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
         assert!(!status.message().is_empty(), "{what}: message");
     }
     // Ports are a later feature: refused, never silently ignored.
@@ -217,12 +279,20 @@ async fn bad_input_is_refused_and_leaves_nothing() {
     let status = client.attach(with_port).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
 
-    assert!(weft_links(&ns).is_empty(), "links left: {:?}", weft_links(&ns));
+    assert!(
+        weft_links(&ns).is_empty(),
+        "links left: {:?}",
+        weft_links(&ns)
+    );
     assert!(keys_under(&lab, "/endpoints/").is_empty());
     assert!(keys_under(&lab, "/ips/").is_empty());
     assert!(lab.container_namespaces().is_empty());
     let busy_links = sh::run("ip", &["-n", &busy, "-o", "link"]).unwrap();
-    assert_eq!(busy_links.lines().count(), 3, "busy netns untouched: {busy_links}");
+    assert_eq!(
+        busy_links.lines().count(),
+        3,
+        "busy netns untouched: {busy_links}"
+    );
     sh::run("ip", &["netns", "del", &busy]).unwrap();
 }
 
@@ -246,7 +316,11 @@ async fn pool_exhaustion_is_resource_exhausted_and_leaves_nothing() {
     assert_eq!(keys_under(&lab, "/ips/").len(), 4);
     assert_eq!(keys_under(&lab, "/blocks/").len(), 2);
     assert_eq!(weft_links(&lab.hosts[0].name).len(), 4);
-    assert_eq!(lab.container_namespaces().len(), 4, "no namespace left by the failed attach");
+    assert_eq!(
+        lab.container_namespaces().len(),
+        4,
+        "no namespace left by the failed attach"
+    );
 
     // Freed addresses are handed out again.
     lab.ctl_json(0, &["detach", "c2"]).unwrap();

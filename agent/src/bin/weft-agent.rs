@@ -7,8 +7,8 @@ use weft_agent::config::{Config, Flags, LogFormat};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(Flags::parse())?;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log_format {
         LogFormat::Json => logs.json().init(),

@@ -1,0 +1,203 @@
+//! `weft-lab`: a multi-host weft lab in network namespaces on this machine.
+//!
+//! `weft-lab demo` builds a lab, attaches containers, prints who reaches whom and a host's
+//! status, then tears everything down (unless `--keep`). `weft-lab down PREFIX` removes a kept or
+//! crashed lab.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use weft_tests::lab::{teardown_leftovers, OUTSIDE_IP};
+use weft_tests::{sh, Lab, LabOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "weft-lab",
+    about = "A multi-host weft lab in network namespaces"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a lab, attach containers, print the connectivity matrix and a host's status.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Containers per host.
+        #[arg(long, default_value_t = 2)]
+        containers: usize,
+        /// Leave the lab running (remove it later with `weft-lab down PREFIX`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Remove a lab left running by `demo --keep` or by a run that crashed.
+    Down { prefix: String },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Demo {
+            hosts,
+            containers,
+            keep,
+        } => match demo(hosts, containers, keep) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("weft-lab: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Down { prefix } => match teardown_leftovers(&prefix) {
+            Ok(()) => {
+                println!("lab {prefix} removed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weft-lab: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+struct Container {
+    name: String,
+    netns: String,
+    ip: String,
+}
+
+fn demo(hosts: usize, per_host: usize, keep: bool) -> anyhow::Result<bool> {
+    anyhow::ensure!((1..=50).contains(&hosts), "--hosts must be 1 to 50");
+    let started = Instant::now();
+    println!("== building a {hosts}-host lab (namespaces, router, outside host, etcd, agents)");
+    let mut lab = Lab::new(LabOptions {
+        hosts,
+        ..Default::default()
+    })?;
+    println!(
+        "   lab {} up in {:.1}s: hosts {}, router {}, outside {} ({OUTSIDE_IP})",
+        lab.prefix,
+        started.elapsed().as_secs_f64(),
+        lab.hosts
+            .iter()
+            .map(|h| format!("{}={}", h.name, h.ip))
+            .collect::<Vec<_>>()
+            .join(" "),
+        lab.router,
+        lab.outside,
+    );
+
+    println!("== attaching {per_host} containers per host");
+    let mut containers = vec![];
+    for host in 0..hosts {
+        for n in 0..per_host {
+            let name = format!("c{}{}", host + 1, (b'a' + n as u8) as char);
+            let (netns, ip) = lab.attach(host, &name)?;
+            println!(
+                "   {name:<5} on {:<10} {ip:<14} netns {netns}",
+                lab.hosts[host].name
+            );
+            containers.push(Container { name, netns, ip });
+        }
+    }
+
+    // Routes to peers arrive through etcd watches; give them a moment before measuring.
+    let expected_routes = hosts.saturating_sub(1);
+    for i in 0..hosts {
+        lab.eventually("peer routes", Duration::from_secs(10), || {
+            sh::run(
+                "ip",
+                &["-n", &lab.hosts[i].name, "route", "show", "proto", "119"],
+            )
+            .map(|r| r.lines().filter(|l| l.contains(" via ")).count() >= expected_routes)
+            .unwrap_or(false)
+        })?;
+    }
+
+    println!("== connectivity matrix (one ping each; ok = answered)");
+    let mut targets: Vec<(String, String)> = containers
+        .iter()
+        .map(|c| (c.name.clone(), c.ip.clone()))
+        .collect();
+    targets.extend(lab.hosts.iter().map(|h| {
+        (
+            h.name
+                .trim_start_matches(&format!("{}-", lab.prefix))
+                .to_string(),
+            h.ip.to_string(),
+        )
+    }));
+    let width = 6;
+    print!("   {:<width$}", "from");
+    for (name, _) in &targets {
+        print!("{name:>width$}");
+    }
+    println!();
+    let mut failures = 0;
+    for c in &containers {
+        print!("   {:<width$}", c.name);
+        for (name, ip) in &targets {
+            let ok = if *name == c.name {
+                true
+            } else {
+                sh::ping(&c.netns, ip)
+            };
+            if !ok {
+                failures += 1;
+            }
+            print!("{:>width$}", if ok { "ok" } else { "FAIL" });
+        }
+        println!();
+    }
+    let outside_ok = containers
+        .iter()
+        .filter(|c| sh::ping(&c.netns, OUTSIDE_IP))
+        .count();
+    println!(
+        "   containers reaching the outside host {OUTSIDE_IP}: {outside_ok}/{} (needs SNAT)",
+        containers.len()
+    );
+
+    println!("== weftctl status on {}", lab.hosts[0].name);
+    let out = lab.ctl(0, &["status"])?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    println!();
+    println!(
+        "== routes on {} (ip route show proto weft)",
+        lab.hosts[0].name
+    );
+    print!(
+        "{}",
+        sh::run(
+            "ip",
+            &["-n", &lab.hosts[0].name, "route", "show", "proto", "119"]
+        )?
+    );
+
+    let total = containers.len() * (targets.len() - 1);
+    println!(
+        "== {} of {total} pings answered in {:.1}s",
+        total - failures,
+        started.elapsed().as_secs_f64()
+    );
+    if keep {
+        // A kept lab outlives this process: mark it as owned by nobody that can die.
+        std::fs::write(lab.dir.join("owner"), "")?;
+        lab.keep();
+        println!(
+            "== lab kept. Try: ip netns exec {} ping {}\n   weftctl --socket {} status\n   remove it with: weft-lab down {}",
+            containers[0].netns,
+            containers.last().map(|c| c.ip.as_str()).unwrap_or(""),
+            lab.hosts[0].socket.display(),
+            lab.prefix
+        );
+    } else {
+        println!("== tearing the lab down");
+    }
+    Ok(failures == 0)
+}
