@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use weft_etcd::{alloc, ClusterEvent, ClusterView, CreateConflict, Datastore, Eve
 use crate::config::Config;
 use crate::dataplane::{self, ContainerLink, Dataplane, KernelRoute, RouteTarget, Underlay};
 use crate::error::ApiError;
+use crate::firewall::{self, Firewall, FirewallSpec, PortRule};
 use crate::netns::{self, Netns};
 use crate::{routes, sysctl, validate};
 
@@ -49,6 +50,7 @@ pub struct ReconcileReport {
     pub routes_replaced: usize,
     pub routes_deleted: usize,
     pub sysctls_fixed: usize,
+    pub firewall_tables_written: usize,
     pub errors: usize,
     pub duration: Duration,
 }
@@ -73,6 +75,7 @@ pub struct HostStatus {
     pub etcd_connected: bool,
     pub peers: Vec<PeerStatus>,
     pub route_count: usize,
+    pub rule_count: usize,
 }
 
 pub struct Agent {
@@ -90,6 +93,14 @@ pub struct Agent {
     reconcile_lock: tokio::sync::Mutex<()>,
     resync: Notify,
     etcd_ok: AtomicBool,
+    /// Every pool of the cluster (for "destination in no pool"), refreshed on resync.
+    pools: RwLock<Vec<(String, PoolRecord)>>,
+    firewall: Arc<Mutex<Firewall>>,
+    /// Firewall generations: bumped after every change of what the rules are made of; a sync
+    /// that read the state at generation G covers every change bumped up to G.
+    firewall_wanted: AtomicU64,
+    firewall_applied: AtomicU64,
+    firewall_lock: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
@@ -120,6 +131,7 @@ impl Agent {
             .register_host(&config.host_name, underlay.ip, VERSION)
             .await?;
         let endpoints = store.list_endpoints(&config.host_name).await?;
+        let pools = store.list_pools().await?;
         let cluster = store.snapshot().await?;
         info!(
             host = %config.host_name,
@@ -148,6 +160,11 @@ impl Agent {
             reconcile_lock: Default::default(),
             resync: Notify::new(),
             etcd_ok: AtomicBool::new(true),
+            pools: RwLock::new(pools),
+            firewall: Default::default(),
+            firewall_wanted: AtomicU64::new(0),
+            firewall_applied: AtomicU64::new(0),
+            firewall_lock: Default::default(),
         }))
     }
 
@@ -189,11 +206,6 @@ impl Agent {
         };
         validate::ifname(&ifname).map_err(ApiError::InvalidArgument)?;
         let ports = validate::ports(&spec.ports).map_err(ApiError::InvalidArgument)?;
-        if !ports.is_empty() {
-            return Err(ApiError::Unimplemented(
-                "published ports are not implemented yet".into(),
-            ));
-        }
         if !spec.netns.is_empty() && spec.pid != 0 {
             return Err(ApiError::InvalidArgument(
                 "give either netns or pid, not both".into(),
@@ -295,6 +307,14 @@ impl Agent {
             self.roll_back(&record).await;
             return Err(err.into());
         }
+        if !record.ports.is_empty() {
+            if let Err(err) = self.sync_firewall().await {
+                warn!(container = id, error = %err, "publishing ports failed; rolling back");
+                self.roll_back(&record).await;
+                return Err(err);
+            }
+            self.flush_udp_flows(&record.ports).await;
+        }
         info!(
             container = id,
             ip = %record.ip,
@@ -320,6 +340,74 @@ impl Agent {
             .unwrap()
             .endpoints
             .remove(&record.container_id);
+        if !record.ports.is_empty() {
+            if let Err(e) = self.sync_firewall().await {
+                warn!(container = %record.container_id, error = %e, "rollback: cannot remove rules");
+            }
+        }
+    }
+
+    /// Rules for the current state, applied now unless a sync that started after the caller's
+    /// change already covers it (concurrent attaches share one iptables-restore).
+    async fn sync_firewall(&self) -> Result<firewall::FirewallReport, ApiError> {
+        let wanted = self.firewall_wanted.fetch_add(1, Ordering::SeqCst) + 1;
+        let _one = self.firewall_lock.lock().await;
+        if self.firewall_applied.load(Ordering::SeqCst) >= wanted {
+            return Ok(Default::default());
+        }
+        let generation = self.firewall_wanted.load(Ordering::SeqCst);
+        let spec = self.firewall_spec();
+        let firewall = self.firewall.clone();
+        let report = tokio::task::spawn_blocking(move || firewall.lock().unwrap().sync(&spec))
+            .await
+            .map_err(|e| ApiError::Internal(format!("firewall task: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("programming iptables: {e}")))?;
+        self.firewall_applied.store(generation, Ordering::SeqCst);
+        Ok(report)
+    }
+
+    fn firewall_spec(&self) -> FirewallSpec {
+        let pools = self
+            .pools
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(name, pool)| (name.clone(), pool.cidr, pool.nat_outgoing))
+            .collect();
+        let local = self.local.lock().unwrap();
+        let ports = local
+            .endpoints
+            .values()
+            .flat_map(|e| {
+                e.ports.iter().map(|p| PortRule {
+                    container_id: e.container_id.clone(),
+                    ip: e.ip,
+                    protocol: p.protocol.clone(),
+                    host_port: p.host_port,
+                    container_port: p.container_port,
+                })
+            })
+            .collect();
+        FirewallSpec { pools, ports }
+    }
+
+    /// Existing UDP flows to a host port would stick to their old destination; drop them.
+    async fn flush_udp_flows(&self, ports: &[PortRecord]) {
+        let udp: Vec<u16> = ports
+            .iter()
+            .filter(|p| p.protocol == "udp")
+            .map(|p| p.host_port)
+            .collect();
+        if udp.is_empty() {
+            return;
+        }
+        let flushed = tokio::task::spawn_blocking(move || {
+            udp.into_iter().try_for_each(firewall::flush_udp_conntrack)
+        })
+        .await;
+        if let Ok(Err(e)) = flushed {
+            warn!(error = %e, "cannot flush UDP conntrack entries");
+        }
     }
 
     /// Picks an address in this host's blocks (claiming a block when they are full) and writes
@@ -477,15 +565,34 @@ impl Agent {
                 None => return Ok(()),
             },
         };
+        // Out of the local state first, so its rules go before its link does. Put back on
+        // failure, so a retry finds it.
+        self.local.lock().unwrap().endpoints.remove(container_id);
+        let result = self.detach_record(&record).await;
+        if result.is_err() {
+            self.local
+                .lock()
+                .unwrap()
+                .endpoints
+                .insert(container_id.to_string(), record.clone());
+        }
+        result?;
+        info!(container = container_id, ip = %record.ip, "detached");
+        Ok(())
+    }
+
+    async fn detach_record(&self, record: &EndpointRecord) -> Result<(), ApiError> {
+        if !record.ports.is_empty() {
+            self.sync_firewall().await?;
+            self.flush_udp_flows(&record.ports).await;
+        }
         self.dataplane.delete_link(&record.host_ifname).await?;
         if record.owns_netns {
             netns::delete_named(std::path::Path::new(&record.netns)).map_err(|e| {
                 ApiError::Internal(format!("deleting namespace {}: {e}", record.netns))
             })?;
         }
-        self.store.delete_endpoint(&record).await?;
-        self.local.lock().unwrap().endpoints.remove(container_id);
-        info!(container = container_id, ip = %record.ip, "detached");
+        self.store.delete_endpoint(record).await?;
         Ok(())
     }
 
@@ -536,6 +643,7 @@ impl Agent {
             })
             .collect();
         let endpoint_count = self.local.lock().unwrap().endpoints.len();
+        let rule_count = self.firewall.lock().unwrap().rule_count();
         let route_count = self
             .dataplane
             .weft_routes()
@@ -551,6 +659,7 @@ impl Agent {
             etcd_connected,
             peers,
             route_count,
+            rule_count,
         }
     }
 
@@ -649,12 +758,28 @@ impl Agent {
                 }
             }
         }
+        if let Ok(pools) = self.store.list_pools().await {
+            *self.pools.write().unwrap() = pools;
+        }
+        match self.sync_firewall().await {
+            Ok(fw) => report.firewall_tables_written += fw.tables_written,
+            Err(e) => {
+                warn!(error = %e, "cannot program iptables");
+                report.errors += 1;
+            }
+        }
         report.duration = started.elapsed();
-        if report.routes_replaced + report.routes_deleted + report.sysctls_fixed > 0 {
+        if report.routes_replaced
+            + report.routes_deleted
+            + report.sysctls_fixed
+            + report.firewall_tables_written
+            > 0
+        {
             info!(
                 replaced = report.routes_replaced,
                 deleted = report.routes_deleted,
                 sysctls = report.sysctls_fixed,
+                iptables_tables = report.firewall_tables_written,
                 errors = report.errors,
                 ms = report.duration.as_secs_f64() * 1e3,
                 "reconciled"

@@ -6,6 +6,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
 pub mod error;
+pub mod firewall;
 pub mod netns;
 pub mod routes;
 pub mod server;

@@ -70,7 +70,7 @@ fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
             })
             .collect(),
         route_count: status.route_count as u32,
-        rule_count: 0,
+        rule_count: status.rule_count as u32,
     }
 }
 

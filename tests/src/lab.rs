@@ -70,6 +70,8 @@ pub struct Lab {
     pub outside: String,
     pub hosts: Vec<LabHost>,
     pub etcd: Option<EtcdServer>,
+    /// Helper processes (services in containers) ended with the lab.
+    helpers: Vec<Child>,
     options: LabOptions,
     keep: bool,
 }
@@ -115,6 +117,7 @@ impl Lab {
             outside: format!("{prefix}-out"),
             hosts: vec![],
             etcd: None,
+            helpers: vec![],
             dir,
             options: options.clone(),
             keep: false,
@@ -435,7 +438,28 @@ impl Lab {
         self.keep = true;
     }
 
+    /// Starts a helper process inside namespace `ns`; it is ended with the lab.
+    pub fn spawn_in(&mut self, ns: &str, program: &str, args: &[&str]) -> Result<()> {
+        let child = sh::command_in_ns(ns, program)?
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {program} in {ns}"))?;
+        std::fs::write(
+            self.dir.join(format!("helper-{}.pid", child.id())),
+            child.id().to_string(),
+        )?;
+        self.helpers.push(child);
+        Ok(())
+    }
+
     fn teardown(&mut self) {
+        for mut child in self.helpers.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for host in &mut self.hosts {
             if let Some(mut child) = host.agent.take() {
                 let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);

@@ -269,15 +269,31 @@ async fn bad_input_is_refused_and_leaves_nothing() {
         );
         assert!(!status.message().is_empty(), "{what}: message");
     }
-    // Ports are a later feature: refused, never silently ignored.
-    let mut with_port = req("c2", "", 0, "");
-    with_port.ports.push(pb::PortMapping {
-        protocol: "tcp".into(),
-        host_port: 8080,
-        container_port: 80,
-    });
-    let status = client.attach(with_port).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    let port = |protocol: &str, host_port: u32, container_port: u32| pb::PortMapping {
+        protocol: protocol.into(),
+        host_port,
+        container_port,
+    };
+    let port_cases = [
+        ("port 0", vec![port("tcp", 0, 80)]),
+        ("port 65536", vec![port("tcp", 65536, 80)]),
+        ("container port 0", vec![port("udp", 53, 0)]),
+        ("unknown protocol", vec![port("sctp", 80, 80)]),
+        (
+            "duplicate mapping",
+            vec![port("tcp", 80, 80), port("", 80, 81)],
+        ),
+    ];
+    for (what, ports) in port_cases {
+        let mut request = req("c2", "", 0, "");
+        request.ports = ports;
+        let status = client.attach(request).await.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+    }
 
     assert!(
         weft_links(&ns).is_empty(),
