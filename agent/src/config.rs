@@ -11,10 +11,12 @@ use serde::Deserialize;
 /// Command-line flags (each also `WEFT_<FLAG>` in the environment). Every value is optional here
 /// so that the TOML file can fill what flags and environment leave unset.
 #[derive(Debug, Default, Parser)]
+// Later occurrences of a flag win, so a wrapper can override what it passed before.
 #[command(
     name = "weft-agent",
     version,
-    about = "weft per-host agent: a routed container fabric"
+    about = "weft per-host agent: a routed container fabric",
+    args_override_self = true
 )]
 pub struct Flags {
     /// TOML file with any of the settings below (keys as the long flags, e.g. host-name).
@@ -68,6 +70,10 @@ pub struct Flags {
     /// Interval of the full reconciliation of kernel state, e.g. 10s [default: 10s].
     #[arg(long, env = "WEFT_RESYNC_INTERVAL")]
     pub resync_interval: Option<String>,
+    /// Remove a host (blocks, addresses, routes on every peer) once it has been down this long,
+    /// e.g. 24h; "off" disables [default: off].
+    #[arg(long, env = "WEFT_REMOVE_DEAD_HOSTS_AFTER")]
+    pub remove_dead_hosts_after: Option<String>,
 }
 
 /// The same settings as read from the TOML file.
@@ -90,6 +96,7 @@ struct FileConfig {
     log_format: Option<String>,
     alive_ttl: Option<String>,
     resync_interval: Option<String>,
+    remove_dead_hosts_after: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +124,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub alive_ttl: Duration,
     pub resync_interval: Duration,
+    pub remove_dead_hosts_after: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +228,24 @@ impl Config {
         if resync_interval < Duration::from_millis(100) {
             return Err(invalid("resync-interval", "must be at least 100ms"));
         }
+        let remove_dead_hosts_after = match flags
+            .remove_dead_hosts_after
+            .or(file.remove_dead_hosts_after)
+            .as_deref()
+        {
+            None | Some("off") | Some("") => None,
+            Some(text) => {
+                let after =
+                    parse_duration(text).map_err(|m| invalid("remove-dead-hosts-after", m))?;
+                if after < alive_ttl {
+                    return Err(invalid(
+                        "remove-dead-hosts-after",
+                        "must be longer than alive-ttl",
+                    ));
+                }
+                Some(after)
+            }
+        };
 
         let pool_text = flags
             .pool
@@ -288,6 +314,7 @@ impl Config {
             log_format,
             alive_ttl,
             resync_interval,
+            remove_dead_hosts_after,
         })
     }
 }
@@ -320,6 +347,7 @@ mod tests {
         assert_eq!(config.etcd_prefix, "/weft/v1");
         assert_eq!(config.socket, PathBuf::from("/run/weft/agent.sock"));
         assert!(config.nat_outgoing);
+        assert_eq!(config.remove_dead_hosts_after, None);
     }
 
     #[test]

@@ -76,6 +76,12 @@ pub enum HostCommand {
         etcd_endpoints: String,
         #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft/v1")]
         etcd_prefix: String,
+        #[arg(long, env = "WEFT_ETCD_CACERT")]
+        etcd_cacert: Option<String>,
+        #[arg(long, env = "WEFT_ETCD_CERT")]
+        etcd_cert: Option<String>,
+        #[arg(long, env = "WEFT_ETCD_KEY")]
+        etcd_key: Option<String>,
     },
 }
 
@@ -312,10 +318,20 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 name,
                 etcd_endpoints,
                 etcd_prefix,
+                etcd_cacert,
+                etcd_cert,
+                etcd_key,
             },
     } = &cli.command
     {
-        return remove_host(cli.json, name, etcd_endpoints, etcd_prefix).await;
+        let tls = (etcd_cacert.is_some() || etcd_cert.is_some() || etcd_key.is_some()).then(|| {
+            weft_etcd::TlsFiles {
+                ca: etcd_cacert.clone(),
+                cert: etcd_cert.clone(),
+                key: etcd_key.clone(),
+            }
+        });
+        return remove_host(cli.json, name, etcd_endpoints, etcd_prefix, tls).await;
     }
     let mut client = connect(&cli.socket).await?;
     match cli.command {
@@ -334,7 +350,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 .attach(pb::AttachRequest {
                     container_id,
                     netns: netns.unwrap_or_default(),
-                    pid: pid.unwrap_or(0),
+                    pid,
                     ifname,
                     ports,
                 })
@@ -394,13 +410,14 @@ async fn remove_host(
     name: &str,
     endpoints: &str,
     prefix: &str,
+    tls: Option<weft_etcd::TlsFiles>,
 ) -> Result<(), Failure> {
     crate::validate::host_name(name)?;
     let store = weft_etcd::Datastore::connect(&weft_etcd::EtcdConfig {
         endpoints: endpoints.split(',').map(|s| s.trim().to_string()).collect(),
         prefix: prefix.to_string(),
         timeout: std::time::Duration::from_secs(5),
-        tls: None,
+        tls,
     })
     .await
     .map_err(|e| e.to_string())?;

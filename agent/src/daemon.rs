@@ -28,7 +28,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct AttachSpec {
     pub container_id: String,
     pub netns: String,
-    pub pid: u32,
+    pub pid: Option<u32>,
     pub ifname: String,
     /// (protocol, host port, container port) as received.
     pub ports: Vec<(String, u32, u32)>,
@@ -42,6 +42,12 @@ struct Local {
     reserved: HashSet<Ipv4Addr>,
     /// Addresses of our blocks found taken in etcd by a record we do not hold.
     foreign: HashSet<Ipv4Addr>,
+    /// Endpoints whose veth was found missing, with how many passes saw it so.
+    missing: HashMap<String, u32>,
+    /// `weft*` links with no endpoint behind them, since when.
+    orphan_links: HashMap<String, Instant>,
+    /// Peers seen down, since when (for automatic removal).
+    down_since: HashMap<String, Instant>,
 }
 
 /// The outcome of one reconciliation pass.
@@ -51,6 +57,8 @@ pub struct ReconcileReport {
     pub routes_deleted: usize,
     pub sysctls_fixed: usize,
     pub firewall_tables_written: usize,
+    pub endpoints_released: usize,
+    pub links_removed: usize,
     pub errors: usize,
     pub duration: Duration,
 }
@@ -181,6 +189,15 @@ impl Agent {
         self.resync.notify_one();
     }
 
+    /// Whether an attach or detach of this container is under way (or waiting).
+    fn container_busy(&self, id: &str) -> bool {
+        self.container_locks
+            .lock()
+            .unwrap()
+            .get(id)
+            .is_some_and(|l| Arc::strong_count(l) > 1)
+    }
+
     async fn lock_container(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.container_locks.lock().unwrap();
@@ -206,7 +223,10 @@ impl Agent {
         };
         validate::ifname(&ifname).map_err(ApiError::InvalidArgument)?;
         let ports = validate::ports(&spec.ports).map_err(ApiError::InvalidArgument)?;
-        if !spec.netns.is_empty() && spec.pid != 0 {
+        if spec.pid == Some(0) {
+            return Err(ApiError::InvalidArgument("pid 0 is not a process".into()));
+        }
+        if !spec.netns.is_empty() && spec.pid.is_some() {
             return Err(ApiError::InvalidArgument(
                 "give either netns or pid, not both".into(),
             ));
@@ -240,12 +260,11 @@ impl Agent {
     }
 
     async fn open_netns(&self, spec: &AttachSpec) -> Result<(Netns, bool), ApiError> {
-        if spec.pid != 0 {
-            let path = format!("/proc/{}/ns/net", spec.pid);
-            if !std::path::Path::new(&format!("/proc/{}", spec.pid)).exists() {
+        if let Some(pid) = spec.pid {
+            let path = format!("/proc/{pid}/ns/net");
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 return Err(ApiError::InvalidArgument(format!(
-                    "process {} does not exist",
-                    spec.pid
+                    "process {pid} does not exist"
                 )));
             }
             return Ok((Netns::open(&path)?, false));
@@ -457,6 +476,13 @@ impl Agent {
                     debug!(%ip, "address taken in etcd by a record unknown here; trying another");
                     local.foreign.insert(ip);
                 }
+                // Our own write, retried on another endpoint after its answer was lost.
+                Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
+                    local
+                        .endpoints
+                        .insert(record.container_id.clone(), record.clone());
+                    return Ok(record);
+                }
                 Err(CreateConflict::EndpointExists(existing)) => {
                     return Err(ApiError::AlreadyExists(format!(
                         "container {} already has an endpoint ({}) written by another agent \
@@ -625,7 +651,6 @@ impl Agent {
 
     pub async fn status(&self) -> HostStatus {
         let etcd_connected = self.store.ping().await.is_ok();
-        self.etcd_ok.store(etcd_connected, Ordering::Relaxed);
         let pools = match etcd_connected {
             true => self.store.list_pools().await.unwrap_or_default(),
             false => vec![(self.config.pool_name.clone(), self.pool.clone())],
@@ -738,6 +763,7 @@ impl Agent {
                 }
             }
         }
+        self.collect_leaks(&links, &mut report).await;
         let desired = self.desired_routes(&links);
         let diff = routes::diff(&desired, &actual);
         for route in &diff.replace {
@@ -773,6 +799,8 @@ impl Agent {
             + report.routes_deleted
             + report.sysctls_fixed
             + report.firewall_tables_written
+            + report.endpoints_released
+            + report.links_removed
             > 0
         {
             info!(
@@ -780,6 +808,8 @@ impl Agent {
                 deleted = report.routes_deleted,
                 sysctls = report.sysctls_fixed,
                 iptables_tables = report.firewall_tables_written,
+                released = report.endpoints_released,
+                links_removed = report.links_removed,
                 errors = report.errors,
                 ms = report.duration.as_secs_f64() * 1e3,
                 "reconciled"
@@ -788,16 +818,161 @@ impl Agent {
         report
     }
 
+    /// Releases what no longer has a container behind it: an endpoint whose veth is gone (seen
+    /// on two passes: its namespace was deleted behind our back), and a `weft*` link no endpoint
+    /// claims (after a grace period of one resync interval). Containers with an attach or
+    /// detach under way are left alone.
+    async fn collect_leaks(&self, links: &BTreeMap<String, u32>, report: &mut ReconcileReport) {
+        let grace = self.config.resync_interval;
+        let (vanished, orphans) = {
+            let mut local = self.local.lock().unwrap();
+            let mut vanished = vec![];
+            let endpoints: Vec<(String, String)> = local
+                .endpoints
+                .values()
+                .map(|e| (e.container_id.clone(), e.host_ifname.clone()))
+                .collect();
+            for (id, ifname) in &endpoints {
+                if links.contains_key(ifname) || self.container_busy(id) {
+                    local.missing.remove(id);
+                    continue;
+                }
+                let seen = local.missing.entry(id.clone()).or_insert(0);
+                *seen += 1;
+                if *seen >= 2 {
+                    vanished.push(id.clone());
+                }
+            }
+            let Local {
+                missing,
+                endpoints: known,
+                ..
+            } = &mut *local;
+            missing.retain(|id, _| known.contains_key(id));
+            let claimed: HashSet<&String> = endpoints.iter().map(|(_, ifname)| ifname).collect();
+            let now = Instant::now();
+            let mut orphans = vec![];
+            let current: HashSet<&String> = links
+                .keys()
+                .filter(|name| !claimed.contains(name))
+                .collect();
+            local.orphan_links.retain(|name, _| current.contains(name));
+            for name in current {
+                let since = *local.orphan_links.entry(name.clone()).or_insert(now);
+                if now.duration_since(since) >= grace {
+                    orphans.push(name.clone());
+                }
+            }
+            (vanished, orphans)
+        };
+        for id in vanished {
+            let _guard = self.lock_container(&id).await;
+            let Some(record) = self.local.lock().unwrap().endpoints.remove(&id) else {
+                continue;
+            };
+            warn!(container = %id, ip = %record.ip, "veth vanished; releasing the endpoint");
+            match self.detach_record(&record).await {
+                Ok(()) => {
+                    report.endpoints_released += 1;
+                    self.local.lock().unwrap().missing.remove(&id);
+                }
+                Err(e) => {
+                    warn!(container = %id, error = %e, "cannot release endpoint; will retry");
+                    self.local
+                        .lock()
+                        .unwrap()
+                        .endpoints
+                        .insert(id.clone(), record);
+                    report.errors += 1;
+                }
+            }
+        }
+        for name in orphans {
+            warn!(veth = %name, "link without an endpoint; removing it");
+            match self.dataplane.delete_link(&name).await {
+                Ok(_) => {
+                    report.links_removed += 1;
+                    self.local.lock().unwrap().orphan_links.remove(&name);
+                }
+                Err(e) => {
+                    warn!(veth = %name, error = %e, "cannot remove link");
+                    report.errors += 1;
+                }
+            }
+        }
+    }
+
+    /// Removes peers that have been down longer than `remove-dead-hosts-after` (when set).
+    async fn remove_dead_hosts(&self) {
+        let Some(after) = self.config.remove_dead_hosts_after else {
+            return;
+        };
+        let doomed: Vec<String> = {
+            let cluster = self.cluster.read().unwrap();
+            let mut local = self.local.lock().unwrap();
+            let now = Instant::now();
+            local.down_since.retain(|host, _| {
+                cluster.hosts.contains_key(host) && !cluster.alive.contains(host)
+            });
+            for host in cluster.hosts.keys() {
+                if host != self.me() && !cluster.alive.contains(host) {
+                    local.down_since.entry(host.clone()).or_insert(now);
+                }
+            }
+            local
+                .down_since
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= after)
+                .map(|(host, _)| host.clone())
+                .collect()
+        };
+        for host in doomed {
+            match self.store.remove_host(&host).await {
+                Ok(released) => {
+                    warn!(
+                        %host,
+                        blocks = released.blocks,
+                        ips = released.ips,
+                        "removed a host that was down too long"
+                    );
+                    self.local.lock().unwrap().down_since.remove(&host);
+                }
+                Err(e) => warn!(%host, error = %e, "cannot remove dead host"),
+            }
+        }
+    }
+
     /// Runs reconciliation at start, every resync interval, and soon after any request.
     pub async fn run_reconciler(self: Arc<Self>) {
         let mut interval = tokio::time::interval(self.config.resync_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                _ = self.resync.notified() => {}
+            let periodic = tokio::select! {
+                _ = interval.tick() => true,
+                _ = self.resync.notified() => false,
+            };
+            if !periodic {
+                // Let a burst of events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             self.reconcile().await;
+            if periodic {
+                self.remove_dead_hosts().await;
+            }
+        }
+    }
+
+    /// Asks for a repair pass whenever one of our routes or links is deleted.
+    pub async fn run_kernel_monitor(self: Arc<Self>) {
+        let (_handle, mut events) = match dataplane::kernel_events() {
+            Ok(events) => events,
+            Err(e) => {
+                warn!(error = %e, "cannot watch kernel events; relying on periodic resync");
+                return;
+            }
+        };
+        while events.recv().await.is_some() {
+            self.request_resync();
         }
     }
 
@@ -811,8 +986,12 @@ impl Agent {
             match self.watch_once().await {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
-                    self.etcd_ok.store(false, Ordering::Relaxed);
-                    warn!(error = %e, "cluster watch interrupted; re-listing");
+                    // One warning per outage; the retries stay quiet until etcd answers again.
+                    if self.etcd_ok.swap(false, Ordering::Relaxed) {
+                        warn!(error = %e, "cluster watch interrupted; re-listing when etcd answers");
+                    } else {
+                        debug!(error = %e, "etcd still unreachable");
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -824,7 +1003,9 @@ impl Agent {
         let snapshot = self.store.snapshot().await?;
         let revision = snapshot.revision;
         *self.cluster.write().unwrap() = snapshot;
-        self.etcd_ok.store(true, Ordering::Relaxed);
+        if !self.etcd_ok.swap(true, Ordering::Relaxed) {
+            info!(revision, "etcd answers again; cluster state re-listed");
+        }
         self.request_resync();
         let mut stream = self.store.watch_cluster(revision + 1).await?;
         loop {
@@ -867,7 +1048,7 @@ impl Agent {
     }
 
     /// Keeps `alive/<host>` on a lease; if the lease is lost (etcd was away longer than the TTL),
-    /// registers again with a new one.
+    /// registers again with a new one. A failure streak is logged once, then at debug level.
     pub async fn run_liveness(self: Arc<Self>) {
         let ttl = self.config.alive_ttl.as_secs().max(2) as i64;
         let record = AliveRecord {
@@ -876,36 +1057,47 @@ impl Agent {
         };
         let period = self.config.alive_ttl / 3;
         let mut lease = None;
+        let mut failures = 0u32;
         loop {
-            match lease {
-                None => {
-                    let registered = self
-                        .store
-                        .register_host(self.me(), self.underlay.ip, VERSION)
-                        .await;
-                    match registered {
-                        Ok(_) => match self.store.announce_alive(self.me(), &record, ttl).await {
-                            Ok(id) => {
-                                info!(lease = id, ttl, "host is alive in etcd");
-                                lease = Some(id);
-                            }
-                            Err(e) => warn!(error = %e, "cannot announce liveness"),
-                        },
-                        Err(e) => warn!(error = %e, "cannot register host"),
-                    }
-                }
+            let result = match lease {
+                None => self.announce(&record, ttl).await.map(|id| {
+                    info!(lease = id, ttl, "host is alive in etcd");
+                    lease = Some(id);
+                }),
                 Some(id) => match self.store.keep_alive_once(id).await {
-                    Ok(true) => {}
+                    Ok(true) => Ok(()),
                     Ok(false) => {
                         warn!(lease = id, "liveness lease expired; announcing again");
                         lease = None;
                         continue;
                     }
-                    Err(e) => warn!(error = %e, "liveness keep-alive failed"),
+                    Err(e) => Err(e),
                 },
+            };
+            match result {
+                Ok(()) if failures > 0 => {
+                    info!(failures, "liveness keep-alive works again");
+                    failures = 0;
+                }
+                Ok(()) => {}
+                Err(e) if failures == 0 => {
+                    warn!(error = %e, "liveness keep-alive failed; retrying quietly");
+                    failures = 1;
+                }
+                Err(e) => {
+                    debug!(error = %e, "liveness keep-alive failed again");
+                    failures += 1;
+                }
             }
             tokio::time::sleep(period).await;
         }
+    }
+
+    async fn announce(&self, record: &AliveRecord, ttl: i64) -> Result<i64, weft_etcd::StoreError> {
+        self.store
+            .register_host(self.me(), self.underlay.ip, VERSION)
+            .await?;
+        self.store.announce_alive(self.me(), record, ttl).await
     }
 
     pub fn socket_path(&self) -> PathBuf {

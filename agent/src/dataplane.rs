@@ -346,6 +346,48 @@ impl Dataplane {
     }
 }
 
+/// Kernel changes that may need repair: one of our routes or links deleted.
+pub enum KernelEvent {
+    RouteDeleted,
+    LinkDeleted,
+}
+
+/// Subscribes to link and IPv4 route notifications in the agent's namespace and forwards the
+/// ones that touch what we own.
+pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver<KernelEvent>)> {
+    use futures::StreamExt;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage as M;
+    let (connection, handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        rtnetlink::MulticastGroup::Link,
+        rtnetlink::MulticastGroup::Ipv4Route,
+    ])?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let forward = async move {
+            while let Some((message, _)) = messages.next().await {
+                let event = match message.payload {
+                    NetlinkPayload::InnerMessage(M::DelRoute(route))
+                        if route.header.protocol == RouteProtocol::Other(RT_PROTO_WEFT) =>
+                    {
+                        KernelEvent::RouteDeleted
+                    }
+                    NetlinkPayload::InnerMessage(M::DelLink(link))
+                        if link_name(&link).is_some_and(|n| n.starts_with(LINK_PREFIX)) =>
+                    {
+                        KernelEvent::LinkDeleted
+                    }
+                    _ => continue,
+                };
+                // A full channel already holds a pending repair; dropping is fine.
+                let _ = tx.try_send(event);
+            }
+        };
+        tokio::join!(connection, forward);
+    });
+    Ok((NetlinkHandle { handle, task }, rx))
+}
+
 async fn configure_container_side(
     inside: &rtnetlink::Handle,
     link: &ContainerLink,

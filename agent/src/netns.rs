@@ -144,7 +144,7 @@ impl Netns {
 /// A netlink handle bound to one namespace, with its connection task.
 pub struct NetlinkHandle {
     pub handle: rtnetlink::Handle,
-    task: JoinHandle<()>,
+    pub(crate) task: JoinHandle<()>,
 }
 
 impl NetlinkHandle {

@@ -1,7 +1,10 @@
 //! The datastore: every read and guarded write weft makes to etcd.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
@@ -69,9 +72,13 @@ pub struct Released {
     pub ports: usize,
 }
 
+/// A client per etcd endpoint: requests go to the one that last answered and move on to the
+/// next when it is unreachable, so one dead member of a cluster costs one failed connect, not an
+/// outage.
 #[derive(Clone)]
 pub struct Datastore {
-    client: Client,
+    clients: Arc<Vec<(String, Client)>>,
+    current: Arc<AtomicUsize>,
     keys: Keys,
     timeout: Duration,
 }
@@ -125,28 +132,71 @@ impl Datastore {
         if let Some(tls) = &config.tls {
             options = options.with_tls(tls_options(tls)?);
         }
-        let client = tokio::time::timeout(
-            config.timeout,
-            Client::connect(&config.endpoints, Some(options)),
-        )
-        .await??;
+        let mut clients = Vec::with_capacity(config.endpoints.len());
+        for endpoint in &config.endpoints {
+            // Connections are made lazily, so an endpoint that is down now costs nothing here.
+            let client = tokio::time::timeout(
+                config.timeout,
+                Client::connect([endpoint.as_str()], Some(options.clone())),
+            )
+            .await??;
+            clients.push((endpoint.clone(), client));
+        }
+        if clients.is_empty() {
+            return Err(StoreError::Unavailable(
+                "no etcd endpoint configured".into(),
+            ));
+        }
         Ok(Self {
-            client,
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(0)),
             keys: Keys::new(&config.prefix),
             timeout: config.timeout,
         })
+    }
+
+    /// Runs `op` against the current endpoint, moving on to the next ones while they are
+    /// unreachable. Each try is bounded by the request timeout.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let count = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..count {
+            let index = (start + step) % count;
+            let (endpoint, client) = &self.clients[index];
+            let error = match tokio::time::timeout(self.timeout, op(client.clone())).await {
+                Ok(Ok(value)) => {
+                    if step > 0 {
+                        self.current.store(index, Ordering::Relaxed);
+                    }
+                    return Ok(value);
+                }
+                Ok(Err(e)) => StoreError::from(e),
+                Err(_) => StoreError::Unavailable(format!("{endpoint}: request timed out")),
+            };
+            if !matches!(error, StoreError::Unavailable(_)) {
+                return Err(error);
+            }
+            debug!(%endpoint, error = %error, "etcd endpoint unreachable; trying the next");
+            last = Some(error);
+        }
+        Err(last.expect("at least one endpoint"))
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    fn kv(&self) -> Client {
-        self.client.clone()
-    }
-
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
-        Ok(tokio::time::timeout(self.timeout, self.kv().txn(txn)).await??)
+        self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
     }
 
     async fn get(
@@ -154,7 +204,11 @@ impl Datastore {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse> {
-        Ok(tokio::time::timeout(self.timeout, self.kv().get(key, options)).await??)
+        self.call(|mut c| {
+            let options = options.clone();
+            async move { c.get(key, options).await }
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
@@ -228,37 +282,43 @@ impl Datastore {
             first_seen,
         };
         if existing.kvs().first().map(|kv| kv.value()) != Some(encode(&record).as_bytes()) {
-            tokio::time::timeout(self.timeout, self.kv().put(key, encode(&record), None)).await??;
+            let value = encode(&record);
+            self.call(|mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
         }
         Ok(record)
     }
 
     /// Grants a lease of `ttl` seconds and writes `alive/<host>` on it. Returns the lease id.
     pub async fn announce_alive(&self, host: &str, record: &AliveRecord, ttl: i64) -> Result<i64> {
-        let mut client = self.kv();
-        let lease = tokio::time::timeout(self.timeout, client.lease_grant(ttl, None))
-            .await??
+        let lease = self
+            .call(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await?
             .id();
-        tokio::time::timeout(
-            self.timeout,
-            client.put(
-                self.keys.alive(host),
-                encode(record),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await??;
+        let (key, value) = (self.keys.alive(host), encode(record));
+        self.call(|mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
         Ok(lease)
     }
 
     /// Refreshes a lease once. Returns false when the lease no longer exists (it expired).
     pub async fn keep_alive_once(&self, lease: i64) -> Result<bool> {
-        let mut client = self.kv();
-        let (mut keeper, mut stream) =
-            tokio::time::timeout(self.timeout, client.lease_keep_alive(lease)).await??;
-        tokio::time::timeout(self.timeout, keeper.keep_alive()).await??;
-        let answer = tokio::time::timeout(self.timeout, stream.message()).await??;
-        Ok(answer.map(|r| r.ttl() > 0).unwrap_or(false))
+        self.call(|mut c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            let answer = stream.message().await?;
+            Ok(answer.map(|r| r.ttl() > 0).unwrap_or(false))
+        })
+        .await
     }
 
     /// Hosts, liveness and blocks read at one revision, to start a watch from.
@@ -332,7 +392,6 @@ impl Datastore {
 
     /// Starts one watch stream over hosts, liveness and blocks from `revision` (inclusive).
     pub async fn watch_cluster(&self, revision: i64) -> Result<etcd_client::WatchStream> {
-        let mut client = self.kv();
         let options = || {
             Some(
                 etcd_client::WatchOptions::new()
@@ -340,12 +399,17 @@ impl Datastore {
                     .with_start_revision(revision),
             )
         };
-        let mut stream =
-            tokio::time::timeout(self.timeout, client.watch(self.keys.hosts(), options()))
-                .await??;
-        stream.watch(self.keys.alives(), options()).await?;
-        stream.watch(self.keys.blocks(), options()).await?;
-        Ok(stream)
+        let keys = [self.keys.hosts(), self.keys.alives(), self.keys.blocks()];
+        self.call(|mut c| {
+            let keys = keys.clone();
+            async move {
+                let mut stream = c.watch(keys[0].clone(), options()).await?;
+                stream.watch(keys[1].clone(), options()).await?;
+                stream.watch(keys[2].clone(), options()).await?;
+                Ok(stream)
+            }
+        })
+        .await
     }
 
     /// Claims a free block of `pool` for `host`: a random free candidate, created only if nobody

@@ -21,12 +21,13 @@ use tonic::transport::Channel;
 use weft_proto::v1 as pb;
 use weft_proto::v1::agent_client::AgentClient;
 
-use crate::etcd::EtcdServer;
+use crate::etcd::{EtcdServer, EtcdTls};
 use crate::sh;
 
 pub const ROUTER_IP: &str = "198.51.100.100";
 pub const OUTSIDE_GW: &str = "203.0.113.1";
 pub const OUTSIDE_IP: &str = "203.0.113.10";
+/// Client port of the first etcd member (member i listens on 2379 + 100 * i).
 pub const ETCD_PORT: u16 = 2379;
 
 /// How to build a lab.
@@ -40,6 +41,10 @@ pub struct LabOptions {
     /// Whether hosts get a default route via the router.
     pub default_route: bool,
     pub start_agents: bool,
+    /// Members of the lab's etcd cluster.
+    pub etcd_members: usize,
+    /// etcd with TLS and client-certificate authentication.
+    pub etcd_tls: bool,
 }
 
 impl Default for LabOptions {
@@ -50,6 +55,8 @@ impl Default for LabOptions {
             agent_args: vec![],
             default_route: true,
             start_agents: true,
+            etcd_members: 1,
+            etcd_tls: false,
         }
     }
 }
@@ -69,7 +76,9 @@ pub struct Lab {
     pub router: String,
     pub outside: String,
     pub hosts: Vec<LabHost>,
-    pub etcd: Option<EtcdServer>,
+    /// The etcd members; tests may stop and restart them.
+    pub etcd: Vec<EtcdServer>,
+    pub etcd_tls: Option<EtcdTls>,
     /// Helper processes (services in containers) ended with the lab.
     helpers: Vec<Child>,
     options: LabOptions,
@@ -116,7 +125,8 @@ impl Lab {
             router: format!("{prefix}-r"),
             outside: format!("{prefix}-out"),
             hosts: vec![],
-            etcd: None,
+            etcd: vec![],
+            etcd_tls: None,
             helpers: vec![],
             dir,
             options: options.clone(),
@@ -125,12 +135,25 @@ impl Lab {
         };
         // From here on, Drop tears down whatever was built, even if building fails halfway.
         lab.build_network()?;
-        lab.etcd = Some(EtcdServer::start(
-            &lab.router,
-            ROUTER_IP,
-            ETCD_PORT,
-            &lab.dir,
-        )?);
+        if options.etcd_tls {
+            lab.etcd_tls = Some(EtcdTls::generate(&lab.dir, ROUTER_IP)?);
+        }
+        let members = options.etcd_members.max(1);
+        for i in 0..members {
+            let member = EtcdServer::start_member(
+                &lab.router,
+                ROUTER_IP,
+                i,
+                members,
+                &lab.dir,
+                lab.etcd_tls.clone(),
+            )?;
+            lab.etcd.push(member);
+        }
+        lab.write_pid_files()?;
+        for member in &lab.etcd {
+            member.wait_ready(Duration::from_secs(30))?;
+        }
         if options.start_agents {
             for i in 0..lab.hosts.len() {
                 lab.start_agent(i)?;
@@ -263,17 +286,42 @@ impl Lab {
         Ok(())
     }
 
+    /// The first running etcd member.
     pub fn etcd(&self) -> &EtcdServer {
-        self.etcd.as_ref().expect("lab etcd")
+        self.etcd
+            .iter()
+            .find(|m| m.pid().is_some())
+            .expect("a running etcd member")
     }
 
-    pub fn etcd_mut(&mut self) -> &mut EtcdServer {
-        self.etcd.as_mut().expect("lab etcd")
+    /// The etcd endpoints agents are given.
+    pub fn etcd_endpoints(&self) -> String {
+        self.etcd
+            .iter()
+            .map(|m| m.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Flags that let a client reach the lab's etcd (endpoints, and certificates under TLS).
+    pub fn etcd_client_args(&self) -> Vec<String> {
+        let mut args = vec!["--etcd-endpoints".to_string(), self.etcd_endpoints()];
+        if let Some(tls) = &self.etcd_tls {
+            for (flag, path) in [
+                ("--etcd-cacert", &tls.ca),
+                ("--etcd-cert", &tls.client_cert),
+                ("--etcd-key", &tls.client_key),
+            ] {
+                args.push(flag.into());
+                args.push(path.to_str().unwrap().into());
+            }
+        }
+        args
     }
 
     /// Starts (or restarts) the agent of host `i`, with the lab's and the given extra flags.
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
-        let url = format!("http://{ROUTER_IP}:{ETCD_PORT}");
+        let etcd_args = self.etcd_client_args();
         let host = &self.hosts[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -284,8 +332,6 @@ impl Lab {
             .args([
                 "--host-name",
                 &host.name,
-                "--etcd-endpoints",
-                &url,
                 "--underlay-interface",
                 "eth0",
                 "--socket",
@@ -295,6 +341,7 @@ impl Lab {
                 "--resync-interval",
                 "2s",
             ])
+            .args(&etcd_args)
             .args(&self.options.agent_args)
             .args(extra)
             .env("WEFT_LOG", "info")
@@ -440,10 +487,25 @@ impl Lab {
 
     /// Starts a helper process inside namespace `ns`; it is ended with the lab.
     pub fn spawn_in(&mut self, ns: &str, program: &str, args: &[&str]) -> Result<()> {
+        self.spawn_logged(ns, program, args, None)
+    }
+
+    /// Like `spawn_in`, with the helper's stdout going to `log`.
+    pub fn spawn_logged(
+        &mut self,
+        ns: &str,
+        program: &str,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> Result<()> {
+        let stdout = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path)?),
+            None => Stdio::null(),
+        };
         let child = sh::command_in_ns(ns, program)?
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {program} in {ns}"))?;
@@ -466,8 +528,8 @@ impl Lab {
                 let _ = child.wait();
             }
         }
-        if let Some(mut etcd) = self.etcd.take() {
-            etcd.stop();
+        for member in &mut self.etcd {
+            member.stop();
         }
         teardown_namespaces(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -570,8 +632,11 @@ impl Lab {
     /// Writes PID files so `weft-lab down` (or the next lab, if this process dies) can end
     /// this lab's processes later.
     pub fn write_pid_files(&self) -> Result<()> {
-        if let Some(etcd) = &self.etcd {
-            std::fs::write(self.dir.join("etcd.pid"), etcd.pid().to_string())?;
+        for member in &self.etcd {
+            if let Some(pid) = member.pid() {
+                let file = self.dir.join(format!("etcd-{}.pid", member.name));
+                std::fs::write(file, pid.to_string())?;
+            }
         }
         for (i, host) in self.hosts.iter().enumerate() {
             let file = self.dir.join(format!("{}.pid", host.name));

@@ -203,23 +203,11 @@ fn a_dead_agent_shows_down_but_its_containers_stay_reachable_until_the_host_is_r
     assert!(sh::ping(&ns_3, &ip_1), "and still reaches out");
 
     // Removing the host releases everything it held; every peer drops its routes.
-    let url = format!(
-        "http://{}:{}",
-        weft_tests::lab::ROUTER_IP,
-        weft_tests::lab::ETCD_PORT
-    );
-    let out = sh::in_ns(
-        &lab.hosts[0].name,
-        &[
-            bin("weftctl").to_str().unwrap(),
-            "host",
-            "remove",
-            &h3,
-            "--etcd-endpoints",
-            &url,
-        ],
-    )
-    .unwrap();
+    let weftctl = bin("weftctl");
+    let mut args = vec![weftctl.to_str().unwrap(), "host", "remove", &h3];
+    let etcd_args = lab.etcd_client_args();
+    args.extend(etcd_args.iter().map(String::as_str));
+    let out = sh::in_ns(&lab.hosts[0].name, &args).unwrap();
     assert!(
         out.status.success(),
         "{}",
