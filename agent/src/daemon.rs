@@ -12,7 +12,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use weft_etcd::records::{AliveRecord, EndpointRecord, PoolRecord, PortRecord};
-use weft_etcd::{alloc, ClusterEvent, ClusterView, CreateConflict, Datastore, EventType};
+use weft_etcd::{alloc, ClusterEvent, ClusterView, CreateConflict, Datastore};
 
 use crate::config::Config;
 use crate::dataplane::{self, ContainerLink, Dataplane, KernelRoute, RouteTarget, Underlay};
@@ -327,7 +327,7 @@ impl Agent {
             return Err(err.into());
         }
         if !record.ports.is_empty() {
-            if let Err(err) = self.sync_firewall().await {
+            if let Err(err) = self.sync_firewall(firewall::SyncMode::Fast).await {
                 warn!(container = id, error = %err, "publishing ports failed; rolling back");
                 self.roll_back(&record).await;
                 return Err(err);
@@ -360,7 +360,7 @@ impl Agent {
             .endpoints
             .remove(&record.container_id);
         if !record.ports.is_empty() {
-            if let Err(e) = self.sync_firewall().await {
+            if let Err(e) = self.sync_firewall(firewall::SyncMode::Fast).await {
                 warn!(container = %record.container_id, error = %e, "rollback: cannot remove rules");
             }
         }
@@ -368,19 +368,26 @@ impl Agent {
 
     /// Rules for the current state, applied now unless a sync that started after the caller's
     /// change already covers it (concurrent attaches share one iptables-restore).
-    async fn sync_firewall(&self) -> Result<firewall::FirewallReport, ApiError> {
+    async fn sync_firewall(
+        &self,
+        mode: firewall::SyncMode,
+    ) -> Result<firewall::FirewallReport, ApiError> {
         let wanted = self.firewall_wanted.fetch_add(1, Ordering::SeqCst) + 1;
         let _one = self.firewall_lock.lock().await;
-        if self.firewall_applied.load(Ordering::SeqCst) >= wanted {
+        // A verification always reads the kernel back; only writes are shared.
+        if mode == firewall::SyncMode::Fast
+            && self.firewall_applied.load(Ordering::SeqCst) >= wanted
+        {
             return Ok(Default::default());
         }
         let generation = self.firewall_wanted.load(Ordering::SeqCst);
         let spec = self.firewall_spec();
         let firewall = self.firewall.clone();
-        let report = tokio::task::spawn_blocking(move || firewall.lock().unwrap().sync(&spec))
-            .await
-            .map_err(|e| ApiError::Internal(format!("firewall task: {e}")))?
-            .map_err(|e| ApiError::Internal(format!("programming iptables: {e}")))?;
+        let report =
+            tokio::task::spawn_blocking(move || firewall.lock().unwrap().sync(&spec, mode))
+                .await
+                .map_err(|e| ApiError::Internal(format!("firewall task: {e}")))?
+                .map_err(|e| ApiError::Internal(format!("programming iptables: {e}")))?;
         self.firewall_applied.store(generation, Ordering::SeqCst);
         Ok(report)
     }
@@ -609,10 +616,14 @@ impl Agent {
 
     async fn detach_record(&self, record: &EndpointRecord) -> Result<(), ApiError> {
         if !record.ports.is_empty() {
-            self.sync_firewall().await?;
+            self.sync_firewall(firewall::SyncMode::Fast).await?;
             self.flush_udp_flows(&record.ports).await;
         }
-        self.dataplane.delete_link(&record.host_ifname).await?;
+        // Out of service now, deleted in the background with others (one RCU grace period for
+        // a whole batch instead of one per container).
+        self.dataplane
+            .retire_link(&record.host_ifname, record.ip)
+            .await?;
         if record.owns_netns {
             netns::delete_named(std::path::Path::new(&record.netns)).map_err(|e| {
                 ApiError::Internal(format!("deleting namespace {}: {e}", record.netns))
@@ -787,7 +798,7 @@ impl Agent {
         if let Ok(pools) = self.store.list_pools().await {
             *self.pools.write().unwrap() = pools;
         }
-        match self.sync_firewall().await {
+        match self.sync_firewall(firewall::SyncMode::Verify).await {
             Ok(fw) => report.firewall_tables_written += fw.tables_written,
             Err(e) => {
                 warn!(error = %e, "cannot program iptables");
@@ -1000,51 +1011,28 @@ impl Agent {
     }
 
     async fn watch_once(&self) -> Result<(), weft_etcd::StoreError> {
-        let snapshot = self.store.snapshot().await?;
-        let revision = snapshot.revision;
-        *self.cluster.write().unwrap() = snapshot;
-        if !self.etcd_ok.swap(true, Ordering::Relaxed) {
-            info!(revision, "etcd answers again; cluster state re-listed");
-        }
-        self.request_resync();
-        let mut stream = self.store.watch_cluster(revision + 1).await?;
-        loop {
-            let Some(response) = stream
-                .message()
-                .await
-                .map_err(weft_etcd::StoreError::from)?
-            else {
-                return Ok(());
-            };
-            if response.canceled() || response.compact_revision() > 0 {
-                info!(
-                    compact_revision = response.compact_revision(),
-                    reason = response.cancel_reason(),
-                    "watch cancelled; re-listing"
-                );
-                return Ok(());
-            }
-            let mut changed = false;
-            for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
-                let parsed = match event.event_type() {
-                    EventType::Put => self.store.event_for_put(kv),
-                    EventType::Delete => self
-                        .store
-                        .event_for_delete(&String::from_utf8_lossy(kv.key())),
-                };
-                if let Some(parsed) = parsed {
-                    debug!(event = ?parsed, "cluster event");
+        self.store
+            .follow_cluster(
+                |snapshot| {
+                    let revision = snapshot.revision;
+                    *self.cluster.write().unwrap() = snapshot;
+                    if !self.etcd_ok.swap(true, Ordering::Relaxed) {
+                        info!(revision, "etcd answers again; cluster state re-listed");
+                    }
+                    self.request_resync();
+                },
+                |events| {
                     let mut cluster = self.cluster.write().unwrap();
-                    cluster.apply(parsed);
-                    cluster.revision = kv.mod_revision();
-                    changed = true;
-                }
-            }
-            if changed {
-                self.request_resync();
-            }
-        }
+                    for (event, revision) in events {
+                        debug!(?event, "cluster event");
+                        cluster.apply(event);
+                        cluster.revision = revision;
+                    }
+                    drop(cluster);
+                    self.request_resync();
+                },
+            )
+            .await
     }
 
     /// Keeps `alive/<host>` on a lease; if the lease is lost (etcd was away longer than the TTL),

@@ -27,6 +27,9 @@ pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Prefix of every link the agent creates.
 pub const LINK_PREFIX: &str = "weft";
+/// Link group of retired veths awaiting deletion. Deleting a link waits for an RCU grace period
+/// (~20 ms); deleting a whole group pays it once for all its links.
+pub const RETIRED_GROUP: u32 = 0x7765;
 
 const ENOENT: i32 = libc::ENOENT;
 const ENODEV: i32 = libc::ENODEV;
@@ -102,13 +105,99 @@ pub struct Underlay {
 /// Netlink access to the agent's own (host) namespace.
 pub struct Dataplane {
     host: NetlinkHandle,
+    reaper: Reaper,
+}
+
+/// Deletes retired links in the background, a whole batch per grace period, on its own thread
+/// so that the wait blocks no async worker.
+struct Reaper {
+    wake: std::sync::mpsc::Sender<()>,
+}
+
+impl Reaper {
+    fn start() -> io::Result<Self> {
+        let (wake, woken) = std::sync::mpsc::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("weft-reaper".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(netlink) = NetlinkHandle::here() else {
+                        tracing::error!("link reaper cannot open netlink; retired links stay");
+                        return;
+                    };
+                    // A first pass clears links retired before a restart.
+                    loop {
+                        let delete = LinkUnspec::new_with_index(0)
+                            .link_group(RETIRED_GROUP)
+                            .build();
+                        match netlink
+                            .handle
+                            .link()
+                            .del_with_message(delete)
+                            .execute()
+                            .await
+                        {
+                            Ok(()) => {}
+                            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot delete retired links"),
+                        }
+                        // Sleep until the next retirement; drain what queued up meanwhile.
+                        if woken.recv().is_err() {
+                            return;
+                        }
+                        while woken.try_recv().is_ok() {}
+                    }
+                });
+            })?;
+        Ok(Self { wake })
+    }
 }
 
 impl Dataplane {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             host: NetlinkHandle::here()?,
+            reaper: Reaper::start()?,
         })
+    }
+
+    /// Takes a container's veth out of service at once and has it deleted in the background:
+    /// its /32 route goes now, the link joins the retired group. Returns false if there was no
+    /// such link.
+    pub async fn retire_link(&self, name: &str, ip: Ipv4Addr) -> Result<bool> {
+        let Some(link) = link_by_name(self.handle(), name)
+            .await
+            .map_err(nl(format!("looking up {name}")))?
+        else {
+            return Ok(false);
+        };
+        let index = link.header.index;
+        self.delete_route(&KernelRoute {
+            dst: Ipv4Network::new(ip, 32).expect("/32"),
+            target: RouteTarget::Dev(index),
+        })
+        .await?;
+        let retire = LinkUnspec::new_with_index(index)
+            .link_group(RETIRED_GROUP)
+            .down()
+            .build();
+        match self.handle().link().set(retire).execute().await {
+            Ok(()) => {}
+            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Ok(false),
+            Err(e) => return Err(nl(format!("retiring {name}"))(e)),
+        }
+        let _ = self.reaper.wake.send(());
+        Ok(true)
+    }
+
+    /// Whether a link is retired (awaiting deletion).
+    pub fn is_retired(link: &LinkMessage) -> bool {
+        link.attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::Group(g) if *g == RETIRED_GROUP))
     }
 
     fn handle(&self) -> &rtnetlink::Handle {
@@ -288,13 +377,13 @@ impl Dataplane {
         }
     }
 
-    /// The index of every `weft*` link, by name.
+    /// The index of every `weft*` link in service (retired ones are on their way out), by name.
     pub async fn weft_links(&self) -> Result<BTreeMap<String, u32>> {
         let mut links = self.handle().link().get().execute();
         let mut found = BTreeMap::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
             if let Some(name) = link_name(&msg) {
-                if name.starts_with(LINK_PREFIX) {
+                if name.starts_with(LINK_PREFIX) && !Self::is_retired(&msg) {
                     found.insert(name, msg.header.index);
                 }
             }

@@ -232,11 +232,26 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Fire
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// One table's last write: what we rendered and what the kernel showed right after.
+/// Orders rules by chain, keeping their order within each chain, the way `iptables-save`
+/// prints them. Our rules are rendered in the exact form `iptables-save` prints, so after this
+/// what we wrote and what the kernel holds compare equal.
+pub fn normalize(rules: &[String]) -> Vec<String> {
+    let mut sorted = rules.to_vec();
+    sorted.sort_by(|a, b| chain_of(a).cmp(chain_of(b)));
+    sorted
+}
+
+fn chain_of(rule: &str) -> &str {
+    rule.split_whitespace().nth(1).unwrap_or("")
+}
+
+/// One table's last write.
 #[derive(Debug, Default, Clone)]
 struct Applied {
-    rendered: Vec<String>,
-    observed: Vec<String>,
+    /// Our rules as written (normalized).
+    rules: Vec<String>,
+    /// Whether a full check (rules and jumps read back from the kernel) has passed since.
+    verified: bool,
 }
 
 /// The outcome of one sync.
@@ -248,8 +263,17 @@ pub struct FirewallReport {
     pub rules: usize,
 }
 
-/// Keeps our chains equal to the spec. Rewrites a table only when the wanted rules changed, our
-/// chains were edited behind our back, or a jump went missing.
+/// How much to check before writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Read the kernel's rules and jumps back and repair any difference (resync).
+    Verify,
+    /// Write our chains if the wanted rules changed, trusting the last verified state for the
+    /// rest (attach and detach: one iptables-restore, no reads).
+    Fast,
+}
+
+/// Keeps our chains equal to the spec.
 #[derive(Default)]
 pub struct Firewall {
     nat: Applied,
@@ -258,26 +282,31 @@ pub struct Firewall {
 
 impl Firewall {
     /// Brings both tables in line with `spec`. Blocking: runs iptables-save/-restore.
-    pub fn sync(&mut self, spec: &FirewallSpec) -> Result<FirewallReport, FirewallError> {
+    pub fn sync(
+        &mut self,
+        spec: &FirewallSpec,
+        mode: SyncMode,
+    ) -> Result<FirewallReport, FirewallError> {
         let mut report = FirewallReport::default();
-        let nat = nat_rules(spec);
+        let nat = normalize(&nat_rules(spec));
         report.tables_written +=
-            sync_table("nat", NAT_CHAINS, &nat, NAT_JUMPS, &mut self.nat)? as usize;
-        let filter = filter_rules();
+            sync_table("nat", NAT_CHAINS, &nat, NAT_JUMPS, &mut self.nat, mode)? as usize;
+        let filter = normalize(&filter_rules());
         report.tables_written += sync_table(
             "filter",
             FILTER_CHAINS,
             &filter,
             FILTER_JUMPS,
             &mut self.filter,
+            mode,
         )? as usize;
-        report.rules = self.nat.observed.len() + self.filter.observed.len();
+        report.rules = self.rule_count();
         Ok(report)
     }
 
-    /// Rules in our chains as last observed.
+    /// Rules in our chains as last written.
     pub fn rule_count(&self) -> usize {
-        self.nat.observed.len() + self.filter.observed.len()
+        self.nat.rules.len() + self.filter.rules.len()
     }
 }
 
@@ -287,7 +316,27 @@ fn sync_table(
     rules: &[String],
     jumps: &[Jump],
     applied: &mut Applied,
+    mode: SyncMode,
 ) -> Result<bool, FirewallError> {
+    if mode == SyncMode::Fast && applied.verified {
+        if applied.rules == rules {
+            return Ok(false);
+        }
+        let all_present = TableState {
+            rules: vec![],
+            jumps: jumps
+                .iter()
+                .map(|j| (j.chain.to_string(), vec![j.target.to_string()]))
+                .collect(),
+        };
+        run(
+            "iptables-restore",
+            &["--noflush", "--wait"],
+            Some(&restore_input(table, chains, rules, jumps, &all_present)),
+        )?;
+        applied.rules = rules.to_vec();
+        return Ok(true);
+    }
     let state = parse_save(&run("iptables-save", &["-t", table], None)?);
     let jumps_present = jumps.iter().all(|j| {
         state
@@ -295,17 +344,18 @@ fn sync_table(
             .get(j.chain)
             .is_some_and(|targets| targets.iter().any(|t| t == j.target))
     });
-    if jumps_present && applied.rendered == rules && applied.observed == state.rules {
-        return Ok(false);
-    }
-    let input = restore_input(table, chains, rules, jumps, &state);
-    run("iptables-restore", &["--noflush", "--wait"], Some(&input))?;
-    let after = parse_save(&run("iptables-save", &["-t", table], None)?);
-    *applied = Applied {
-        rendered: rules.to_vec(),
-        observed: after.rules,
+    let written = if jumps_present && normalize(&state.rules) == rules {
+        false
+    } else {
+        let input = restore_input(table, chains, rules, jumps, &state);
+        run("iptables-restore", &["--noflush", "--wait"], Some(&input))?;
+        true
     };
-    Ok(true)
+    *applied = Applied {
+        rules: rules.to_vec(),
+        verified: true,
+    };
+    Ok(written)
 }
 
 /// Drops conntrack entries of a UDP host port, so existing flows do not stick to a container

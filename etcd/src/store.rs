@@ -412,6 +412,51 @@ impl Datastore {
         .await
     }
 
+    /// Follows the cluster once: a snapshot (handed to `on_snapshot`), then a watch from its
+    /// revision, each batch of changes handed to `on_events` with its revision. Returns Ok when
+    /// the watch must be restarted from a fresh snapshot (compaction, stream closed), Err when
+    /// etcd failed.
+    pub async fn follow_cluster(
+        &self,
+        on_snapshot: impl FnOnce(ClusterView),
+        mut on_events: impl FnMut(Vec<(ClusterEvent, i64)>),
+    ) -> Result<()> {
+        let snapshot = self.snapshot().await?;
+        let revision = snapshot.revision;
+        on_snapshot(snapshot);
+        let mut stream = self.watch_cluster(revision + 1).await?;
+        loop {
+            let Some(response) = stream.message().await? else {
+                return Ok(());
+            };
+            if response.canceled() || response.compact_revision() > 0 {
+                tracing::info!(
+                    compact_revision = response.compact_revision(),
+                    reason = response.cancel_reason(),
+                    "watch cancelled; re-listing"
+                );
+                return Ok(());
+            }
+            let events: Vec<(ClusterEvent, i64)> = response
+                .events()
+                .iter()
+                .filter_map(|event| {
+                    let kv = event.kv()?;
+                    let parsed = match event.event_type() {
+                        etcd_client::EventType::Put => self.event_for_put(kv),
+                        etcd_client::EventType::Delete => {
+                            self.event_for_delete(&String::from_utf8_lossy(kv.key()))
+                        }
+                    }?;
+                    Some((parsed, kv.mod_revision()))
+                })
+                .collect();
+            if !events.is_empty() {
+                on_events(events);
+            }
+        }
+    }
+
     /// Claims a free block of `pool` for `host`: a random free candidate, created only if nobody
     /// created it first; conflicts are retried on fresh data.
     pub async fn claim_block(

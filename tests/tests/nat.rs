@@ -306,3 +306,48 @@ fn rules_are_restored_foreign_rules_survive_and_stale_rules_go_at_start() {
         "jumps are never duplicated: {rules}"
     );
 }
+
+#[test]
+fn rendered_rules_match_what_iptables_prints_so_resyncs_write_nothing() {
+    use weft_agent::firewall::{Firewall, FirewallSpec, PortRule, SyncMode};
+    weft_tests::require_root();
+    let ns = format!("wfw{}", std::process::id());
+    sh::run("ip", &["netns", "add", &ns]).unwrap();
+    let path = format!("/run/netns/{ns}");
+    // iptables runs as a child of this thread, so it inherits the thread's namespace.
+    let result = std::thread::spawn(move || {
+        let file = std::fs::File::open(path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let spec = FirewallSpec {
+            pools: vec![
+                ("default".into(), "10.65.0.0/16".parse().unwrap(), true),
+                ("quiet".into(), "10.66.0.0/16".parse().unwrap(), false),
+            ],
+            ports: vec![
+                PortRule {
+                    container_id: "web".into(),
+                    ip: "10.65.0.5".parse().unwrap(),
+                    protocol: "tcp".into(),
+                    host_port: 8080,
+                    container_port: 80,
+                },
+                PortRule {
+                    container_id: "dns".into(),
+                    ip: "10.65.0.6".parse().unwrap(),
+                    protocol: "udp".into(),
+                    host_port: 5353,
+                    container_port: 53,
+                },
+            ],
+        };
+        let mut firewall = Firewall::default();
+        let first = firewall.sync(&spec, SyncMode::Verify).unwrap();
+        let again = firewall.sync(&spec, SyncMode::Verify).unwrap();
+        (first.tables_written, again.tables_written)
+    })
+    .join();
+    sh::run("ip", &["netns", "del", &ns]).unwrap();
+    let (first, again) = result.unwrap();
+    assert_eq!(first, 2, "both tables written the first time");
+    assert_eq!(again, 0, "a verified, unchanged state is not written again");
+}

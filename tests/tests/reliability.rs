@@ -27,8 +27,9 @@ fn weft_routes(ns: &str) -> Vec<String> {
         .collect()
 }
 
+/// `weft*` links in service (retired ones, in their own group, are being deleted).
 fn weft_links(ns: &str) -> Vec<String> {
-    sh::run("ip", &["-n", ns, "-o", "link", "show"])
+    sh::run("ip", &["-n", ns, "-o", "link", "show", "group", "default"])
         .unwrap()
         .lines()
         .filter_map(|l| l.split(": ").nth(1))

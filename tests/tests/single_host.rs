@@ -131,11 +131,15 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
 
     lab.ctl_json(0, &["detach", "web"]).unwrap();
     lab.ctl_json(0, &["detach", "web"]).unwrap(); // idempotent
-    assert!(
-        weft_links(ns).is_empty(),
-        "links left: {:?}",
-        weft_links(ns)
-    );
+                                                  // The veth is retired at once (no route, no rules) and deleted in the background.
+    lab.eventually("veth deleted", Duration::from_secs(2), || {
+        sh::run("ip", &["-n", ns, "-o", "link"])
+            .unwrap()
+            .matches(": weft")
+            .count()
+            == 0
+    })
+    .unwrap();
     let routes = weft_routes(ns);
     assert!(
         routes.iter().all(|r| r.starts_with("blackhole")),
@@ -206,8 +210,16 @@ fn attach_into_existing_namespaces_by_path_and_by_pid() {
 
     lab.ctl_json(0, &["detach", "path-c"]).unwrap();
     // A namespace the agent did not create is left in place, without our interface.
-    let links = sh::run("ip", &["-n", &by_path, "-o", "link"]).unwrap();
-    assert!(!links.contains("eth0"), "{links}");
+    lab.eventually(
+        "eth0 gone from the namespace",
+        Duration::from_secs(2),
+        || {
+            !sh::run("ip", &["-n", &by_path, "-o", "link"])
+                .unwrap()
+                .contains("eth0")
+        },
+    )
+    .unwrap();
     sh::run("ip", &["netns", "del", &by_path]).unwrap();
 }
 
