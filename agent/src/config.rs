@@ -70,6 +70,10 @@ pub struct Flags {
     /// Interval of the full reconciliation of kernel state, e.g. 10s [default: 10s].
     #[arg(long, env = "WEFT_RESYNC_INTERVAL")]
     pub resync_interval: Option<String>,
+    /// HTTP address for /healthz, /readyz and /metrics; empty turns it off
+    /// [default: 127.0.0.1:9099].
+    #[arg(long, env = "WEFT_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// Remove a host (blocks, addresses, routes on every peer) once it has been down this long,
     /// e.g. 24h; "off" disables [default: off].
     #[arg(long, env = "WEFT_REMOVE_DEAD_HOSTS_AFTER")]
@@ -97,6 +101,7 @@ struct FileConfig {
     alive_ttl: Option<String>,
     resync_interval: Option<String>,
     remove_dead_hosts_after: Option<String>,
+    metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +130,7 @@ pub struct Config {
     pub alive_ttl: Duration,
     pub resync_interval: Duration,
     pub remove_dead_hosts_after: Option<Duration>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +284,20 @@ impl Config {
         crate::validate::host_name(&pool_name)
             .map_err(|_| invalid("pool-name", format!("{pool_name:?} is not a valid name")))?;
 
+        let metrics_addr = match flags
+            .metrics_addr
+            .or(file.metrics_addr)
+            .as_deref()
+            .unwrap_or("127.0.0.1:9099")
+        {
+            "" => None,
+            text => Some(text.parse().map_err(|_| {
+                invalid(
+                    "metrics-addr",
+                    format!("{text:?} is not an address such as 127.0.0.1:9099"),
+                )
+            })?),
+        };
         let log_format = match flags
             .log_format
             .or(file.log_format)
@@ -315,6 +335,7 @@ impl Config {
             alive_ttl,
             resync_interval,
             remove_dead_hosts_after,
+            metrics_addr,
         })
     }
 }
@@ -359,6 +380,16 @@ mod tests {
         assert_eq!(config.host_name, "flag");
         assert_eq!(config.pool.to_string(), "10.70.0.0/16");
         assert_eq!(config.block_size, 28);
+    }
+
+    #[test]
+    fn the_example_file_lists_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml");
+        let file = read_file(Path::new(path)).unwrap();
+        let from_file = Config::resolve(flags(&["--host-name", "h1"]), file).unwrap();
+        let defaults =
+            Config::resolve(flags(&["--host-name", "h1"]), FileConfig::default()).unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
     }
 
     #[test]

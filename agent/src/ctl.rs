@@ -60,6 +60,16 @@ pub enum Command {
         #[command(subcommand)]
         command: HostCommand,
     },
+    /// Every host of the cluster: underlay IP, blocks, alive or down, endpoints (from etcd).
+    Hosts {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Address management (from etcd).
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,21 +78,70 @@ pub enum HostCommand {
     /// drops its routes. Stop the host's agent first.
     Remove {
         name: String,
-        #[arg(
-            long,
-            env = "WEFT_ETCD_ENDPOINTS",
-            default_value = "http://127.0.0.1:2379"
-        )]
-        etcd_endpoints: String,
-        #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft/v1")]
-        etcd_prefix: String,
-        #[arg(long, env = "WEFT_ETCD_CACERT")]
-        etcd_cacert: Option<String>,
-        #[arg(long, env = "WEFT_ETCD_CERT")]
-        etcd_cert: Option<String>,
-        #[arg(long, env = "WEFT_ETCD_KEY")]
-        etcd_key: Option<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IpamCommand {
+    /// Pool use: blocks per host, used and free addresses.
+    Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Check endpoint, address, port and block records against each other (and this host's
+    /// kernel when its agent is reachable); exits 1 on a problem and names the fix.
+    Check {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Apply the safe fixes: delete leaked guard keys, recreate missing ones.
+        #[arg(long)]
+        fix: bool,
+    },
+}
+
+/// How weftctl reaches etcd for cluster-wide commands.
+#[derive(Debug, clap::Args)]
+pub struct EtcdArgs {
+    #[arg(
+        long,
+        env = "WEFT_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: String,
+    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft/v1")]
+    pub etcd_prefix: String,
+    #[arg(long, env = "WEFT_ETCD_CACERT")]
+    pub etcd_cacert: Option<String>,
+    #[arg(long, env = "WEFT_ETCD_CERT")]
+    pub etcd_cert: Option<String>,
+    #[arg(long, env = "WEFT_ETCD_KEY")]
+    pub etcd_key: Option<String>,
+}
+
+impl EtcdArgs {
+    async fn connect(&self) -> Result<weft_etcd::Datastore, String> {
+        let tls =
+            (self.etcd_cacert.is_some() || self.etcd_cert.is_some() || self.etcd_key.is_some())
+                .then(|| weft_etcd::TlsFiles {
+                    ca: self.etcd_cacert.clone(),
+                    cert: self.etcd_cert.clone(),
+                    key: self.etcd_key.clone(),
+                });
+        weft_etcd::Datastore::connect(&weft_etcd::EtcdConfig {
+            endpoints: self
+                .etcd_endpoints
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+            prefix: self.etcd_prefix.clone(),
+            timeout: std::time::Duration::from_secs(5),
+            tls,
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
 }
 
 /// Parses `HOSTPORT:PORT[/proto]`.
@@ -291,12 +350,15 @@ pub async fn run(cli: Cli) -> ExitCode {
             eprintln!("weftctl: {message}");
             ExitCode::FAILURE
         }
+        Err(Failure::Quiet(code)) => code,
     }
 }
 
 enum Failure {
     Status(tonic::Status),
     Other(String),
+    /// Already reported on stdout; only the exit code is left.
+    Quiet(ExitCode),
 }
 
 impl From<tonic::Status> for Failure {
@@ -312,26 +374,18 @@ impl From<String> for Failure {
 }
 
 async fn execute(cli: Cli) -> Result<(), Failure> {
-    if let Command::Host {
-        command:
-            HostCommand::Remove {
-                name,
-                etcd_endpoints,
-                etcd_prefix,
-                etcd_cacert,
-                etcd_cert,
-                etcd_key,
-            },
-    } = &cli.command
-    {
-        let tls = (etcd_cacert.is_some() || etcd_cert.is_some() || etcd_key.is_some()).then(|| {
-            weft_etcd::TlsFiles {
-                ca: etcd_cacert.clone(),
-                cert: etcd_cert.clone(),
-                key: etcd_key.clone(),
-            }
-        });
-        return remove_host(cli.json, name, etcd_endpoints, etcd_prefix, tls).await;
+    match &cli.command {
+        Command::Host {
+            command: HostCommand::Remove { name, etcd },
+        } => return remove_host(cli.json, name, etcd).await,
+        Command::Hosts { etcd } => return hosts(cli.json, etcd).await,
+        Command::Ipam {
+            command: IpamCommand::Show { etcd },
+        } => return ipam_show(cli.json, etcd).await,
+        Command::Ipam {
+            command: IpamCommand::Check { etcd, fix },
+        } => return ipam_check(cli.json, &cli.socket, etcd, *fix).await,
+        _ => {}
     }
     let mut client = connect(&cli.socket).await?;
     match cli.command {
@@ -400,27 +454,16 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             let status = client.status(pb::StatusRequest {}).await?.into_inner();
             print(cli.json, status_json(&status), status_text(&status));
         }
-        Command::Host { .. } => unreachable!("handled above"),
+        Command::Host { .. } | Command::Hosts { .. } | Command::Ipam { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }
 
-async fn remove_host(
-    json_out: bool,
-    name: &str,
-    endpoints: &str,
-    prefix: &str,
-    tls: Option<weft_etcd::TlsFiles>,
-) -> Result<(), Failure> {
+async fn remove_host(json_out: bool, name: &str, etcd: &EtcdArgs) -> Result<(), Failure> {
     crate::validate::host_name(name)?;
-    let store = weft_etcd::Datastore::connect(&weft_etcd::EtcdConfig {
-        endpoints: endpoints.split(',').map(|s| s.trim().to_string()).collect(),
-        prefix: prefix.to_string(),
-        timeout: std::time::Duration::from_secs(5),
-        tls,
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let store = etcd.connect().await?;
     let released = store.remove_host(name).await.map_err(|e| e.to_string())?;
     print(
         json_out,
@@ -434,6 +477,211 @@ async fn remove_host(
         ),
     );
     Ok(())
+}
+
+async fn hosts(json_out: bool, etcd: &EtcdArgs) -> Result<(), Failure> {
+    let store = etcd.connect().await?;
+    let view = store.snapshot().await.map_err(|e| e.to_string())?;
+    let endpoints = store
+        .list_all_endpoints()
+        .await
+        .map_err(|e| e.to_string())?;
+    let count = |host: &str| endpoints.iter().filter(|e| e.host == host).count();
+    let rows: Vec<serde_json::Value> = view
+        .hosts
+        .iter()
+        .map(|(name, host)| {
+            json!({
+                "host": name,
+                "underlay_ip": host.underlay_ip.to_string(),
+                "version": host.version,
+                "alive": view.alive.contains(name),
+                "blocks": view.blocks_of(name).iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+                "endpoints": count(name),
+            })
+        })
+        .collect();
+    let text = table(
+        &["HOST", "UNDERLAY", "STATE", "ENDPOINTS", "BLOCKS"],
+        &rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r["host"].as_str().unwrap_or("").to_string(),
+                    r["underlay_ip"].as_str().unwrap_or("").to_string(),
+                    if r["alive"] == true { "alive" } else { "DOWN" }.to_string(),
+                    r["endpoints"].to_string(),
+                    r["blocks"]
+                        .as_array()
+                        .map(|b| {
+                            b.iter()
+                                .filter_map(|v| v.as_str())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    print(json_out, json!(rows), text);
+    Ok(())
+}
+
+async fn ipam_show(json_out: bool, etcd: &EtcdArgs) -> Result<(), Failure> {
+    let store = etcd.connect().await?;
+    let pools = store.list_pools().await.map_err(|e| e.to_string())?;
+    let view = store.snapshot().await.map_err(|e| e.to_string())?;
+    let ips = store.list_ips().await.map_err(|e| e.to_string())?;
+    let mut out = vec![];
+    let mut text = String::new();
+    for (name, pool) in &pools {
+        let size = 1u64 << (32 - pool.cidr.prefix());
+        let block_capacity = 1u64 << (32 - pool.block_size);
+        let blocks: Vec<_> = view
+            .blocks
+            .iter()
+            .filter(|(_, o)| &o.pool == name)
+            .collect();
+        let used = ips.iter().filter(|(ip, _)| pool.cidr.contains(*ip)).count() as u64;
+        let mut per_host: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+        for (block, owner) in &blocks {
+            let entry = per_host.entry(owner.host.as_str()).or_default();
+            entry.0 += 1;
+            entry.1 += ips.iter().filter(|(ip, _)| block.contains(*ip)).count() as u64;
+        }
+        let claimed = blocks.len() as u64 * block_capacity;
+        let total_blocks = size / block_capacity;
+        out.push(json!({
+            "pool": name, "cidr": pool.cidr.to_string(), "block_size": pool.block_size,
+            "nat_outgoing": pool.nat_outgoing, "addresses": size, "used": used,
+            "free": size - used, "free_in_claimed_blocks": claimed - used.min(claimed),
+            "blocks_claimed": blocks.len(), "blocks_total": total_blocks,
+            "hosts": per_host.iter().map(|(h, (b, u))| json!({"host": h, "blocks": b, "used": u}))
+                .collect::<Vec<_>>(),
+        }));
+        text.push_str(&format!(
+            "pool {name} {}: {used} of {size} addresses used, {} free; {} of {total_blocks} /{} blocks claimed ({} free addresses in them)\n",
+            pool.cidr,
+            size - used,
+            blocks.len(),
+            pool.block_size,
+            claimed - used.min(claimed),
+        ));
+        let rows: Vec<Vec<String>> = per_host
+            .iter()
+            .map(|(h, (b, u))| vec![h.to_string(), b.to_string(), u.to_string()])
+            .collect();
+        text.push_str(&table(&["HOST", "BLOCKS", "USED"], &rows));
+        text.push('\n');
+    }
+    print(json_out, json!(out), text.trim_end().to_string());
+    Ok(())
+}
+
+async fn ipam_check(
+    json_out: bool,
+    socket: &Path,
+    etcd: &EtcdArgs,
+    apply: bool,
+) -> Result<(), Failure> {
+    use crate::audit::{check, Fix, KernelView, Snapshot};
+    let store = etcd.connect().await?;
+    let err = |e: weft_etcd::StoreError| Failure::Other(e.to_string());
+    let view = store.snapshot().await.map_err(err)?;
+    let kernel = kernel_view(socket).await;
+    let snapshot = Snapshot {
+        pools: store.list_pools().await.map_err(err)?,
+        hosts: view.hosts.keys().cloned().collect(),
+        blocks: view.blocks.clone(),
+        endpoints: store.list_all_endpoints().await.map_err(err)?,
+        ips: store.list_ips().await.map_err(err)?,
+        ports: store.list_ports().await.map_err(err)?,
+        kernel: kernel.map(|(host, links, routes)| KernelView {
+            host,
+            links,
+            routes,
+        }),
+    };
+    let problems = check(&snapshot, store.keys());
+    let mut fixed = 0;
+    if apply {
+        let revisions: std::collections::HashMap<String, i64> = store
+            .revisions(&format!("{}/", store.keys().prefix()))
+            .await
+            .map_err(err)?
+            .into_iter()
+            .collect();
+        for problem in &problems {
+            let done = match &problem.fix {
+                Fix::DeleteKey(key) => match revisions.get(key) {
+                    Some(rev) => store.delete_if_unchanged(key, *rev).await.map_err(err)?,
+                    None => false,
+                },
+                Fix::CreateKey(key, value) => store.create(key, value).await.map_err(err)?,
+                Fix::Manual(_) => false,
+            };
+            fixed += done as usize;
+        }
+    }
+    let describe = |fix: &Fix| match fix {
+        Fix::DeleteKey(key) => format!("weftctl ipam check --fix (deletes {key})"),
+        Fix::CreateKey(key, _) => format!("weftctl ipam check --fix (recreates {key})"),
+        Fix::Manual(text) => text.clone(),
+    };
+    let json_value = json!({
+        "problems": problems.iter().map(|p| json!({"problem": p.what, "fix": describe(&p.fix)}))
+            .collect::<Vec<_>>(),
+        "fixed": fixed,
+        "kernel_checked": snapshot.kernel.is_some(),
+    });
+    let mut text = String::new();
+    if problems.is_empty() {
+        text.push_str("ok: endpoints, addresses, ports and blocks agree");
+        if snapshot.kernel.is_some() {
+            text.push_str(", and this host's kernel matches");
+        }
+    }
+    for p in &problems {
+        text.push_str(&format!(
+            "PROBLEM {}\n  fix: {}\n",
+            p.what,
+            describe(&p.fix)
+        ));
+    }
+    if apply {
+        text.push_str(&format!("fixed {fixed} of {}", problems.len()));
+    }
+    print(json_out, json_value, text.trim_end().to_string());
+    if problems.len() > fixed {
+        return Err(Failure::Quiet(ExitCode::FAILURE));
+    }
+    Ok(())
+}
+
+/// This host's name (from its agent) and its `weft*` links and /32 routes, when the agent is
+/// reachable and this process runs in the host's network namespace.
+async fn kernel_view(
+    socket: &Path,
+) -> Option<(
+    String,
+    std::collections::HashSet<String>,
+    std::collections::HashSet<std::net::Ipv4Addr>,
+)> {
+    let mut client = connect(socket).await.ok()?;
+    let status = client.status(pb::StatusRequest {}).await.ok()?.into_inner();
+    let dataplane = crate::dataplane::Dataplane::observer().ok()?;
+    let links = dataplane.weft_links().await.ok()?.into_keys().collect();
+    let routes = dataplane
+        .weft_routes()
+        .await
+        .ok()?
+        .into_iter()
+        .filter(|r| r.dst.prefix() == 32)
+        .map(|r| r.dst.ip())
+        .collect();
+    Some((status.host, links, routes))
 }
 
 #[cfg(test)]

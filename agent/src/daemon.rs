@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::dataplane::{self, ContainerLink, Dataplane, KernelRoute, RouteTarget, Underlay};
 use crate::error::ApiError;
 use crate::firewall::{self, Firewall, FirewallSpec, PortRule};
+use crate::metrics::{self, Gauges, Metrics};
 use crate::netns::{self, Netns};
 use crate::{routes, sysctl, validate};
 
@@ -109,6 +110,7 @@ pub struct Agent {
     firewall_wanted: AtomicU64,
     firewall_applied: AtomicU64,
     firewall_lock: tokio::sync::Mutex<()>,
+    pub metrics: Metrics,
 }
 
 impl Agent {
@@ -173,6 +175,7 @@ impl Agent {
             firewall_wanted: AtomicU64::new(0),
             firewall_applied: AtomicU64::new(0),
             firewall_lock: Default::default(),
+            metrics: Metrics::default(),
         }))
     }
 
@@ -387,7 +390,13 @@ impl Agent {
             tokio::task::spawn_blocking(move || firewall.lock().unwrap().sync(&spec, mode))
                 .await
                 .map_err(|e| ApiError::Internal(format!("firewall task: {e}")))?
-                .map_err(|e| ApiError::Internal(format!("programming iptables: {e}")))?;
+                .map_err(|e| {
+                    self.metrics.iptables_errors.fetch_add(1, Ordering::Relaxed);
+                    ApiError::Internal(format!("programming iptables: {e}"))
+                })?;
+        self.metrics
+            .iptables_restores
+            .fetch_add(report.tables_written as u64, Ordering::Relaxed);
         self.firewall_applied.store(generation, Ordering::SeqCst);
         Ok(report)
     }
@@ -806,6 +815,22 @@ impl Agent {
             }
         }
         report.duration = started.elapsed();
+        let repairs = report.routes_replaced
+            + report.routes_deleted
+            + report.sysctls_fixed
+            + report.firewall_tables_written
+            + report.endpoints_released
+            + report.links_removed;
+        self.metrics
+            .repairs
+            .fetch_add(repairs as u64, Ordering::Relaxed);
+        self.metrics.reconcile_seconds.observe(report.duration);
+        self.metrics
+            .last_pass_ms
+            .store(metrics::now_ms(), Ordering::Relaxed);
+        if report.errors == 0 {
+            self.metrics.reconciled.store(true, Ordering::Relaxed);
+        }
         if report.routes_replaced
             + report.routes_deleted
             + report.sysctls_fixed
@@ -997,6 +1022,7 @@ impl Agent {
             match self.watch_once().await {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
+                    self.metrics.etcd_errors.fetch_add(1, Ordering::Relaxed);
                     // One warning per outage; the retries stay quiet until etcd answers again.
                     if self.etcd_ok.swap(false, Ordering::Relaxed) {
                         warn!(error = %e, "cluster watch interrupted; re-listing when etcd answers");
@@ -1068,12 +1094,13 @@ impl Agent {
                     failures = 0;
                 }
                 Ok(()) => {}
-                Err(e) if failures == 0 => {
-                    warn!(error = %e, "liveness keep-alive failed; retrying quietly");
-                    failures = 1;
-                }
                 Err(e) => {
-                    debug!(error = %e, "liveness keep-alive failed again");
+                    self.metrics.etcd_errors.fetch_add(1, Ordering::Relaxed);
+                    if failures == 0 {
+                        warn!(error = %e, "liveness keep-alive failed; retrying quietly");
+                    } else {
+                        debug!(error = %e, "liveness keep-alive failed again");
+                    }
                     failures += 1;
                 }
             }
@@ -1086,6 +1113,20 @@ impl Agent {
             .register_host(self.me(), self.underlay.ip, VERSION)
             .await?;
         self.store.announce_alive(self.me(), record, ttl).await
+    }
+
+    /// Gauges for a scrape, read now.
+    pub async fn gauges(&self) -> Gauges {
+        let status = self.status().await;
+        Gauges {
+            endpoints: status.endpoint_count,
+            local_blocks: status.local_blocks.len(),
+            peers_alive: status.peers.iter().filter(|p| p.alive).count(),
+            peers_down: status.peers.iter().filter(|p| !p.alive).count(),
+            routes: status.route_count,
+            rules: status.rule_count,
+            etcd_connected: status.etcd_connected,
+        }
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -1107,4 +1148,22 @@ fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+impl metrics::Health for Agent {
+    fn alive(&self) -> bool {
+        // The reconciler passes at least once per resync interval; allow for slow passes.
+        let last = self.metrics.last_pass_ms.load(Ordering::Relaxed);
+        let limit = (self.config.resync_interval * 3 + Duration::from_secs(5)).as_millis() as u64;
+        metrics::now_ms().saturating_sub(last) <= limit
+    }
+
+    async fn ready(&self) -> bool {
+        self.metrics.reconciled.load(Ordering::Relaxed) && self.store.ping().await.is_ok()
+    }
+
+    async fn metrics(&self) -> String {
+        let gauges = self.gauges().await;
+        self.metrics.render(&gauges)
+    }
 }

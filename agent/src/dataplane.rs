@@ -105,7 +105,8 @@ pub struct Underlay {
 /// Netlink access to the agent's own (host) namespace.
 pub struct Dataplane {
     host: NetlinkHandle,
-    reaper: Reaper,
+    /// None for a read-only observer (weftctl), which must not delete anything.
+    reaper: Option<Reaper>,
 }
 
 /// Deletes retired links in the background, a whole batch per grace period, on its own thread
@@ -160,7 +161,15 @@ impl Dataplane {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             host: NetlinkHandle::here()?,
-            reaper: Reaper::start()?,
+            reaper: Some(Reaper::start()?),
+        })
+    }
+
+    /// Netlink access for reading only: no reaper thread, nothing deleted behind the caller.
+    pub fn observer() -> io::Result<Self> {
+        Ok(Self {
+            host: NetlinkHandle::here()?,
+            reaper: None,
         })
     }
 
@@ -189,7 +198,9 @@ impl Dataplane {
             Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Ok(false),
             Err(e) => return Err(nl(format!("retiring {name}"))(e)),
         }
-        let _ = self.reaper.wake.send(());
+        if let Some(reaper) = &self.reaper {
+            let _ = reaper.wake.send(());
+        }
         Ok(true)
     }
 
@@ -475,6 +486,34 @@ pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver
         tokio::join!(connection, forward);
     });
     Ok((NetlinkHandle { handle, task }, rx))
+}
+
+/// Whether `ifname` inside `netns` holds `ip` (CNI CHECK).
+pub async fn has_address(netns: &Netns, ifname: &str, ip: Ipv4Addr) -> Result<bool> {
+    use netlink_packet_route::address::AddressAttribute;
+    let inside = netns.netlink().await?;
+    let Some(link) = link_by_name(&inside.handle, ifname)
+        .await
+        .map_err(nl(format!("looking up {ifname} in {}", netns.path())))?
+    else {
+        return Ok(false);
+    };
+    let mut addrs = inside
+        .handle
+        .address()
+        .get()
+        .set_link_index_filter(link.header.index)
+        .execute();
+    while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+        let found = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip));
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 async fn configure_container_side(

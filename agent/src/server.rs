@@ -8,12 +8,14 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 use weft_etcd::records::{EndpointRecord, PortRecord};
 use weft_proto::v1 as pb;
 use weft_proto::v1::agent_server::AgentServer;
 
 use crate::daemon::{Agent, AttachSpec, HostStatus, VERSION};
+use crate::error::ApiError;
+use std::sync::atomic::Ordering;
 
 /// Requests larger than this are refused before they are decoded.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -94,9 +96,21 @@ impl pb::agent_server::Agent for Service {
                 .map(|p| (p.protocol, p.host_port, p.container_port))
                 .collect(),
         };
-        let record = self.0.attach(spec).await?;
+        let started = std::time::Instant::now();
+        let result = self.0.attach(spec).await;
+        let metrics = &self.0.metrics;
+        metrics.attach_seconds.observe(started.elapsed());
+        match &result {
+            Ok(_) => metrics.attach_ok.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                if matches!(e, ApiError::Unavailable(_)) {
+                    metrics.etcd_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                metrics.attach_failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
         Ok(Response::new(pb::AttachResponse {
-            endpoint: Some(endpoint_to_pb(&record)),
+            endpoint: Some(endpoint_to_pb(&result?)),
         }))
     }
 
@@ -104,7 +118,20 @@ impl pb::agent_server::Agent for Service {
         &self,
         request: Request<pb::DetachRequest>,
     ) -> Result<Response<pb::DetachResponse>, Status> {
-        self.0.detach(&request.into_inner().container_id).await?;
+        let started = std::time::Instant::now();
+        let result = self.0.detach(&request.into_inner().container_id).await;
+        let metrics = &self.0.metrics;
+        metrics.detach_seconds.observe(started.elapsed());
+        match &result {
+            Ok(()) => metrics.detach_ok.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                if matches!(e, ApiError::Unavailable(_)) {
+                    metrics.etcd_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                metrics.detach_failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        result?;
         Ok(Response::new(pb::DetachResponse {}))
     }
 
@@ -178,7 +205,7 @@ pub async fn run(agent: Arc<Agent>, shutdown: impl Future<Output = ()>) -> anyho
         ms = first.duration.as_secs_f64() * 1e3,
         "initial reconciliation done"
     );
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(agent.clone().run_reconciler()),
         tokio::spawn(agent.clone().run_watcher()),
         tokio::spawn(agent.clone().run_liveness()),
@@ -187,7 +214,33 @@ pub async fn run(agent: Arc<Agent>, shutdown: impl Future<Output = ()>) -> anyho
     let socket = agent.socket_path();
     let listener = bind_socket(&socket)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+    if let Some(addr) = agent.config().metrics_addr {
+        let http = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
+        info!(%addr, "serving /healthz, /readyz and /metrics");
+        tasks.push(tokio::spawn(crate::metrics::serve(http, agent.clone())));
+    }
     info!(socket = %socket.display(), "serving API");
+    // systemd: ready only now, after the first full reconciliation and with the API listening.
+    match crate::notify::notify("READY=1") {
+        Ok(true) => info!("notified systemd: READY=1"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "cannot notify systemd"),
+    }
+    if let Some(period) = crate::notify::watchdog_interval() {
+        let watched = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            use crate::metrics::Health;
+            loop {
+                tokio::time::sleep(period).await;
+                // Only a live agent pets the watchdog: stalled loops get it restarted.
+                if watched.alive() {
+                    let _ = crate::notify::notify("WATCHDOG=1");
+                }
+            }
+        }));
+    }
     let served = serve(agent, listener, shutdown).await;
     for task in tasks {
         task.abort();

@@ -81,6 +81,6 @@ pub struct EndpointRecord {
     pub created: u64,
 }
 
-pub(crate) fn encode<T: Serialize>(record: &T) -> String {
+pub fn encode<T: Serialize>(record: &T) -> String {
     serde_json::to_string(record).expect("records always serialize")
 }

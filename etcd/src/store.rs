@@ -626,6 +626,64 @@ impl Datastore {
         Ok(decode_all(&kvs).into_iter().map(|(_, r)| r).collect())
     }
 
+    /// Every endpoint of every host; malformed ones are reported and skipped.
+    pub async fn list_all_endpoints(&self) -> Result<Vec<EndpointRecord>> {
+        let kvs = self
+            .list(&format!("{}/endpoints/", self.keys.prefix()))
+            .await?;
+        Ok(decode_all(&kvs).into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Every host-port reservation as (host, protocol, port, owner).
+    pub async fn list_ports(&self) -> Result<Vec<(String, String, u16, String)>> {
+        let prefix = format!("{}/ports/", self.keys.prefix());
+        let kvs = self.list(&prefix).await?;
+        Ok(decode_all::<PortOwner>(&kvs)
+            .into_iter()
+            .filter_map(|(key, owner)| {
+                let mut parts = key.strip_prefix(&prefix)?.split('/');
+                let host = parts.next()?.to_string();
+                let protocol = parts.next()?.to_string();
+                let port = parts.next()?.parse().ok()?;
+                Some((host, protocol, port, owner.container_id))
+            })
+            .collect())
+    }
+
+    /// Deletes a key if it still has the revision it was read at (repairs by `ipam check`).
+    pub async fn delete_if_unchanged(&self, key: &str, mod_revision: i64) -> Result<bool> {
+        let response = self
+            .txn(
+                Txn::new()
+                    .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+                    .and_then([TxnOp::delete(key, None)]),
+            )
+            .await?;
+        Ok(response.succeeded())
+    }
+
+    /// Writes a key only if it does not exist (repairs by `ipam check`).
+    pub async fn create(&self, key: &str, value: &str) -> Result<bool> {
+        let response = self
+            .txn(
+                Txn::new()
+                    .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key, value, None)]),
+            )
+            .await?;
+        Ok(response.succeeded())
+    }
+
+    /// Mod revision of every key under a prefix (for guarded repairs).
+    pub async fn revisions(&self, prefix: &str) -> Result<Vec<(String, i64)>> {
+        Ok(self
+            .list(prefix)
+            .await?
+            .iter()
+            .map(|kv| (key_of(kv), kv.mod_revision()))
+            .collect())
+    }
+
     /// Every `ips/` record; malformed ones are reported and skipped.
     pub async fn list_ips(&self) -> Result<Vec<(Ipv4Addr, IpRecord)>> {
         let kvs = self.list(&self.keys.ips()).await?;

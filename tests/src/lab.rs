@@ -321,6 +321,16 @@ impl Lab {
 
     /// Starts (or restarts) the agent of host `i`, with the lab's and the given extra flags.
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        self.start_agent_env(i, extra, &[])
+    }
+
+    /// Starts the agent of host `i` with extra flags and environment variables.
+    pub fn start_agent_env(
+        &mut self,
+        i: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let etcd_args = self.etcd_client_args();
         let host = &self.hosts[i];
         let log = std::fs::OpenOptions::new()
@@ -345,6 +355,7 @@ impl Lab {
             .args(&self.options.agent_args)
             .args(extra)
             .env("WEFT_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
