@@ -310,43 +310,33 @@ impl Dataplane {
     pub async fn wire(&self, netns: &Netns, link: &ContainerLink) -> Result<u32> {
         let inside = netns.netlink().await?;
         let inside = &inside.handle;
-        if link_by_name(inside, &link.ifname)
-            .await
-            .map_err(nl(format!(
-                "looking up {} in {}",
-                link.ifname,
-                netns.path()
-            )))?
-            .is_some()
-        {
-            return Err(DataplaneError::IfnameTaken {
-                ifname: link.ifname.clone(),
-                netns: netns.path().to_string(),
-            });
+        // Optimistic: create first, look around only if a name is taken.
+        let created = self.add_veth(netns, link).await;
+        match created {
+            Err(e) if errno(&e) == Some(EEXIST) => {
+                if link_by_name(inside, &link.ifname)
+                    .await
+                    .map_err(nl(format!(
+                        "looking up {} in {}",
+                        link.ifname,
+                        netns.path()
+                    )))?
+                    .is_some()
+                {
+                    return Err(DataplaneError::IfnameTaken {
+                        ifname: link.ifname.clone(),
+                        netns: netns.path().to_string(),
+                    });
+                }
+                // A host link of this name is a leftover of an earlier, interrupted attach of
+                // the same container id (the name is derived from it): replace it.
+                self.delete_link(&link.host_ifname).await?;
+                self.add_veth(netns, link)
+                    .await
+                    .map_err(nl(format!("creating veth {}", link.host_ifname)))?;
+            }
+            other => other.map_err(nl(format!("creating veth {}", link.host_ifname)))?,
         }
-        // A host link of this name is a leftover of an earlier, interrupted attach of the same
-        // container id (the name is derived from it): replace it.
-        self.delete_link(&link.host_ifname).await?;
-
-        use std::os::fd::AsRawFd;
-        let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(link.ifname.clone())
-            .address(link.mac.to_vec())
-            .mtu(link.mtu)
-            .setns_by_fd(netns.file().as_raw_fd())
-            .build();
-        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
-            .name(link.host_ifname.clone())
-            .address(HOST_VETH_MAC.to_vec())
-            .mtu(link.mtu)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        self.handle()
-            .link()
-            .add(veth)
-            .execute()
-            .await
-            .map_err(nl(format!("creating veth {}", link.host_ifname)))?;
 
         configure_container_side(inside, link, netns.path()).await?;
 
@@ -371,6 +361,24 @@ impl Dataplane {
         })
         .await?;
         Ok(host_index)
+    }
+
+    /// Creates the veth pair with the peer born inside the container's namespace.
+    async fn add_veth(&self, netns: &Netns, link: &ContainerLink) -> Result<(), rtnetlink::Error> {
+        use std::os::fd::AsRawFd;
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(link.ifname.clone())
+            .address(link.mac.to_vec())
+            .mtu(link.mtu)
+            .setns_by_fd(netns.file().as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+            .name(link.host_ifname.clone())
+            .address(HOST_VETH_MAC.to_vec())
+            .mtu(link.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle().link().add(veth).execute().await
     }
 
     /// Deletes a link by name (its veth peer goes with it). A missing link is not an error.
@@ -529,14 +537,10 @@ async fn configure_container_side(
             what: format!("{} missing in {netns} after creation", link.ifname),
             source: io::Error::from_raw_os_error(ENODEV),
         })?;
-    if let Some(lo) = link_by_name(inside, "lo")
+    // lo is always the first device of a namespace (LOOPBACK_IFINDEX).
+    set_up(inside, 1)
         .await
-        .map_err(nl(format!("looking up lo in {netns}")))?
-    {
-        set_up(inside, lo.header.index)
-            .await
-            .map_err(nl(format!("bringing up lo in {netns}")))?;
-    }
+        .map_err(nl(format!("bringing up lo in {netns}")))?;
     match inside
         .address()
         .add(index, IpAddr::V4(link.ip), 32)

@@ -232,17 +232,14 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Fire
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Orders rules by chain, keeping their order within each chain, the way `iptables-save`
-/// prints them. Our rules are rendered in the exact form `iptables-save` prints, so after this
-/// what we wrote and what the kernel holds compare equal.
+/// Our rules as a set, for comparison. Rules are rendered in the exact form `iptables-save`
+/// prints, and no two of our rules overlap (each DNAT matches its own port, each hairpin its own
+/// address), so their order within a chain does not matter and incremental writes may append.
 pub fn normalize(rules: &[String]) -> Vec<String> {
     let mut sorted = rules.to_vec();
-    sorted.sort_by(|a, b| chain_of(a).cmp(chain_of(b)));
+    sorted.sort();
+    sorted.dedup();
     sorted
-}
-
-fn chain_of(rule: &str) -> &str {
-    rule.split_whitespace().nth(1).unwrap_or("")
 }
 
 /// One table's last write.
@@ -288,10 +285,10 @@ impl Firewall {
         mode: SyncMode,
     ) -> Result<FirewallReport, FirewallError> {
         let mut report = FirewallReport::default();
-        let nat = normalize(&nat_rules(spec));
+        let nat = nat_rules(spec);
         report.tables_written +=
             sync_table("nat", NAT_CHAINS, &nat, NAT_JUMPS, &mut self.nat, mode)? as usize;
-        let filter = normalize(&filter_rules());
+        let filter = filter_rules();
         report.tables_written += sync_table(
             "filter",
             FILTER_CHAINS,
@@ -318,24 +315,39 @@ fn sync_table(
     applied: &mut Applied,
     mode: SyncMode,
 ) -> Result<bool, FirewallError> {
+    let wanted = normalize(rules);
     if mode == SyncMode::Fast && applied.verified {
-        if applied.rules == rules {
+        if applied.rules == wanted {
             return Ok(false);
         }
-        let all_present = TableState {
-            rules: vec![],
-            jumps: jumps
-                .iter()
-                .map(|j| (j.chain.to_string(), vec![j.target.to_string()]))
-                .collect(),
-        };
-        run(
-            "iptables-restore",
-            &["--noflush", "--wait"],
-            Some(&restore_input(table, chains, rules, jumps, &all_present)),
-        )?;
-        applied.rules = rules.to_vec();
-        return Ok(true);
+        // Only the difference: appends and deletes of single rules, one atomic restore whose
+        // cost does not grow with the number of published ports.
+        let mut input = format!("*{table}\n");
+        for gone in applied
+            .rules
+            .iter()
+            .filter(|r| wanted.binary_search(r).is_err())
+        {
+            input.push_str(&gone.replacen("-A ", "-D ", 1));
+            input.push('\n');
+        }
+        for new in wanted
+            .iter()
+            .filter(|r| applied.rules.binary_search(r).is_err())
+        {
+            input.push_str(new);
+            input.push('\n');
+        }
+        input.push_str("COMMIT\n");
+        match run("iptables-restore", &["--noflush", "--wait"], Some(&input)) {
+            Ok(_) => {
+                applied.rules = wanted;
+                return Ok(true);
+            }
+            // Our chains were changed behind our back (a rule to delete is gone): fall back to
+            // reading the kernel and rewriting.
+            Err(e) => tracing::warn!(error = %e, "incremental iptables update failed; rewriting"),
+        }
     }
     let state = parse_save(&run("iptables-save", &["-t", table], None)?);
     let jumps_present = jumps.iter().all(|j| {
@@ -344,7 +356,7 @@ fn sync_table(
             .get(j.chain)
             .is_some_and(|targets| targets.iter().any(|t| t == j.target))
     });
-    let written = if jumps_present && normalize(&state.rules) == rules {
+    let written = if jumps_present && normalize(&state.rules) == wanted {
         false
     } else {
         let input = restore_input(table, chains, rules, jumps, &state);
@@ -352,7 +364,7 @@ fn sync_table(
         true
     };
     *applied = Applied {
-        rules: rules.to_vec(),
+        rules: wanted,
         verified: true,
     };
     Ok(written)

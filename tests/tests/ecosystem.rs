@@ -460,7 +460,9 @@ fn health_and_metrics_are_served_and_pass_promtool() {
     assert_eq!(http_get(&h1, 9099, "/nope").0, 404);
     // The peer's liveness arrives through the watch; wait for it before reading everything.
     lab.eventually("peer seen alive", Duration::from_secs(10), || {
-        http_get(&h1, 9099, "/metrics").1.contains("weft_peers{state=\"alive\"} 1")
+        http_get(&h1, 9099, "/metrics")
+            .1
+            .contains("weft_peers{state=\"alive\"} 1")
     })
     .unwrap();
     let (status, body) = http_get(&h1, 9099, "/metrics");
