@@ -111,6 +111,64 @@ pub struct Agent {
     firewall_applied: AtomicU64,
     firewall_lock: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
+    creator: tokio::sync::mpsc::Sender<CreateJob>,
+}
+
+/// One endpoint record waiting to be written.
+struct CreateJob {
+    record: EndpointRecord,
+    block: (String, Ipv4Network),
+    reply: tokio::sync::oneshot::Sender<Result<(), CreateConflict>>,
+}
+
+/// Endpoint records per transaction (each takes 5 or more of etcd's default 128 operations).
+const MAX_BATCH: usize = 16;
+
+/// Writes endpoint records, batching the ones that queue up while a write is in flight (group
+/// commit): no added latency when idle, one raft round for many attaches under load. A batch
+/// whose guards fail is retried record by record, so each attach gets its own answer.
+fn spawn_creator(store: Datastore) -> tokio::sync::mpsc::Sender<CreateJob> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<CreateJob>(256);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            if jobs.len() > 1 {
+                let batch: Vec<_> = jobs
+                    .iter()
+                    .map(|j| (j.record.clone(), j.block.clone()))
+                    .collect();
+                match store.create_endpoints(&batch).await {
+                    Ok(true) => {
+                        for job in jobs {
+                            let _ = job.reply.send(Ok(()));
+                        }
+                        continue;
+                    }
+                    Err(weft_etcd::StoreError::Unavailable(message)) => {
+                        for job in jobs {
+                            let error = weft_etcd::StoreError::Unavailable(message.clone());
+                            let _ = job.reply.send(Err(CreateConflict::Store(error)));
+                        }
+                        continue;
+                    }
+                    // A guard failed (or the batch was refused): one by one.
+                    Ok(false) | Err(_) => {}
+                }
+            }
+            for job in jobs {
+                let (pool, block) = &job.block;
+                let result = store.create_endpoint(&job.record, (pool, *block)).await;
+                let _ = job.reply.send(result);
+            }
+        }
+    });
+    tx
 }
 
 impl Agent {
@@ -151,6 +209,7 @@ impl Agent {
             blocks = cluster.blocks_of(&config.host_name).len(),
             "agent starting"
         );
+        let creator = spawn_creator(store.clone());
         Ok(Arc::new(Self {
             local: Mutex::new(Local {
                 endpoints: endpoints
@@ -176,6 +235,7 @@ impl Agent {
             firewall_applied: AtomicU64::new(0),
             firewall_lock: Default::default(),
             metrics: Metrics::default(),
+            creator,
         }))
     }
 
@@ -475,10 +535,7 @@ impl Agent {
                 .find(|b| b.contains(ip))
                 .expect("ip from a block");
             let record = make(ip);
-            let outcome = self
-                .store
-                .create_endpoint(&record, (&self.config.pool_name, block))
-                .await;
+            let outcome = self.create_endpoint(&record, block).await;
             let mut local = self.local.lock().unwrap();
             local.reserved.remove(&ip);
             match outcome {
@@ -512,6 +569,31 @@ impl Agent {
         Err(ApiError::Unavailable(
             "could not allocate an address: too many conflicts".into(),
         ))
+    }
+
+    /// Writes an endpoint through the batching writer: attaches that arrive while a write is in
+    /// flight go to etcd together in the next transaction.
+    async fn create_endpoint(
+        &self,
+        record: &EndpointRecord,
+        block: Ipv4Network,
+    ) -> Result<(), CreateConflict> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = CreateJob {
+            record: record.clone(),
+            block: (self.config.pool_name.clone(), block),
+            reply,
+        };
+        if self.creator.send(job).await.is_err() {
+            return Err(CreateConflict::Store(weft_etcd::StoreError::Unavailable(
+                "endpoint writer stopped".into(),
+            )));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(CreateConflict::Store(weft_etcd::StoreError::Unavailable(
+                "endpoint writer stopped".into(),
+            )))
+        })
     }
 
     /// Claims one more block unless another attach did so while we waited for the claim lock.

@@ -502,23 +502,16 @@ impl Datastore {
         })
     }
 
-    /// Writes an endpoint with its `ips/` and `ports/` guards in one transaction. Fails without
-    /// writing anything if the address, the container id or a host port is already taken, or the
-    /// block holding the address is no longer recorded.
-    pub async fn create_endpoint(
+    /// The guards and writes of one endpoint: its address, its record and its host ports must be
+    /// free, and its block must still exist.
+    fn endpoint_writes(
         &self,
         endpoint: &EndpointRecord,
         block: (&str, Ipv4Network),
-    ) -> Result<(), CreateConflict> {
+    ) -> (Vec<Compare>, Vec<TxnOp>) {
         let ip_key = self.keys.ip(endpoint.ip);
         let ep_key = self.keys.endpoint(&endpoint.host, &endpoint.container_id);
         let block_key = self.keys.block(block.0, block.1);
-        let port_keys: Vec<String> = endpoint
-            .ports
-            .iter()
-            .map(|p| self.keys.port(&endpoint.host, &p.protocol, p.host_port))
-            .collect();
-
         let mut compares = vec![
             Compare::create_revision(ip_key.as_str(), CompareOp::Equal, 0),
             Compare::create_revision(ep_key.as_str(), CompareOp::Equal, 0),
@@ -535,10 +528,51 @@ impl Datastore {
         let owner = encode(&PortOwner {
             container_id: endpoint.container_id.clone(),
         });
-        for key in &port_keys {
+        for port in &endpoint.ports {
+            let key = self
+                .keys
+                .port(&endpoint.host, &port.protocol, port.host_port);
             compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
-            puts.push(TxnOp::put(key.as_str(), owner.clone(), None));
+            puts.push(TxnOp::put(key, owner.clone(), None));
         }
+        (compares, puts)
+    }
+
+    /// Writes several endpoints in one transaction, all guarded as `create_endpoint` guards one.
+    /// Returns false, writing nothing, if any guard fails: the caller then writes them one by
+    /// one to learn which. One transaction for many attaches is one raft round and one fsync.
+    pub async fn create_endpoints(
+        &self,
+        batch: &[(EndpointRecord, (String, Ipv4Network))],
+    ) -> Result<bool> {
+        let mut compares = vec![];
+        let mut puts = vec![];
+        for (endpoint, (pool, block)) in batch {
+            let (c, p) = self.endpoint_writes(endpoint, (pool, *block));
+            compares.extend(c);
+            puts.extend(p);
+        }
+        let response = self.txn(Txn::new().when(compares).and_then(puts)).await?;
+        Ok(response.succeeded())
+    }
+
+    /// Writes an endpoint with its `ips/` and `ports/` guards in one transaction. Fails without
+    /// writing anything if the address, the container id or a host port is already taken, or the
+    /// block holding the address is no longer recorded.
+    pub async fn create_endpoint(
+        &self,
+        endpoint: &EndpointRecord,
+        block: (&str, Ipv4Network),
+    ) -> Result<(), CreateConflict> {
+        let (compares, puts) = self.endpoint_writes(endpoint, block);
+        let ip_key = self.keys.ip(endpoint.ip);
+        let ep_key = self.keys.endpoint(&endpoint.host, &endpoint.container_id);
+        let block_key = self.keys.block(block.0, block.1);
+        let port_keys: Vec<String> = endpoint
+            .ports
+            .iter()
+            .map(|p| self.keys.port(&endpoint.host, &p.protocol, p.host_port))
+            .collect();
         let mut reads = vec![
             TxnOp::get(ip_key.as_str(), None),
             TxnOp::get(ep_key.as_str(), None),
