@@ -168,27 +168,61 @@ impl Lab {
     fn build_network(&mut self) -> Result<()> {
         let router = self.router.clone();
         let outside = self.outside.clone();
+        // Namespaces first (each one is recorded before anything else can fail, so Drop
+        // removes it), then links, addresses and routes with one `ip -batch` per namespace.
         for ns in [&router, &outside] {
             sh::run("ip", &["netns", "add", ns])?;
-            sh::run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
-        sh::run(
-            "ip",
-            &["-n", &router, "link", "add", "br0", "type", "bridge"],
-        )?;
-        sh::run(
-            "ip",
+        for i in 0..self.options.hosts {
+            let name = format!("{}-h{}", self.prefix, i + 1);
+            sh::run("ip", &["netns", "add", &name])?;
+            self.hosts.push(LabHost {
+                socket: self.dir.join(format!("h{}.sock", i + 1)),
+                log: self.dir.join(format!("h{}.log", i + 1)),
+                name,
+                ip: Ipv4Addr::new(198, 51, 100, (i + 1) as u8),
+                agent: None,
+            });
+        }
+        // The router: the bridge, its leg to the outside network, a port per host.
+        let mut router_batch = vec![
+            "link set lo up".to_string(),
+            "link add br0 type bridge".into(),
+            format!("addr add {ROUTER_IP}/24 dev br0"),
+            "link set br0 up".into(),
+            format!("link add eth1 type veth peer name eth0 netns {outside}"),
+            format!("addr add {OUTSIDE_GW}/24 dev eth1"),
+            "link set eth1 up".into(),
+        ];
+        for (i, host) in self.hosts.iter().enumerate() {
+            let port = format!("h{}", i + 1);
+            router_batch.push(format!(
+                "link add {port} type veth peer name eth0 netns {}",
+                host.name
+            ));
+            router_batch.push(format!("link set {port} master br0 up"));
+        }
+        sh::ip_batch(&router, &router_batch)?;
+        sh::ip_batch(
+            &outside,
             &[
-                "-n",
-                &router,
-                "addr",
-                "add",
-                &format!("{ROUTER_IP}/24"),
-                "dev",
-                "br0",
+                "link set lo up".to_string(),
+                format!("addr add {OUTSIDE_IP}/24 dev eth0"),
+                "link set eth0 up".into(),
+                format!("route add default via {OUTSIDE_GW}"),
             ],
         )?;
-        sh::run("ip", &["-n", &router, "link", "set", "br0", "up"])?;
+        for host in &self.hosts {
+            let mut batch = vec![
+                "link set lo up".to_string(),
+                format!("addr add {}/24 dev eth0", host.ip),
+                "link set eth0 up".into(),
+            ];
+            if self.options.default_route {
+                batch.push(format!("route add default via {ROUTER_IP}"));
+            }
+            sh::ip_batch(&host.name, &batch)?;
+        }
         sh::run(
             "ip",
             &[
@@ -200,89 +234,6 @@ impl Lab {
                 "net.ipv4.ip_forward=1",
             ],
         )?;
-        // The outside network: the router's second leg and one outside host.
-        sh::run(
-            "ip",
-            &[
-                "-n", &router, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0",
-                "netns", &outside,
-            ],
-        )?;
-        sh::run(
-            "ip",
-            &[
-                "-n",
-                &router,
-                "addr",
-                "add",
-                &format!("{OUTSIDE_GW}/24"),
-                "dev",
-                "eth1",
-            ],
-        )?;
-        sh::run("ip", &["-n", &router, "link", "set", "eth1", "up"])?;
-        sh::run(
-            "ip",
-            &[
-                "-n",
-                &outside,
-                "addr",
-                "add",
-                &format!("{OUTSIDE_IP}/24"),
-                "dev",
-                "eth0",
-            ],
-        )?;
-        sh::run("ip", &["-n", &outside, "link", "set", "eth0", "up"])?;
-        sh::run(
-            "ip",
-            &["-n", &outside, "route", "add", "default", "via", OUTSIDE_GW],
-        )?;
-
-        for i in 0..self.options.hosts {
-            let name = format!("{}-h{}", self.prefix, i + 1);
-            let ip = Ipv4Addr::new(198, 51, 100, (i + 1) as u8);
-            sh::run("ip", &["netns", "add", &name])?;
-            self.hosts.push(LabHost {
-                socket: self.dir.join(format!("h{}.sock", i + 1)),
-                log: self.dir.join(format!("h{}.log", i + 1)),
-                name: name.clone(),
-                ip,
-                agent: None,
-            });
-            let port = format!("h{}", i + 1);
-            sh::run("ip", &["-n", &name, "link", "set", "lo", "up"])?;
-            sh::run(
-                "ip",
-                &[
-                    "-n", &router, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                    "netns", &name,
-                ],
-            )?;
-            sh::run(
-                "ip",
-                &["-n", &router, "link", "set", &port, "master", "br0", "up"],
-            )?;
-            sh::run(
-                "ip",
-                &[
-                    "-n",
-                    &name,
-                    "addr",
-                    "add",
-                    &format!("{ip}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            sh::run("ip", &["-n", &name, "link", "set", "eth0", "up"])?;
-            if self.options.default_route {
-                sh::run(
-                    "ip",
-                    &["-n", &name, "route", "add", "default", "via", ROUTER_IP],
-                )?;
-            }
-        }
         Ok(())
     }
 

@@ -27,6 +27,38 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `ip` commands (without the leading `ip`) in namespace `ns` (empty: this one) with one
+/// `ip -batch` process; fails on the first that fails.
+pub fn ip_batch(ns: &str, commands: &[String]) -> Result<()> {
+    use std::io::Write;
+    let mut args = vec![];
+    if !ns.is_empty() {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-batch", "-"]);
+    let mut child = Command::new("ip")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running ip -batch")?;
+    let mut input = commands.join("\n");
+    input.push('\n');
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ip -batch failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Runs a command inside a named network namespace (`ip netns exec`).
 pub fn in_ns(ns: &str, args: &[&str]) -> Result<Output> {
     let mut all = vec!["netns", "exec", ns];

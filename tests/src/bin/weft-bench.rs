@@ -272,27 +272,36 @@ fn portmap_config(prev: &str, host_port: u16) -> String {
 /// Pre-creates `n` namespaces (the runtime's job, not timed) named `<prefix>-<tag><i>`.
 fn namespaces(lab: &Lab, tag: &str, n: usize) -> Result<Vec<String>> {
     let names: Vec<String> = (0..n).map(|i| format!("{}-{tag}{i}", lab.prefix)).collect();
-    let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
-    let mut child = std::process::Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().unwrap().write_all(batch.as_bytes())?;
-    if !child.wait()?.success() {
-        bail!("creating namespaces failed");
-    }
+    let batch: Vec<String> = names.iter().map(|n| format!("netns add {n}")).collect();
+    sh::ip_batch("", &batch)?;
     Ok(names)
 }
 
 fn delete_namespaces(names: &[String]) -> Result<()> {
-    let batch: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
-    let mut child = std::process::Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().unwrap().write_all(batch.as_bytes())?;
-    child.wait()?;
-    Ok(())
+    let batch: Vec<String> = names.iter().map(|n| format!("netns del {n}")).collect();
+    sh::ip_batch("", &batch)
+}
+
+/// One Attach through connection `slot`.
+fn weft_attach(
+    client: &Client,
+    slot: usize,
+    id: String,
+    netns: String,
+    ports: Vec<pb::PortMapping>,
+) -> Result<()> {
+    client.call(slot, move |mut c| {
+        Box::pin(async move {
+            c.attach(pb::AttachRequest {
+                container_id: id,
+                netns,
+                ports,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        })
+    })
 }
 
 fn one_host_lab() -> Result<Lab> {
@@ -313,17 +322,7 @@ fn attach_detach(report: &mut Report, n: usize, concurrency: usize) -> Result<()
     let ns = namespaces(&lab, "w", n)?;
     let attach = timed(n, concurrency, |i| {
         let netns = format!("/run/netns/{}", ns[i]);
-        client.call(i % concurrency, move |mut c| {
-            Box::pin(async move {
-                c.attach(pb::AttachRequest {
-                    container_id: format!("b{i}"),
-                    netns,
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-            })
-        })
+        weft_attach(&client, i % concurrency, format!("b{i}"), netns, vec![])
     })?;
     let detach = timed(n, concurrency, |i| {
         client.call(i % concurrency, move |mut c| {
@@ -400,22 +399,12 @@ fn ports(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let ns = namespaces(&lab, "w", n)?;
     let attach = timed(n, concurrency, |i| {
         let netns = format!("/run/netns/{}", ns[i]);
-        client.call(i % concurrency, move |mut c| {
-            Box::pin(async move {
-                c.attach(pb::AttachRequest {
-                    container_id: format!("b{i}"),
-                    netns,
-                    ports: vec![pb::PortMapping {
-                        protocol: "tcp".into(),
-                        host_port: 20000 + i as u32,
-                        container_port: 80,
-                    }],
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-            })
-        })
+        let port = pb::PortMapping {
+            protocol: "tcp".into(),
+            host_port: 20000 + i as u32,
+            container_port: 80,
+        };
+        weft_attach(&client, i % concurrency, format!("b{i}"), netns, vec![port])
     })?;
     let ns2 = namespaces(&lab, "p", n)?;
     let config = ptp_config(&lab.dir);
@@ -482,16 +471,7 @@ fn convergence(report: &mut Report, blocks: usize) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let client = Client::new(&lab, 0)?;
     for i in 0..blocks {
-        client.call(0, move |mut c| {
-            Box::pin(async move {
-                c.attach(pb::AttachRequest {
-                    container_id: format!("v{i}"),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-            })
-        })?;
+        weft_attach(&client, 0, format!("v{i}"), String::new(), vec![])?;
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_secs(1));
@@ -593,17 +573,7 @@ fn restart(report: &mut Report, n: usize) -> Result<()> {
     let ns = namespaces(&lab, "r", n)?;
     timed(n, CONCURRENCY, |i| {
         let netns = format!("/run/netns/{}", ns[i]);
-        client.call(i % CONCURRENCY, move |mut c| {
-            Box::pin(async move {
-                c.attach(pb::AttachRequest {
-                    container_id: format!("r{i}"),
-                    netns,
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-            })
-        })
+        weft_attach(&client, i % CONCURRENCY, format!("r{i}"), netns, vec![])
     })?;
     lab.stop_agent(0, Signal::SIGTERM)?;
     let before = lab.agent_log(0).len();
