@@ -679,12 +679,16 @@ pub fn describe_route(route: &KernelRoute) -> String {
 
 /// The host-side veth name of a container: `weft` + 11 hex digits of a hash of its id.
 pub fn host_ifname(container_id: &str) -> String {
-    // FNV-1a: stable across versions and platforms, unlike std's hasher.
+    // FNV-1a, then a finalizer so that ids differing in one character differ in every digit:
+    // stable across versions and platforms, unlike std's hasher.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in container_id.bytes() {
         hash ^= byte as u64;
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
     format!("{LINK_PREFIX}{:011x}", hash >> 20)
 }
 
