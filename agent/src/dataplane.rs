@@ -314,26 +314,19 @@ impl Dataplane {
         let created = self.add_veth(netns, link).await;
         match created {
             Err(e) if errno(&e) == Some(EEXIST) => {
-                if link_by_name(inside, &link.ifname)
-                    .await
-                    .map_err(nl(format!(
-                        "looking up {} in {}",
-                        link.ifname,
-                        netns.path()
-                    )))?
-                    .is_some()
-                {
-                    return Err(DataplaneError::IfnameTaken {
-                        ifname: link.ifname.clone(),
-                        netns: netns.path().to_string(),
-                    });
-                }
-                // A host link of this name is a leftover of an earlier, interrupted attach of
-                // the same container id (the name is derived from it): replace it.
+                // A host link of this name belongs to this container id (the name is derived
+                // from it): a leftover of an interrupted attach, or a veth retired by a detach
+                // moments ago and not reaped yet. Delete it (with its peer) and try again.
                 self.delete_link(&link.host_ifname).await?;
-                self.add_veth(netns, link)
-                    .await
-                    .map_err(nl(format!("creating veth {}", link.host_ifname)))?;
+                match self.add_veth(netns, link).await {
+                    Err(e) if errno(&e) == Some(EEXIST) => {
+                        return Err(DataplaneError::IfnameTaken {
+                            ifname: link.ifname.clone(),
+                            netns: netns.path().to_string(),
+                        })
+                    }
+                    other => other.map_err(nl(format!("creating veth {}", link.host_ifname)))?,
+                }
             }
             other => other.map_err(nl(format!("creating veth {}", link.host_ifname)))?,
         }

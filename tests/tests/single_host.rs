@@ -208,6 +208,20 @@ fn attach_into_existing_namespaces_by_path_and_by_pid() {
     let _ = sleeper.wait();
     result.unwrap();
 
+    // Detach and attach again at once (a runtime restarting a container): the retired veth
+    // still waiting for the reaper must not be in the way.
+    lab.ctl_json(0, &["detach", "path-c"]).unwrap();
+    lab.ctl_json(
+        0,
+        &[
+            "attach",
+            "path-c",
+            "--netns",
+            &format!("/run/netns/{by_path}"),
+        ],
+    )
+    .unwrap();
+    assert!(sh::ping(&by_path, &lab.hosts[0].ip.to_string()));
     lab.ctl_json(0, &["detach", "path-c"]).unwrap();
     // A namespace the agent did not create is left in place, without our interface.
     lab.eventually(
