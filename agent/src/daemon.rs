@@ -1112,7 +1112,7 @@ impl Agent {
                         debug!(error = %e, "etcd still unreachable");
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }

@@ -164,11 +164,18 @@ impl Datastore {
     {
         let count = self.clients.len();
         let start = self.current.load(Ordering::Relaxed);
+        // However many endpoints hang, one call gives up after twice the request timeout.
+        let deadline = tokio::time::Instant::now() + self.timeout * 2;
         let mut last = None;
         for step in 0..count {
             let index = (start + step) % count;
             let (endpoint, client) = &self.clients[index];
-            let error = match tokio::time::timeout(self.timeout, op(client.clone())).await {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let limit = remaining.min(self.timeout);
+            let error = match tokio::time::timeout(limit, op(client.clone())).await {
                 Ok(Ok(value)) => {
                     if step > 0 {
                         self.current.store(index, Ordering::Relaxed);
@@ -184,7 +191,7 @@ impl Datastore {
             debug!(%endpoint, error = %error, "etcd endpoint unreachable; trying the next");
             last = Some(error);
         }
-        Err(last.expect("at least one endpoint"))
+        Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd request timed out".into())))
     }
 
     pub fn keys(&self) -> &Keys {

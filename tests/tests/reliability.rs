@@ -337,6 +337,13 @@ async fn an_etcd_outage_keeps_traffic_fails_attach_fast_and_catches_up_after() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Cut off (packets dropped, not refused), an attach still fails within the bound.
+    let started = Instant::now();
+    let cut_off = lab.ctl(0, &["attach", "while-cut-off"]).unwrap();
+    let took = started.elapsed();
+    eprintln!("attach with etcd unreachable (dropped packets) failed after {took:?}");
+    assert_eq!(cut_off.status.code(), Some(6), "UNAVAILABLE");
+    assert!(took <= Duration::from_secs(5), "took {took:?}");
     std::thread::sleep(Duration::from_secs(3));
     let via_h3 = format!("via {}", lab.hosts[2].ip);
     assert!(
