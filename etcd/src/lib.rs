@@ -12,6 +12,3 @@ pub use cluster::{BlockOwner, ClusterEvent, ClusterView};
 pub use error::{Result, StoreError};
 pub use keys::Keys;
 pub use store::{unix_now, CreateConflict, Datastore, EtcdConfig, Released, TlsFiles};
-
-/// Re-exported so callers can consume watch streams without naming etcd-client themselves.
-pub use etcd_client::{EventType, WatchStream};

@@ -18,7 +18,6 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tonic::transport::Channel;
-use weft_proto::v1 as pb;
 use weft_proto::v1::agent_client::AgentClient;
 
 use crate::etcd::{EtcdServer, EtcdTls};
@@ -616,9 +615,4 @@ impl Lab {
     pub fn status(&self, i: usize) -> Result<serde_json::Value> {
         self.ctl_json(i, &["status"])
     }
-}
-
-/// Convenience for tests that need a pb type.
-pub fn endpoint_ip(endpoint: &pb::Endpoint) -> Ipv4Addr {
-    endpoint.ip.parse().expect("endpoint ip")
 }
