@@ -345,9 +345,6 @@ impl Dataplane {
             what: format!("setting sysctls of {}", link.host_ifname),
             source,
         })?;
-        set_up(self.handle(), host_index)
-            .await
-            .map_err(nl(format!("bringing up {}", link.host_ifname)))?;
         self.replace_route(&KernelRoute {
             dst: Ipv4Network::new(link.ip, 32).expect("/32"),
             target: RouteTarget::Dev(host_index),
@@ -365,10 +362,13 @@ impl Dataplane {
             .mtu(link.mtu)
             .setns_by_fd(netns.file().as_raw_fd())
             .build();
+        // The host end is created up (one request fewer); the peer cannot be: it is registered
+        // before its other half exists, and opening it then fails with ENOTCONN.
         let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
             .name(link.host_ifname.clone())
             .address(HOST_VETH_MAC.to_vec())
             .mtu(link.mtu)
+            .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
         self.handle().link().add(veth).execute().await
