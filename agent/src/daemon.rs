@@ -188,19 +188,40 @@ impl Agent {
             block_size: config.block_size,
             nat_outgoing: config.nat_outgoing,
         };
-        let pool = store.ensure_pool(&config.pool_name, &wanted).await?;
+        // Kernel facts first: they do not need etcd.
         let dataplane = Dataplane::new()?;
         let underlay = dataplane
             .underlay(config.underlay_interface.as_deref())
             .await
             .map_err(anyhow::Error::msg)?;
         sysctl::configure_host()?;
-        store
-            .register_host(&config.host_name, underlay.ip, VERSION)
-            .await?;
-        let endpoints = store.list_endpoints(&config.host_name).await?;
-        let pools = store.list_pools().await?;
-        let cluster = store.snapshot().await?;
+        // etcd may be down while this host restarts: the dataplane keeps forwarding, and the
+        // agent waits for etcd instead of exiting. Wrong configuration still stops it at once.
+        let mut waited = false;
+        let (pool, endpoints, pools, cluster) = loop {
+            let loaded = async {
+                let pool = store.ensure_pool(&config.pool_name, &wanted).await?;
+                store
+                    .register_host(&config.host_name, underlay.ip, VERSION)
+                    .await?;
+                let endpoints = store.list_endpoints(&config.host_name).await?;
+                let pools = store.list_pools().await?;
+                let cluster = store.snapshot().await?;
+                Ok::<_, weft_etcd::StoreError>((pool, endpoints, pools, cluster))
+            }
+            .await;
+            match loaded {
+                Ok(loaded) => break loaded,
+                Err(weft_etcd::StoreError::Unavailable(e)) => {
+                    if !waited {
+                        warn!(error = %e, "etcd is unreachable; waiting for it (traffic is unaffected)");
+                        waited = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         info!(
             host = %config.host_name,
             underlay = %underlay.ip,

@@ -361,6 +361,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Whether host `i`'s agent process is still running.
+    pub fn agent_running(&mut self, i: usize) -> bool {
+        self.hosts[i]
+            .agent
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     pub fn agent_pid(&self, i: usize) -> Option<u32> {
         self.hosts[i].agent.as_ref().map(|c| c.id())
     }

@@ -360,6 +360,32 @@ async fn an_etcd_outage_keeps_traffic_fails_attach_fast_and_catches_up_after() {
 }
 
 #[test]
+fn an_agent_started_while_etcd_is_down_waits_for_it() {
+    let mut lab = lab(LabOptions {
+        hosts: 1,
+        start_agents: false,
+        ..Default::default()
+    });
+    lab.etcd[0].stop();
+    lab.start_agent(0).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.agent_running(0),
+        "the agent must wait, not exit:\n{}",
+        lab.agent_log(0)
+    );
+    assert!(
+        lab.agent_log(0).contains("waiting for it"),
+        "{}",
+        lab.agent_log(0)
+    );
+    lab.etcd[0].restart().unwrap();
+    lab.wait_agent(0, Duration::from_secs(30)).unwrap();
+    let (ns, _) = lab.attach(0, "after-wait").unwrap();
+    assert!(sh::ping(&ns, &lab.hosts[0].ip.to_string()));
+}
+
+#[test]
 fn one_member_of_a_three_member_etcd_cluster_down_disturbs_nobody() {
     let mut lab = lab(LabOptions {
         etcd_members: 3,
