@@ -530,24 +530,6 @@ async fn configure_container_side(
             what: format!("{} missing in {netns} after creation", link.ifname),
             source: io::Error::from_raw_os_error(ENODEV),
         })?;
-    // lo is always the first device of a namespace (LOOPBACK_IFINDEX).
-    set_up(inside, 1)
-        .await
-        .map_err(nl(format!("bringing up lo in {netns}")))?;
-    match inside
-        .address()
-        .add(index, IpAddr::V4(link.ip), 32)
-        .execute()
-        .await
-    {
-        Err(e) if errno(&e) != Some(EEXIST) => {
-            return Err(nl(format!("adding {}/32 in {netns}", link.ip))(e))
-        }
-        _ => {}
-    }
-    set_up(inside, index)
-        .await
-        .map_err(nl(format!("bringing up {} in {netns}", link.ifname)))?;
     // The gateway is on-link through eth0 and answered from a permanent neighbour entry, so it
     // works even where the host's proxy ARP would stay silent (no default route on the host).
     let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -555,33 +537,41 @@ async fn configure_container_side(
         .output_interface(index)
         .scope(RouteScope::Link)
         .build();
-    inside
-        .route()
-        .add(gateway_route)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl(format!("adding gateway route in {netns}")))?;
     let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(GATEWAY)
         .output_interface(index)
         .build();
-    inside
-        .route()
-        .add(default_route)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl(format!("adding default route in {netns}")))?;
-    inside
-        .neighbours()
-        .add(index, IpAddr::V4(GATEWAY))
-        .link_layer_address(&HOST_VETH_MAC)
-        .state(NeighbourState::Permanent)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl(format!("adding gateway neighbour in {netns}")))?;
+    // Pipelined: the requests go out on one socket in this order without waiting for each
+    // other's answers; the kernel handles them in order, so each still finds what the ones
+    // before it made. lo is always the first device of a namespace (LOOPBACK_IFINDEX).
+    let (lo, address, up, gateway, default, neighbour) = futures::join!(
+        set_up(inside, 1),
+        inside
+            .address()
+            .add(index, IpAddr::V4(link.ip), 32)
+            .execute(),
+        set_up(inside, index),
+        inside.route().add(gateway_route).replace().execute(),
+        inside.route().add(default_route).replace().execute(),
+        inside
+            .neighbours()
+            .add(index, IpAddr::V4(GATEWAY))
+            .link_layer_address(&HOST_VETH_MAC)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute(),
+    );
+    lo.map_err(nl(format!("bringing up lo in {netns}")))?;
+    match address {
+        Err(e) if errno(&e) != Some(EEXIST) => {
+            return Err(nl(format!("adding {}/32 in {netns}", link.ip))(e))
+        }
+        _ => {}
+    }
+    up.map_err(nl(format!("bringing up {} in {netns}", link.ifname)))?;
+    gateway.map_err(nl(format!("adding gateway route in {netns}")))?;
+    default.map_err(nl(format!("adding default route in {netns}")))?;
+    neighbour.map_err(nl(format!("adding gateway neighbour in {netns}")))?;
     Ok(())
 }
 
