@@ -51,6 +51,15 @@ struct Local {
     down_since: HashMap<String, Instant>,
 }
 
+/// How much a reconciliation pass checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Everything: sysctls, routes, leaks, pools and iptables.
+    Full,
+    /// Routes and leaks only, after a watch or netlink event.
+    Routes,
+}
+
 /// The outcome of one reconciliation pass.
 #[derive(Debug, Default, Clone)]
 pub struct ReconcileReport {
@@ -837,16 +846,23 @@ impl Agent {
         desired
     }
 
-    /// One reconciliation pass: host sysctls, per-veth sysctls, and the route diff.
-    pub async fn reconcile(&self) -> ReconcileReport {
+    /// One reconciliation pass. Every pass diffs routes and collects leaks; a full pass (at
+    /// start and every resync interval) also checks sysctls, re-reads the pools and verifies
+    /// iptables. Passes triggered by watch and netlink events stay light: with many peers
+    /// claiming blocks they come often, and must not fork iptables-save or read thousands of
+    /// sysctl files each time.
+    pub async fn reconcile(&self, pass: Pass) -> ReconcileReport {
         let _one_at_a_time = self.reconcile_lock.lock().await;
         let started = Instant::now();
         let mut report = ReconcileReport::default();
-        match sysctl::configure_host() {
-            Ok(n) => report.sysctls_fixed += n,
-            Err(e) => {
-                warn!(error = %e, "cannot set host sysctls");
-                report.errors += 1;
+        let full = pass == Pass::Full;
+        if full {
+            match sysctl::configure_host() {
+                Ok(n) => report.sysctls_fixed += n,
+                Err(e) => {
+                    warn!(error = %e, "cannot set host sysctls");
+                    report.errors += 1;
+                }
             }
         }
         // Routes are read before links: a route seen here has its link in the list read next,
@@ -867,14 +883,16 @@ impl Agent {
                 return report;
             }
         };
-        let endpoint_links: Vec<String> = self
-            .local
-            .lock()
-            .unwrap()
-            .endpoints
-            .values()
-            .map(|e| e.host_ifname.clone())
-            .collect();
+        let endpoint_links: Vec<String> = if full {
+            let local = self.local.lock().unwrap();
+            local
+                .endpoints
+                .values()
+                .map(|e| e.host_ifname.clone())
+                .collect()
+        } else {
+            vec![]
+        };
         for name in endpoint_links.iter().filter(|n| links.contains_key(*n)) {
             match sysctl::configure_host_veth(name) {
                 Ok(n) => report.sysctls_fixed += n,
@@ -907,14 +925,16 @@ impl Agent {
                 }
             }
         }
-        if let Ok(pools) = self.store.list_pools().await {
-            *self.pools.write().unwrap() = pools;
-        }
-        match self.sync_firewall(firewall::SyncMode::Verify).await {
-            Ok(fw) => report.firewall_tables_written += fw.tables_written,
-            Err(e) => {
-                warn!(error = %e, "cannot program iptables");
-                report.errors += 1;
+        if full {
+            if let Ok(pools) = self.store.list_pools().await {
+                *self.pools.write().unwrap() = pools;
+            }
+            match self.sync_firewall(firewall::SyncMode::Verify).await {
+                Ok(fw) => report.firewall_tables_written += fw.tables_written,
+                Err(e) => {
+                    warn!(error = %e, "cannot program iptables");
+                    report.errors += 1;
+                }
             }
         }
         report.duration = started.elapsed();
@@ -931,7 +951,7 @@ impl Agent {
         self.metrics
             .last_pass_ms
             .store(metrics::now_ms(), Ordering::Relaxed);
-        if report.errors == 0 {
+        if full && report.errors == 0 {
             self.metrics.reconciled.store(true, Ordering::Relaxed);
         }
         if report.routes_replaced
@@ -1094,7 +1114,8 @@ impl Agent {
                 // Let a burst of events settle into one pass.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            self.reconcile().await;
+            self.reconcile(if periodic { Pass::Full } else { Pass::Routes })
+                .await;
             if periodic {
                 self.remove_dead_hosts().await;
             }

@@ -198,7 +198,7 @@ pub async fn serve(
 /// Runs a started agent: the reconciler, the cluster watch, liveness and the API, until
 /// `shutdown` resolves. The dataplane is left in place: traffic keeps flowing without the agent.
 pub async fn run(agent: Arc<Agent>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let first = agent.reconcile().await;
+    let first = agent.reconcile(crate::daemon::Pass::Full).await;
     info!(
         routes_replaced = first.routes_replaced,
         routes_deleted = first.routes_deleted,
