@@ -167,8 +167,14 @@ fn require(value: &str, name: &str) -> Result<(), CniError> {
 /// Runs one CNI command; returns what to print on stdout (nothing for DEL, GC, STATUS).
 pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     if env.command == "VERSION" {
+        // The answer speaks the caller's version when it is one we know.
+        let asked = serde_json::from_slice::<Value>(stdin)
+            .ok()
+            .and_then(|v| v["cniVersion"].as_str().map(String::from))
+            .filter(|v| SUPPORTED.contains(&v.as_str()))
+            .unwrap_or_else(|| "1.1.0".into());
         return Ok(Some(
-            json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED}),
+            json!({"cniVersion": asked, "supportedVersions": SUPPORTED}),
         ));
     }
     let conf: NetConf = serde_json::from_slice(stdin)

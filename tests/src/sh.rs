@@ -44,11 +44,13 @@ pub fn ip_batch(ns: &str, commands: &[String]) -> Result<()> {
         .context("running ip -batch")?;
     let mut input = commands.join("\n");
     input.push('\n');
-    child
+    // `ip` stops reading at the first failing command; its own error says more than our
+    // broken pipe would, so look at how it exited before at how the write went.
+    let written = child
         .stdin
         .take()
         .expect("piped stdin")
-        .write_all(input.as_bytes())?;
+        .write_all(input.as_bytes());
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
@@ -56,6 +58,7 @@ pub fn ip_batch(ns: &str, commands: &[String]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    written.context("writing to ip -batch")?;
     Ok(())
 }
 

@@ -24,15 +24,18 @@ fn cni(command: &str, container: &str, netns: &str, config: &Value) -> (bool, Va
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    child
+    let written = child
         .stdin
         .take()
         .unwrap()
-        .write_all(config.to_string().as_bytes())
-        .unwrap();
+        .write_all(config.to_string().as_bytes());
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+    // The plugin reads all of stdin for every command, VERSION included, so the write must land.
+    written.unwrap_or_else(|e| {
+        panic!("writing the config to weft-cni {command}: {e}; it said {value}")
+    });
     (out.status.success(), value)
 }
 
@@ -47,13 +50,15 @@ fn the_cni_plugin_speaks_the_spec() {
         "cniVersion": "1.1.0", "name": "weft", "type": "weft-cni",
         "socket": lab.hosts[0].socket,
     });
-    let (ok, version) = cni("VERSION", "", "", &json!({}));
+    let (ok, version) = cni("VERSION", "", "", &json!({"cniVersion": "1.0.0"}));
     assert!(
         ok && version["supportedVersions"]
             .as_array()
             .unwrap()
-            .contains(&json!("1.1.0"))
+            .contains(&json!("1.1.0")),
+        "{version}"
     );
+    assert_eq!(version["cniVersion"], "1.0.0", "{version}");
 
     let ns: Vec<String> = (0..3).map(|i| format!("{}-cni{i}", lab.prefix)).collect();
     for n in &ns {

@@ -1,7 +1,7 @@
 //! `weft-cni`: the CNI plugin. Reads the CNI environment and the network configuration on stdin,
 //! asks the local weft agent, prints the spec's result or error JSON.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
 use weft_agent::cni;
@@ -10,7 +10,9 @@ use weft_agent::cni;
 async fn main() -> ExitCode {
     let env = cni::Env::from_process();
     let mut stdin = vec![];
-    if env.command != "VERSION" {
+    // VERSION gets `{"cniVersion": ...}` on stdin too; read it so the runtime's write never
+    // meets a closed pipe. Only a person at a terminal gets no wait.
+    if !(env.command == "VERSION" && std::io::stdin().is_terminal()) {
         if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
             let err = cni::CniError::new(cni::code::IO, format!("reading stdin: {e}"));
             println!("{}", err.to_json("1.0.0"));
