@@ -267,6 +267,11 @@ impl EtcdServer {
         }
     }
 
+    /// Lets the member outlive this value (a kept lab); `weft-lab down` ends it by its PID file.
+    pub fn release(&mut self) {
+        self.child = None;
+    }
+
     /// Starts a stopped member again on its data.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();

@@ -452,6 +452,9 @@ impl Lab {
     /// Keeps the lab after this value is dropped (for `weft-lab demo --keep`).
     pub fn keep(&mut self) {
         self.keep = true;
+        for member in &mut self.etcd {
+            member.release();
+        }
     }
 
     /// Starts a helper process inside namespace `ns`; it is ended with the lab.
