@@ -29,6 +29,8 @@ pub mod code {
     pub const PORT_TAKEN: u32 = 100;
     pub const POOL_EXHAUSTED: u32 = 101;
     pub const AGENT_ERROR: u32 = 102;
+    /// CHECK found the attachment's dataplane damaged; `details` lists every problem.
+    pub const DATAPLANE_DAMAGED: u32 = 103;
 }
 
 /// A CNI error, printed as the spec's error JSON.
@@ -251,13 +253,13 @@ pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
             require(&env.netns, "CNI_NETNS")?;
             require(&env.ifname, "CNI_IFNAME")?;
             let mut client = connect().await?;
-            let endpoint = client
-                .get(pb::GetRequest {
+            let checked = client
+                .check(pb::CheckRequest {
                     container_id: weft_id(&env.container_id, &env.ifname),
                 })
                 .await?
                 .into_inner();
-            check(env, &endpoint).await?;
+            check(env, checked)?;
             Ok(None)
         }
         "STATUS" => {
@@ -322,25 +324,42 @@ pub fn add_result(version: &str, env: &Env, e: &pb::Endpoint) -> Value {
     })
 }
 
-/// CHECK: the agent knows the attachment and the container's interface holds its address. The
-/// host side (veth, route, rules) is the agent's to keep: it repairs it on every resync and on
-/// netlink events, and the plugin may not even run in the agent's namespace.
-async fn check(env: &Env, e: &pb::Endpoint) -> Result<(), CniError> {
-    let netns = crate::netns::Netns::open(&env.netns)
-        .map_err(|err| CniError::new(code::INVALID_ENV, err.to_string()))?;
-    let ip: std::net::Ipv4Addr =
-        e.ip.parse()
-            .map_err(|_| CniError::new(code::AGENT_ERROR, "agent returned a bad address"))?;
-    let inside = crate::dataplane::has_address(&netns, &env.ifname, ip)
-        .await
-        .map_err(|err| CniError::new(code::IO, err.to_string()))?;
-    if !inside {
+/// CHECK: the attachment is in the namespace the runtime names, and the agent, which sees both
+/// the host side and the container's namespace, found nothing wrong with its dataplane.
+fn check(env: &Env, checked: pb::CheckResponse) -> Result<(), CniError> {
+    let recorded = checked.endpoint.map(|e| e.netns).unwrap_or_default();
+    if !same_file(&recorded, &env.netns) {
         return Err(CniError::new(
-            code::IO,
-            format!("{} in {} does not hold {}", env.ifname, env.netns, e.ip),
+            code::INVALID_ENV,
+            format!(
+                "the attachment is in namespace {recorded}, not in {}",
+                env.netns
+            ),
         ));
     }
-    Ok(())
+    match checked.problems.first() {
+        None => Ok(()),
+        Some(first) => Err(CniError {
+            code: code::DATAPLANE_DAMAGED,
+            msg: match checked.problems.len() {
+                1 => first.clone(),
+                n => format!("{first} (and {} more)", n - 1),
+            },
+            details: checked.problems.join("; "),
+        }),
+    }
+}
+
+/// Whether two paths name the same file (a namespace can be reached by several paths).
+fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

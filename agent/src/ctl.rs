@@ -51,6 +51,9 @@ pub enum Command {
     Detach { container_id: String },
     /// Show one endpoint.
     Get { container_id: String },
+    /// Verify one endpoint's dataplane (host and container side, port rules) without repairing
+    /// it; exits 1 if anything is wrong. `weftctl attach` with the same id repairs.
+    Check { container_id: String },
     /// List this host's endpoints.
     Ls,
     /// Show the host, its blocks and its peers.
@@ -441,6 +444,35 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 endpoint_json(&endpoint),
                 endpoint_rows(std::slice::from_ref(&endpoint)),
             );
+        }
+        Command::Check { container_id } => {
+            let checked = client
+                .check(pb::CheckRequest { container_id })
+                .await?
+                .into_inner();
+            let endpoint = checked.endpoint.unwrap_or_default();
+            let text = if checked.problems.is_empty() {
+                format!("ok: the dataplane of {} is intact", endpoint.container_id)
+            } else {
+                let mut text: String = checked
+                    .problems
+                    .iter()
+                    .map(|p| format!("PROBLEM {p}\n"))
+                    .collect();
+                text.push_str(&format!(
+                    "  fix: weftctl attach {} (attaching an attached container repairs it)",
+                    endpoint.container_id
+                ));
+                text
+            };
+            print(
+                cli.json,
+                json!({"endpoint": endpoint_json(&endpoint), "problems": checked.problems}),
+                text,
+            );
+            if !checked.problems.is_empty() {
+                return Err(Failure::Quiet(ExitCode::FAILURE));
+            }
         }
         Command::Ls => {
             let list = client.list(pb::ListRequest {}).await?.into_inner();

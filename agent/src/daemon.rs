@@ -657,9 +657,17 @@ impl Agent {
     }
 
     /// Brings a known endpoint's dataplane back if it was damaged: a missing veth is rebuilt in
-    /// the recorded namespace; a present one gets its sysctls and route checked.
+    /// the recorded namespace; a present one gets its sysctls, route and container side checked
+    /// and set again where they differ, and its port rules verified.
     async fn repair(&self, record: &EndpointRecord) -> Result<(), ApiError> {
         let links = self.dataplane.weft_links().await?;
+        let link = ContainerLink {
+            host_ifname: record.host_ifname.clone(),
+            ifname: record.ifname.clone(),
+            ip: record.ip,
+            mac: dataplane::parse_mac(&record.mac).unwrap_or_else(dataplane::random_mac),
+            mtu: self.underlay.mtu,
+        };
         if let Some(index) = links.get(&record.host_ifname) {
             sysctl::configure_host_veth(&record.host_ifname).map_err(|e| {
                 ApiError::Internal(format!("sysctls of {}: {e}", record.host_ifname))
@@ -670,6 +678,28 @@ impl Agent {
                     target: RouteTarget::Dev(*index),
                 })
                 .await?;
+            if !record.ports.is_empty() {
+                self.sync_firewall(firewall::SyncMode::Verify).await?;
+            }
+            let netns = Netns::open(&record.netns).map_err(|e| {
+                ApiError::FailedPrecondition(format!(
+                    "container {} has an endpoint but its namespace is gone ({e}); detach it \
+                     first",
+                    record.container_id
+                ))
+            })?;
+            let inside = dataplane::check_container_side(&netns, &record.ifname, record.ip).await?;
+            if inside.problems.is_empty() {
+                return Ok(());
+            }
+            info!(container = %record.container_id, problems = ?inside.problems, "repairing container side");
+            if !inside.interface_present {
+                // The pair is broken (its peer renamed or moved away): build it again.
+                self.dataplane.delete_link(&record.host_ifname).await?;
+                self.dataplane.wire(&netns, &link).await?;
+            } else {
+                self.dataplane.rewire_inside(&netns, &link).await?;
+            }
             return Ok(());
         }
         let netns = match Netns::open(&record.netns) {
@@ -687,13 +717,6 @@ impl Agent {
                     record.container_id
                 )))
             }
-        };
-        let link = ContainerLink {
-            host_ifname: record.host_ifname.clone(),
-            ifname: record.ifname.clone(),
-            ip: record.ip,
-            mac: dataplane::parse_mac(&record.mac).unwrap_or_else(dataplane::random_mac),
-            mtu: self.underlay.mtu,
         };
         self.dataplane.wire(&netns, &link).await?;
         info!(container = %record.container_id, "repaired endpoint dataplane");
@@ -764,6 +787,48 @@ impl Agent {
             .ok_or_else(|| {
                 ApiError::NotFound(format!("container {container_id:?} is not attached here"))
             })
+    }
+
+    /// Verifies one endpoint's whole dataplane without changing anything: the host veth, its
+    /// sysctls and /32 route, everything inside the container's namespace, and the iptables rules
+    /// of its published ports. Returns the record and what is wrong (empty when all is well).
+    /// Waits for an attach or detach of the same container to finish first.
+    pub async fn check(
+        &self,
+        container_id: &str,
+    ) -> Result<(EndpointRecord, Vec<String>), ApiError> {
+        validate::container_id(container_id).map_err(ApiError::InvalidArgument)?;
+        let _guard = self.lock_container(container_id).await;
+        let record = self.get(container_id)?;
+        let mut problems = self
+            .dataplane
+            .check_host_side(&record.host_ifname, record.ip)
+            .await?;
+        match Netns::open(&record.netns) {
+            Ok(netns) => problems.extend(
+                dataplane::check_container_side(&netns, &record.ifname, record.ip)
+                    .await?
+                    .problems,
+            ),
+            Err(e) => problems.push(format!("the container's namespace is gone: {e}")),
+        }
+        let ports: Vec<PortRule> = record
+            .ports
+            .iter()
+            .map(|p| PortRule {
+                container_id: record.container_id.clone(),
+                ip: record.ip,
+                protocol: p.protocol.clone(),
+                host_port: p.host_port,
+                container_port: p.container_port,
+            })
+            .collect();
+        let firewall = tokio::task::spawn_blocking(move || firewall::check_ports(&ports))
+            .await
+            .map_err(|e| ApiError::Internal(format!("firewall task: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("reading iptables: {e}")))?;
+        problems.extend(firewall);
+        Ok((record, problems))
     }
 
     pub fn list(&self) -> Vec<EndpointRecord> {

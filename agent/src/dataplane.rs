@@ -7,7 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -353,6 +355,41 @@ impl Dataplane {
         Ok(host_index)
     }
 
+    /// Sets the container side up again (lo, address, routes, gateway neighbour) on a veth pair
+    /// that exists; every step is idempotent.
+    pub async fn rewire_inside(&self, netns: &Netns, link: &ContainerLink) -> Result<()> {
+        let inside = netns.netlink().await?;
+        configure_container_side(&inside.handle, link, netns.path()).await
+    }
+
+    /// What is wrong with the host side of an endpoint: its veth (present, up, not retired),
+    /// the veth's sysctls and the container's /32 route through it. Empty when all is well.
+    pub async fn check_host_side(&self, host_ifname: &str, ip: Ipv4Addr) -> Result<Vec<String>> {
+        let mut problems = vec![];
+        let Some(link) = link_by_name(self.handle(), host_ifname)
+            .await
+            .map_err(nl(format!("looking up {host_ifname}")))?
+        else {
+            problems.push(format!("host veth {host_ifname} is missing"));
+            return Ok(problems);
+        };
+        if Self::is_retired(&link) {
+            problems.push(format!("host veth {host_ifname} is being deleted"));
+        }
+        if !link.header.flags.contains(LinkFlags::Up) {
+            problems.push(format!("host veth {host_ifname} is down"));
+        }
+        problems.extend(sysctl::check_host_veth(host_ifname));
+        let wanted = KernelRoute {
+            dst: Ipv4Network::new(ip, 32).expect("/32"),
+            target: RouteTarget::Dev(link.header.index),
+        };
+        if !self.weft_routes().await?.contains(&wanted) {
+            problems.push(format!("no route to {ip}/32 through {host_ifname}"));
+        }
+        Ok(problems)
+    }
+
     /// Creates the veth pair with the peer born inside the container's namespace.
     async fn add_veth(&self, netns: &Netns, link: &ContainerLink) -> Result<(), rtnetlink::Error> {
         use std::os::fd::AsRawFd;
@@ -489,32 +526,134 @@ pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver
     Ok((NetlinkHandle { handle, task }, rx))
 }
 
-/// Whether `ifname` inside `netns` holds `ip` (CNI CHECK).
-pub async fn has_address(netns: &Netns, ifname: &str, ip: Ipv4Addr) -> Result<bool> {
+/// What was found inside a container's namespace.
+#[derive(Debug, Default)]
+pub struct InsideCheck {
+    /// Whether the container's interface exists at all (if not, its veth pair is broken).
+    pub interface_present: bool,
+    /// What is wrong, one sentence each; empty when all is well.
+    pub problems: Vec<String>,
+}
+
+/// Checks inside a container's namespace: `lo` up; `ifname` present and up, holding `ip`/32;
+/// the gateway's on-link route, the default route through it and its permanent neighbour entry.
+pub async fn check_container_side(
+    netns: &Netns,
+    ifname: &str,
+    ip: Ipv4Addr,
+) -> Result<InsideCheck> {
     use netlink_packet_route::address::AddressAttribute;
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+    let path = netns.path();
     let inside = netns.netlink().await?;
-    let Some(link) = link_by_name(&inside.handle, ifname)
+    let handle = &inside.handle;
+    let mut problems = vec![];
+    let lo = handle
+        .link()
+        .get()
+        .match_index(1)
+        .execute()
+        .try_next()
         .await
-        .map_err(nl(format!("looking up {ifname} in {}", netns.path())))?
+        .map_err(nl(format!("looking up lo in {path}")))?;
+    if !lo.is_some_and(|lo| lo.header.flags.contains(LinkFlags::Up)) {
+        problems.push(format!("lo is down in {path}"));
+    }
+    let Some(link) = link_by_name(handle, ifname)
+        .await
+        .map_err(nl(format!("looking up {ifname} in {path}")))?
     else {
-        return Ok(false);
+        problems.push(format!("{ifname} is missing in {path}"));
+        return Ok(InsideCheck {
+            interface_present: false,
+            problems,
+        });
     };
-    let mut addrs = inside
-        .handle
+    let index = link.header.index;
+    if !link.header.flags.contains(LinkFlags::Up) {
+        problems.push(format!("{ifname} is down in {path}"));
+    }
+
+    let addresses: Vec<_> = handle
         .address()
         .get()
-        .set_link_index_filter(link.header.index)
-        .execute();
-    while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
-        let found = msg
-            .attributes
-            .iter()
-            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip));
-        if found {
-            return Ok(true);
-        }
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing addresses in {path}")))?;
+    let holds = addresses.iter().any(|m| {
+        m.header.prefix_len == 32
+            && m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip))
+    });
+    if !holds {
+        problems.push(format!("{ifname} in {path} does not hold {ip}/32"));
     }
-    Ok(false)
+
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing routes in {path}")))?;
+    let route_to = |prefix_len: u8, dst: Option<Ipv4Addr>, gateway: Option<Ipv4Addr>| {
+        routes.iter().any(|r| {
+            let attr_dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let attr_gateway = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            r.header.table == 254
+                && r.header.destination_prefix_length == prefix_len
+                && attr_dst == dst
+                && attr_gateway == gateway
+                && r.attributes.contains(&RouteAttribute::Oif(index))
+        })
+    };
+    if !route_to(32, Some(GATEWAY), None) {
+        problems.push(format!(
+            "no on-link route to {GATEWAY} via {ifname} in {path}"
+        ));
+    }
+    if !route_to(0, None, Some(GATEWAY)) {
+        problems.push(format!("no default route via {GATEWAY} in {path}"));
+    }
+
+    let neighbours: Vec<_> = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing neighbours in {path}")))?;
+    let gateway_entry = neighbours.iter().any(|n| {
+        n.header.ifindex == index
+            && n.header.state == NeighbourState::Permanent
+            && n.attributes
+                .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                    GATEWAY,
+                )))
+            && n.attributes.contains(&NeighbourAttribute::LinkLayerAddress(
+                HOST_VETH_MAC.to_vec(),
+            ))
+    });
+    if !gateway_entry {
+        problems.push(format!(
+            "no permanent neighbour {GATEWAY} -> {} on {ifname} in {path}",
+            format_mac(&HOST_VETH_MAC)
+        ));
+    }
+    Ok(InsideCheck {
+        interface_present: true,
+        problems,
+    })
 }
 
 async fn configure_container_side(

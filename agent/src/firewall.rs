@@ -215,20 +215,23 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Fire
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail(e.to_string()))?;
-    if let Some(input) = input {
-        child
+    // A program that fails early stops reading; its own message says more than the broken
+    // pipe our write would report, so the exit status is looked at first.
+    let written = match input {
+        Some(input) => child
             .stdin
             .take()
             .expect("piped stdin")
-            .write_all(input.as_bytes())
-            .map_err(|e| fail(e.to_string()))?;
-    }
+            .write_all(input.as_bytes()),
+        None => Ok(()),
+    };
     let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     if !out.status.success() {
         return Err(fail(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
+    written.map_err(|e| fail(e.to_string()))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -368,6 +371,43 @@ fn sync_table(
         verified: true,
     };
     Ok(written)
+}
+
+/// What is missing from the kernel's nat table for these published ports of one container: their
+/// DNAT and hairpin rules, and the jumps into `WEFT-PORTS`. Reads `iptables-save`; no ports, no
+/// read.
+pub fn check_ports(ports: &[PortRule]) -> Result<Vec<String>, FirewallError> {
+    if ports.is_empty() {
+        return Ok(vec![]);
+    }
+    let spec = FirewallSpec {
+        pools: vec![],
+        ports: ports.to_vec(),
+    };
+    // Without pools, the only rule not about these ports is the final MASQUERADE.
+    let wanted: Vec<String> = nat_rules(&spec)
+        .into_iter()
+        .filter(|r| !r.starts_with("-A WEFT-NAT-OUTGOING"))
+        .collect();
+    let state = parse_save(&run("iptables-save", &["-t", "nat"], None)?);
+    let mut problems: Vec<String> = wanted
+        .iter()
+        .filter(|rule| !state.rules.contains(rule))
+        .map(|rule| format!("missing iptables rule (nat): {rule}"))
+        .collect();
+    for jump in NAT_JUMPS.iter().filter(|j| j.target == "WEFT-PORTS") {
+        let present = state
+            .jumps
+            .get(jump.chain)
+            .is_some_and(|targets| targets.iter().any(|t| t == jump.target));
+        if !present {
+            problems.push(format!(
+                "missing iptables jump (nat): -A {} {}",
+                jump.chain, jump.rule
+            ));
+        }
+    }
+    Ok(problems)
 }
 
 /// Drops conntrack entries of a UDP host port, so existing flows do not stick to a container

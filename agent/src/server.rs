@@ -143,6 +143,17 @@ impl pb::agent_server::Agent for Service {
         Ok(Response::new(endpoint_to_pb(&record)))
     }
 
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let (record, problems) = self.0.check(&request.into_inner().container_id).await?;
+        Ok(Response::new(pb::CheckResponse {
+            endpoint: Some(endpoint_to_pb(&record)),
+            problems,
+        }))
+    }
+
     async fn list(
         &self,
         _request: Request<pb::ListRequest>,

@@ -52,6 +52,22 @@ pub fn configure_host_veth(ifname: &str) -> io::Result<usize> {
     Ok(changed)
 }
 
+/// The `HOST_VETH` values of one interface that differ from what they should be, described.
+/// IPv6 knobs that do not exist (IPv6 disabled) are not a problem.
+pub fn check_host_veth(ifname: &str) -> Vec<String> {
+    let mut problems = vec![];
+    for (template, value) in HOST_VETH {
+        let path = template.replace("{}", ifname);
+        match read(&path) {
+            Ok(actual) if actual == *value => {}
+            Ok(actual) => problems.push(format!("{path} is {actual}, not {value}")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && path.contains("/ipv6/") => {}
+            Err(e) => problems.push(format!("{path}: {e}")),
+        }
+    }
+    problems
+}
+
 /// Applies `HOST`. Returns how many values had to change.
 pub fn configure_host() -> io::Result<usize> {
     let mut changed = 0;

@@ -87,7 +87,22 @@ fn the_cni_plugin_speaks_the_spec() {
     )
     .unwrap();
     let (ok, err) = cni("CHECK", "ctr-a", &path(0), &config);
-    assert!(!ok && err["code"].as_u64().unwrap() > 0 && !err["msg"].as_str().unwrap().is_empty());
+    assert!(!ok);
+    assert_eq!(err["code"], 103, "damaged dataplane: {err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("does not hold"),
+        "{err}"
+    );
+    // ADD repairs; CHECK agrees.
+    assert!(cni("ADD", "ctr-a", &path(0), &config).0);
+    let (ok, err) = cni("CHECK", "ctr-a", &path(0), &config);
+    assert!(ok, "{err}");
+    let (ok, err) = cni("CHECK", "ctr-a", &path(1), &config);
+    assert!(!ok);
+    assert_eq!(
+        err["code"], 4,
+        "the attachment is in another namespace: {err}"
+    );
     let (ok, err) = cni("CHECK", "ctr-unknown", &path(0), &config);
     assert!(!ok);
     assert_eq!(err["code"], 3, "unknown container: {err}");

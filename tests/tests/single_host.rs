@@ -111,19 +111,92 @@ fn two_containers_reach_each_other_and_the_host_without_a_host_default_route() {
 
 #[test]
 fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
-    let lab = one_host(true, &[]);
+    // No periodic resync during the test: the damage must stay until `check` has seen it.
+    let lab = one_host(true, &["--resync-interval", "1h"]);
     let ns = &lab.hosts[0].name;
-    let first = lab.ctl_json(0, &["attach", "web"]).unwrap();
+    let first = lab
+        .ctl_json(0, &["attach", "web", "-p", "18080:80"])
+        .unwrap();
     let again = lab.ctl_json(0, &["attach", "web"]).unwrap();
     assert_eq!(first, again, "re-attach returns the same endpoint");
     assert_eq!(weft_links(ns).len(), 1);
+    let checked = lab.ctl_json(0, &["check", "web"]).unwrap();
+    assert_eq!(checked["problems"], serde_json::json!([]), "{checked}");
 
-    // Break the dataplane behind the agent's back; a re-attach repairs it.
+    // Damage on both sides and in the port rules, behind the agent's back: `check` names every
+    // piece and exits 1; a re-attach repairs them all.
     let veth = first["host_ifname"].as_str().unwrap();
+    let container_ns = first["netns"].as_str().unwrap().rsplit('/').next().unwrap();
+    sh::run("ip", &["-n", container_ns, "route", "del", "default"]).unwrap();
+    sh::run(
+        "ip",
+        &[
+            "-n",
+            container_ns,
+            "neigh",
+            "del",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    sh::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{veth}.proxy_arp=0"),
+        ],
+    )
+    .unwrap();
+    sh::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "iptables",
+            "-t",
+            "nat",
+            "-F",
+            "WEFT-PORTS",
+        ],
+    )
+    .unwrap();
+    let out = lab.ctl(0, &["--json", "check", "web"]).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "check of a damaged endpoint fails"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problems = report["problems"].to_string();
+    for needle in [
+        "no default route",
+        "no permanent neighbour",
+        "proxy_arp is 0",
+        "--dport 18080",
+    ] {
+        assert!(problems.contains(needle), "{needle} not in {problems}");
+    }
+    assert_eq!(
+        report["problems"].as_array().unwrap().len(),
+        4,
+        "nothing else is reported: {problems}"
+    );
+    lab.ctl_json(0, &["attach", "web"]).unwrap();
+    let checked = lab.ctl_json(0, &["check", "web"]).unwrap();
+    assert_eq!(checked["problems"], serde_json::json!([]), "{checked}");
+    assert!(sh::ping(container_ns, &lab.hosts[0].ip.to_string()));
+
+    // A deleted veth is rebuilt.
     sh::run("ip", &["-n", ns, "link", "del", veth]).unwrap();
     let repaired = lab.ctl_json(0, &["attach", "web"]).unwrap();
     assert_eq!(repaired["ip"], first["ip"]);
-    let container_ns = first["netns"].as_str().unwrap().rsplit('/').next().unwrap();
     assert!(
         sh::ping(container_ns, &lab.hosts[0].ip.to_string()),
         "repaired container works"
@@ -156,6 +229,18 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
         missing.status.code(),
         Some(3),
         "get of a detached container is NOT_FOUND"
+    );
+    let missing = lab.ctl(0, &["check", "web"]).unwrap();
+    assert_eq!(
+        missing.status.code(),
+        Some(3),
+        "check of a detached one too"
+    );
+    let bad = lab.ctl(0, &["check", "../web"]).unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "a malformed id is INVALID_ARGUMENT"
     );
 }
 
