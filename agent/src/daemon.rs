@@ -1201,6 +1201,70 @@ impl Agent {
         }
     }
 
+    /// Puts back, within milliseconds, a flipped `ip_forward` or a flipped `proxy_arp`,
+    /// `rp_filter` or `forwarding` of an endpoint's veth, as the kernel announces the change.
+    pub async fn run_netconf_monitor(self: Arc<Self>) {
+        use netlink_sys::AsyncSocketExt;
+        let socket = match dataplane::netconf_events() {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(error = %e, "cannot watch sysctl changes; relying on periodic resync");
+                return;
+            }
+        };
+        loop {
+            let datagram = match socket.recv_from_full().await {
+                Ok((datagram, _)) => datagram,
+                Err(e) => {
+                    // ENOBUFS: notifications were lost; the next resync catches up.
+                    debug!(error = %e, "netconf socket");
+                    continue;
+                }
+            };
+            for drift in dataplane::parse_netconf(&datagram) {
+                self.restore_sysctls(drift).await;
+            }
+        }
+    }
+
+    async fn restore_sysctls(&self, drift: dataplane::NetconfDrift) {
+        let (what, result) = match drift {
+            dataplane::NetconfDrift::HostForwarding => {
+                ("ip_forward".to_string(), sysctl::configure_host())
+            }
+            dataplane::NetconfDrift::Link(index) => {
+                let Ok(Some(name)) = self.dataplane.link_name_of(index).await else {
+                    return;
+                };
+                // Only settled endpoints: a veth being attached right now is announced before
+                // its attach sets its sysctls, and one being detached no longer matters.
+                let owner = self
+                    .local
+                    .lock()
+                    .unwrap()
+                    .endpoints
+                    .values()
+                    .find(|e| e.host_ifname == name)
+                    .map(|e| e.container_id.clone());
+                if owner.is_none_or(|id| self.container_busy(&id)) {
+                    return;
+                }
+                let result = sysctl::configure_host_veth(&name);
+                (name, result)
+            }
+        };
+        match result {
+            Ok(0) => {}
+            Ok(changed) => {
+                self.metrics
+                    .repairs
+                    .fetch_add(changed as u64, Ordering::Relaxed);
+                info!(%what, changed, "sysctls changed behind our back; restored");
+            }
+            Err(e) => warn!(%what, error = %e, "cannot restore sysctls"),
+        }
+    }
+
     // ---- cluster watch and liveness -----------------------------------------------------------
 
     /// Keeps the cluster view current: a snapshot, then a watch from the snapshot's revision;

@@ -289,22 +289,25 @@ impl Dataplane {
 
     async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
         use netlink_packet_route::address::AddressAttribute;
-        let mut addrs = self
+        // The whole dump is read: a stream dropped halfway leaves netlink-proto with replies
+        // it cannot deliver (and a warning in the log).
+        let addrs: Vec<_> = self
             .handle()
             .address()
             .get()
             .set_link_index_filter(index)
-            .execute();
-        while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
-            for attr in &msg.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(ip))
-                | AddressAttribute::Address(IpAddr::V4(ip)) = attr
-                {
-                    return Ok(Some(*ip));
-                }
-            }
-        }
-        Ok(None)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing addresses"))?;
+        Ok(addrs
+            .iter()
+            .flat_map(|m| &m.attributes)
+            .find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            }))
     }
 
     /// Creates the veth pair with its peer born inside the container namespace, configures both
@@ -524,6 +527,110 @@ pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver
         tokio::join!(connection, forward);
     });
     Ok((NetlinkHandle { handle, task }, rx))
+}
+
+/// A sysctl of ours that the kernel announced (RTM_NEWNETCONF) with a value other than ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetconfDrift {
+    /// `net.ipv4.ip_forward` (the `all` forwarding knob) went off.
+    HostForwarding,
+    /// `proxy_arp`, `rp_filter` or `forwarding` of this interface is not 1.
+    Link(u32),
+}
+
+const RTM_NEWNETCONF: u16 = 80;
+const RTNLGRP_IPV4_NETCONF: u32 = 24;
+const NETCONFA_IFINDEX: u16 = 1;
+const NETCONFA_FORWARDING: u16 = 2;
+const NETCONFA_RP_FILTER: u16 = 3;
+const NETCONFA_PROXY_NEIGH: u16 = 5;
+const NETCONFA_IFINDEX_ALL: i32 = -1;
+
+/// Reads the IPv4 netconf notifications in one netlink datagram and returns the drifts they
+/// show. The kernel announces `forwarding`, `rp_filter` and `proxy_arp` (as `proxy_neigh`) one
+/// at a time when they change, and all values at once when an interface appears; the latter is
+/// skipped (a new interface is set up by whoever made it: for our veths, the attach running
+/// right now). `proxy_delay` and `accept_ra` are never announced; the periodic resync covers
+/// those. netlink-packet-route does not decode these messages, hence the hand-written parser.
+pub fn parse_netconf(datagram: &[u8]) -> Vec<NetconfDrift> {
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let i32_at = |b: &[u8], i: usize| i32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let align = |n: usize| (n + 3) & !3;
+    let mut drifts = vec![];
+    let mut offset = 0;
+    while offset + 16 <= datagram.len() {
+        let len = u32::from_ne_bytes(datagram[offset..offset + 4].try_into().unwrap()) as usize;
+        if len < 16 || offset + len > datagram.len() {
+            break;
+        }
+        let message = &datagram[offset..offset + len];
+        offset += align(len);
+        // struct netconfmsg { u8 ncm_family; } padded to 4 bytes, then attributes.
+        if u16_at(message, 4) != RTM_NEWNETCONF || len < 20 || message[16] != libc::AF_INET as u8 {
+            continue;
+        }
+        let (mut ifindex, mut wrong_forwarding, mut wrong_link) = (None, false, false);
+        let mut values = 0;
+        let mut at = 20;
+        while at + 4 <= message.len() {
+            let attr_len = u16_at(message, at) as usize;
+            if attr_len < 4 || at + attr_len > message.len() {
+                break;
+            }
+            let kind = u16_at(message, at + 2);
+            if attr_len >= 8 {
+                let value = i32_at(message, at + 4);
+                values += (kind != NETCONFA_IFINDEX) as usize;
+                match kind {
+                    NETCONFA_IFINDEX => ifindex = Some(value),
+                    NETCONFA_FORWARDING => wrong_forwarding |= value != 1,
+                    NETCONFA_RP_FILTER | NETCONFA_PROXY_NEIGH => wrong_link |= value != 1,
+                    _ => {}
+                }
+            }
+            at += align(attr_len);
+        }
+        if values != 1 {
+            continue;
+        }
+        match ifindex {
+            Some(NETCONFA_IFINDEX_ALL) if wrong_forwarding => {
+                drifts.push(NetconfDrift::HostForwarding)
+            }
+            Some(index) if index > 0 && (wrong_forwarding || wrong_link) => {
+                drifts.push(NetconfDrift::Link(index as u32))
+            }
+            _ => {}
+        }
+    }
+    drifts
+}
+
+/// A socket that receives the IPv4 netconf notifications of the agent's namespace.
+pub fn netconf_events() -> io::Result<netlink_sys::TokioSocket> {
+    use netlink_sys::AsyncSocket;
+    let mut socket = netlink_sys::TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+    socket.socket_mut().bind_auto()?;
+    socket.socket_ref().add_membership(RTNLGRP_IPV4_NETCONF)?;
+    Ok(socket)
+}
+
+impl Dataplane {
+    /// The name of interface `index`, if it exists.
+    pub async fn link_name_of(&self, index: u32) -> Result<Option<String>> {
+        match self.link_by_index(index).await {
+            Ok(link) => Ok(link_name(&link)),
+            Err(DataplaneError::Io { source, .. }) if source.raw_os_error() == Some(ENODEV) => {
+                Ok(None)
+            }
+            Err(DataplaneError::Netlink { source, .. })
+                if matches!(errno(&source), Some(ENODEV) | Some(ENOENT)) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// What was found inside a container's namespace.
@@ -863,6 +970,63 @@ mod tests {
         assert!(name.starts_with("weft"));
         assert_eq!(name, host_ifname("web-1"));
         assert_ne!(name, host_ifname("web-2"));
+    }
+
+    /// One RTM_NEWNETCONF message as the kernel builds it: header, netconfmsg, attributes.
+    fn netconf(family: u8, attrs: &[(u16, i32)]) -> Vec<u8> {
+        let len = 16 + 4 + attrs.len() * 8;
+        let mut m = vec![];
+        m.extend((len as u32).to_ne_bytes());
+        m.extend(RTM_NEWNETCONF.to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend([family, 0, 0, 0]);
+        for (kind, value) in attrs {
+            m.extend(8u16.to_ne_bytes());
+            m.extend(kind.to_ne_bytes());
+            m.extend(value.to_ne_bytes());
+        }
+        m
+    }
+
+    #[test]
+    fn netconf_notifications_show_only_values_other_than_ours() {
+        let inet = libc::AF_INET as u8;
+        let ok = netconf(inet, &[(NETCONFA_IFINDEX, 7), (NETCONFA_PROXY_NEIGH, 1)]);
+        assert!(parse_netconf(&ok).is_empty());
+        let off = netconf(inet, &[(NETCONFA_IFINDEX, 7), (NETCONFA_RP_FILTER, 0)]);
+        assert_eq!(parse_netconf(&off), vec![NetconfDrift::Link(7)]);
+        let loose = netconf(inet, &[(NETCONFA_IFINDEX, 7), (NETCONFA_RP_FILTER, 2)]);
+        assert_eq!(parse_netconf(&loose), vec![NetconfDrift::Link(7)]);
+        let host = netconf(inet, &[(NETCONFA_IFINDEX, -1), (NETCONFA_FORWARDING, 0)]);
+        assert_eq!(parse_netconf(&host), vec![NetconfDrift::HostForwarding]);
+        // The `default` template (-2) and other families are not ours.
+        let default = netconf(inet, &[(NETCONFA_IFINDEX, -2), (NETCONFA_FORWARDING, 0)]);
+        assert!(parse_netconf(&default).is_empty());
+        let v6 = netconf(
+            libc::AF_INET6 as u8,
+            &[(NETCONFA_IFINDEX, 7), (NETCONFA_FORWARDING, 0)],
+        );
+        assert!(parse_netconf(&v6).is_empty());
+        // A new interface is announced with all its values at once: not a change to judge.
+        let appeared = netconf(
+            inet,
+            &[
+                (NETCONFA_IFINDEX, 9),
+                (NETCONFA_FORWARDING, 1),
+                (NETCONFA_RP_FILTER, 0),
+                (NETCONFA_PROXY_NEIGH, 0),
+            ],
+        );
+        assert!(parse_netconf(&appeared).is_empty());
+        // Several messages in one datagram; a truncated tail is ignored.
+        let mut both = off.clone();
+        both.extend(&host);
+        both.extend(&ok[..10]);
+        assert_eq!(
+            parse_netconf(&both),
+            vec![NetconfDrift::Link(7), NetconfDrift::HostForwarding]
+        );
+        assert!(parse_netconf(&[0u8; 3]).is_empty());
     }
 
     #[test]

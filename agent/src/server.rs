@@ -221,6 +221,7 @@ pub async fn run(agent: Arc<Agent>, shutdown: impl Future<Output = ()>) -> anyho
         tokio::spawn(agent.clone().run_watcher()),
         tokio::spawn(agent.clone().run_liveness()),
         tokio::spawn(agent.clone().run_kernel_monitor()),
+        tokio::spawn(agent.clone().run_netconf_monitor()),
     ];
     let socket = agent.socket_path();
     let listener = bind_socket(&socket)

@@ -531,7 +531,7 @@ fn tampering_is_repaired() {
     eprintln!("container route restored in {took:?}");
     assert!(sh::ping(&ns2, &ip1));
 
-    // Flipped sysctls and deleted rules: repaired within the resync interval.
+    // Flipped sysctls: announced by the kernel (RTM_NEWNETCONF) and put back at once.
     let veth = lab.ctl_json(0, &["get", "a"]).unwrap()["host_ifname"]
         .as_str()
         .unwrap()
@@ -552,6 +552,18 @@ fn tampering_is_repaired() {
     for (path, bad, _) in &knobs {
         set_sysctl(&h1, path, bad);
     }
+    let took = lab
+        .eventually("sysctls back", Duration::from_secs(1), || {
+            knobs
+                .iter()
+                .all(|(path, _, good)| sysctl(&h1, path) == *good)
+        })
+        .unwrap();
+    eprintln!("sysctls restored in {took:?} (resync interval 5s)");
+
+    // proxy_delay is never announced, and neither are deleted rules: the resync restores them.
+    let delay = format!("/proc/sys/net/ipv4/neigh/{veth}/proxy_delay");
+    set_sysctl(&h1, &delay, "80");
     sh::run(
         "ip",
         &[
@@ -572,15 +584,13 @@ fn tampering_is_repaired() {
     )
     .unwrap();
     let took = lab
-        .eventually("sysctls and rules back", Duration::from_secs(8), || {
-            knobs
-                .iter()
-                .all(|(path, _, good)| sysctl(&h1, path) == *good)
+        .eventually("proxy_delay and rules back", Duration::from_secs(8), || {
+            sysctl(&h1, &delay) == "0"
                 && iptables_save(&h1, "nat").contains("--dport 8080")
                 && iptables_save(&h1, "filter").contains("-A WEFT-FORWARD -i weft+")
         })
         .unwrap();
-    eprintln!("sysctls and iptables restored in {took:?} (resync interval 5s)");
+    eprintln!("proxy_delay and iptables restored in {took:?} (resync interval 5s)");
     assert!(sh::ping(&ns2, &ip1));
 }
 

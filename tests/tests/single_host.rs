@@ -149,7 +149,8 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
             ns,
             "sysctl",
             "-qw",
-            &format!("net.ipv4.conf.{veth}.proxy_arp=0"),
+            // Not proxy_arp: the kernel announces that one and the agent puts it back at once.
+            &format!("net.ipv4.neigh.{veth}.proxy_delay=80"),
         ],
     )
     .unwrap();
@@ -178,7 +179,7 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
     for needle in [
         "no default route",
         "no permanent neighbour",
-        "proxy_arp is 0",
+        "proxy_delay is 80",
         "--dport 18080",
     ] {
         assert!(problems.contains(needle), "{needle} not in {problems}");
