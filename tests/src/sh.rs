@@ -69,6 +69,13 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Result<Output> {
     output("ip", &all)
 }
 
+/// Runs a command inside namespace `ns` (`ip netns exec`); fails on a non-zero exit.
+pub fn run_in(ns: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["netns", "exec", ns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
 /// A command that will start inside the network namespace `ns` (only the network namespace is
 /// entered, so namespaces the child creates under /run/netns stay visible to everyone).
 pub fn command_in_ns(ns: &str, program: &str) -> Result<Command> {

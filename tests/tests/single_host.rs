@@ -127,47 +127,20 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
     // piece and exits 1; a re-attach repairs them all.
     let veth = first["host_ifname"].as_str().unwrap();
     let container_ns = first["netns"].as_str().unwrap().rsplit('/').next().unwrap();
-    sh::run("ip", &["-n", container_ns, "route", "del", "default"]).unwrap();
-    sh::run(
-        "ip",
-        &[
-            "-n",
+    let proxy_delay = format!("net.ipv4.neigh.{veth}.proxy_delay=80");
+    let damage: [(&str, &[&str]); 4] = [
+        (container_ns, &["ip", "route", "del", "default"]),
+        (
             container_ns,
-            "neigh",
-            "del",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ],
-    )
-    .unwrap();
-    sh::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            // Not proxy_arp: the kernel announces that one and the agent puts it back at once.
-            &format!("net.ipv4.neigh.{veth}.proxy_delay=80"),
-        ],
-    )
-    .unwrap();
-    sh::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            ns,
-            "iptables",
-            "-t",
-            "nat",
-            "-F",
-            "WEFT-PORTS",
-        ],
-    )
-    .unwrap();
+            &["ip", "neigh", "del", "169.254.1.1", "dev", "eth0"],
+        ),
+        // Not proxy_arp: the kernel announces that one and the agent puts it back at once.
+        (ns, &["sysctl", "-qw", &proxy_delay]),
+        (ns, &["iptables", "-t", "nat", "-F", "WEFT-PORTS"]),
+    ];
+    for (target, command) in damage {
+        sh::run_in(target, command).unwrap();
+    }
     let out = lab.ctl(0, &["--json", "check", "web"]).unwrap();
     assert_eq!(
         out.status.code(),
