@@ -180,6 +180,17 @@ fn spawn_creator(store: Datastore) -> tokio::sync::mpsc::Sender<CreateJob> {
     tx
 }
 
+/// The DNAT and hairpin rules an endpoint's published ports need.
+fn port_rules(e: &EndpointRecord) -> impl Iterator<Item = PortRule> + '_ {
+    e.ports.iter().map(|p| PortRule {
+        container_id: e.container_id.clone(),
+        ip: e.ip,
+        protocol: p.protocol.clone(),
+        host_port: p.host_port,
+        container_port: p.container_port,
+    })
+}
+
 impl Agent {
     /// Connects to etcd, checks the pool, finds the underlay, registers the host and loads this
     /// host's endpoints and the cluster view. Fails with a clear message on bad configuration.
@@ -500,19 +511,7 @@ impl Agent {
             .map(|(name, pool)| (name.clone(), pool.cidr, pool.nat_outgoing))
             .collect();
         let local = self.local.lock().unwrap();
-        let ports = local
-            .endpoints
-            .values()
-            .flat_map(|e| {
-                e.ports.iter().map(|p| PortRule {
-                    container_id: e.container_id.clone(),
-                    ip: e.ip,
-                    protocol: p.protocol.clone(),
-                    host_port: p.host_port,
-                    container_port: p.container_port,
-                })
-            })
-            .collect();
+        let ports = local.endpoints.values().flat_map(port_rules).collect();
         FirewallSpec { pools, ports }
     }
 
@@ -812,17 +811,7 @@ impl Agent {
             ),
             Err(e) => problems.push(format!("the container's namespace is gone: {e}")),
         }
-        let ports: Vec<PortRule> = record
-            .ports
-            .iter()
-            .map(|p| PortRule {
-                container_id: record.container_id.clone(),
-                ip: record.ip,
-                protocol: p.protocol.clone(),
-                host_port: p.host_port,
-                container_port: p.container_port,
-            })
-            .collect();
+        let ports: Vec<PortRule> = port_rules(&record).collect();
         let firewall = tokio::task::spawn_blocking(move || firewall::check_ports(&ports))
             .await
             .map_err(|e| ApiError::Internal(format!("firewall task: {e}")))?
@@ -1216,8 +1205,10 @@ impl Agent {
             let datagram = match socket.recv_from_full().await {
                 Ok((datagram, _)) => datagram,
                 Err(e) => {
-                    // ENOBUFS: notifications were lost; the next resync catches up.
+                    // ENOBUFS: notifications were lost; the next resync catches up. Anything
+                    // else would repeat at once, so pause before reading again.
                     debug!(error = %e, "netconf socket");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
@@ -1236,8 +1227,8 @@ impl Agent {
                 let Ok(Some(name)) = self.dataplane.link_name_of(index).await else {
                     return;
                 };
-                // Only settled endpoints: a veth being attached right now is announced before
-                // its attach sets its sysctls, and one being detached no longer matters.
+                // Only settled endpoints: an attach under way sets the veth's sysctls itself,
+                // and a veth being detached no longer matters.
                 let owner = self
                     .local
                     .lock()
