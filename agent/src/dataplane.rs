@@ -109,6 +109,9 @@ pub struct Dataplane {
     host: NetlinkHandle,
     /// None for a read-only observer (weftctl), which must not delete anything.
     reaper: Option<Reaper>,
+    /// The kernel runs one dump at a time per netlink socket and answers a second with EBUSY;
+    /// tasks sharing `host` (the reconciler, attaches, checks) take turns.
+    dumping: tokio::sync::Mutex<()>,
 }
 
 /// Deletes retired links in the background, a whole batch per grace period, on its own thread
@@ -164,6 +167,7 @@ impl Dataplane {
         Ok(Self {
             host: NetlinkHandle::here()?,
             reaper: Some(Reaper::start()?),
+            dumping: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -172,6 +176,7 @@ impl Dataplane {
         Ok(Self {
             host: NetlinkHandle::here()?,
             reaper: None,
+            dumping: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -291,6 +296,7 @@ impl Dataplane {
         use netlink_packet_route::address::AddressAttribute;
         // The whole dump is read: a stream dropped halfway leaves netlink-proto with replies
         // it cannot deliver (and a warning in the log).
+        let _turn = self.dumping.lock().await;
         let addrs: Vec<_> = self
             .handle()
             .address()
@@ -431,6 +437,7 @@ impl Dataplane {
 
     /// The index of every `weft*` link in service (retired ones are on their way out), by name.
     pub async fn weft_links(&self) -> Result<BTreeMap<String, u32>> {
+        let _turn = self.dumping.lock().await;
         let mut links = self.handle().link().get().execute();
         let mut found = BTreeMap::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
@@ -444,6 +451,7 @@ impl Dataplane {
     }
 
     async fn dump_routes(&self) -> Result<Vec<RouteMessage>> {
+        let _turn = self.dumping.lock().await;
         self.handle()
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())

@@ -80,7 +80,8 @@ fn the_cni_plugin_speaks_the_spec() {
     // ADD again is idempotent; CHECK passes, then fails once the interface is broken.
     let (ok, again) = cni("ADD", "ctr-a", &path(0), &config);
     assert!(ok && again["ips"][0]["address"] == json!(address));
-    assert!(cni("CHECK", "ctr-a", &path(0), &config).0);
+    let (ok, err) = cni("CHECK", "ctr-a", &path(0), &config);
+    assert!(ok, "{err}");
     sh::run(
         "ip",
         &["-n", &ns[0], "addr", "del", &address, "dev", "eth0"],

@@ -326,3 +326,69 @@ async fn pool_exhaustion_is_resource_exhausted_and_leaves_nothing() {
     lab.ctl_json(0, &["detach", "c2"]).unwrap();
     lab.attach(0, "again").unwrap();
 }
+
+#[tokio::test]
+async fn checks_and_repairs_during_reconciliation_never_collide_on_netlink() {
+    // Checks, repairs (re-attaches) and reconciliation passes all list links and routes on the
+    // agent's one netlink socket; the kernel runs one dump per socket at a time and answers a
+    // second with EBUSY, so the agent must take turns. Deleting the block's blackhole route over
+    // and over keeps the event-driven passes (and their dumps) coming.
+    let lab = one_host(true, &[]);
+    let ns = lab.hosts[0].name.clone();
+    for i in 0..4 {
+        lab.attach(0, &format!("c{i}")).unwrap();
+    }
+    let blackhole = weft_routes(&ns)
+        .into_iter()
+        .find(|r| r.starts_with("blackhole"))
+        .expect("the block's blackhole route");
+    let dst = blackhole.split_whitespace().nth(1).unwrap().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tamper = {
+        let (ns, stop) = (ns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Fails harmlessly while the agent has not put it back yet.
+                let _ = sh::output("ip", &["-n", &ns, "route", "del", "blackhole", &dst]);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let client = lab.client(0).await.unwrap();
+    let mut failures = vec![];
+    for round in 0..40 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..4 {
+            let mut client = client.clone();
+            let container_id = format!("c{i}");
+            calls.spawn(async move {
+                if (round + i) % 4 == 0 {
+                    client
+                        .attach(pb::AttachRequest {
+                            container_id,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ())
+                } else {
+                    client
+                        .check(pb::CheckRequest { container_id })
+                        .await
+                        .map(|_| ())
+                }
+            });
+        }
+        while let Some(result) = calls.join_next().await {
+            if let Err(status) = result.unwrap() {
+                failures.push(status.message().to_string());
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tamper.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} calls failed: {failures:?}",
+        failures.len()
+    );
+}
