@@ -98,6 +98,21 @@ fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     })
 }
 
+/// Whether etcd answered that it is between leaders. etcd sends these before doing anything
+/// (no leader) or only for reads (leader changed, from its linearizable read path), so the
+/// request can be sent again whatever it was.
+fn is_election(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable
+                && ["etcdserver: no leader", "etcdserver: leader changed"]
+                    .iter()
+                    .any(|m| status.message().contains(m))
+        }
+        _ => false,
+    }
+}
+
 fn key_of(kv: &KeyValue) -> String {
     String::from_utf8_lossy(kv.key()).into_owned()
 }
@@ -156,7 +171,12 @@ impl Datastore {
     }
 
     /// Runs `op` against the current endpoint, moving on to the next ones while they are
-    /// unreachable. Each try is bounded by the request timeout.
+    /// unreachable. Each try is bounded by the request timeout, the whole call by twice that.
+    ///
+    /// A cluster that answers but is electing a leader (after its leader died) is waited for:
+    /// rounds over the endpoints repeat, with a growing pause, until one succeeds or the
+    /// deadline passes. When no endpoint answers at all, the call fails after one round, so an
+    /// etcd that is down fails an attach at once rather than after the deadline.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: Fn(Client) -> Fut,
@@ -164,32 +184,44 @@ impl Datastore {
     {
         let count = self.clients.len();
         let start = self.current.load(Ordering::Relaxed);
-        // However many endpoints hang, one call gives up after twice the request timeout.
         let deadline = tokio::time::Instant::now() + self.timeout * 2;
+        let mut pause = Duration::from_millis(25);
         let mut last = None;
-        for step in 0..count {
-            let index = (start + step) % count;
-            let (endpoint, client) = &self.clients[index];
+        loop {
+            let mut electing = false;
+            for step in 0..count {
+                let index = (start + step) % count;
+                let (endpoint, client) = &self.clients[index];
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if remaining.is_zero() {
+                    break;
+                }
+                let limit = remaining.min(self.timeout);
+                let error = match tokio::time::timeout(limit, op(client.clone())).await {
+                    Ok(Ok(value)) => {
+                        if index != start {
+                            self.current.store(index, Ordering::Relaxed);
+                        }
+                        return Ok(value);
+                    }
+                    Ok(Err(e)) => {
+                        electing |= is_election(&e);
+                        StoreError::from(e)
+                    }
+                    Err(_) => StoreError::Unavailable(format!("{endpoint}: request timed out")),
+                };
+                if !matches!(error, StoreError::Unavailable(_)) {
+                    return Err(error);
+                }
+                debug!(%endpoint, error = %error, "etcd endpoint unavailable; trying the next");
+                last = Some(error);
+            }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if remaining.is_zero() {
+            if !electing || remaining <= pause {
                 break;
             }
-            let limit = remaining.min(self.timeout);
-            let error = match tokio::time::timeout(limit, op(client.clone())).await {
-                Ok(Ok(value)) => {
-                    if step > 0 {
-                        self.current.store(index, Ordering::Relaxed);
-                    }
-                    return Ok(value);
-                }
-                Ok(Err(e)) => StoreError::from(e),
-                Err(_) => StoreError::Unavailable(format!("{endpoint}: request timed out")),
-            };
-            if !matches!(error, StoreError::Unavailable(_)) {
-                return Err(error);
-            }
-            debug!(%endpoint, error = %error, "etcd endpoint unreachable; trying the next");
-            last = Some(error);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(400));
         }
         Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd request timed out".into())))
     }
@@ -814,4 +846,109 @@ fn tls_options(files: &TlsFiles) -> Result<etcd_client::TlsOptions> {
         }
     }
     Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// A store whose endpoints are never dialled: the operations below are fakes that ignore
+    /// the client they are handed.
+    async fn store(endpoints: usize) -> Datastore {
+        Datastore::connect(&EtcdConfig {
+            endpoints: (0..endpoints)
+                .map(|i| format!("http://127.0.0.1:{}", 9 + i))
+                .collect(),
+            prefix: "/weft-test".into(),
+            timeout: Duration::from_secs(1),
+            tls: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    fn unavailable(message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::unavailable(message.to_string()))
+    }
+
+    #[tokio::test]
+    async fn a_leader_election_is_waited_out() {
+        let store = store(3).await;
+        let tries = AtomicU32::new(0);
+        let value = store
+            .call(|_| {
+                let n = tries.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    match n {
+                        0 => Err(unavailable("tcp connect error")),
+                        1..=4 => Err(unavailable("etcdserver: leader changed")),
+                        5 => Err(unavailable("etcdserver: no leader")),
+                        _ => Ok(n),
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(value, 6, "two full rounds and one more try");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cluster_fails_after_one_round() {
+        let store = store(3).await;
+        let tries = AtomicU32::new(0);
+        let started = std::time::Instant::now();
+        let result: Result<()> = store
+            .call(|_| {
+                tries.fetch_add(1, Ordering::SeqCst);
+                async { Err(unavailable("tcp connect error")) }
+            })
+            .await;
+        assert!(matches!(result, Err(StoreError::Unavailable(_))));
+        assert_eq!(tries.load(Ordering::SeqCst), 3, "each endpoint once");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn an_election_that_outlasts_the_deadline_fails_unavailable() {
+        let store = store(1).await;
+        let started = std::time::Instant::now();
+        let result: Result<()> = store
+            .call(|_| async { Err(unavailable("etcdserver: no leader")) })
+            .await;
+        assert!(matches!(result, Err(StoreError::Unavailable(_))));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1500) && took <= Duration::from_secs(4),
+            "bounded by twice the request timeout: {took:?}"
+        );
+    }
+
+    #[test]
+    fn only_answers_about_a_missing_leader_count_as_an_election() {
+        let status = |code, message: &str| {
+            etcd_client::Error::GRpcStatus(tonic::Status::new(code, message.to_string()))
+        };
+        use tonic::Code::{DeadlineExceeded, Unavailable};
+        assert!(super::is_election(&status(
+            Unavailable,
+            "etcdserver: leader changed"
+        )));
+        assert!(super::is_election(&status(
+            Unavailable,
+            "etcdserver: no leader"
+        )));
+        assert!(!super::is_election(&status(
+            Unavailable,
+            "etcdserver: request timed out"
+        )));
+        assert!(!super::is_election(&status(
+            Unavailable,
+            "tcp connect error"
+        )));
+        assert!(!super::is_election(&status(
+            DeadlineExceeded,
+            "etcdserver: no leader"
+        )));
+    }
 }

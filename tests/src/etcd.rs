@@ -267,6 +267,21 @@ impl EtcdServer {
         }
     }
 
+    /// Whether this member is the cluster's leader now (`etcdctl endpoint status`).
+    pub fn is_leader(&self) -> Result<bool> {
+        let out = self.etcdctl(&["endpoint", "status", "--write-out", "json"])?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl endpoint status: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let status = &v[0]["Status"];
+        let me = status["header"]["member_id"].as_u64();
+        Ok(me.is_some() && me == status["leader"].as_u64())
+    }
+
     /// Lets the member outlive this value (a kept lab); `weft-lab down` ends it by its PID file.
     pub fn release(&mut self) {
         self.child = None;

@@ -392,7 +392,12 @@ fn one_member_of_a_three_member_etcd_cluster_down_disturbs_nobody() {
         ..Default::default()
     });
     let (ns1, _) = lab.attach(0, "a").unwrap();
-    lab.etcd[0].stop();
+    // The leader, so that the cluster has to elect a new one while the agents carry on: requests
+    // meanwhile get "leader changed" or "no leader", and the agents must wait that out.
+    let leader = (0..3)
+        .find(|&i| lab.etcd[i].is_leader().unwrap())
+        .expect("a leader");
+    lab.etcd[leader].stop();
     let started = Instant::now();
     let (_, ip2) = lab.attach(1, "b").unwrap();
     let (ns3, ip3) = lab.attach(2, "c").unwrap();
@@ -413,7 +418,7 @@ fn one_member_of_a_three_member_etcd_cluster_down_disturbs_nobody() {
             .iter()
             .all(|p| p["alive"] == true));
     }
-    lab.etcd[0].restart().unwrap();
+    lab.etcd[leader].restart().unwrap();
 }
 
 #[test]
