@@ -227,8 +227,10 @@ async fn an_etcd_outage_keeps_traffic_fails_attach_fast_and_catches_up_after() {
     let (ns1, ip1) = lab.attach(0, "a").unwrap();
     let (ns2, ip2) = lab.attach(1, "b").unwrap();
     let (_, ip3) = lab.attach(2, "c").unwrap();
+    // Every path used below, the pinged one included: a ping only counts once its reply route
+    // is in place too.
     lab.eventually("fabric up", Duration::from_secs(10), || {
-        sh::ping(&ns1, &ip3)
+        sh::ping(&ns1, &ip3) && sh::ping(&ns1, &ip2)
     })
     .unwrap();
 
