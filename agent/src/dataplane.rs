@@ -294,18 +294,8 @@ impl Dataplane {
 
     async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
         use netlink_packet_route::address::AddressAttribute;
-        // The whole dump is read: a stream dropped halfway leaves netlink-proto with replies
-        // it cannot deliver (and a warning in the log).
         let _turn = self.dumping.lock().await;
-        let addrs: Vec<_> = self
-            .handle()
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing addresses"))?;
+        let addrs = addresses_of(self.handle(), index, "").await?;
         Ok(addrs
             .iter()
             .flat_map(|m| &m.attributes)
@@ -689,14 +679,7 @@ pub async fn check_container_side(
         problems.push(format!("{ifname} is down in {path}"));
     }
 
-    let addresses: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl(format!("listing addresses in {path}")))?;
+    let addresses = addresses_of(handle, index, path).await?;
     let holds = addresses.iter().any(|m| {
         m.header.prefix_len == 32
             && m.attributes
@@ -769,6 +752,29 @@ pub async fn check_container_side(
         interface_present: true,
         problems,
     })
+}
+
+/// The addresses of interface `index` (`netns`: where, for error messages; empty for the host).
+/// The whole dump is read: a stream dropped halfway leaves netlink-proto with replies it cannot
+/// deliver (and a warning in the log).
+async fn addresses_of(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    netns: &str,
+) -> Result<Vec<netlink_packet_route::address::AddressMessage>> {
+    let place = if netns.is_empty() {
+        String::new()
+    } else {
+        format!(" in {netns}")
+    };
+    handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing addresses of #{index}{place}")))
 }
 
 async fn configure_container_side(
