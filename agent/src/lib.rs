@@ -1,18 +1,22 @@
-//! The weft agent: configuration, the kernel dataplane, the reconciler, the gRPC API, and the
-//! `weftctl` client.
+//! The weft agent: a routed container fabric on one host, in the style of Project Calico.
+//!
+//! Layers, from the outside in: `api` (gRPC) and `supervisor` (start-up and the background
+//! loops) drive `endpoints` (attach, detach, repair, check), `reconcile` (the kernel against the
+//! wanted state) and `cluster` (the etcd watch and liveness). They share a `context` and reach
+//! the world only through seams: `kernel` (netlink, sysctls, namespaces), `firewall`
+//! (iptables) and `store` (etcd). `model` holds the typed domain values; `config` the settings;
+//! `telemetry` metrics, health and systemd notifications.
 
-pub mod audit;
-pub mod cni;
+pub mod api;
+pub mod cluster;
 pub mod config;
-pub mod ctl;
-pub mod daemon;
-pub mod dataplane;
-pub mod error;
+pub mod context;
+pub mod endpoints;
 pub mod firewall;
-pub mod metrics;
-pub mod netns;
-pub mod notify;
-pub mod routes;
-pub mod server;
-pub mod sysctl;
-pub mod validate;
+pub mod kernel;
+pub mod model;
+pub mod reconcile;
+pub mod status;
+pub mod store;
+pub mod supervisor;
+pub mod telemetry;

@@ -1,39 +1,56 @@
 //! Pure allocation choices: which block to claim, which address to hand out. No I/O here; the
-//! datastore turns a choice into a guarded transaction and retries on conflict.
+//! datastore turns a choice into a guarded transaction and retries on conflict. Works for both
+//! address families (block indices are u128: an IPv6 pool holds up to 2^128 blocks).
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
-/// Number of blocks of prefix length `block_size` in `pool`.
-pub fn block_count(pool: Ipv4Network, block_size: u8) -> u64 {
-    1u64 << (block_size - pool.prefix())
+fn bits(net: IpNetwork) -> u8 {
+    match net {
+        IpNetwork::V4(_) => 32,
+        IpNetwork::V6(_) => 128,
+    }
+}
+
+/// Number of blocks of prefix length `block_size` in `pool` (saturating at u128::MAX).
+pub fn block_count(pool: IpNetwork, block_size: u8) -> u128 {
+    1u128
+        .checked_shl(u32::from(block_size.saturating_sub(pool.prefix())))
+        .unwrap_or(u128::MAX)
 }
 
 /// The `index`-th block of `pool`.
-pub fn nth_block(pool: Ipv4Network, block_size: u8, index: u64) -> Ipv4Network {
-    let base = u32::from(pool.network()) as u64 + (index << (32 - block_size as u32));
-    Ipv4Network::new(Ipv4Addr::from(base as u32), block_size).expect("valid prefix length")
+pub fn nth_block(pool: IpNetwork, block_size: u8, index: u128) -> IpNetwork {
+    let shift = u32::from(bits(pool) - block_size);
+    let offset = index.checked_shl(shift).unwrap_or(0);
+    let network = match pool.network() {
+        IpAddr::V4(base) => IpAddr::V4(Ipv4Addr::from(u32::from(base).wrapping_add(offset as u32))),
+        IpAddr::V6(base) => IpAddr::V6(Ipv6Addr::from(u128::from(base).wrapping_add(offset))),
+    };
+    IpNetwork::new(network, block_size).expect("valid prefix length")
 }
 
 /// A free block of `pool`, probing from a random start so hosts starting together spread out
 /// instead of all racing for the first block.
 pub fn pick_free_block(
-    pool: Ipv4Network,
+    pool: IpNetwork,
     block_size: u8,
-    taken: &HashSet<Ipv4Network>,
-    random: u64,
-) -> Option<Ipv4Network> {
+    taken: &HashSet<IpNetwork>,
+    random: u128,
+) -> Option<IpNetwork> {
     let count = block_count(pool, block_size);
     let start = random % count;
-    (0..count)
+    // Every taken block can push the probe one step further; one more finds a free one if any.
+    let probes = (taken.len() as u128 + 1).min(count);
+    (0..probes)
         .map(|i| nth_block(pool, block_size, (start + i) % count))
         .find(|block| !taken.contains(block))
 }
 
 /// The lowest address of `blocks` (in order) that is neither used nor reserved.
-pub fn first_free_ip(blocks: &[Ipv4Network], used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+pub fn first_free_ip(blocks: &[IpNetwork], used: &HashSet<IpAddr>) -> Option<IpAddr> {
     blocks
         .iter()
         .flat_map(|block| block.iter())
@@ -44,7 +61,7 @@ pub fn first_free_ip(blocks: &[Ipv4Network], used: &HashSet<Ipv4Addr>) -> Option
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Network {
+    fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
     }
 
@@ -55,13 +72,16 @@ mod tests {
         assert_eq!(nth_block(pool, 26, 0), net("10.65.0.0/26"));
         assert_eq!(nth_block(pool, 26, 5), net("10.65.1.64/26"));
         assert_eq!(nth_block(pool, 26, 1023), net("10.65.255.192/26"));
+        let v6 = net("fd65::/48");
+        assert_eq!(block_count(v6, 122), 1 << 74);
+        assert_eq!(nth_block(v6, 122, 1), net("fd65::40/122"));
     }
 
     #[test]
     fn picks_only_free_blocks_and_reports_exhaustion() {
         let pool = net("10.66.0.0/24");
         let mut taken = HashSet::new();
-        for random in 0..4u64 {
+        for random in 0..4u128 {
             let block = pick_free_block(pool, 26, &taken, random * 7).unwrap();
             assert!(taken.insert(block), "{block} handed out twice");
         }
@@ -75,6 +95,8 @@ mod tests {
         let a = pick_free_block(pool, 26, &taken, 1).unwrap();
         let b = pick_free_block(pool, 26, &taken, 900).unwrap();
         assert_ne!(a, b);
+        let v6 = pick_free_block(net("fd65::/48"), 122, &taken, u128::MAX - 1).unwrap();
+        assert!(net("fd65::/48").contains(v6.network()));
     }
 
     #[test]

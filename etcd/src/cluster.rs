@@ -1,10 +1,10 @@
 //! The cluster as one agent sees it: hosts, which of them are alive, and who owns which block.
-//! Built from a snapshot and kept current by watch events.
+//! Built from a snapshot and kept current by watch events. Pure.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
 use crate::records::HostRecord;
 
@@ -17,12 +17,12 @@ pub enum ClusterEvent {
     AliveDeleted(String),
     BlockPut {
         pool: String,
-        block: Ipv4Network,
+        block: IpNetwork,
         host: String,
     },
     BlockDeleted {
         pool: String,
-        block: Ipv4Network,
+        block: IpNetwork,
     },
 }
 
@@ -37,7 +37,7 @@ pub struct BlockOwner {
 pub struct ClusterView {
     pub hosts: BTreeMap<String, HostRecord>,
     pub alive: BTreeSet<String>,
-    pub blocks: BTreeMap<Ipv4Network, BlockOwner>,
+    pub blocks: BTreeMap<IpNetwork, BlockOwner>,
     /// The etcd revision this view reflects.
     pub revision: i64,
 }
@@ -67,7 +67,7 @@ impl ClusterView {
     }
 
     /// Blocks owned by `host`, in address order.
-    pub fn blocks_of(&self, host: &str) -> Vec<Ipv4Network> {
+    pub fn blocks_of(&self, host: &str) -> Vec<IpNetwork> {
         self.blocks
             .iter()
             .filter(|(_, owner)| owner.host == host)
@@ -75,10 +75,19 @@ impl ClusterView {
             .collect()
     }
 
+    /// Blocks of `pool` owned by `host`, in address order.
+    pub fn pool_blocks_of(&self, pool: &str, host: &str) -> Vec<IpNetwork> {
+        self.blocks
+            .iter()
+            .filter(|(_, owner)| owner.host == host && owner.pool == pool)
+            .map(|(block, _)| *block)
+            .collect()
+    }
+
     /// Every block of every other known host, with the underlay address to route it through.
     /// A block whose owner has no host record (yet, or any more) gets no route: there is nowhere
     /// to send it.
-    pub fn peer_routes(&self, me: &str) -> BTreeMap<Ipv4Network, Ipv4Addr> {
+    pub fn peer_routes(&self, me: &str) -> BTreeMap<IpNetwork, IpAddr> {
         self.blocks
             .iter()
             .filter(|(_, owner)| owner.host != me)
@@ -135,5 +144,10 @@ mod tests {
         });
         assert_eq!(view.peer_routes("a").len(), 1);
         assert_eq!(view.blocks_of("a"), vec!["10.65.0.0/26".parse().unwrap()]);
+        assert_eq!(
+            view.pool_blocks_of("default", "a"),
+            vec!["10.65.0.0/26".parse().unwrap()]
+        );
+        assert!(view.pool_blocks_of("other", "a").is_empty());
     }
 }

@@ -1,14 +1,24 @@
-use std::net::Ipv4Addr;
+//! Errors of the datastore layer. Each carries the key or name a user needs to act on it.
 
-use ipnetwork::Ipv4Network;
+use std::net::IpAddr;
 
-/// Errors of the datastore layer. Each carries the key or name a user needs to act on it.
+use ipnetwork::IpNetwork;
+
+use crate::records::Protocol;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("etcd is unavailable: {0}")]
     Unavailable(String),
     #[error("etcd request failed: {0}")]
     Etcd(etcd_client::Error),
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("etcd client certificate and key must be given together")]
+    TlsIncomplete,
     #[error(
         "pool {name} is stored in etcd as {existing}, but this agent is configured with {wanted}; \
          fix the agent's pool settings or remove the pool"
@@ -19,19 +29,21 @@ pub enum StoreError {
         wanted: String,
     },
     #[error("pool {pool} ({cidr}) has no free block left")]
-    PoolExhausted { pool: String, cidr: Ipv4Network },
+    PoolExhausted { pool: String, cidr: IpNetwork },
     #[error("host port {protocol}/{port} is already published by container {owner}")]
     PortTaken {
-        protocol: String,
+        protocol: Protocol,
         port: u16,
         owner: String,
     },
     #[error("address {ip} is already held by {holder}")]
-    IpTaken { ip: Ipv4Addr, holder: String },
+    IpTaken { ip: IpAddr, holder: String },
     #[error("malformed record at {key}: {reason}")]
     Malformed { key: String, reason: String },
     #[error("gave up after {attempts} conflicting attempts at {what}")]
     Contention { what: String, attempts: u32 },
+    #[error("block {block} was released while an address in it was being allocated")]
+    BlockReleased { block: IpNetwork },
 }
 
 impl From<etcd_client::Error> for StoreError {

@@ -1,10 +1,12 @@
-//! The etcd key layout under the configurable prefix (default `/weft/v1`).
+//! The etcd key layout under the configurable prefix (default `/weft/v1`). Every key weft
+//! stores is built and parsed here; nothing else formats a key.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
-/// Builds and parses every key weft stores. Nothing else formats a key.
+use crate::records::Protocol;
+
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -19,6 +21,11 @@ impl Keys {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Every key weft stores.
+    pub fn all(&self) -> String {
+        format!("{}/", self.prefix)
     }
 
     pub fn pool(&self, name: &str) -> String {
@@ -45,7 +52,7 @@ impl Keys {
         format!("{}/alive/", self.prefix)
     }
 
-    pub fn block(&self, pool: &str, block: Ipv4Network) -> String {
+    pub fn block(&self, pool: &str, block: IpNetwork) -> String {
         format!(
             "{}/blocks/{pool}/{}-{}",
             self.prefix,
@@ -63,7 +70,7 @@ impl Keys {
         format!("{}/blocks/{pool}/", self.prefix)
     }
 
-    pub fn ip(&self, ip: Ipv4Addr) -> String {
+    pub fn ip(&self, ip: IpAddr) -> String {
         format!("{}/ips/{ip}", self.prefix)
     }
 
@@ -75,25 +82,53 @@ impl Keys {
         format!("{}/endpoints/{host}/{container_id}", self.prefix)
     }
 
+    /// Every endpoint of every host.
+    pub fn endpoints(&self) -> String {
+        format!("{}/endpoints/", self.prefix)
+    }
+
     pub fn host_endpoints(&self, host: &str) -> String {
         format!("{}/endpoints/{host}/", self.prefix)
     }
 
-    pub fn port(&self, host: &str, protocol: &str, port: u16) -> String {
+    pub fn port(&self, host: &str, protocol: Protocol, port: u16) -> String {
         format!("{}/ports/{host}/{protocol}/{port}", self.prefix)
+    }
+
+    /// Every host-port reservation of every host.
+    pub fn ports(&self) -> String {
+        format!("{}/ports/", self.prefix)
     }
 
     pub fn host_ports(&self, host: &str) -> String {
         format!("{}/ports/{host}/", self.prefix)
     }
 
-    /// Parses `<prefix>/blocks/<pool>/<a.b.c.d-len>` into the pool name and the block.
-    pub fn parse_block(&self, key: &str) -> Option<(String, Ipv4Network)> {
+    /// Parses `<prefix>/blocks/<pool>/<addr>-<len>` into the pool name and the block.
+    pub fn parse_block(&self, key: &str) -> Option<(String, IpNetwork)> {
         let rest = key.strip_prefix(&self.blocks())?;
         let (pool, block) = rest.split_once('/')?;
-        let (addr, len) = block.split_once('-')?;
-        let net = Ipv4Network::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
-        (net.network() == net.ip()).then(|| (pool.to_string(), net))
+        let (addr, len) = block.rsplit_once('-')?;
+        let net = IpNetwork::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
+        (net.network() == net.ip() && !pool.is_empty()).then(|| (pool.to_string(), net))
+    }
+
+    /// Parses `<prefix>/ips/<addr>`.
+    pub fn parse_ip(&self, key: &str) -> Option<IpAddr> {
+        key.strip_prefix(&self.ips())?.parse().ok()
+    }
+
+    /// Parses `<prefix>/ports/<host>/<proto>/<port>`.
+    pub fn parse_port(&self, key: &str) -> Option<(String, Protocol, u16)> {
+        let mut parts = key.strip_prefix(&self.ports())?.split('/');
+        let host = parts.next().filter(|h| !h.is_empty())?.to_string();
+        let protocol = match parts.next()? {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return None,
+        };
+        let port = parts.next()?.parse().ok()?;
+        parts.next().is_none().then_some((host, protocol, port))
     }
 
     /// The last path segment of a key below `collection` (e.g. the host name of `hosts/<host>`).
@@ -103,29 +138,21 @@ impl Keys {
     }
 }
 
-/// The end of the key range covering every key that starts with `prefix` (etcd's prefix range).
-pub fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn block_keys_round_trip() {
+    fn block_keys_round_trip_in_both_families() {
         let keys = Keys::new("/weft/v1/");
-        let block: Ipv4Network = "10.65.3.64/26".parse().unwrap();
+        let block: IpNetwork = "10.65.3.64/26".parse().unwrap();
         let key = keys.block("default", block);
         assert_eq!(key, "/weft/v1/blocks/default/10.65.3.64-26");
         assert_eq!(keys.parse_block(&key), Some(("default".to_string(), block)));
+        let v6: IpNetwork = "fd65::40/122".parse().unwrap();
+        let key = keys.block("default-v6", v6);
+        assert_eq!(key, "/weft/v1/blocks/default-v6/fd65::40-122");
+        assert_eq!(keys.parse_block(&key), Some(("default-v6".to_string(), v6)));
     }
 
     #[test]
@@ -136,10 +163,26 @@ mod tests {
             "/weft/v1/blocks/default/10.65.3.64",
             "/weft/v1/blocks/default/x-26",
             "/weft/v1/blocks/default",
+            "/weft/v1/blocks//10.65.3.64-26",
             "/other/blocks/default/10.65.3.64-26",
         ] {
             assert_eq!(keys.parse_block(key), None, "{key}");
         }
+    }
+
+    #[test]
+    fn port_and_ip_keys_round_trip() {
+        let keys = Keys::new("/weft/v1");
+        let key = keys.port("h1", Protocol::Udp, 53);
+        assert_eq!(key, "/weft/v1/ports/h1/udp/53");
+        assert_eq!(
+            keys.parse_port(&key),
+            Some(("h1".to_string(), Protocol::Udp, 53))
+        );
+        assert_eq!(keys.parse_port("/weft/v1/ports/h1/sctp/53"), None);
+        assert_eq!(keys.parse_port("/weft/v1/ports/h1/tcp/53/x"), None);
+        let ip: IpAddr = "10.65.0.7".parse().unwrap();
+        assert_eq!(keys.parse_ip(&keys.ip(ip)), Some(ip));
     }
 
     #[test]
@@ -148,10 +191,5 @@ mod tests {
         assert_eq!(keys.name_in(&keys.hosts(), "/weft/v1/hosts/h1"), Some("h1"));
         assert_eq!(keys.name_in(&keys.hosts(), "/weft/v1/hosts/h1/x"), None);
         assert_eq!(keys.name_in(&keys.hosts(), "/weft/v1/hosts/"), None);
-    }
-
-    #[test]
-    fn prefix_end_increments_last_byte() {
-        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
     }
 }

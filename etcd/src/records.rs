@@ -1,14 +1,15 @@
-//! The JSON records stored under each key.
+//! The JSON records stored under each key. Addresses are family-generic (`IpAddr`,
+//! `IpNetwork`); both serialize as the plain text form ("10.65.0.1", "10.65.0.0/16").
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 /// `pools/<name>`: cluster-wide pool configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolRecord {
-    pub cidr: Ipv4Network,
+    pub cidr: IpNetwork,
     /// Prefix length of the blocks carved from the pool.
     pub block_size: u8,
     pub nat_outgoing: bool,
@@ -17,7 +18,7 @@ pub struct PoolRecord {
 /// `hosts/<host>`: a host that joined the cluster; persistent until removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {
-    pub underlay_ip: Ipv4Addr,
+    pub underlay_ip: IpAddr,
     pub version: String,
     /// Unix seconds of the first registration.
     pub first_seen: u64,
@@ -31,24 +32,62 @@ pub struct AliveRecord {
     pub started: u64,
 }
 
-/// `blocks/<pool>/<a.b.c.d-len>`: the host that owns a block.
+/// `blocks/<pool>/<addr-len>`: the host that owns a block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockRecord {
     pub host: String,
 }
 
-/// `ips/<a.b.c.d>`: the uniqueness guard of one address.
+/// `ips/<addr>`: the uniqueness guard of one address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpRecord {
     pub host: String,
     pub container_id: String,
 }
 
+/// The transport protocol of a published port.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    /// `tcp` or `udp`, any case; empty means tcp.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "" | "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("unknown protocol {text:?}: use tcp or udp")),
+        }
+    }
+}
+
 /// A published port of an endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortRecord {
-    /// `tcp` or `udp`.
-    pub protocol: String,
+    pub protocol: Protocol,
     pub host_port: u16,
     pub container_port: u16,
 }
@@ -64,7 +103,7 @@ pub struct PortOwner {
 pub struct EndpointRecord {
     pub container_id: String,
     pub host: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Name of the host end of the veth.
     pub host_ifname: String,
     /// Name of the interface inside the container.
@@ -83,4 +122,30 @@ pub struct EndpointRecord {
 
 pub fn encode<T: Serialize>(record: &T) -> String {
     serde_json::to_string(record).expect("records always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_keep_their_stored_form() {
+        let stored = r#"{"container_id":"a","host":"h1","ip":"10.65.0.1","host_ifname":"weft0","ifname":"eth0","mac":"02:00:00:00:00:01","netns":"/run/netns/x","owns_netns":true,"ports":[{"protocol":"udp","host_port":53,"container_port":5353}],"created":7}"#;
+        let record: EndpointRecord = serde_json::from_str(stored).unwrap();
+        assert_eq!(record.ports[0].protocol, Protocol::Udp);
+        assert_eq!(encode(&record), stored);
+        let pool = r#"{"cidr":"10.65.0.0/16","block_size":26,"nat_outgoing":true}"#;
+        assert_eq!(
+            encode(&serde_json::from_str::<PoolRecord>(pool).unwrap()),
+            pool
+        );
+    }
+
+    #[test]
+    fn protocols_parse_and_print() {
+        assert_eq!("".parse::<Protocol>(), Ok(Protocol::Tcp));
+        assert_eq!("UDP".parse::<Protocol>(), Ok(Protocol::Udp));
+        assert!("sctp".parse::<Protocol>().is_err());
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+    }
 }

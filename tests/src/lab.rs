@@ -402,7 +402,7 @@ impl Lab {
 
     /// A gRPC client of host `i`'s agent.
     pub async fn client(&self, i: usize) -> Result<AgentClient<Channel>> {
-        weft_agent::ctl::connect(&self.hosts[i].socket)
+        weft_cli::client::connect(&self.hosts[i].socket)
             .await
             .map_err(anyhow::Error::msg)
     }

@@ -305,10 +305,10 @@ fn podman_containers_on_weft_reach_each_other_publish_ports_and_free_addresses()
         "httpd -f -p 80 -h /www",
     );
     podman.run(&b, &["--network", &net2], &rootfs, "sleep 600");
-    let ip_of = |name: &str, host: usize| {
+    let ip_of = |name: &str, host: usize, network: &str| {
         let listed = lab.ctl_json(host, &["ls"]).unwrap();
         let id = podman.ok(&["inspect", "--format", "{{.Id}}", name]);
-        let wanted = weft_agent::cni::weft_id(&id, "eth0");
+        let wanted = weft_cli::cni::weft_id(network, &id, "eth0");
         listed
             .as_array()
             .unwrap()
@@ -317,7 +317,7 @@ fn podman_containers_on_weft_reach_each_other_publish_ports_and_free_addresses()
             .map(|e| e["ip"].as_str().unwrap().to_string())
             .expect("endpoint of the podman container")
     };
-    let (ip_a, ip_b) = (ip_of(&a, 0), ip_of(&b, 1));
+    let (ip_a, ip_b) = (ip_of(&a, 0, &net1), ip_of(&b, 1, &net2));
     // Across hosts, both ways, from inside the containers.
     assert!(podman
         .cmd(&["exec", &b, "ping", "-c", "1", "-W", "2", &ip_a])

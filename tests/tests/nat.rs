@@ -309,7 +309,9 @@ fn rules_are_restored_foreign_rules_survive_and_stale_rules_go_at_start() {
 
 #[test]
 fn rendered_rules_match_what_iptables_prints_so_resyncs_write_nothing() {
-    use weft_agent::firewall::{Firewall, FirewallSpec, PortRule, SyncMode};
+    use weft_agent::firewall::iptables::Iptables;
+    use weft_agent::firewall::{Backend, FirewallSpec, PoolRule, PortRule, SyncMode};
+    use weft_agent::model::{ContainerId, Protocol};
     weft_tests::require_root();
     let ns = format!("wfw{}", std::process::id());
     sh::run("ip", &["netns", "add", &ns]).unwrap();
@@ -320,27 +322,35 @@ fn rendered_rules_match_what_iptables_prints_so_resyncs_write_nothing() {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let spec = FirewallSpec {
             pools: vec![
-                ("default".into(), "10.65.0.0/16".parse().unwrap(), true),
-                ("quiet".into(), "10.66.0.0/16".parse().unwrap(), false),
+                PoolRule {
+                    name: "default".into(),
+                    cidr: "10.65.0.0/16".parse().unwrap(),
+                    nat_outgoing: true,
+                },
+                PoolRule {
+                    name: "quiet".into(),
+                    cidr: "10.66.0.0/16".parse().unwrap(),
+                    nat_outgoing: false,
+                },
             ],
             ports: vec![
                 PortRule {
-                    container_id: "web".into(),
+                    container_id: ContainerId::new("web").unwrap(),
                     ip: "10.65.0.5".parse().unwrap(),
-                    protocol: "tcp".into(),
+                    protocol: Protocol::Tcp,
                     host_port: 8080,
                     container_port: 80,
                 },
                 PortRule {
-                    container_id: "dns".into(),
+                    container_id: ContainerId::new("dns").unwrap(),
                     ip: "10.65.0.6".parse().unwrap(),
-                    protocol: "udp".into(),
+                    protocol: Protocol::Udp,
                     host_port: 5353,
                     container_port: 53,
                 },
             ],
         };
-        let mut firewall = Firewall::default();
+        let firewall = Iptables::default();
         let first = firewall.sync(&spec, SyncMode::Verify).unwrap();
         let again = firewall.sync(&spec, SyncMode::Verify).unwrap();
         (first.tables_written, again.tables_written)

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
-    let agent = weft_agent::daemon::Agent::start(config).await?;
+    let agent = weft_agent::supervisor::Agent::start(config).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {
@@ -28,5 +28,5 @@ async fn main() -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     };
-    weft_agent::server::run(agent, shutdown).await
+    agent.run(shutdown).await
 }

@@ -204,7 +204,7 @@ impl Client {
         if guard.is_none() {
             let c = self
                 .runtime
-                .block_on(weft_agent::ctl::connect(&self.socket))
+                .block_on(weft_cli::client::connect(&self.socket))
                 .map_err(anyhow::Error::msg)?;
             *guard = Some(c);
         }
@@ -684,7 +684,7 @@ async fn simulate(endpoints: String, hosts: usize) -> Result<Duration> {
         tasks.push(tokio::spawn(async move {
             let name = format!("sim{i}");
             let ip = std::net::Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250) as u8 + 1);
-            store.register_host(&name, ip, "bench").await?;
+            store.register_host(&name, ip.into(), "bench").await?;
             store.claim_block("default", &pool, &name).await?;
             let view = std::sync::Mutex::new(weft_etcd::ClusterView::default());
             let reported = std::sync::atomic::AtomicBool::new(false);

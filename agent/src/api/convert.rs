@@ -1,0 +1,83 @@
+//! Protobuf messages to domain values and back.
+
+use weft_etcd::records::{EndpointRecord, PortRecord};
+use weft_proto::v1 as pb;
+
+use crate::context::VERSION;
+use crate::model::{port_mapping, AttachRequest, ContainerId, IfName, Invalid, GATEWAY_V4};
+use crate::status::HostStatus;
+
+impl TryFrom<pb::AttachRequest> for AttachRequest {
+    type Error = Invalid;
+
+    /// Checks in the order a client would fix things: the id, the interface, each port, then
+    /// the ports as a set and where the namespace comes from.
+    fn try_from(req: pb::AttachRequest) -> Result<Self, Invalid> {
+        ContainerId::new(&req.container_id)?;
+        if !req.ifname.is_empty() {
+            IfName::new(&req.ifname)?;
+        }
+        let ports = req
+            .ports
+            .iter()
+            .map(|p| port_mapping(&p.protocol, p.host_port, p.container_port))
+            .collect::<Result<Vec<_>, _>>()?;
+        AttachRequest::new(&req.container_id, &req.netns, req.pid, &req.ifname, ports)
+    }
+}
+
+pub fn endpoint_to_pb(record: &EndpointRecord) -> pb::Endpoint {
+    pb::Endpoint {
+        container_id: record.container_id.clone(),
+        host: record.host.clone(),
+        ip: record.ip.to_string(),
+        gateway: GATEWAY_V4.to_string(),
+        mac: record.mac.clone(),
+        host_ifname: record.host_ifname.clone(),
+        netns: record.netns.clone(),
+        ports: record.ports.iter().map(port_to_pb).collect(),
+        ifname: record.ifname.clone(),
+    }
+}
+
+fn port_to_pb(port: &PortRecord) -> pb::PortMapping {
+    pb::PortMapping {
+        protocol: port.protocol.to_string(),
+        host_port: port.host_port.into(),
+        container_port: port.container_port.into(),
+    }
+}
+
+pub fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
+    pb::StatusResponse {
+        host: status.host,
+        underlay_ip: status.underlay.ip.to_string(),
+        underlay_interface: status.underlay.ifname,
+        pools: status
+            .pools
+            .into_iter()
+            .map(|(name, pool)| pb::Pool {
+                name,
+                cidr: pool.cidr.to_string(),
+                block_size: pool.block_size.into(),
+                nat_outgoing: pool.nat_outgoing,
+            })
+            .collect(),
+        local_blocks: status.local_blocks.iter().map(|b| b.to_string()).collect(),
+        endpoint_count: status.endpoint_count as u32,
+        etcd_connected: status.etcd_connected,
+        version: VERSION.to_string(),
+        peers: status
+            .peers
+            .into_iter()
+            .map(|p| pb::Peer {
+                host: p.host,
+                underlay_ip: p.underlay_ip.to_string(),
+                blocks: p.blocks.iter().map(|b| b.to_string()).collect(),
+                alive: p.alive,
+            })
+            .collect(),
+        route_count: status.route_count as u32,
+        rule_count: status.rule_count as u32,
+    }
+}

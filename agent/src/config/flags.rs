@@ -1,0 +1,159 @@
+//! Where settings come from: command-line flags (each also `WEFT_<FLAG>` in the environment)
+//! and the TOML file given by `--config`, both with every value optional so that they can be
+//! merged; and the parsers they share.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// Command-line flags (each also `WEFT_<FLAG>` in the environment). Every value is optional here
+/// so that the TOML file can fill what flags and environment leave unset.
+#[derive(Debug, Default, Parser)]
+// Later occurrences of a flag win, so a wrapper can override what it passed before.
+#[command(
+    name = "weft-agent",
+    version,
+    about = "weft per-host agent: a routed container fabric",
+    args_override_self = true
+)]
+pub struct Flags {
+    /// TOML file with any of the settings below (keys as the long flags, e.g. host-name).
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This host's name in the cluster [default: the machine's hostname].
+    #[arg(long, env = "WEFT_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// etcd endpoints, comma-separated [default: http://127.0.0.1:2379].
+    #[arg(long, env = "WEFT_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Option<String>,
+    /// Key prefix of all weft data in etcd [default: /weft/v1].
+    #[arg(long, env = "WEFT_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// CA certificate (PEM) to verify etcd with.
+    #[arg(long, env = "WEFT_ETCD_CACERT")]
+    pub etcd_cacert: Option<String>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "WEFT_ETCD_CERT")]
+    pub etcd_cert: Option<String>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "WEFT_ETCD_KEY")]
+    pub etcd_key: Option<String>,
+    /// Upper bound of one etcd request, e.g. 2s or 500ms [default: 2s].
+    #[arg(long, env = "WEFT_ETCD_TIMEOUT")]
+    pub etcd_timeout: Option<String>,
+    /// The address pool, a CIDR [default: 10.65.0.0/16].
+    #[arg(long, env = "WEFT_POOL")]
+    pub pool: Option<String>,
+    /// Name of the pool in etcd [default: default].
+    #[arg(long, env = "WEFT_POOL_NAME")]
+    pub pool_name: Option<String>,
+    /// Prefix length of the blocks hosts claim from the pool [default: 26].
+    #[arg(long, env = "WEFT_BLOCK_SIZE")]
+    pub block_size: Option<u8>,
+    /// Masquerade traffic from the pool to destinations outside every pool [default: true].
+    #[arg(long, env = "WEFT_NAT_OUTGOING")]
+    pub nat_outgoing: Option<bool>,
+    /// Interface whose address is this host's underlay IP [default: the default route's].
+    #[arg(long, env = "WEFT_UNDERLAY_INTERFACE")]
+    pub underlay_interface: Option<String>,
+    /// gRPC Unix socket [default: /run/weft/agent.sock].
+    #[arg(long, env = "WEFT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "WEFT_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Lifetime of this host's liveness key without keep-alive, e.g. 10s [default: 10s].
+    #[arg(long, env = "WEFT_ALIVE_TTL")]
+    pub alive_ttl: Option<String>,
+    /// Interval of the full reconciliation of kernel state, e.g. 10s [default: 10s].
+    #[arg(long, env = "WEFT_RESYNC_INTERVAL")]
+    pub resync_interval: Option<String>,
+    /// HTTP address for /healthz, /readyz and /metrics; empty turns it off
+    /// [default: 127.0.0.1:9099].
+    #[arg(long, env = "WEFT_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Remove a host (blocks, addresses, routes on every peer) once it has been down this long,
+    /// e.g. 24h; "off" disables [default: off].
+    #[arg(long, env = "WEFT_REMOVE_DEAD_HOSTS_AFTER")]
+    pub remove_dead_hosts_after: Option<String>,
+}
+
+/// The same settings as read from the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub host_name: Option<String>,
+    pub etcd_endpoints: Option<String>,
+    pub etcd_prefix: Option<String>,
+    pub etcd_cacert: Option<String>,
+    pub etcd_cert: Option<String>,
+    pub etcd_key: Option<String>,
+    pub etcd_timeout: Option<String>,
+    pub pool: Option<String>,
+    pub pool_name: Option<String>,
+    pub block_size: Option<u8>,
+    pub nat_outgoing: Option<bool>,
+    pub underlay_interface: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub alive_ttl: Option<String>,
+    pub resync_interval: Option<String>,
+    pub remove_dead_hosts_after: Option<String>,
+    pub metrics_addr: Option<String>,
+}
+
+/// Parses durations such as `10s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| text.split_at(i))
+        .unwrap_or((text, "s"));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 10s, 500ms, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: shown,
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        assert!(toml::from_str::<FileConfig>("hostname = \"x\"").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! Agent configuration: flags win over `WEFT_*` environment variables, which win over the TOML
+//! file given by `--config`, which wins over built-in defaults. Every value is checked here, once,
+//! and typed from then on.
+
+mod flags;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+
+pub use flags::{parse_duration, read_file, FileConfig, Flags};
+
+use crate::model::HostName;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub tls: Option<weft_etcd::TlsFiles>,
+}
+
+/// The pool this agent allocates from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub name: String,
+    pub cidr: IpNetwork,
+    pub block_size: u8,
+    pub nat_outgoing: bool,
+}
+
+/// The resolved configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host_name: HostName,
+    pub etcd: EtcdSettings,
+    pub pool: PoolSettings,
+    pub underlay_interface: Option<String>,
+    pub socket: PathBuf,
+    pub log_format: LogFormat,
+    pub alive_ttl: Duration,
+    pub resync_interval: Duration,
+    pub remove_dead_hosts_after: Option<Duration>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
+}
+
+fn duration(
+    setting: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    parse_duration(value.as_deref().unwrap_or(default)).map_err(|m| invalid(setting, m))
+}
+
+impl Config {
+    pub fn load(flags: Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(flags, file)
+    }
+
+    fn resolve(flags: Flags, file: FileConfig) -> Result<Self, ConfigError> {
+        let host_name = match flags.host_name.clone().or(file.host_name.clone()) {
+            Some(name) => name,
+            None => nix::unistd::gethostname()
+                .map_err(|e| invalid("host-name", format!("cannot read hostname: {e}")))?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let host_name =
+            HostName::new(&host_name).map_err(|e| invalid("host-name", e.to_string()))?;
+        let etcd = etcd_settings(&flags, &file)?;
+        let pool = pool_settings(&flags, &file)?;
+        let alive_ttl = duration("alive-ttl", flags.alive_ttl.or(file.alive_ttl), "10s")?;
+        if alive_ttl < Duration::from_secs(2) {
+            return Err(invalid("alive-ttl", "must be at least 2s"));
+        }
+        let resync_interval = duration(
+            "resync-interval",
+            flags.resync_interval.or(file.resync_interval),
+            "10s",
+        )?;
+        if resync_interval < Duration::from_millis(100) {
+            return Err(invalid("resync-interval", "must be at least 100ms"));
+        }
+        let remove_dead_hosts_after = remove_after(
+            flags
+                .remove_dead_hosts_after
+                .or(file.remove_dead_hosts_after),
+            alive_ttl,
+        )?;
+        Ok(Config {
+            host_name,
+            etcd,
+            pool,
+            underlay_interface: flags.underlay_interface.or(file.underlay_interface),
+            socket: flags
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| PathBuf::from("/run/weft/agent.sock")),
+            log_format: log_format(flags.log_format.or(file.log_format))?,
+            alive_ttl,
+            resync_interval,
+            remove_dead_hosts_after,
+            metrics_addr: metrics_addr(flags.metrics_addr.or(file.metrics_addr))?,
+        })
+    }
+}
+
+fn etcd_settings(flags: &Flags, file: &FileConfig) -> Result<EtcdSettings, ConfigError> {
+    let endpoints: Vec<String> = flags
+        .etcd_endpoints
+        .clone()
+        .or(file.etcd_endpoints.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:2379".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Err(invalid("etcd-endpoints", "no endpoint given"));
+    }
+    let prefix = flags
+        .etcd_prefix
+        .clone()
+        .or(file.etcd_prefix.clone())
+        .unwrap_or_else(|| "/weft/v1".into());
+    if !prefix.starts_with('/') {
+        return Err(invalid("etcd-prefix", "must start with '/'"));
+    }
+    let timeout = duration(
+        "etcd-timeout",
+        flags.etcd_timeout.clone().or(file.etcd_timeout.clone()),
+        "2s",
+    )?;
+    let tls = weft_etcd::TlsFiles::from_parts(
+        flags.etcd_cacert.clone().or(file.etcd_cacert.clone()),
+        flags.etcd_cert.clone().or(file.etcd_cert.clone()),
+        flags.etcd_key.clone().or(file.etcd_key.clone()),
+    );
+    Ok(EtcdSettings {
+        endpoints,
+        prefix,
+        timeout,
+        tls,
+    })
+}
+
+fn pool_settings(flags: &Flags, file: &FileConfig) -> Result<PoolSettings, ConfigError> {
+    let text = flags
+        .pool
+        .clone()
+        .or(file.pool.clone())
+        .unwrap_or_else(|| "10.65.0.0/16".into());
+    let cidr: IpNetwork = text
+        .parse()
+        .ok()
+        .filter(IpNetwork::is_ipv4)
+        .ok_or_else(|| invalid("pool", format!("{text:?} is not an IPv4 CIDR")))?;
+    if cidr.network() != cidr.ip() {
+        return Err(invalid(
+            "pool",
+            format!(
+                "{cidr} has host bits set; did you mean {}/{}?",
+                cidr.network(),
+                cidr.prefix()
+            ),
+        ));
+    }
+    let block_size = flags.block_size.or(file.block_size).unwrap_or(26);
+    if block_size < cidr.prefix() || block_size > 32 {
+        return Err(invalid(
+            "block-size",
+            format!("/{block_size} blocks do not fit in pool {cidr}"),
+        ));
+    }
+    let name = flags
+        .pool_name
+        .clone()
+        .or(file.pool_name.clone())
+        .unwrap_or_else(|| "default".into());
+    HostName::new(&name)
+        .map_err(|_| invalid("pool-name", format!("{name:?} is not a valid name")))?;
+    Ok(PoolSettings {
+        name,
+        cidr,
+        block_size,
+        nat_outgoing: flags.nat_outgoing.or(file.nat_outgoing).unwrap_or(true),
+    })
+}
+
+fn remove_after(
+    value: Option<String>,
+    alive_ttl: Duration,
+) -> Result<Option<Duration>, ConfigError> {
+    match value.as_deref() {
+        None | Some("off") | Some("") => Ok(None),
+        Some(text) => {
+            let after = parse_duration(text).map_err(|m| invalid("remove-dead-hosts-after", m))?;
+            if after < alive_ttl {
+                return Err(invalid(
+                    "remove-dead-hosts-after",
+                    "must be longer than alive-ttl",
+                ));
+            }
+            Ok(Some(after))
+        }
+    }
+}
+
+fn metrics_addr(value: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
+    match value.as_deref().unwrap_or("127.0.0.1:9099") {
+        "" => Ok(None),
+        text => text.parse().map(Some).map_err(|_| {
+            invalid(
+                "metrics-addr",
+                format!("{text:?} is not an address such as 127.0.0.1:9099"),
+            )
+        }),
+    }
+}
+
+fn log_format(value: Option<String>) -> Result<LogFormat, ConfigError> {
+    match value.as_deref().unwrap_or("text") {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(invalid(
+            "log-format",
+            format!("{other:?}: use text or json"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::path::Path;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("weft-agent").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let config = Config::resolve(flags(&["--host-name", "h1"]), FileConfig::default()).unwrap();
+        assert_eq!(config.pool.cidr.to_string(), "10.65.0.0/16");
+        assert_eq!(config.pool.block_size, 26);
+        assert_eq!(config.etcd.prefix, "/weft/v1");
+        assert_eq!(config.socket, PathBuf::from("/run/weft/agent.sock"));
+        assert!(config.pool.nat_outgoing);
+        assert_eq!(config.remove_dead_hosts_after, None);
+        assert_eq!(config.etcd.tls, None);
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: FileConfig =
+            toml::from_str("host-name = \"file\"\npool = \"10.70.0.0/16\"\nblock-size = 28\n")
+                .unwrap();
+        let config = Config::resolve(flags(&["--host-name", "flag"]), file).unwrap();
+        assert_eq!(config.host_name.as_str(), "flag");
+        assert_eq!(config.pool.cidr.to_string(), "10.70.0.0/16");
+        assert_eq!(config.pool.block_size, 28);
+    }
+
+    #[test]
+    fn the_example_file_lists_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml");
+        let file = read_file(Path::new(path)).unwrap();
+        let from_file = Config::resolve(flags(&["--host-name", "h1"]), file).unwrap();
+        let defaults =
+            Config::resolve(flags(&["--host-name", "h1"]), FileConfig::default()).unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let refused = |args: &[&str], setting: &str| {
+            let mut all = vec!["--host-name", "h1"];
+            all.extend_from_slice(args);
+            let err = Config::resolve(flags(&all), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{err}");
+        };
+        refused(&["--pool", "10.65.0.1/16"], "pool:");
+        refused(&["--pool", "fd65::/48"], "pool:");
+        refused(&["--block-size", "8"], "block-size:");
+        refused(&["--alive-ttl", "1s"], "alive-ttl:");
+        refused(
+            &["--remove-dead-hosts-after", "1s"],
+            "remove-dead-hosts-after:",
+        );
+        refused(&["--metrics-addr", "nowhere"], "metrics-addr:");
+        refused(&["--log-format", "xml"], "log-format:");
+        refused(&["--etcd-prefix", "weft"], "etcd-prefix:");
+        let err =
+            Config::resolve(flags(&["--host-name", "a/b"]), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("host-name:"), "{err}");
+    }
+}

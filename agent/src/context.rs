@@ -1,0 +1,118 @@
+//! What the agent's jobs share: its configuration and host facts, the kernel and datastore
+//! seams, this host's endpoints, the cluster view, the firewall and the metrics. Behaviour lives
+//! with each job (`endpoints`, `reconcile`, `cluster`, `api`); this is only the state they meet
+//! in.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use weft_etcd::records::{EndpointRecord, PoolRecord};
+use weft_etcd::ClusterView;
+
+use crate::cluster::ClusterState;
+use crate::config::Config;
+use crate::endpoints::table::EndpointTable;
+use crate::firewall::{self, FirewallSpec, FirewallSync, PoolRule, PortRule};
+use crate::kernel::{Kernel, Underlay};
+use crate::model::ContainerId;
+use crate::store::Store;
+use crate::telemetry::metrics::Metrics;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub struct Context {
+    pub config: Config,
+    pub underlay: Underlay,
+    /// This agent's pool as stored in etcd.
+    pub pool: PoolRecord,
+    pub kernel: Arc<dyn Kernel>,
+    pub store: Arc<dyn Store>,
+    pub endpoints: EndpointTable,
+    pub cluster: ClusterState,
+    pub firewall: FirewallSync,
+    pub metrics: Metrics,
+    /// Block claims one at a time: concurrent attaches that find the blocks full wait for it.
+    pub claim: tokio::sync::Mutex<()>,
+    /// Wakes the reconciler for a pass soon.
+    pub resync: Notify,
+}
+
+/// The parts a context is built from.
+pub struct Parts {
+    pub config: Config,
+    pub underlay: Underlay,
+    pub pool: PoolRecord,
+    pub kernel: Arc<dyn Kernel>,
+    pub store: Arc<dyn Store>,
+    pub firewall: Arc<dyn firewall::Backend>,
+    pub endpoints: Vec<EndpointRecord>,
+    pub cluster: ClusterView,
+    pub pools: Vec<(String, PoolRecord)>,
+}
+
+impl Context {
+    pub fn new(parts: Parts) -> Self {
+        Self {
+            config: parts.config,
+            underlay: parts.underlay,
+            pool: parts.pool,
+            kernel: parts.kernel,
+            store: parts.store,
+            endpoints: EndpointTable::new(parts.endpoints),
+            cluster: ClusterState::new(parts.cluster, parts.pools),
+            firewall: FirewallSync::new(parts.firewall),
+            metrics: Metrics::default(),
+            claim: Default::default(),
+            resync: Notify::new(),
+        }
+    }
+
+    /// This host's name.
+    pub fn me(&self) -> &str {
+        self.config.host_name.as_str()
+    }
+
+    /// Asks the reconciler for a pass soon.
+    pub fn request_resync(&self) {
+        self.resync.notify_one();
+    }
+
+    /// The name of the namespace the agent makes for a container given none.
+    pub fn owned_netns_name(&self, id: &ContainerId) -> String {
+        format!("weft-{}-{id}", self.me())
+    }
+
+    /// What the firewall rules are made of now.
+    pub fn firewall_spec(&self) -> FirewallSpec {
+        let pools = self
+            .cluster
+            .pools()
+            .into_iter()
+            .map(|(name, pool)| PoolRule {
+                name,
+                cidr: pool.cidr,
+                nat_outgoing: pool.nat_outgoing,
+            })
+            .collect();
+        let ports = self.endpoints.list().iter().flat_map(port_rules).collect();
+        FirewallSpec { pools, ports }
+    }
+}
+
+/// The DNAT and hairpin rules an endpoint's published ports need.
+pub fn port_rules(e: &EndpointRecord) -> Vec<PortRule> {
+    // Records of this host were validated when written; one that is not is skipped.
+    let Ok(container_id) = ContainerId::new(&e.container_id) else {
+        return vec![];
+    };
+    e.ports
+        .iter()
+        .map(|p| PortRule {
+            container_id: container_id.clone(),
+            ip: e.ip,
+            protocol: p.protocol,
+            host_port: p.host_port,
+            container_port: p.container_port,
+        })
+        .collect()
+}

@@ -1,0 +1,118 @@
+//! Address allocation on this host: an address of this host's blocks that no endpoint, pending
+//! attach or foreign record holds, a veth name no endpoint uses, a new block when the blocks are
+//! full, and the endpoint record written under the address guard.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use tracing::{debug, info, warn};
+use weft_etcd::records::EndpointRecord;
+use weft_etcd::{alloc, BlockRef, CreateConflict};
+
+use super::error::EndpointError;
+use super::table::Settle;
+use crate::context::Context;
+use crate::model::{veth_name, ContainerId, Route, RouteTarget};
+
+/// Tries before giving up when etcd keeps saying the picked address is taken.
+const ATTEMPTS: usize = 64;
+
+/// The first veth name for `id` that no other endpoint (or pending attach) uses.
+pub fn choose_veth_name(id: &ContainerId, taken: &HashSet<String>) -> String {
+    (0..)
+        .map(|attempt| veth_name(id, attempt))
+        .find(|name| !taken.contains(name))
+        .expect("a free name among unboundedly many")
+}
+
+/// Picks an address and a veth name, then writes the endpoint record guarded by the address.
+/// The record is in the table from the moment it is written, so the route the attach adds is
+/// never taken for stale by the reconciler.
+pub async fn allocate(
+    ctx: &Context,
+    id: &ContainerId,
+    make: impl Fn(IpAddr, String) -> EndpointRecord,
+) -> Result<EndpointRecord, EndpointError> {
+    let pool = &ctx.config.pool.name;
+    for _ in 0..ATTEMPTS {
+        let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
+        let picked = ctx.endpoints.reserve(|taken| {
+            let ip = alloc::first_free_ip(&blocks, &taken.ips)?;
+            let block = *blocks.iter().find(|b| b.contains(ip))?;
+            Some((ip, choose_veth_name(id, &taken.names), block))
+        });
+        let Some((ip, name, block)) = picked else {
+            claim_block(ctx, blocks.len()).await?;
+            continue;
+        };
+        let record = make(ip, name.clone());
+        let block = BlockRef {
+            pool: pool.clone(),
+            block,
+        };
+        match ctx.store.create_endpoint(record.clone(), block).await {
+            Ok(()) => {
+                ctx.endpoints
+                    .settle(ip, &name, Settle::Written(Box::new(record.clone())));
+                return Ok(record);
+            }
+            Err(CreateConflict::IpTaken) => {
+                debug!(%ip, "address taken in etcd by a record unknown here; trying another");
+                ctx.endpoints.settle(ip, &name, Settle::Foreign);
+            }
+            // Our own write, retried on another endpoint after its answer was lost.
+            Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
+                ctx.endpoints.settle(ip, &name, Settle::Written(existing));
+                return Ok(record);
+            }
+            Err(CreateConflict::EndpointExists(existing)) => {
+                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+                return Err(EndpointError::WrittenElsewhere {
+                    container: existing.container_id,
+                    ip: existing.ip,
+                });
+            }
+            Err(CreateConflict::Store(e)) => {
+                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+                return Err(e.into());
+            }
+        }
+    }
+    Err(EndpointError::Contention)
+}
+
+/// Claims one more block unless another attach did so while we waited for the claim lock.
+async fn claim_block(ctx: &Context, blocks_seen: usize) -> Result<(), EndpointError> {
+    let _claim = ctx.claim.lock().await;
+    let pool = &ctx.config.pool.name;
+    if ctx.cluster.pool_blocks_of(pool, ctx.me()).len() > blocks_seen {
+        return Ok(());
+    }
+    let block = ctx.store.claim_block(pool, &ctx.pool, ctx.me()).await?;
+    info!(%block, "claimed block");
+    ctx.cluster.claimed(pool, block, ctx.me());
+    // Unused addresses of the block must be dropped here, not sent to the default route.
+    let blackhole = Route {
+        dst: block,
+        target: RouteTarget::Blackhole,
+    };
+    if let Err(e) = ctx.kernel.replace_route(&blackhole).await {
+        warn!(%block, error = %e, "cannot add blackhole route; the reconciler will retry");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clashing_names_move_to_the_next_alternative() {
+        let id = ContainerId::new("victim-3507330").unwrap();
+        let other = ContainerId::new("victim-476022").unwrap();
+        let taken: HashSet<String> = [veth_name(&other, 0)].into();
+        let name = choose_veth_name(&id, &taken);
+        assert_eq!(name, veth_name(&id, 1));
+        assert_eq!(choose_veth_name(&id, &HashSet::new()), veth_name(&id, 0));
+    }
+}

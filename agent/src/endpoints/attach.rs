@@ -1,0 +1,174 @@
+//! Attach: validate (done by the caller), find or make the container's namespace, allocate,
+//! wire, publish ports; any failure rolls everything back. A repeated attach of an attached
+//! container repairs it.
+
+use std::time::Instant;
+
+use tracing::{info, warn};
+use weft_etcd::records::{EndpointRecord, Protocol};
+
+use super::allocate::allocate;
+use super::error::EndpointError;
+use super::{repair, teardown};
+use crate::context::Context;
+use crate::firewall::SyncMode;
+use crate::kernel::{ContainerLink, KernelError, NetnsError};
+use crate::model::{AttachRequest, Mac, NetnsSpec};
+
+/// The container's namespace for this attach.
+struct ContainerNetns {
+    path: String,
+    /// Made by the agent for this container (deleted on detach or failed attach).
+    owned: bool,
+}
+
+pub async fn attach(
+    ctx: &Context,
+    request: AttachRequest,
+) -> Result<EndpointRecord, EndpointError> {
+    let id = &request.container_id;
+    let _guard = ctx.endpoints.lock(id).await;
+    if let Some(existing) = ctx.endpoints.get(id.as_str()) {
+        repair::repair(ctx, &existing).await?;
+        return Ok(existing);
+    }
+    let netns = open_netns(ctx, &request).await?;
+    let result = attach_into(ctx, &request, &netns).await;
+    if result.is_err() && netns.owned {
+        if let Err(e) = ctx.kernel.delete_netns(&netns.path) {
+            warn!(container = %id, error = %e, "cannot delete namespace after failed attach");
+        }
+    }
+    result
+}
+
+async fn open_netns(
+    ctx: &Context,
+    request: &AttachRequest,
+) -> Result<ContainerNetns, EndpointError> {
+    let path = match &request.netns {
+        NetnsSpec::Pid(pid) => {
+            let path = format!("/proc/{pid}/ns/net");
+            return match ctx.kernel.vet_netns(&path) {
+                Err(NetnsError::Missing { .. }) => Err(EndpointError::NoProcess(*pid)),
+                other => other
+                    .map(|_| ContainerNetns { path, owned: false })
+                    .map_err(Into::into),
+            };
+        }
+        NetnsSpec::Path(path) => path.clone(),
+        NetnsSpec::Owned => {
+            // No endpoint exists (we hold the container lock), so a namespace of this name is a
+            // leftover of an interrupted attach of ours: create replaces it.
+            let name = ctx.owned_netns_name(&request.container_id);
+            let path = ctx.kernel.create_netns(&name).await?;
+            if let Err(e) = ctx.kernel.vet_netns(&path) {
+                let _ = ctx.kernel.delete_netns(&path);
+                return Err(e.into());
+            }
+            return Ok(ContainerNetns { path, owned: true });
+        }
+    };
+    ctx.kernel.vet_netns(&path)?;
+    Ok(ContainerNetns { path, owned: false })
+}
+
+async fn attach_into(
+    ctx: &Context,
+    request: &AttachRequest,
+    netns: &ContainerNetns,
+) -> Result<EndpointRecord, EndpointError> {
+    let id = &request.container_id;
+    let started = Instant::now();
+    let mac = Mac::random();
+    let record = allocate(ctx, id, |ip, host_ifname| EndpointRecord {
+        container_id: id.to_string(),
+        host: ctx.me().to_string(),
+        ip,
+        host_ifname,
+        ifname: request.ifname.to_string(),
+        mac: mac.to_string(),
+        netns: netns.path.clone(),
+        owns_netns: netns.owned,
+        ports: request.ports.clone(),
+        created: weft_etcd::unix_now(),
+    })
+    .await?;
+    let allocated = started.elapsed();
+    let link = ContainerLink {
+        host_ifname: record.host_ifname.clone(),
+        ifname: request.ifname.clone(),
+        ip: record.ip,
+        mac,
+        mtu: ctx.underlay.mtu,
+    };
+    if let Err(err) = wire(ctx, &record, &link).await {
+        warn!(container = %id, error = %err, "attach failed; rolling back");
+        teardown::roll_back(ctx, &record).await;
+        return Err(err);
+    }
+    if !record.ports.is_empty() {
+        let synced = ctx
+            .firewall
+            .sync(|| ctx.firewall_spec(), SyncMode::Fast, &ctx.metrics)
+            .await;
+        if let Err(err) = synced {
+            warn!(container = %id, error = %err, "publishing ports failed; rolling back");
+            teardown::roll_back(ctx, &record).await;
+            return Err(err.into());
+        }
+        ctx.firewall.flush_udp(udp_ports(&record)).await;
+    }
+    info!(
+        container = %id,
+        ip = %record.ip,
+        veth = %record.host_ifname,
+        netns = %record.netns,
+        allocate_ms = allocated.as_secs_f64() * 1e3,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        "attached"
+    );
+    Ok(record)
+}
+
+/// Wires the container. The veth name was chosen free of every other endpoint's, so a host link
+/// of that name is a leftover of ours (an interrupted attach, or a veth retired moments ago and
+/// not reaped yet): it is deleted and the pair made again. If the name is still taken, it is the
+/// container's interface that exists.
+pub(super) async fn wire(
+    ctx: &Context,
+    record: &EndpointRecord,
+    link: &ContainerLink,
+) -> Result<u32, EndpointError> {
+    let taken = |netns: String| EndpointError::IfnameTaken {
+        ifname: link.ifname.to_string(),
+        netns,
+    };
+    match ctx.kernel.wire(&record.netns, link).await {
+        Err(KernelError::Exists { netns, .. }) => {
+            let ours = ctx
+                .endpoints
+                .owner_of_link(&link.host_ifname)
+                .is_none_or(|owner| owner == record.container_id);
+            if !ours || !ctx.kernel.link_exists(&link.host_ifname).await? {
+                return Err(taken(netns));
+            }
+            ctx.kernel.delete_link(&link.host_ifname).await?;
+            match ctx.kernel.wire(&record.netns, link).await {
+                Err(KernelError::Exists { netns, .. }) => Err(taken(netns)),
+                other => Ok(other?),
+            }
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The UDP host ports of an endpoint (their conntrack entries are flushed on changes).
+pub(super) fn udp_ports(record: &EndpointRecord) -> Vec<u16> {
+    record
+        .ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Udp)
+        .map(|p| p.host_port)
+        .collect()
+}

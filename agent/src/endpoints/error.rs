@@ -1,0 +1,46 @@
+//! Why an endpoint operation failed, typed by cause; `api::status` maps each to a gRPC code.
+
+use crate::firewall::sync::SyncError;
+use crate::kernel::{KernelError, NetnsError};
+use crate::model::Invalid;
+use weft_etcd::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Firewall(#[from] SyncError),
+    #[error("container {0:?} is not attached here")]
+    NotAttached(String),
+    #[error("process {0} does not exist")]
+    NoProcess(u32),
+    #[error("interface {ifname} already exists in netns {netns}")]
+    IfnameTaken { ifname: String, netns: String },
+    #[error(
+        "container {container} already has an endpoint ({ip}) written by another agent process"
+    )]
+    WrittenElsewhere {
+        container: String,
+        ip: std::net::IpAddr,
+    },
+    #[error("container {container} has an endpoint but its namespace is gone ({source}); detach it first")]
+    NamespaceGone {
+        container: String,
+        source: NetnsError,
+    },
+    #[error("could not allocate an address: too many conflicts")]
+    Contention,
+    #[error("{what} of {container} went only partly: {}", .errors.join("; "))]
+    Incomplete {
+        what: &'static str,
+        container: String,
+        errors: Vec<String>,
+    },
+}

@@ -1,0 +1,184 @@
+//! This host's endpoints as the agent holds them, the addresses and veth names reserved by
+//! attaches still writing their record, and one lock per container id so that an attach and a
+//! detach of the same container never interleave. Short-lived locks only, never across `.await`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use weft_etcd::records::EndpointRecord;
+
+use crate::model::ContainerId;
+
+#[derive(Default)]
+struct Table {
+    endpoints: HashMap<String, EndpointRecord>,
+    /// Addresses handed to an attach still writing its record.
+    reserved_ips: HashSet<IpAddr>,
+    /// Veth names chosen by an attach still writing its record.
+    reserved_names: HashSet<String>,
+    /// Addresses of our blocks found taken in etcd by a record we do not hold; forgotten at the
+    /// next full reconciliation, so a mark cannot outlive the record that caused it.
+    foreign: HashSet<IpAddr>,
+}
+
+/// What an allocation may not hand out, read under one lock.
+pub struct Taken {
+    pub ips: HashSet<IpAddr>,
+    pub names: HashSet<String>,
+}
+
+#[derive(Default)]
+pub struct EndpointTable {
+    table: Mutex<Table>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl EndpointTable {
+    pub fn new(endpoints: impl IntoIterator<Item = EndpointRecord>) -> Self {
+        let table = Table {
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| (e.container_id.clone(), e))
+                .collect(),
+            ..Default::default()
+        };
+        Self {
+            table: Mutex::new(table),
+            locks: Default::default(),
+        }
+    }
+
+    /// Waits for, then holds, the container's lock.
+    pub async fn lock(&self, id: &ContainerId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap();
+            // Drop locks nobody holds, so the map does not grow with every id ever seen.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(id.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// Whether an attach or detach of this container is under way (or waiting).
+    pub fn busy(&self, id: &str) -> bool {
+        self.locks
+            .lock()
+            .unwrap()
+            .get(id)
+            .is_some_and(|l| Arc::strong_count(l) > 1)
+    }
+
+    /// The ids with an attach or detach under way.
+    pub fn busy_ids(&self) -> HashSet<String> {
+        self.locks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, l)| Arc::strong_count(l) > 1)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<EndpointRecord> {
+        self.table.lock().unwrap().endpoints.get(id).cloned()
+    }
+
+    pub fn insert(&self, record: EndpointRecord) {
+        self.table
+            .lock()
+            .unwrap()
+            .endpoints
+            .insert(record.container_id.clone(), record);
+    }
+
+    pub fn remove(&self, id: &str) -> Option<EndpointRecord> {
+        self.table.lock().unwrap().endpoints.remove(id)
+    }
+
+    /// Every endpoint, by container id.
+    pub fn list(&self) -> Vec<EndpointRecord> {
+        let mut all: Vec<_> = self
+            .table
+            .lock()
+            .unwrap()
+            .endpoints
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.lock().unwrap().endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The endpoint whose host veth is `name`.
+    pub fn owner_of_link(&self, name: &str) -> Option<String> {
+        let table = self.table.lock().unwrap();
+        table
+            .endpoints
+            .values()
+            .find(|e| e.host_ifname == name)
+            .map(|e| e.container_id.clone())
+    }
+
+    /// Reserves an address and a veth name chosen by `pick` from what is not taken (endpoints,
+    /// other reservations, foreign marks). `pick` returns None when nothing is free.
+    pub fn reserve<T>(
+        &self,
+        pick: impl FnOnce(&Taken) -> Option<(IpAddr, String, T)>,
+    ) -> Option<(IpAddr, String, T)> {
+        let mut table = self.table.lock().unwrap();
+        let mut ips: HashSet<IpAddr> = table.endpoints.values().map(|e| e.ip).collect();
+        ips.extend(table.reserved_ips.iter().copied());
+        ips.extend(table.foreign.iter().copied());
+        let mut names: HashSet<String> = table
+            .endpoints
+            .values()
+            .map(|e| e.host_ifname.clone())
+            .collect();
+        names.extend(table.reserved_names.iter().cloned());
+        let picked = pick(&Taken { ips, names })?;
+        table.reserved_ips.insert(picked.0);
+        table.reserved_names.insert(picked.1.clone());
+        Some(picked)
+    }
+
+    /// Ends a reservation; with the record when it was written (it becomes an endpoint), or
+    /// marking the address foreign when etcd said someone else holds it.
+    pub fn settle(&self, ip: IpAddr, name: &str, outcome: Settle) {
+        let mut table = self.table.lock().unwrap();
+        table.reserved_ips.remove(&ip);
+        table.reserved_names.remove(name);
+        match outcome {
+            Settle::Written(record) => {
+                table.endpoints.insert(record.container_id.clone(), *record);
+            }
+            Settle::Foreign => {
+                table.foreign.insert(ip);
+            }
+            Settle::Abandoned => {}
+        }
+    }
+
+    /// Forgets every foreign mark (at each full reconciliation).
+    pub fn forget_foreign(&self) -> usize {
+        let mut table = self.table.lock().unwrap();
+        let count = table.foreign.len();
+        table.foreign.clear();
+        count
+    }
+}
+
+/// How an address reservation ended.
+pub enum Settle {
+    Written(Box<EndpointRecord>),
+    Foreign,
+    Abandoned,
+}

@@ -1,0 +1,277 @@
+//! Attach, detach and repair over the fake kernel, datastore and firewall: each step made to
+//! fail in turn, and the exact state left behind checked.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use weft_etcd::records::PoolRecord;
+use weft_etcd::StoreError;
+
+use super::error::EndpointError;
+use super::{attach, detach};
+use crate::config::{Config, Flags};
+use crate::context::{Context, Parts};
+use crate::firewall::fake::FakeFirewall;
+use crate::kernel::fake::{FakeKernel, Step};
+use crate::kernel::{Kernel, Underlay};
+use crate::model::{port_mapping, AttachRequest, ContainerId, Route, RouteTarget};
+use crate::store::fake::FakeStore;
+
+struct World {
+    ctx: Context,
+    kernel: Arc<FakeKernel>,
+    store: Arc<FakeStore>,
+    firewall: Arc<FakeFirewall>,
+}
+
+const CONTAINER_NS: &str = "/run/netns/runtime-made";
+
+fn world() -> World {
+    let config = Config::load(Flags::parse_from(["weft-agent", "--host-name", "h1"])).unwrap();
+    let pool = PoolRecord {
+        cidr: "10.65.0.0/16".parse().unwrap(),
+        block_size: 30,
+        nat_outgoing: true,
+    };
+    let kernel = Arc::new(FakeKernel::with_namespaces(&[CONTAINER_NS]));
+    let store = Arc::new(FakeStore::with_pool("default", pool.clone()));
+    let firewall = Arc::new(FakeFirewall::default());
+    let ctx = Context::new(Parts {
+        config,
+        underlay: Underlay {
+            ifname: "eth0".into(),
+            ip: "198.51.100.1".parse().unwrap(),
+            mtu: 1500,
+        },
+        pool,
+        kernel: kernel.clone(),
+        store: store.clone(),
+        firewall: firewall.clone(),
+        endpoints: vec![],
+        cluster: Default::default(),
+        pools: vec![],
+    });
+    World {
+        ctx,
+        kernel,
+        store,
+        firewall,
+    }
+}
+
+fn request(id: &str, netns: &str, ports: &[(u32, u32)]) -> AttachRequest {
+    let ports = ports
+        .iter()
+        .map(|(h, c)| port_mapping("tcp", *h, *c).unwrap())
+        .collect();
+    AttachRequest::new(id, netns, None, "", ports).unwrap()
+}
+
+impl World {
+    /// Asserts that nothing of any endpoint is left: no record, guard, link, host route,
+    /// namespace of ours, port rule or local entry. Blocks and their blackholes may stay.
+    fn assert_nothing_left(&self) {
+        let store = self.store.state.lock().unwrap();
+        assert!(store.endpoints.is_empty(), "records: {:?}", store.endpoints);
+        assert!(store.ips.is_empty(), "address guards: {:?}", store.ips);
+        assert!(store.ports.is_empty(), "port guards: {:?}", store.ports);
+        let kernel = self.kernel.state.lock().unwrap();
+        assert!(kernel.links.is_empty(), "links: {:?}", kernel.links);
+        let host_routes: Vec<&Route> = kernel
+            .routes
+            .iter()
+            .filter(|r| r.target != RouteTarget::Blackhole)
+            .collect();
+        assert!(host_routes.is_empty(), "routes: {host_routes:?}");
+        assert!(kernel.owned.is_empty(), "namespaces: {:?}", kernel.owned);
+        assert!(
+            kernel.namespaces[CONTAINER_NS].is_empty(),
+            "interfaces left in the container: {:?}",
+            kernel.namespaces[CONTAINER_NS]
+        );
+        assert!(self.firewall.ports().is_empty(), "port rules left");
+        assert!(self.ctx.endpoints.is_empty(), "local endpoints left");
+    }
+}
+
+#[tokio::test]
+async fn an_attach_wires_records_and_publishes() {
+    let w = world();
+    let record = attach(&w.ctx, request("web", CONTAINER_NS, &[(8080, 80)]))
+        .await
+        .unwrap();
+    assert_eq!(record.ip.to_string(), "10.65.0.0");
+    let kernel = w.kernel.state.lock().unwrap();
+    let link = &kernel.links[&record.host_ifname];
+    assert!(kernel
+        .routes
+        .contains(&Route::host(record.ip, RouteTarget::Dev(link.index))));
+    assert!(kernel.routes.contains(&Route {
+        dst: "10.65.0.0/30".parse().unwrap(),
+        target: RouteTarget::Blackhole
+    }));
+    drop(kernel);
+    assert_eq!(w.firewall.ports().len(), 1);
+    assert_eq!(w.store.state.lock().unwrap().endpoints.len(), 1);
+}
+
+/// Every kernel step of an attach, made to fail: the attach fails and leaves nothing behind.
+#[tokio::test]
+async fn a_failing_kernel_step_rolls_everything_back() {
+    let steps = [Step::CreateVeth, Step::ConfigureInside, Step::ReplaceRoute];
+    let cases = steps
+        .iter()
+        .flat_map(|step| [(*step, CONTAINER_NS), (*step, "")])
+        .chain([(Step::CreateNetns, "")]);
+    for (step, netns) in cases {
+        let w = world();
+        w.kernel.fail(step);
+        let result = attach(&w.ctx, request("web", netns, &[(8080, 80)])).await;
+        assert!(
+            result.is_err(),
+            "{step:?} in {netns:?} must fail the attach"
+        );
+        w.assert_nothing_left();
+    }
+}
+
+#[tokio::test]
+async fn a_failing_firewall_rolls_everything_back() {
+    let w = world();
+    w.firewall.fail(true);
+    let result = attach(&w.ctx, request("web", "", &[(8080, 80)])).await;
+    assert!(
+        matches!(result, Err(EndpointError::Firewall(_))),
+        "{result:?}"
+    );
+    w.firewall.fail(false);
+    // The rollback's own sync failed too; the next one removes the rule.
+    w.ctx
+        .firewall
+        .sync(
+            || w.ctx.firewall_spec(),
+            crate::firewall::SyncMode::Verify,
+            &w.ctx.metrics,
+        )
+        .await
+        .unwrap();
+    w.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn an_unreachable_datastore_fails_the_attach_before_any_kernel_change() {
+    let w = world();
+    w.store.cut("claim");
+    let result = attach(&w.ctx, request("web", "", &[])).await;
+    assert!(
+        matches!(
+            result,
+            Err(EndpointError::Store(StoreError::Unavailable(_)))
+        ),
+        "{result:?}"
+    );
+    w.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_rollback_keeps_going_when_one_of_its_steps_fails() {
+    let w = world();
+    w.kernel.fail(Step::ConfigureInside);
+    w.kernel.fail(Step::DeleteLink);
+    assert!(attach(&w.ctx, request("web", CONTAINER_NS, &[]))
+        .await
+        .is_err());
+    // The link could not be deleted, but the records went anyway.
+    let store = w.store.state.lock().unwrap();
+    assert!(store.endpoints.is_empty() && store.ips.is_empty());
+    assert!(w.ctx.endpoints.is_empty());
+    assert_eq!(w.kernel.state.lock().unwrap().links.len(), 1);
+}
+
+#[tokio::test]
+async fn detach_removes_everything_and_does_nothing_while_etcd_is_away() {
+    let w = world();
+    let id = ContainerId::new("web").unwrap();
+    attach(&w.ctx, request("web", "", &[(8080, 80)]))
+        .await
+        .unwrap();
+    w.store.cut("delete");
+    let result = detach(&w.ctx, &id).await;
+    assert!(
+        matches!(
+            result,
+            Err(EndpointError::Store(StoreError::Unavailable(_)))
+        ),
+        "{result:?}"
+    );
+    assert_eq!(
+        w.kernel.state.lock().unwrap().links.len(),
+        1,
+        "nothing done"
+    );
+    assert_eq!(w.ctx.endpoints.len(), 1);
+    assert_eq!(w.firewall.ports().len(), 1);
+    w.store.restore("delete");
+    detach(&w.ctx, &id).await.unwrap();
+    w.assert_nothing_left();
+    detach(&w.ctx, &id).await.expect("an unknown id detaches");
+}
+
+#[tokio::test]
+async fn clashing_veth_names_never_take_each_others_link() {
+    let w = world();
+    let first = attach(&w.ctx, request("victim-476022", CONTAINER_NS, &[]))
+        .await
+        .unwrap();
+    let index = w.kernel.state.lock().unwrap().links[&first.host_ifname].index;
+    w.kernel.add_namespace("/run/netns/other");
+    let second = attach(&w.ctx, request("victim-3507330", "/run/netns/other", &[]))
+        .await
+        .unwrap();
+    assert_ne!(first.host_ifname, second.host_ifname);
+    let kernel = w.kernel.state.lock().unwrap();
+    assert_eq!(
+        kernel.links[&first.host_ifname].index, index,
+        "first veth untouched"
+    );
+    assert!(kernel
+        .routes
+        .contains(&Route::host(first.ip, RouteTarget::Dev(index))));
+}
+
+#[tokio::test]
+async fn a_repeated_attach_repairs_a_deleted_veth() {
+    let w = world();
+    let record = attach(&w.ctx, request("web", "", &[])).await.unwrap();
+    w.kernel.delete_link(&record.host_ifname).await.unwrap();
+    let again = attach(&w.ctx, request("web", "", &[])).await.unwrap();
+    assert_eq!(again, record);
+    let kernel = w.kernel.state.lock().unwrap();
+    let link = &kernel.links[&record.host_ifname];
+    assert!(kernel
+        .routes
+        .contains(&Route::host(record.ip, RouteTarget::Dev(link.index))));
+}
+
+#[tokio::test]
+async fn addresses_fill_a_block_then_the_next_one_is_claimed() {
+    let w = world();
+    let mut ips = vec![];
+    for i in 0..5 {
+        let record = attach(&w.ctx, request(&format!("c{i}"), "", &[]))
+            .await
+            .unwrap();
+        ips.push(record.ip.to_string());
+    }
+    assert_eq!(
+        ips,
+        [
+            "10.65.0.0",
+            "10.65.0.1",
+            "10.65.0.2",
+            "10.65.0.3",
+            "10.65.0.4"
+        ]
+    );
+    assert_eq!(w.store.state.lock().unwrap().blocks.len(), 2);
+}

@@ -1,0 +1,192 @@
+//! The iptables runner: `iptables-save` and `iptables-restore --noflush` per table, the last
+//! written state that lets attach and detach write only the difference, and conntrack flushes.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use super::rules::{
+    self, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
+    FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
+};
+use super::{Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
+
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
+    let shown = format!("{program} {}", args.join(" "));
+    let fail = |message: String| FirewallError::Command {
+        command: shown.clone(),
+        message,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    // A program that fails early stops reading; its own message says more than the broken
+    // pipe our write would report, so the exit status is looked at first.
+    let written = match input {
+        Some(input) => child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes()),
+        None => Ok(()),
+    };
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    written.map_err(|e| fail(e.to_string()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn restore(input: &str) -> Result<String, FirewallError> {
+    run("iptables-restore", &["--noflush", "--wait"], Some(input))
+}
+
+/// One table's last write.
+#[derive(Debug, Default, Clone)]
+struct Applied {
+    /// Our rules as written (normalized).
+    rules: Vec<String>,
+    /// Whether a full check (rules and jumps read back from the kernel) has passed since.
+    verified: bool,
+}
+
+/// One table of ours: its name, chains, jumps, and what was last written to it.
+struct Table {
+    name: &'static str,
+    chains: &'static [&'static str],
+    jumps: &'static [Jump],
+    applied: Applied,
+}
+
+impl Table {
+    /// Brings the table in line with `rules`; returns whether it was written.
+    fn sync(&mut self, rules: &[String], mode: SyncMode) -> Result<bool, FirewallError> {
+        let wanted = normalize(rules);
+        if mode == SyncMode::Fast && self.applied.verified {
+            if self.applied.rules == wanted {
+                return Ok(false);
+            }
+            match restore(&rules::incremental_input(
+                self.name,
+                &self.applied.rules,
+                &wanted,
+            )) {
+                Ok(_) => {
+                    self.applied.rules = wanted;
+                    return Ok(true);
+                }
+                // Our chains were changed behind our back (a rule to delete is gone): fall back
+                // to reading the kernel and rewriting.
+                Err(e) => {
+                    tracing::warn!(error = %e, "incremental iptables update failed; rewriting")
+                }
+            }
+        }
+        let state = parse_save(&run("iptables-save", &["-t", self.name], None)?);
+        let jumps_present = self.jumps.iter().all(|j| state.has_jump(j));
+        let written = if jumps_present && normalize(&state.rules) == wanted {
+            false
+        } else {
+            restore(&restore_input(
+                self.name,
+                self.chains,
+                rules,
+                self.jumps,
+                &state,
+            ))?;
+            true
+        };
+        self.applied = Applied {
+            rules: wanted,
+            verified: true,
+        };
+        Ok(written)
+    }
+}
+
+/// The real firewall: both tables of the agent's namespace.
+pub struct Iptables {
+    tables: Mutex<(Table, Table)>,
+}
+
+impl Default for Iptables {
+    fn default() -> Self {
+        let table = |name, chains, jumps| Table {
+            name,
+            chains,
+            jumps,
+            applied: Applied::default(),
+        };
+        Self {
+            tables: Mutex::new((
+                table("nat", NAT_CHAINS, NAT_JUMPS),
+                table("filter", FILTER_CHAINS, FILTER_JUMPS),
+            )),
+        }
+    }
+}
+
+impl Backend for Iptables {
+    fn sync(&self, spec: &FirewallSpec, mode: SyncMode) -> Result<FirewallReport, FirewallError> {
+        let mut tables = self.tables.lock().unwrap();
+        let (nat, filter) = &mut *tables;
+        let mut report = FirewallReport::default();
+        report.tables_written += nat.sync(&render(&nat_rules(spec)), mode)? as usize;
+        report.tables_written += filter.sync(&render(&filter_rules()), mode)? as usize;
+        report.rules = nat.applied.rules.len() + filter.applied.rules.len();
+        Ok(report)
+    }
+
+    fn check_ports(&self, ports: &[PortRule]) -> Result<Vec<String>, FirewallError> {
+        if ports.is_empty() {
+            return Ok(vec![]);
+        }
+        let state = parse_save(&run("iptables-save", &["-t", "nat"], None)?);
+        let mut problems: Vec<String> = rules::port_rules(ports)
+            .into_iter()
+            .filter(|rule| !state.rules.contains(rule))
+            .map(|rule| format!("missing iptables rule (nat): {rule}"))
+            .collect();
+        for jump in NAT_JUMPS.iter().filter(|j| j.target == "WEFT-PORTS") {
+            if !state.has_jump(jump) {
+                problems.push(format!(
+                    "missing iptables jump (nat): -A {} {}",
+                    jump.chain, jump.rule
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
+    fn flush_udp(&self, host_port: u16) -> Result<(), FirewallError> {
+        let port = host_port.to_string();
+        match run(
+            "conntrack",
+            &["-D", "-p", "udp", "--orig-port-dst", &port],
+            None,
+        ) {
+            Err(FirewallError::Command { message, .. })
+                if message.contains("0 flow entries") || message.is_empty() =>
+            {
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    fn rule_count(&self) -> usize {
+        let tables = self.tables.lock().unwrap();
+        tables.0.applied.rules.len() + tables.1.applied.rules.len()
+    }
+}

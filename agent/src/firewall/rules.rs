@@ -1,0 +1,394 @@
+//! What our chains should hold, as typed rules, and their rendering in the exact form
+//! `iptables-save` prints (so a resync compares text and a second verify writes nothing). Also
+//! the parser of `iptables-save` output for our chains. Pure.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use crate::model::{ContainerId, Protocol};
+
+/// A published port of one container.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRule {
+    pub container_id: ContainerId,
+    pub ip: IpAddr,
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+/// A pool as the NAT rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRule {
+    pub name: String,
+    pub cidr: IpNetwork,
+    pub nat_outgoing: bool,
+}
+
+/// Everything the rules are made from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallSpec {
+    /// Every pool of the cluster.
+    pub pools: Vec<PoolRule>,
+    pub ports: Vec<PortRule>,
+}
+
+/// One rule of our nat chains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatRule<'a> {
+    /// A container reaching itself through its own published port must not see a packet from
+    /// its own address: masquerade that one case.
+    Hairpin(&'a PortRule),
+    /// Traffic from a pool with nat-outgoing goes through the outgoing checks.
+    FromNatPool(&'a PoolRule),
+    /// Traffic to any pool stays inside the fabric and keeps its source.
+    InsideFabric(&'a PoolRule),
+    /// Everything else leaves the fabric: masquerade.
+    LeavingFabric,
+    /// A published port.
+    Dnat(&'a PortRule),
+}
+
+/// One rule of our filter chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterRule {
+    FromContainers,
+    ToContainers,
+}
+
+fn comment(text: impl fmt::Display) -> String {
+    // Container ids are validated to [A-Za-z0-9_.-], so no quoting issues arise.
+    format!("-m comment --comment \"weft: {text}\"")
+}
+
+impl fmt::Display for NatRule<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatRule::Hairpin(p) => write!(
+                f,
+                "-A WEFT-POSTROUTING -s {ip}/32 -d {ip}/32 -p {proto} -m {proto} --dport {port} {c} -j MASQUERADE",
+                ip = p.ip,
+                proto = p.protocol,
+                port = p.container_port,
+                c = comment(format_args!("hairpin {}", p.container_id)),
+            ),
+            NatRule::FromNatPool(pool) => write!(
+                f,
+                "-A WEFT-POSTROUTING -s {} {} -j WEFT-NAT-OUTGOING",
+                pool.cidr,
+                comment(format_args!("pool {} has nat-outgoing", pool.name))
+            ),
+            NatRule::InsideFabric(pool) => write!(
+                f,
+                "-A WEFT-NAT-OUTGOING -d {} {} -j RETURN",
+                pool.cidr,
+                comment(format_args!("inside the fabric (pool {})", pool.name))
+            ),
+            NatRule::LeavingFabric => write!(
+                f,
+                "-A WEFT-NAT-OUTGOING {} -j MASQUERADE",
+                comment("leaving the fabric")
+            ),
+            NatRule::Dnat(p) => write!(
+                f,
+                "-A WEFT-PORTS -p {proto} -m {proto} --dport {hport} {c} -j DNAT --to-destination {ip}:{cport}",
+                proto = p.protocol,
+                hport = p.host_port,
+                c = comment(&p.container_id),
+                ip = p.ip,
+                cport = p.container_port,
+            ),
+        }
+    }
+}
+
+impl fmt::Display for FilterRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FilterRule::FromContainers => write!(
+                f,
+                "-A WEFT-FORWARD -i weft+ {} -j ACCEPT",
+                comment("from containers")
+            ),
+            FilterRule::ToContainers => write!(
+                f,
+                "-A WEFT-FORWARD -o weft+ {} -j ACCEPT",
+                comment("to containers")
+            ),
+        }
+    }
+}
+
+/// The IPv4 rules of our nat chains (the IPv4 table holds IPv4 pools and ports only).
+pub fn nat_rules(spec: &FirewallSpec) -> Vec<NatRule<'_>> {
+    let mut ports: Vec<&PortRule> = spec.ports.iter().filter(|p| p.ip.is_ipv4()).collect();
+    ports.sort();
+    let pools: Vec<&PoolRule> = spec.pools.iter().filter(|p| p.cidr.is_ipv4()).collect();
+    let mut rules: Vec<NatRule> = ports.iter().map(|p| NatRule::Hairpin(p)).collect();
+    rules.extend(
+        pools
+            .iter()
+            .filter(|p| p.nat_outgoing)
+            .map(|p| NatRule::FromNatPool(p)),
+    );
+    rules.extend(pools.iter().map(|p| NatRule::InsideFabric(p)));
+    rules.push(NatRule::LeavingFabric);
+    rules.extend(ports.iter().map(|p| NatRule::Dnat(p)));
+    rules
+}
+
+/// The rules of our filter chains.
+pub fn filter_rules() -> Vec<FilterRule> {
+    vec![FilterRule::FromContainers, FilterRule::ToContainers]
+}
+
+/// Renders rules, one `-A` line each.
+pub fn render<T: fmt::Display>(rules: &[T]) -> Vec<String> {
+    rules.iter().map(|r| r.to_string()).collect()
+}
+
+/// A jump from a built-in chain into ours.
+pub struct Jump {
+    pub chain: &'static str,
+    pub rule: &'static str,
+    pub target: &'static str,
+}
+
+pub const NAT_JUMPS: &[Jump] = &[
+    Jump {
+        chain: "POSTROUTING",
+        rule: "-m comment --comment \"weft: SNAT leaving the fabric, hairpin\" -j WEFT-POSTROUTING",
+        target: "WEFT-POSTROUTING",
+    },
+    Jump {
+        chain: "PREROUTING",
+        rule: "-m addrtype --dst-type LOCAL -m comment --comment \"weft: published ports\" -j WEFT-PORTS",
+        target: "WEFT-PORTS",
+    },
+    // Loopback destinations are left out: DNAT of 127.0.0.1 to a container cannot be routed.
+    Jump {
+        chain: "OUTPUT",
+        rule: "! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment \"weft: published ports from this host\" -j WEFT-PORTS",
+        target: "WEFT-PORTS",
+    },
+];
+
+pub const FILTER_JUMPS: &[Jump] = &[Jump {
+    chain: "FORWARD",
+    rule: "-m comment --comment \"weft: container traffic\" -j WEFT-FORWARD",
+    target: "WEFT-FORWARD",
+}];
+
+pub const NAT_CHAINS: &[&str] = &["WEFT-POSTROUTING", "WEFT-NAT-OUTGOING", "WEFT-PORTS"];
+pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD"];
+
+/// What `iptables-save` shows of our chains in one table, and which jumps exist.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TableState {
+    /// `-A WEFT-…` lines in order.
+    pub rules: Vec<String>,
+    /// Targets of jumps found in built-in chains, by chain.
+    pub jumps: BTreeMap<String, Vec<String>>,
+}
+
+impl TableState {
+    pub fn has_jump(&self, jump: &Jump) -> bool {
+        self.jumps
+            .get(jump.chain)
+            .is_some_and(|targets| targets.iter().any(|t| t == jump.target))
+    }
+}
+
+/// Reads our part of `iptables-save` output.
+pub fn parse_save(text: &str) -> TableState {
+    let mut state = TableState::default();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        let chain = rest.split_whitespace().next().unwrap_or("");
+        if chain.starts_with("WEFT-") {
+            state.rules.push(line.to_string());
+        } else if let Some(target) = line.split(" -j ").nth(1) {
+            let target = target.split_whitespace().next().unwrap_or("");
+            if target.starts_with("WEFT-") {
+                state
+                    .jumps
+                    .entry(chain.to_string())
+                    .or_default()
+                    .push(target.to_string());
+            }
+        }
+    }
+    state
+}
+
+/// Builds the `iptables-restore --noflush` input for one table: our chains (declaring a chain
+/// flushes it within the same atomic commit) and any missing jump.
+pub fn restore_input(
+    table: &str,
+    chains: &[&str],
+    rules: &[String],
+    jumps: &[Jump],
+    state: &TableState,
+) -> String {
+    let mut out = format!("*{table}\n");
+    for chain in chains {
+        out.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    for rule in rules {
+        out.push_str(rule);
+        out.push('\n');
+    }
+    for jump in jumps.iter().filter(|j| !state.has_jump(j)) {
+        out.push_str(&format!("-I {} 1 {}\n", jump.chain, jump.rule));
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// The `iptables-restore --noflush` input that turns `applied` into `wanted` by deleting and
+/// appending single rules (both normalized): one atomic restore whose cost does not grow with
+/// the number of published ports.
+pub fn incremental_input(table: &str, applied: &[String], wanted: &[String]) -> String {
+    let mut input = format!("*{table}\n");
+    for gone in applied.iter().filter(|r| wanted.binary_search(r).is_err()) {
+        input.push_str(&gone.replacen("-A ", "-D ", 1));
+        input.push('\n');
+    }
+    for new in wanted.iter().filter(|r| applied.binary_search(r).is_err()) {
+        input.push_str(new);
+        input.push('\n');
+    }
+    input.push_str("COMMIT\n");
+    input
+}
+
+/// Our rules as a set, for comparison. No two of our rules overlap (each DNAT matches its own
+/// port, each hairpin its own address), so their order within a chain does not matter and
+/// incremental writes may append.
+pub fn normalize(rules: &[String]) -> Vec<String> {
+    let mut sorted = rules.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    sorted
+}
+
+/// The rules a set of published ports needs in the nat table (hairpin and DNAT), rendered.
+pub fn port_rules(ports: &[PortRule]) -> Vec<String> {
+    let spec = FirewallSpec {
+        pools: vec![],
+        ports: ports.to_vec(),
+    };
+    nat_rules(&spec)
+        .iter()
+        .filter(|r| matches!(r, NatRule::Hairpin(_) | NatRule::Dnat(_)))
+        .map(|r| r.to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FirewallSpec {
+        FirewallSpec {
+            pools: vec![
+                PoolRule {
+                    name: "default".into(),
+                    cidr: "10.65.0.0/16".parse().unwrap(),
+                    nat_outgoing: true,
+                },
+                PoolRule {
+                    name: "internal".into(),
+                    cidr: "10.66.0.0/16".parse().unwrap(),
+                    nat_outgoing: false,
+                },
+            ],
+            ports: vec![PortRule {
+                container_id: ContainerId::new("web").unwrap(),
+                ip: "10.65.0.5".parse().unwrap(),
+                protocol: Protocol::Tcp,
+                host_port: 8080,
+                container_port: 80,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_nat_table_is_rendered_exactly() {
+        let spec = spec();
+        assert_eq!(
+            render(&nat_rules(&spec)),
+            vec![
+                "-A WEFT-POSTROUTING -s 10.65.0.5/32 -d 10.65.0.5/32 -p tcp -m tcp --dport 80 -m comment --comment \"weft: hairpin web\" -j MASQUERADE",
+                "-A WEFT-POSTROUTING -s 10.65.0.0/16 -m comment --comment \"weft: pool default has nat-outgoing\" -j WEFT-NAT-OUTGOING",
+                "-A WEFT-NAT-OUTGOING -d 10.65.0.0/16 -m comment --comment \"weft: inside the fabric (pool default)\" -j RETURN",
+                "-A WEFT-NAT-OUTGOING -d 10.66.0.0/16 -m comment --comment \"weft: inside the fabric (pool internal)\" -j RETURN",
+                "-A WEFT-NAT-OUTGOING -m comment --comment \"weft: leaving the fabric\" -j MASQUERADE",
+                "-A WEFT-PORTS -p tcp -m tcp --dport 8080 -m comment --comment \"weft: web\" -j DNAT --to-destination 10.65.0.5:80",
+            ]
+        );
+        assert_eq!(
+            render(&filter_rules()),
+            vec![
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
+            ]
+        );
+    }
+
+    #[test]
+    fn ports_render_as_their_own_rules() {
+        let rules = port_rules(&spec().ports);
+        assert_eq!(rules.len(), 2);
+        assert!(rules[0].contains("hairpin web"));
+        assert!(rules[1].contains("--to-destination 10.65.0.5:80"));
+    }
+
+    #[test]
+    fn save_output_is_parsed_for_our_chains_and_jumps() {
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:WEFT-PORTS - [0:0]\n\
+            -A PREROUTING -m addrtype --dst-type LOCAL -j WEFT-PORTS\n\
+            -A PREROUTING -j DOCKER\n\
+            -A WEFT-PORTS -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.65.0.2:80\nCOMMIT\n";
+        let state = parse_save(save);
+        assert_eq!(state.rules.len(), 1);
+        assert_eq!(state.jumps["PREROUTING"], vec!["WEFT-PORTS".to_string()]);
+        assert!(state.has_jump(&NAT_JUMPS[1]));
+        assert!(!state.has_jump(&NAT_JUMPS[0]));
+    }
+
+    #[test]
+    fn restores_declare_our_chains_and_add_only_missing_jumps() {
+        let state = parse_save("-A PREROUTING -m addrtype --dst-type LOCAL -j WEFT-PORTS\n");
+        let input = restore_input(
+            "nat",
+            NAT_CHAINS,
+            &["-A WEFT-PORTS x".into()],
+            NAT_JUMPS,
+            &state,
+        );
+        assert_eq!(
+            input,
+            format!(
+                "*nat\n:WEFT-POSTROUTING - [0:0]\n:WEFT-NAT-OUTGOING - [0:0]\n:WEFT-PORTS - [0:0]\n\
+                 -A WEFT-PORTS x\n-I POSTROUTING 1 {}\n-I OUTPUT 1 {}\nCOMMIT\n",
+                NAT_JUMPS[0].rule, NAT_JUMPS[2].rule
+            )
+        );
+    }
+
+    #[test]
+    fn incremental_writes_delete_and_append_only_the_difference() {
+        let applied = normalize(&["-A WEFT-PORTS a".into(), "-A WEFT-PORTS b".into()]);
+        let wanted = normalize(&["-A WEFT-PORTS b".into(), "-A WEFT-PORTS c".into()]);
+        assert_eq!(
+            incremental_input("nat", &applied, &wanted),
+            "*nat\n-D WEFT-PORTS a\n-A WEFT-PORTS c\nCOMMIT\n"
+        );
+    }
+}

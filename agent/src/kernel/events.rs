@@ -1,0 +1,204 @@
+//! Kernel notifications the agent reacts to: deletions of its routes and links (repaired by a
+//! reconciliation pass), and sysctl changes announced as RTM_NEWNETCONF (put back at once).
+
+use std::io;
+
+use netlink_packet_route::route::RouteProtocol;
+
+use crate::kernel::netns::NetlinkHandle;
+use crate::model::{LINK_PREFIX, RT_PROTO_WEFT};
+
+/// Kernel changes that may need repair: one of our routes or links deleted.
+pub enum KernelEvent {
+    RouteDeleted,
+    LinkDeleted,
+}
+
+/// Subscribes to link and route notifications in the agent's namespace and forwards the
+/// ones that touch what we own.
+pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver<KernelEvent>)> {
+    use futures::StreamExt;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::RouteNetlinkMessage as M;
+    let (connection, handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        rtnetlink::MulticastGroup::Link,
+        rtnetlink::MulticastGroup::Ipv4Route,
+        rtnetlink::MulticastGroup::Ipv6Route,
+    ])?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let forward = async move {
+            while let Some((message, _)) = messages.next().await {
+                let event = match message.payload {
+                    NetlinkPayload::InnerMessage(M::DelRoute(route))
+                        if route.header.protocol == RouteProtocol::Other(RT_PROTO_WEFT) =>
+                    {
+                        KernelEvent::RouteDeleted
+                    }
+                    NetlinkPayload::InnerMessage(M::DelLink(link)) if link_is_ours(&link) => {
+                        KernelEvent::LinkDeleted
+                    }
+                    _ => continue,
+                };
+                // A full channel already holds a pending repair; dropping is fine.
+                let _ = tx.try_send(event);
+            }
+        };
+        tokio::join!(connection, forward);
+    });
+    Ok((NetlinkHandle { handle, task }, rx))
+}
+
+/// A sysctl of ours that the kernel announced (RTM_NEWNETCONF) with a value other than ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetconfDrift {
+    /// `net.ipv4.ip_forward` (the `all` forwarding knob) went off.
+    HostForwarding,
+    /// `proxy_arp`, `rp_filter` or `forwarding` of this interface is not 1.
+    Link(u32),
+}
+
+const RTM_NEWNETCONF: u16 = 80;
+const RTNLGRP_IPV4_NETCONF: u32 = 24;
+const NETCONFA_IFINDEX: u16 = 1;
+const NETCONFA_FORWARDING: u16 = 2;
+const NETCONFA_RP_FILTER: u16 = 3;
+const NETCONFA_PROXY_NEIGH: u16 = 5;
+const NETCONFA_IFINDEX_ALL: i32 = -1;
+
+/// Reads the IPv4 netconf notifications in one netlink datagram and returns the drifts they
+/// show. The kernel announces `forwarding`, `rp_filter` and `proxy_arp` (as `proxy_neigh`) one
+/// at a time when they change, and all values at once when an interface appears; the latter is
+/// skipped (a new interface is set up by whoever made it: for our veths, the attach running
+/// right now). `proxy_delay` and `accept_ra` are never announced; the periodic resync covers
+/// those. netlink-packet-route does not decode these messages, hence the hand-written parser.
+pub fn parse_netconf(datagram: &[u8]) -> Vec<NetconfDrift> {
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let i32_at = |b: &[u8], i: usize| i32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let align = |n: usize| (n + 3) & !3;
+    let mut drifts = vec![];
+    let mut offset = 0;
+    while offset + 16 <= datagram.len() {
+        let len = u32::from_ne_bytes(datagram[offset..offset + 4].try_into().unwrap()) as usize;
+        if len < 16 || offset + len > datagram.len() {
+            break;
+        }
+        let message = &datagram[offset..offset + len];
+        offset += align(len);
+        // struct netconfmsg { u8 ncm_family; } padded to 4 bytes, then attributes.
+        if u16_at(message, 4) != RTM_NEWNETCONF || len < 20 || message[16] != libc::AF_INET as u8 {
+            continue;
+        }
+        let (mut ifindex, mut wrong_forwarding, mut wrong_link) = (None, false, false);
+        let mut values = 0;
+        let mut at = 20;
+        while at + 4 <= message.len() {
+            let attr_len = u16_at(message, at) as usize;
+            if attr_len < 4 || at + attr_len > message.len() {
+                break;
+            }
+            let kind = u16_at(message, at + 2);
+            if attr_len >= 8 {
+                let value = i32_at(message, at + 4);
+                values += (kind != NETCONFA_IFINDEX) as usize;
+                match kind {
+                    NETCONFA_IFINDEX => ifindex = Some(value),
+                    NETCONFA_FORWARDING => wrong_forwarding |= value != 1,
+                    NETCONFA_RP_FILTER | NETCONFA_PROXY_NEIGH => wrong_link |= value != 1,
+                    _ => {}
+                }
+            }
+            at += align(attr_len);
+        }
+        if values != 1 {
+            continue;
+        }
+        match ifindex {
+            Some(NETCONFA_IFINDEX_ALL) if wrong_forwarding => {
+                drifts.push(NetconfDrift::HostForwarding)
+            }
+            Some(index) if index > 0 && (wrong_forwarding || wrong_link) => {
+                drifts.push(NetconfDrift::Link(index as u32))
+            }
+            _ => {}
+        }
+    }
+    drifts
+}
+
+/// A socket that receives the IPv4 netconf notifications of the agent's namespace.
+pub fn netconf_events() -> io::Result<netlink_sys::TokioSocket> {
+    use netlink_sys::AsyncSocket;
+    let mut socket = netlink_sys::TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+    socket.socket_mut().bind_auto()?;
+    socket.socket_ref().add_membership(RTNLGRP_IPV4_NETCONF)?;
+    Ok(socket)
+}
+
+fn link_is_ours(link: &netlink_packet_route::link::LinkMessage) -> bool {
+    use netlink_packet_route::link::LinkAttribute;
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::IfName(n) if n.starts_with(LINK_PREFIX)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn netconf(family: u8, attrs: &[(u16, i32)]) -> Vec<u8> {
+        let len = 16 + 4 + attrs.len() * 8;
+        let mut m = vec![];
+        m.extend((len as u32).to_ne_bytes());
+        m.extend(RTM_NEWNETCONF.to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend([family, 0, 0, 0]);
+        for (kind, value) in attrs {
+            m.extend(8u16.to_ne_bytes());
+            m.extend(kind.to_ne_bytes());
+            m.extend(value.to_ne_bytes());
+        }
+        m
+    }
+
+    #[test]
+    fn netconf_notifications_show_only_values_other_than_ours() {
+        let inet = libc::AF_INET as u8;
+        let ok = netconf(inet, &[(NETCONFA_IFINDEX, 7), (NETCONFA_PROXY_NEIGH, 1)]);
+        assert!(parse_netconf(&ok).is_empty());
+        let off = netconf(inet, &[(NETCONFA_IFINDEX, 7), (NETCONFA_RP_FILTER, 0)]);
+        assert_eq!(parse_netconf(&off), vec![NetconfDrift::Link(7)]);
+        let loose = netconf(inet, &[(NETCONFA_IFINDEX, 7), (NETCONFA_RP_FILTER, 2)]);
+        assert_eq!(parse_netconf(&loose), vec![NetconfDrift::Link(7)]);
+        let host = netconf(inet, &[(NETCONFA_IFINDEX, -1), (NETCONFA_FORWARDING, 0)]);
+        assert_eq!(parse_netconf(&host), vec![NetconfDrift::HostForwarding]);
+        // The `default` template (-2) and other families are not ours.
+        let default = netconf(inet, &[(NETCONFA_IFINDEX, -2), (NETCONFA_FORWARDING, 0)]);
+        assert!(parse_netconf(&default).is_empty());
+        let v6 = netconf(
+            libc::AF_INET6 as u8,
+            &[(NETCONFA_IFINDEX, 7), (NETCONFA_FORWARDING, 0)],
+        );
+        assert!(parse_netconf(&v6).is_empty());
+        // A new interface is announced with all its values at once: not a change to judge.
+        let appeared = netconf(
+            inet,
+            &[
+                (NETCONFA_IFINDEX, 9),
+                (NETCONFA_FORWARDING, 1),
+                (NETCONFA_RP_FILTER, 0),
+                (NETCONFA_PROXY_NEIGH, 0),
+            ],
+        );
+        assert!(parse_netconf(&appeared).is_empty());
+        // Several messages in one datagram; a truncated tail is ignored.
+        let mut both = off.clone();
+        both.extend(&host);
+        both.extend(&ok[..10]);
+        assert_eq!(
+            parse_netconf(&both),
+            vec![NetconfDrift::Link(7), NetconfDrift::HostForwarding]
+        );
+        assert!(parse_netconf(&[0u8; 3]).is_empty());
+    }
+}

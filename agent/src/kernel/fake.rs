@@ -1,0 +1,326 @@
+//! An in-memory kernel for unit tests of the logic above the kernel seam: links, routes,
+//! namespaces and the interfaces inside them, with failures injectable per step. It models what
+//! that logic relies on (a deleted namespace takes its veths with it; a retired link is out of
+//! service), not the kernel's every rule.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::kernel::{
+    ContainerLink, InsideCheck, Kernel, KernelError, NetnsError, NetnsId, Result, Underlay,
+};
+use crate::model::{IfName, Route, RouteTarget};
+
+/// A step that can be made to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Creating the veth pair.
+    CreateVeth,
+    /// Configuring the container side, after the pair exists.
+    ConfigureInside,
+    ReplaceRoute,
+    DeleteRoute,
+    DeleteLink,
+    RetireLink,
+    CreateNetns,
+    DeleteNetns,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeLink {
+    pub index: u32,
+    pub retired: bool,
+    /// The namespace of the container end and its name there.
+    pub netns: String,
+    pub peer: IfName,
+}
+
+#[derive(Debug, Default)]
+pub struct FakeState {
+    next_index: u32,
+    pub links: BTreeMap<String, FakeLink>,
+    pub routes: BTreeSet<Route>,
+    /// Namespaces by path, with the interfaces inside and their address.
+    pub namespaces: BTreeMap<String, BTreeMap<IfName, IpAddr>>,
+    /// Namespaces the agent created.
+    pub owned: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct FakeKernel {
+    pub state: Mutex<FakeState>,
+    failing: Mutex<HashSet<Step>>,
+}
+
+fn injected(step: Step) -> KernelError {
+    KernelError::Io {
+        what: format!("injected failure at {step:?}"),
+        source: io::Error::other("injected"),
+    }
+}
+
+impl FakeKernel {
+    /// A kernel with these namespaces present (as if made by a runtime).
+    pub fn with_namespaces(paths: &[&str]) -> Self {
+        let kernel = Self::default();
+        for path in paths {
+            kernel.add_namespace(path);
+        }
+        kernel
+    }
+
+    pub fn add_namespace(&self, path: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .namespaces
+            .insert(path.to_string(), BTreeMap::new());
+    }
+
+    /// Makes `step` fail from now on.
+    pub fn fail(&self, step: Step) {
+        self.failing.lock().unwrap().insert(step);
+    }
+
+    pub fn heal(&self, step: Step) {
+        self.failing.lock().unwrap().remove(&step);
+    }
+
+    fn check(&self, step: Step) -> Result<()> {
+        match self.failing.lock().unwrap().contains(&step) {
+            true => Err(injected(step)),
+            false => Ok(()),
+        }
+    }
+
+    /// Removes a namespace as a runtime would; its veths go with it.
+    pub fn remove_namespace(&self, path: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.namespaces.remove(path);
+        state.owned.remove(path);
+        let gone: Vec<String> = state
+            .links
+            .iter()
+            .filter(|(_, l)| l.netns == path)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            remove_link(&mut state, &name);
+        }
+    }
+}
+
+fn remove_link(state: &mut FakeState, name: &str) -> bool {
+    let Some(link) = state.links.remove(name) else {
+        return false;
+    };
+    state
+        .routes
+        .retain(|r| r.target != RouteTarget::Dev(link.index));
+    if let Some(inside) = state.namespaces.get_mut(&link.netns) {
+        inside.remove(&link.peer);
+    }
+    true
+}
+
+#[async_trait]
+impl Kernel for FakeKernel {
+    async fn underlay(&self, ifname: Option<&str>) -> Result<Underlay, String> {
+        Ok(Underlay {
+            ifname: ifname.unwrap_or("eth0").to_string(),
+            ip: "198.51.100.1".parse().unwrap(),
+            mtu: 1500,
+        })
+    }
+
+    fn configure_host(&self) -> io::Result<usize> {
+        Ok(0)
+    }
+
+    async fn links(&self) -> Result<BTreeMap<String, u32>> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .links
+            .iter()
+            .filter(|(_, l)| !l.retired)
+            .map(|(n, l)| (n.clone(), l.index))
+            .collect())
+    }
+
+    async fn link_name(&self, index: u32) -> Result<Option<String>> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .links
+            .iter()
+            .find(|(_, l)| l.index == index)
+            .map(|(n, _)| n.clone()))
+    }
+
+    async fn link_exists(&self, name: &str) -> Result<bool> {
+        Ok(self.state.lock().unwrap().links.contains_key(name))
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<bool> {
+        self.check(Step::DeleteLink)?;
+        Ok(remove_link(&mut self.state.lock().unwrap(), name))
+    }
+
+    async fn retire_link(&self, name: &str, ip: IpAddr) -> Result<bool> {
+        self.check(Step::RetireLink)?;
+        let mut state = self.state.lock().unwrap();
+        let Some(index) = state.links.get(name).map(|l| l.index) else {
+            return Ok(false);
+        };
+        state
+            .routes
+            .remove(&Route::host(ip, RouteTarget::Dev(index)));
+        // The reaper deletes retired links soon; the fake does it at once.
+        remove_link(&mut state, name);
+        Ok(true)
+    }
+
+    fn configure_veth(&self, _name: &str) -> io::Result<usize> {
+        Ok(0)
+    }
+
+    fn check_veth(&self, _name: &str) -> Vec<String> {
+        vec![]
+    }
+
+    async fn routes(&self) -> Result<Vec<Route>> {
+        Ok(self.state.lock().unwrap().routes.iter().copied().collect())
+    }
+
+    async fn replace_route(&self, route: &Route) -> Result<()> {
+        self.check(Step::ReplaceRoute)?;
+        let mut state = self.state.lock().unwrap();
+        state.routes.retain(|r| r.dst != route.dst);
+        state.routes.insert(*route);
+        Ok(())
+    }
+
+    async fn delete_route(&self, route: &Route) -> Result<()> {
+        self.check(Step::DeleteRoute)?;
+        self.state.lock().unwrap().routes.remove(route);
+        Ok(())
+    }
+
+    fn vet_netns(&self, path: &str) -> Result<NetnsId, NetnsError> {
+        let state = self.state.lock().unwrap();
+        let position = state
+            .namespaces
+            .keys()
+            .position(|p| p == path)
+            .ok_or_else(|| NetnsError::Missing { path: path.into() })?;
+        Ok(NetnsId {
+            dev: 4,
+            ino: position as u64 + 1,
+        })
+    }
+
+    async fn create_netns(&self, name: &str) -> Result<String, NetnsError> {
+        let path = format!("/run/netns/{name}");
+        if self.check(Step::CreateNetns).is_err() {
+            return Err(NetnsError::Create {
+                path,
+                source: io::Error::other("injected"),
+            });
+        }
+        self.remove_namespace(&path);
+        let mut state = self.state.lock().unwrap();
+        state.namespaces.insert(path.clone(), BTreeMap::new());
+        state.owned.insert(path.clone());
+        Ok(path)
+    }
+
+    fn delete_netns(&self, path: &str) -> io::Result<()> {
+        if self.check(Step::DeleteNetns).is_err() {
+            return Err(io::Error::other("injected"));
+        }
+        self.remove_namespace(path);
+        Ok(())
+    }
+
+    async fn wire(&self, netns: &str, link: &ContainerLink) -> Result<u32> {
+        self.check(Step::CreateVeth)?;
+        let index = {
+            let mut state = self.state.lock().unwrap();
+            let inside = state
+                .namespaces
+                .get(netns)
+                .ok_or_else(|| NetnsError::Missing { path: netns.into() })?;
+            if state.links.contains_key(&link.host_ifname) || inside.contains_key(&link.ifname) {
+                return Err(KernelError::Exists {
+                    host_ifname: link.host_ifname.clone(),
+                    ifname: link.ifname.to_string(),
+                    netns: netns.to_string(),
+                });
+            }
+            state.next_index += 1;
+            let index = state.next_index + 100;
+            state.links.insert(
+                link.host_ifname.clone(),
+                FakeLink {
+                    index,
+                    retired: false,
+                    netns: netns.to_string(),
+                    peer: link.ifname.clone(),
+                },
+            );
+            index
+        };
+        self.rewire_inside(netns, link).await?;
+        self.replace_route(&Route::host(link.ip, RouteTarget::Dev(index)))
+            .await?;
+        Ok(index)
+    }
+
+    async fn rewire_inside(&self, netns: &str, link: &ContainerLink) -> Result<()> {
+        self.check(Step::ConfigureInside)?;
+        let mut state = self.state.lock().unwrap();
+        let inside = state
+            .namespaces
+            .get_mut(netns)
+            .ok_or_else(|| NetnsError::Missing { path: netns.into() })?;
+        inside.insert(link.ifname.clone(), link.ip);
+        Ok(())
+    }
+
+    async fn check_inside(&self, netns: &str, ifname: &IfName, ip: IpAddr) -> Result<InsideCheck> {
+        let state = self.state.lock().unwrap();
+        let inside = state
+            .namespaces
+            .get(netns)
+            .ok_or_else(|| NetnsError::Missing { path: netns.into() })?;
+        Ok(match inside.get(ifname) {
+            None => InsideCheck {
+                interface_present: false,
+                problems: vec![format!("{ifname} is missing in {netns}")],
+            },
+            Some(held) if *held != ip => InsideCheck {
+                interface_present: true,
+                problems: vec![format!("{ifname} in {netns} does not hold {ip}")],
+            },
+            Some(_) => InsideCheck {
+                interface_present: true,
+                problems: vec![],
+            },
+        })
+    }
+
+    async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>> {
+        let state = self.state.lock().unwrap();
+        let Some(link) = state.links.get(host_ifname) else {
+            return Ok(vec![format!("host veth {host_ifname} is missing")]);
+        };
+        let wanted = Route::host(ip, RouteTarget::Dev(link.index));
+        Ok(match state.routes.contains(&wanted) {
+            true => vec![],
+            false => vec![format!("no route to {} through {host_ifname}", wanted.dst)],
+        })
+    }
+}

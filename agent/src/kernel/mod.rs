@@ -1,0 +1,121 @@
+//! The kernel seam: everything the agent does to links, addresses, routes, neighbours, sysctls
+//! and namespaces goes through [`Kernel`]. [`netlink::Netlink`] is the real implementation
+//! (rtnetlink and /proc/sys); [`fake::FakeKernel`] is an in-memory one for unit tests of the
+//! logic above it. Nothing here knows about etcd.
+
+pub mod events;
+pub mod fake;
+pub mod netlink;
+pub mod netns;
+pub mod sysctl;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+
+use crate::model::{IfName, Mac, Route};
+pub use netns::{NetnsError, NetnsId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// Creating a veth pair found a name taken: the host end's, or the container end's.
+    #[error("veth {host_ifname} or interface {ifname} in netns {netns} already exists")]
+    Exists {
+        host_ifname: String,
+        ifname: String,
+        netns: String,
+    },
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+pub type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+/// Everything needed to wire one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerLink {
+    pub host_ifname: String,
+    pub ifname: IfName,
+    pub ip: IpAddr,
+    pub mac: Mac,
+    pub mtu: u32,
+}
+
+/// The host's underlay interface, as found at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub ifname: String,
+    pub ip: IpAddr,
+    pub mtu: u32,
+}
+
+/// What was found inside a container's namespace.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InsideCheck {
+    /// Whether the container's interface exists at all (if not, its veth pair is broken).
+    pub interface_present: bool,
+    /// What is wrong, one sentence each; empty when all is well.
+    pub problems: Vec<String>,
+}
+
+/// The kernel operations of the agent. Host-namespace operations act on the agent's own
+/// namespace; container operations name the container's namespace by path.
+#[async_trait]
+pub trait Kernel: Send + Sync + 'static {
+    /// Finds the underlay interface: `ifname` if given, else the interface of the default route.
+    async fn underlay(&self, ifname: Option<&str>) -> Result<Underlay, String>;
+    /// Host-wide sysctls (`ip_forward`); returns how many had to change.
+    fn configure_host(&self) -> io::Result<usize>;
+
+    /// The index of every `weft*` link in service (retired ones are on their way out), by name.
+    async fn links(&self) -> Result<BTreeMap<String, u32>>;
+    /// The name of interface `index`, if it exists.
+    async fn link_name(&self, index: u32) -> Result<Option<String>>;
+    /// Whether any link of this name exists (in service or retired).
+    async fn link_exists(&self, name: &str) -> Result<bool>;
+    /// Deletes a link by name (its veth peer goes with it). A missing link is not an error.
+    async fn delete_link(&self, name: &str) -> Result<bool>;
+    /// Takes a container's veth out of service now (its route goes, the link is retired) and has
+    /// it deleted in the background. Returns false if there was no such link.
+    async fn retire_link(&self, name: &str, ip: IpAddr) -> Result<bool>;
+    /// The per-veth sysctls of a host veth; returns how many had to change.
+    fn configure_veth(&self, name: &str) -> io::Result<usize>;
+    /// The per-veth sysctls that differ from ours, described.
+    fn check_veth(&self, name: &str) -> Vec<String>;
+
+    /// Every `proto weft` route of the main table.
+    async fn routes(&self) -> Result<Vec<Route>>;
+    /// Adds or replaces a route (`ip route replace ... proto weft`).
+    async fn replace_route(&self, route: &Route) -> Result<()>;
+    /// Deletes a route; one already gone is not an error.
+    async fn delete_route(&self, route: &Route) -> Result<()>;
+
+    /// Opens and vets a container namespace (a network namespace other than the agent's own or
+    /// the machine's) and returns its identity.
+    fn vet_netns(&self, path: &str) -> Result<NetnsId, NetnsError>;
+    /// Creates a named namespace owned by the agent, replacing a leftover of that name (the
+    /// agent only names namespaces of containers it holds no endpoint for); returns its path.
+    async fn create_netns(&self, name: &str) -> Result<String, NetnsError>;
+    /// Deletes a namespace the agent created. A missing one is not an error.
+    fn delete_netns(&self, path: &str) -> io::Result<()>;
+
+    /// Creates the veth pair with its peer born inside the container namespace, configures both
+    /// ends and adds the container's host route. Returns the host end's index. A name already
+    /// taken is [`KernelError::Exists`]; on any other failure the caller removes the host link.
+    async fn wire(&self, netns: &str, link: &ContainerLink) -> Result<u32>;
+    /// Sets the container side up again on a veth pair that exists; idempotent.
+    async fn rewire_inside(&self, netns: &str, link: &ContainerLink) -> Result<()>;
+    /// What is wrong inside the container's namespace.
+    async fn check_inside(&self, netns: &str, ifname: &IfName, ip: IpAddr) -> Result<InsideCheck>;
+    /// What is wrong with the host side of an endpoint: its veth, its sysctls, its route.
+    async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>>;
+}

@@ -1,0 +1,227 @@
+//! Inside a container's namespace: `lo` up, the container's address, the gateway's on-link
+//! route, the default route through it and its permanent neighbour; and checking all of that.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+
+use super::links::link_by_name;
+use super::{errno, nl};
+use crate::kernel::{ContainerLink, InsideCheck, KernelError, Result};
+use crate::model::{IfName, Mac, GATEWAY_V4, HOST_VETH_MAC};
+
+async fn set_up(handle: &rtnetlink::Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+}
+
+/// Sets the container side up: every step is idempotent, so it also repairs.
+pub(super) async fn configure(
+    inside: &rtnetlink::Handle,
+    link: &ContainerLink,
+    netns: &str,
+) -> Result<()> {
+    let index = link_by_name(inside, link.ifname.as_str())
+        .await
+        .map_err(nl(format!("looking up {} in {netns}", link.ifname)))?
+        .map(|m| m.header.index)
+        .ok_or_else(|| KernelError::Io {
+            what: format!("{} missing in {netns} after creation", link.ifname),
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+        })?;
+    // The gateway is on-link through eth0 and answered from a permanent neighbour entry, so it
+    // works even where the host's proxy ARP would stay silent (no default route on the host).
+    let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(GATEWAY_V4, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build();
+    let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(GATEWAY_V4)
+        .output_interface(index)
+        .build();
+    let prefix = if link.ip.is_ipv4() { 32 } else { 128 };
+    // Pipelined: the requests go out on one socket in this order without waiting for each
+    // other's answers; the kernel handles them in order, so each still finds what the ones
+    // before it made. lo is always the first device of a namespace (LOOPBACK_IFINDEX).
+    let (lo, address, up, gateway, default, neighbour) = futures::join!(
+        set_up(inside, 1),
+        inside.address().add(index, link.ip, prefix).execute(),
+        set_up(inside, index),
+        inside.route().add(gateway_route).replace().execute(),
+        inside.route().add(default_route).replace().execute(),
+        inside
+            .neighbours()
+            .add(index, IpAddr::V4(GATEWAY_V4))
+            .link_layer_address(&HOST_VETH_MAC)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute(),
+    );
+    lo.map_err(nl(format!("bringing up lo in {netns}")))?;
+    match address {
+        Err(e) if errno(&e) != Some(libc::EEXIST) => {
+            return Err(nl(format!("adding {}/{prefix} in {netns}", link.ip))(e))
+        }
+        _ => {}
+    }
+    up.map_err(nl(format!("bringing up {} in {netns}", link.ifname)))?;
+    gateway.map_err(nl(format!("adding gateway route in {netns}")))?;
+    default.map_err(nl(format!("adding default route in {netns}")))?;
+    neighbour.map_err(nl(format!("adding gateway neighbour in {netns}")))?;
+    Ok(())
+}
+
+/// The addresses of interface `index` (`place`: where, for error messages). The whole dump is
+/// read: a stream dropped halfway leaves netlink-proto with replies it cannot deliver (and a
+/// warning in the log).
+pub(super) async fn addresses_of(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    place: &str,
+) -> Result<Vec<AddressMessage>> {
+    handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing addresses of #{index}{place}")))
+}
+
+/// Checks inside a container's namespace: `lo` up; `ifname` present and up, holding `ip`;
+/// the gateway's on-link route, the default route through it and its permanent neighbour entry.
+pub(super) async fn check(
+    handle: &rtnetlink::Handle,
+    path: &str,
+    ifname: &IfName,
+    ip: IpAddr,
+) -> Result<InsideCheck> {
+    let mut problems = vec![];
+    let lo = handle
+        .link()
+        .get()
+        .match_index(1)
+        .execute()
+        .try_next()
+        .await
+        .map_err(nl(format!("looking up lo in {path}")))?;
+    if !lo.is_some_and(|lo| lo.header.flags.contains(LinkFlags::Up)) {
+        problems.push(format!("lo is down in {path}"));
+    }
+    let Some(link) = link_by_name(handle, ifname.as_str())
+        .await
+        .map_err(nl(format!("looking up {ifname} in {path}")))?
+    else {
+        problems.push(format!("{ifname} is missing in {path}"));
+        return Ok(InsideCheck {
+            interface_present: false,
+            problems,
+        });
+    };
+    if !link.header.flags.contains(LinkFlags::Up) {
+        problems.push(format!("{ifname} is down in {path}"));
+    }
+    problems.extend(check_address(handle, &link, path, ifname, ip).await?);
+    problems.extend(check_gateway(handle, link.header.index, path, ifname).await?);
+    Ok(InsideCheck {
+        interface_present: true,
+        problems,
+    })
+}
+
+async fn check_address(
+    handle: &rtnetlink::Handle,
+    link: &LinkMessage,
+    path: &str,
+    ifname: &IfName,
+    ip: IpAddr,
+) -> Result<Option<String>> {
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    let addresses = addresses_of(handle, link.header.index, &format!(" in {path}")).await?;
+    let holds = addresses.iter().any(|m| {
+        m.header.prefix_len == prefix
+            && m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip))
+    });
+    Ok((!holds).then(|| format!("{ifname} in {path} does not hold {ip}/{prefix}")))
+}
+
+async fn check_gateway(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    path: &str,
+    ifname: &IfName,
+) -> Result<Vec<String>> {
+    let mut problems = vec![];
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing routes in {path}")))?;
+    let route_to = |prefix_len: u8, dst: Option<Ipv4Addr>, gateway: Option<Ipv4Addr>| {
+        routes.iter().any(|r| {
+            let attr_dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let attr_gateway = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            r.header.table == 254
+                && r.header.destination_prefix_length == prefix_len
+                && attr_dst == dst
+                && attr_gateway == gateway
+                && r.attributes.contains(&RouteAttribute::Oif(index))
+        })
+    };
+    if !route_to(32, Some(GATEWAY_V4), None) {
+        problems.push(format!(
+            "no on-link route to {GATEWAY_V4} via {ifname} in {path}"
+        ));
+    }
+    if !route_to(0, None, Some(GATEWAY_V4)) {
+        problems.push(format!("no default route via {GATEWAY_V4} in {path}"));
+    }
+    let neighbours: Vec<_> = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing neighbours in {path}")))?;
+    let gateway_entry = neighbours.iter().any(|n| {
+        n.header.ifindex == index
+            && n.header.state == NeighbourState::Permanent
+            && n.attributes
+                .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                    GATEWAY_V4,
+                )))
+            && n.attributes.contains(&NeighbourAttribute::LinkLayerAddress(
+                HOST_VETH_MAC.to_vec(),
+            ))
+    });
+    if !gateway_entry {
+        problems.push(format!(
+            "no permanent neighbour {GATEWAY_V4} -> {} on {ifname} in {path}",
+            Mac(HOST_VETH_MAC)
+        ));
+    }
+    Ok(problems)
+}

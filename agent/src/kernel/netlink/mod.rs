@@ -1,0 +1,250 @@
+//! The real kernel: rtnetlink in the agent's namespace and, through namespace-bound sockets, in
+//! containers' namespaces; /proc/sys for sysctls.
+
+mod container;
+mod links;
+mod routes;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+
+use crate::kernel::netns::{self, NetlinkHandle, Netns, NetnsError, NetnsId};
+use crate::kernel::{sysctl, ContainerLink, InsideCheck, Kernel, KernelError, Result, Underlay};
+use crate::model::{IfName, Route, RouteTarget};
+
+/// The errno of a netlink error, if it is one.
+pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(msg) => Some(msg.raw_code().abs()),
+        _ => None,
+    }
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+    let what = what.into();
+    move |source| KernelError::Netlink { what, source }
+}
+
+/// Netlink access to the agent's own (host) namespace.
+pub struct Netlink {
+    host: NetlinkHandle,
+    /// None for a read-only observer, which must not delete anything behind the caller.
+    reaper: Option<links::Reaper>,
+    /// The kernel runs one dump at a time per netlink socket and answers a second with EBUSY;
+    /// tasks sharing `host` (the reconciler, attaches, checks) take turns.
+    dumping: tokio::sync::Mutex<()>,
+}
+
+impl Netlink {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            host: NetlinkHandle::here()?,
+            reaper: Some(links::Reaper::start()?),
+            dumping: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn handle(&self) -> &rtnetlink::Handle {
+        &self.host.handle
+    }
+
+    async fn first_address(&self, index: u32, v4: bool) -> Result<Option<IpAddr>> {
+        let _turn = self.dumping.lock().await;
+        let addrs = container::addresses_of(self.handle(), index, "").await?;
+        Ok(addrs
+            .iter()
+            .flat_map(|m| &m.attributes)
+            .find_map(|a| match a {
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip)
+                    if ip.is_ipv4() == v4 =>
+                {
+                    Some(*ip)
+                }
+                _ => None,
+            }))
+    }
+
+    async fn underlay_name(&self, ifname: Option<&str>) -> Result<String, String> {
+        if let Some(name) = ifname {
+            return Ok(name.to_string());
+        }
+        let index = self
+            .default_route_ifindex()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                "this host has no IPv4 default route, so the underlay interface cannot be \
+                 guessed; pass --underlay-interface"
+                    .to_string()
+            })?;
+        self.link_by_index(index)
+            .await
+            .map_err(|e| e.to_string())?
+            .as_ref()
+            .and_then(links::link_name)
+            .ok_or_else(|| "default route interface has no name".to_string())
+    }
+}
+
+#[async_trait]
+impl Kernel for Netlink {
+    async fn underlay(&self, ifname: Option<&str>) -> Result<Underlay, String> {
+        let name = self.underlay_name(ifname).await?;
+        let link = links::link_by_name(self.handle(), &name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("underlay interface {name} does not exist"))?;
+        let mtu = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(1500);
+        let ip = self
+            .first_address(link.header.index, true)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("underlay interface {name} has no IPv4 address"))?;
+        Ok(Underlay {
+            ifname: name,
+            ip,
+            mtu,
+        })
+    }
+
+    fn configure_host(&self) -> io::Result<usize> {
+        sysctl::configure_host()
+    }
+
+    async fn links(&self) -> Result<BTreeMap<String, u32>> {
+        self.weft_links().await
+    }
+
+    async fn link_name(&self, index: u32) -> Result<Option<String>> {
+        Ok(self
+            .link_by_index(index)
+            .await?
+            .as_ref()
+            .and_then(links::link_name))
+    }
+
+    async fn link_exists(&self, name: &str) -> Result<bool> {
+        Ok(links::link_by_name(self.handle(), name)
+            .await
+            .map_err(nl(format!("looking up {name}")))?
+            .is_some())
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<bool> {
+        self.remove_link(name).await
+    }
+
+    async fn retire_link(&self, name: &str, ip: IpAddr) -> Result<bool> {
+        self.retire(name, ip).await
+    }
+
+    fn configure_veth(&self, name: &str) -> io::Result<usize> {
+        sysctl::configure_host_veth(name)
+    }
+
+    fn check_veth(&self, name: &str) -> Vec<String> {
+        sysctl::check_host_veth(name)
+    }
+
+    async fn routes(&self) -> Result<Vec<Route>> {
+        self.weft_routes().await
+    }
+
+    async fn replace_route(&self, route: &Route) -> Result<()> {
+        self.replace(route).await
+    }
+
+    async fn delete_route(&self, route: &Route) -> Result<()> {
+        self.delete(route).await
+    }
+
+    fn vet_netns(&self, path: &str) -> Result<NetnsId, NetnsError> {
+        Netns::open(path).map(|ns| ns.id())
+    }
+
+    async fn create_netns(&self, name: &str) -> Result<String, NetnsError> {
+        let stale = netns::named_path(name);
+        netns::delete_named(&stale).map_err(|source| NetnsError::Create {
+            path: stale.display().to_string(),
+            source,
+        })?;
+        netns::create_named(name)
+            .await
+            .map(|path| path.display().to_string())
+    }
+
+    fn delete_netns(&self, path: &str) -> io::Result<()> {
+        netns::delete_named(std::path::Path::new(path))
+    }
+
+    async fn wire(&self, netns: &str, link: &ContainerLink) -> Result<u32> {
+        let netns = Netns::open(netns)?;
+        let inside = netns.netlink().await?;
+        match self.add_veth(&netns, link).await {
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                return Err(KernelError::Exists {
+                    host_ifname: link.host_ifname.clone(),
+                    ifname: link.ifname.to_string(),
+                    netns: netns.path().to_string(),
+                })
+            }
+            other => other.map_err(nl(format!("creating veth {}", link.host_ifname)))?,
+        }
+        container::configure(&inside.handle, link, netns.path()).await?;
+        let host_index = self.index_of(&link.host_ifname).await?;
+        sysctl::configure_host_veth(&link.host_ifname).map_err(|source| KernelError::Io {
+            what: format!("setting sysctls of {}", link.host_ifname),
+            source,
+        })?;
+        self.replace(&Route::host(link.ip, RouteTarget::Dev(host_index)))
+            .await?;
+        Ok(host_index)
+    }
+
+    async fn rewire_inside(&self, netns: &str, link: &ContainerLink) -> Result<()> {
+        let netns = Netns::open(netns)?;
+        let inside = netns.netlink().await?;
+        container::configure(&inside.handle, link, netns.path()).await
+    }
+
+    async fn check_inside(&self, netns: &str, ifname: &IfName, ip: IpAddr) -> Result<InsideCheck> {
+        let netns = Netns::open(netns)?;
+        let inside = netns.netlink().await?;
+        container::check(&inside.handle, netns.path(), ifname, ip).await
+    }
+
+    async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>> {
+        let mut problems = vec![];
+        let Some(link) = links::link_by_name(self.handle(), host_ifname)
+            .await
+            .map_err(nl(format!("looking up {host_ifname}")))?
+        else {
+            problems.push(format!("host veth {host_ifname} is missing"));
+            return Ok(problems);
+        };
+        if links::is_retired(&link) {
+            problems.push(format!("host veth {host_ifname} is being deleted"));
+        }
+        if !link.header.flags.contains(LinkFlags::Up) {
+            problems.push(format!("host veth {host_ifname} is down"));
+        }
+        problems.extend(sysctl::check_host_veth(host_ifname));
+        let wanted = Route::host(ip, RouteTarget::Dev(link.header.index));
+        if !self.weft_routes().await?.contains(&wanted) {
+            problems.push(format!("no route to {} through {host_ifname}", wanted.dst));
+        }
+        Ok(problems)
+    }
+}

@@ -1,0 +1,110 @@
+//! The fabric's fixed facts, defined once: the gateway every container uses, the MAC that
+//! answers it, the route protocol and link names the agent owns, and how a veth is named.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use crate::model::ContainerId;
+
+/// The address every container routes through; answered by the host end of its veth.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The MAC of every host-side veth: containers reach their gateway at this address.
+pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
+/// The protocol number on every route the agent creates (`proto weft`); see
+/// deploy/rt_protos.d/weft.conf.
+pub const RT_PROTO_WEFT: u8 = 119;
+/// Prefix of every link the agent creates.
+pub const LINK_PREFIX: &str = "weft";
+/// Link group of retired veths awaiting deletion. Deleting a link waits for an RCU grace period
+/// (~20 ms); deleting a whole group pays it once for all its links.
+pub const RETIRED_GROUP: u32 = 0x7765;
+
+/// The host-side veth name of a container: `weft` + 11 hex digits of a hash of its id. A name
+/// can clash with a live endpoint's (44 bits of hash); `attempt` > 0 gives the alternatives
+/// tried then, and the name chosen is stored in the endpoint record.
+pub fn veth_name(id: &ContainerId, attempt: u32) -> String {
+    let hash = match attempt {
+        0 => weft_etcd::names::stable_hash(&[id.as_str()]),
+        n => weft_etcd::names::stable_hash(&[id.as_str(), &n.to_string()]),
+    };
+    format!("{LINK_PREFIX}{:011x}", hash >> 20)
+}
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// A random locally administered unicast MAC for a container interface.
+    pub fn random() -> Self {
+        let mut mac: [u8; 6] = rand::random();
+        mac[0] = (mac[0] & 0xfe) | 0x02;
+        Self(mac)
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut mac {
+            *byte = parts
+                .next()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("{text:?} is not a MAC address"))?;
+        }
+        match parts.next() {
+            None => Ok(Self(mac)),
+            Some(_) => Err(format!("{text:?} is not a MAC address")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names_fit_the_kernel_limit_and_are_stable() {
+        let id = ContainerId::new("web-1").unwrap();
+        let name = veth_name(&id, 0);
+        assert!(name.len() <= 15 && name.starts_with("weft"));
+        assert_eq!(name, veth_name(&id, 0));
+        assert_ne!(name, veth_name(&ContainerId::new("web-2").unwrap(), 0));
+        assert_ne!(name, veth_name(&id, 1));
+        // Persisted in endpoint records and in the kernel: the name must not change.
+        assert_eq!(name, "weftd37a3405892");
+    }
+
+    #[test]
+    fn known_clashes_have_alternatives() {
+        let a = ContainerId::new("victim-476022").unwrap();
+        let b = ContainerId::new("victim-3507330").unwrap();
+        assert_eq!(
+            veth_name(&a, 0),
+            veth_name(&b, 0),
+            "the clash the issue found"
+        );
+        assert_ne!(veth_name(&a, 0), veth_name(&b, 1));
+    }
+
+    #[test]
+    fn macs_round_trip_and_are_local_unicast() {
+        for _ in 0..32 {
+            let mac = Mac::random();
+            assert_eq!(mac.0[0] & 0x03, 0x02);
+            assert_eq!(mac.to_string().parse::<Mac>(), Ok(mac));
+        }
+        assert!("ee:ee:ee:ee:ee".parse::<Mac>().is_err());
+        assert!("ee:ee:ee:ee:ee:ee:ee".parse::<Mac>().is_err());
+    }
+}

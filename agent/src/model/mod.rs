@@ -1,0 +1,19 @@
+//! The agent's domain values, validated once where they enter (a request, a flag) and typed
+//! from there on: ids and names, published ports, an attach request, routes, and the fabric's
+//! constants. Nothing here performs I/O.
+
+mod attach;
+mod fabric;
+mod ids;
+mod invalid;
+mod ports;
+mod route;
+
+pub use attach::{AttachRequest, NetnsSpec};
+pub use fabric::{
+    veth_name, Mac, GATEWAY_V4, HOST_VETH_MAC, LINK_PREFIX, RETIRED_GROUP, RT_PROTO_WEFT,
+};
+pub use ids::{ContainerId, HostName, IfName, MAX_CONTAINER_ID};
+pub use invalid::Invalid;
+pub use ports::{port_mapping, validate_ports, PortMapping, Protocol, MAX_PORTS};
+pub use route::{Route, RouteTarget};

@@ -1,0 +1,208 @@
+//! Carrying out a reconciliation pass through the kernel, firewall and datastore seams: each
+//! step reads what it needs, applies its part of the plan and counts what it changed or could
+//! not do. No decisions here beyond "did it work".
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+
+use tracing::warn;
+
+use super::plan::{self, LeakPlan};
+use super::ReconcileReport;
+use crate::context::Context;
+use crate::endpoints::{repair, teardown};
+use crate::firewall::SyncMode;
+use crate::model::Route;
+
+/// The kernel state a pass works from.
+pub struct KernelState {
+    pub routes: Vec<Route>,
+    pub links: BTreeMap<String, u32>,
+}
+
+pub fn host_sysctls(ctx: &Context, report: &mut ReconcileReport) {
+    match ctx.kernel.configure_host() {
+        Ok(n) => report.sysctls_fixed += n,
+        Err(e) => {
+            warn!(error = %e, "cannot set host sysctls");
+            report.errors += 1;
+        }
+    }
+}
+
+/// Routes are read before links: a route seen here has its link in the list read next, so a
+/// container being attached right now is never mistaken for stale.
+pub async fn read_kernel(ctx: &Context, report: &mut ReconcileReport) -> Option<KernelState> {
+    let routes = ctx.kernel.routes().await;
+    let links = ctx.kernel.links().await;
+    match (routes, links) {
+        (Ok(routes), Ok(links)) => Some(KernelState { routes, links }),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, "cannot read the kernel's routes and links");
+            report.errors += 1;
+            None
+        }
+    }
+}
+
+pub fn veth_sysctls(ctx: &Context, links: &BTreeMap<String, u32>, report: &mut ReconcileReport) {
+    for endpoint in ctx.endpoints.list() {
+        let name = &endpoint.host_ifname;
+        if !links.contains_key(name) {
+            continue;
+        }
+        match ctx.kernel.configure_veth(name) {
+            Ok(n) => report.sysctls_fixed += n,
+            // The link may have been deleted since it was listed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(veth = %name, error = %e, "cannot set veth sysctls");
+                report.errors += 1;
+            }
+        }
+    }
+}
+
+/// What the leak plan is made from.
+pub struct LeakObservations {
+    /// Endpoints without a veth, with whether their namespace still opens.
+    pub missing: Vec<(String, bool)>,
+    /// Every endpoint's veth name.
+    pub claimed: HashSet<String>,
+}
+
+pub fn observe_leaks(ctx: &Context, links: &BTreeMap<String, u32>) -> LeakObservations {
+    let endpoints = ctx.endpoints.list();
+    let busy = ctx.endpoints.busy_ids();
+    let missing = plan::missing_veths(&endpoints, links, &busy)
+        .into_iter()
+        .map(|e| {
+            (
+                e.container_id.clone(),
+                ctx.kernel.vet_netns(&e.netns).is_ok(),
+            )
+        })
+        .collect();
+    let claimed = endpoints.into_iter().map(|e| e.host_ifname).collect();
+    LeakObservations { missing, claimed }
+}
+
+/// Repairs endpoints whose container lives, releases those whose container is gone, removes
+/// links nobody claims. Containers with an attach or detach under way are left alone.
+pub async fn leaks(ctx: &Context, plan: LeakPlan, report: &mut ReconcileReport) {
+    for id in plan.repair {
+        let Ok(container) = crate::model::ContainerId::new(&id) else {
+            continue;
+        };
+        let _guard = ctx.endpoints.lock(&container).await;
+        let Some(record) = ctx.endpoints.get(&id) else {
+            continue;
+        };
+        warn!(container = %id, veth = %record.host_ifname, "veth missing while the container lives; repairing");
+        match repair::repair(ctx, &record).await {
+            Ok(()) => report.endpoints_repaired += 1,
+            Err(e) => {
+                warn!(container = %id, error = %e, "cannot repair endpoint; will retry");
+                report.errors += 1;
+            }
+        }
+    }
+    for id in plan.release {
+        release(ctx, &id, report).await;
+    }
+    for name in plan.orphans {
+        warn!(veth = %name, "link without an endpoint; removing it");
+        match ctx.kernel.delete_link(&name).await {
+            Ok(_) => report.links_removed += 1,
+            Err(e) => {
+                warn!(veth = %name, error = %e, "cannot remove link");
+                report.errors += 1;
+            }
+        }
+    }
+}
+
+/// Releases an endpoint whose container is gone: its records, then what is left of it here.
+async fn release(ctx: &Context, id: &str, report: &mut ReconcileReport) {
+    let Ok(container) = crate::model::ContainerId::new(id) else {
+        return;
+    };
+    let _guard = ctx.endpoints.lock(&container).await;
+    let Some(record) = ctx.endpoints.get(id) else {
+        return;
+    };
+    warn!(container = %id, ip = %record.ip, "container namespace gone; releasing the endpoint");
+    if let Err(e) = ctx.store.delete_endpoint(&record).await {
+        warn!(container = %id, error = %e, "cannot release endpoint; will retry");
+        report.errors += 1;
+        return;
+    }
+    let errors = teardown::dismantle(ctx, &record).await;
+    report.endpoints_released += 1;
+    for error in errors {
+        warn!(container = %id, %error, "release incomplete");
+        report.errors += 1;
+    }
+}
+
+pub async fn routes(ctx: &Context, kernel: &KernelState, report: &mut ReconcileReport) {
+    let desired = ctx.cluster.with_view(|view| {
+        plan::desired_routes(ctx.me(), view, &ctx.endpoints.list(), &kernel.links)
+    });
+    let diff = plan::route_diff(&desired, &kernel.routes);
+    for route in &diff.replace {
+        match ctx.kernel.replace_route(route).await {
+            Ok(()) => report.routes_replaced += 1,
+            Err(e) => {
+                warn!(error = %e, "cannot program route");
+                report.errors += 1;
+            }
+        }
+    }
+    for route in &diff.delete {
+        match ctx.kernel.delete_route(route).await {
+            Ok(()) => report.routes_deleted += 1,
+            Err(e) => {
+                warn!(error = %e, "cannot delete route");
+                report.errors += 1;
+            }
+        }
+    }
+}
+
+/// Re-reads the pools and verifies iptables.
+pub async fn firewall(ctx: &Context, report: &mut ReconcileReport) {
+    if let Ok(pools) = ctx.store.list_pools().await {
+        ctx.cluster.set_pools(pools);
+    }
+    let synced = ctx
+        .firewall
+        .sync(|| ctx.firewall_spec(), SyncMode::Verify, &ctx.metrics)
+        .await;
+    match synced {
+        Ok(fw) => report.firewall_tables_written += fw.tables_written,
+        Err(e) => {
+            warn!(error = %e, "cannot program iptables");
+            report.errors += 1;
+        }
+    }
+}
+
+/// Removes a host that was down too long. Returns whether it is gone.
+pub async fn remove_host(ctx: &Context, host: &str) -> bool {
+    match ctx.store.remove_host(host).await {
+        Ok(released) => {
+            warn!(
+                %host,
+                blocks = released.blocks,
+                ips = released.ips,
+                "removed a host that was down too long"
+            );
+            true
+        }
+        Err(e) => {
+            warn!(%host, error = %e, "cannot remove dead host");
+            false
+        }
+    }
+}

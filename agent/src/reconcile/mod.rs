@@ -1,0 +1,197 @@
+//! The reconciler: at start, every resync interval and soon after any event, it compares what
+//! the kernel holds with what the cluster and this host's endpoints want, and applies only the
+//! difference. `plan` decides (pure); `apply` carries a plan out; `monitor` turns kernel
+//! notifications into passes and sysctl repairs.
+
+pub mod apply;
+pub mod monitor;
+pub mod plan;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use crate::context::Context;
+use crate::telemetry::metrics;
+use plan::{DeadHostTracker, LeakTracker};
+
+/// How much a reconciliation pass checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Everything: sysctls, routes, leaks, pools and iptables.
+    Full,
+    /// Routes and leaks only, after a watch or netlink event.
+    Routes,
+}
+
+/// The outcome of one reconciliation pass.
+#[derive(Debug, Default, Clone)]
+pub struct ReconcileReport {
+    pub routes_replaced: usize,
+    pub routes_deleted: usize,
+    pub sysctls_fixed: usize,
+    pub firewall_tables_written: usize,
+    pub endpoints_repaired: usize,
+    pub endpoints_released: usize,
+    pub links_removed: usize,
+    pub errors: usize,
+    pub duration: Duration,
+}
+
+impl ReconcileReport {
+    /// Kernel objects added, changed or removed.
+    pub fn repairs(&self) -> usize {
+        self.routes_replaced
+            + self.routes_deleted
+            + self.sysctls_fixed
+            + self.firewall_tables_written
+            + self.endpoints_repaired
+            + self.endpoints_released
+            + self.links_removed
+    }
+}
+
+/// Observations kept between passes.
+#[derive(Default)]
+struct Trackers {
+    leaks: LeakTracker,
+    dead_hosts: DeadHostTracker,
+}
+
+pub struct Reconciler {
+    ctx: Arc<Context>,
+    trackers: Mutex<Trackers>,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl Reconciler {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            trackers: Default::default(),
+            one_at_a_time: Default::default(),
+        }
+    }
+
+    /// Runs passes every resync interval (full) and soon after any request (routes only).
+    pub async fn run(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.ctx.config.resync_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let periodic = tokio::select! {
+                _ = interval.tick() => true,
+                _ = self.ctx.resync.notified() => false,
+            };
+            if !periodic {
+                // Let a burst of events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.pass(if periodic { Pass::Full } else { Pass::Routes })
+                .await;
+            if periodic {
+                self.remove_dead_hosts().await;
+            }
+        }
+    }
+
+    /// One reconciliation pass. Every pass diffs routes and collects leaks; a full pass (at
+    /// start and every resync interval) also checks sysctls, re-reads the pools and verifies
+    /// iptables. Passes triggered by watch and netlink events stay light: with many peers
+    /// claiming blocks they come often, and must not fork iptables-save or read thousands of
+    /// sysctl files each time.
+    pub async fn pass(&self, pass: Pass) -> ReconcileReport {
+        let _one = self.one_at_a_time.lock().await;
+        let started = Instant::now();
+        let mut report = ReconcileReport::default();
+        let full = pass == Pass::Full;
+        if full {
+            apply::host_sysctls(&self.ctx, &mut report);
+            self.ctx.endpoints.forget_foreign();
+        }
+        if let Some(kernel) = apply::read_kernel(&self.ctx, &mut report).await {
+            if full {
+                apply::veth_sysctls(&self.ctx, &kernel.links, &mut report);
+            }
+            let leaks = {
+                let observed = apply::observe_leaks(&self.ctx, &kernel.links);
+                let mut trackers = self.trackers.lock().unwrap();
+                let plan = trackers.leaks.plan(
+                    &observed.missing,
+                    &kernel.links,
+                    &observed.claimed,
+                    Instant::now(),
+                    self.ctx.config.resync_interval,
+                );
+                trackers.leaks.done(&plan);
+                plan
+            };
+            let relinked = !leaks.repair.is_empty() || !leaks.orphans.is_empty();
+            apply::leaks(&self.ctx, leaks, &mut report).await;
+            // A veth made again has a new index (and its own route already): read again, or
+            // the route diff would take its route for stale.
+            let kernel = match relinked {
+                true => apply::read_kernel(&self.ctx, &mut report).await,
+                false => Some(kernel),
+            };
+            if let Some(kernel) = kernel {
+                apply::routes(&self.ctx, &kernel, &mut report).await;
+            }
+        }
+        if full {
+            apply::firewall(&self.ctx, &mut report).await;
+        }
+        report.duration = started.elapsed();
+        self.record(full, &report);
+        report
+    }
+
+    fn record(&self, full: bool, report: &ReconcileReport) {
+        let metrics = &self.ctx.metrics;
+        metrics
+            .repairs
+            .fetch_add(report.repairs() as u64, Ordering::Relaxed);
+        metrics.reconcile_seconds.observe(report.duration);
+        metrics
+            .last_pass_ms
+            .store(metrics::now_ms(), Ordering::Relaxed);
+        if full && report.errors == 0 {
+            metrics.reconciled.store(true, Ordering::Relaxed);
+        }
+        if report.repairs() > 0 {
+            info!(
+                replaced = report.routes_replaced,
+                deleted = report.routes_deleted,
+                sysctls = report.sysctls_fixed,
+                iptables_tables = report.firewall_tables_written,
+                repaired = report.endpoints_repaired,
+                released = report.endpoints_released,
+                links_removed = report.links_removed,
+                errors = report.errors,
+                ms = report.duration.as_secs_f64() * 1e3,
+                "reconciled"
+            );
+        }
+    }
+
+    /// Removes peers that have been down longer than `remove-dead-hosts-after` (when set).
+    async fn remove_dead_hosts(&self) {
+        let Some(after) = self.ctx.config.remove_dead_hosts_after else {
+            return;
+        };
+        let doomed = self.ctx.cluster.with_view(|view| {
+            self.trackers.lock().unwrap().dead_hosts.plan(
+                view,
+                self.ctx.me(),
+                Instant::now(),
+                after,
+            )
+        });
+        for host in doomed {
+            if apply::remove_host(&self.ctx, &host).await {
+                self.trackers.lock().unwrap().dead_hosts.removed(&host);
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Kernel notifications: a deleted route or link of ours asks for a reconciliation pass; a
+//! flipped sysctl of ours is put back at once.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::context::Context;
+use crate::kernel::events::{self, NetconfDrift};
+
+/// Asks for a repair pass whenever one of our routes or links is deleted.
+pub async fn run_kernel_monitor(ctx: Arc<Context>) {
+    let (_handle, mut events) = match events::kernel_events() {
+        Ok(events) => events,
+        Err(e) => {
+            warn!(error = %e, "cannot watch kernel events; relying on periodic resync");
+            return;
+        }
+    };
+    while events.recv().await.is_some() {
+        ctx.request_resync();
+    }
+}
+
+/// Puts back, within milliseconds, a flipped `ip_forward` or a flipped `proxy_arp`,
+/// `rp_filter` or `forwarding` of an endpoint's veth, as the kernel announces the change.
+pub async fn run_netconf_monitor(ctx: Arc<Context>) {
+    use netlink_sys::AsyncSocketExt;
+    let socket = match events::netconf_events() {
+        Ok(socket) => socket,
+        Err(e) => {
+            warn!(error = %e, "cannot watch sysctl changes; relying on periodic resync");
+            return;
+        }
+    };
+    loop {
+        let datagram = match socket.recv_from_full().await {
+            Ok((datagram, _)) => datagram,
+            Err(e) => {
+                // ENOBUFS: notifications were lost; the next resync catches up. Anything
+                // else would repeat at once, so pause before reading again.
+                debug!(error = %e, "netconf socket");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        for drift in events::parse_netconf(&datagram) {
+            restore_sysctls(&ctx, drift).await;
+        }
+    }
+}
+
+async fn restore_sysctls(ctx: &Context, drift: NetconfDrift) {
+    let (what, result) = match drift {
+        NetconfDrift::HostForwarding => ("ip_forward".to_string(), ctx.kernel.configure_host()),
+        NetconfDrift::Link(index) => {
+            let Ok(Some(name)) = ctx.kernel.link_name(index).await else {
+                return;
+            };
+            // Only settled endpoints: an attach under way sets the veth's sysctls itself,
+            // and a veth being detached no longer matters.
+            let owner = ctx.endpoints.owner_of_link(&name);
+            if owner.is_none_or(|id| ctx.endpoints.busy(&id)) {
+                return;
+            }
+            let result = ctx.kernel.configure_veth(&name);
+            (name, result)
+        }
+    };
+    match result {
+        Ok(0) => {}
+        Ok(changed) => {
+            ctx.metrics
+                .repairs
+                .fetch_add(changed as u64, Ordering::Relaxed);
+            info!(%what, changed, "sysctls changed behind our back; restored");
+        }
+        Err(e) => warn!(%what, error = %e, "cannot restore sysctls"),
+    }
+}

@@ -1,0 +1,205 @@
+//! What a reconciliation pass should do, decided from data alone: the routes this host should
+//! hold and the difference to the kernel's, which endpoints lost their veth and what to do about
+//! it, which links nobody claims, which peers have been down too long. Time comes in as an
+//! argument, so every rule here is unit-tested without a clock or a kernel.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use ipnetwork::IpNetwork;
+use weft_etcd::records::EndpointRecord;
+use weft_etcd::ClusterView;
+
+use crate::model::{Route, RouteTarget};
+
+/// The routes this host should hold: a host route per local container whose veth exists, a
+/// blackhole per local block, and each peer block via its host's underlay address.
+pub fn desired_routes(
+    me: &str,
+    cluster: &ClusterView,
+    endpoints: &[EndpointRecord],
+    links: &BTreeMap<String, u32>,
+) -> BTreeMap<IpNetwork, RouteTarget> {
+    let mut desired: BTreeMap<IpNetwork, RouteTarget> = cluster
+        .peer_routes(me)
+        .into_iter()
+        .map(|(block, via)| (block, RouteTarget::Via(via)))
+        .collect();
+    for block in cluster.blocks_of(me) {
+        desired.insert(block, RouteTarget::Blackhole);
+    }
+    for endpoint in endpoints {
+        if let Some(index) = links.get(&endpoint.host_ifname) {
+            let route = Route::host(endpoint.ip, RouteTarget::Dev(*index));
+            desired.insert(route.dst, route.target);
+        }
+    }
+    desired
+}
+
+/// What to do to bring the kernel to the desired set.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteDiff {
+    /// Missing or pointing elsewhere: `ip route replace`.
+    pub replace: Vec<Route>,
+    /// Ours but unwanted (or duplicates): `ip route del`. Applied after `replace`, so a route
+    /// that changes target never goes missing; deletes name the exact target, so they never hit
+    /// the replacement.
+    pub delete: Vec<Route>,
+}
+
+impl RouteDiff {
+    pub fn is_empty(&self) -> bool {
+        self.replace.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// Compares desired routes (one target per destination) with the kernel's `proto weft` routes.
+pub fn route_diff(desired: &BTreeMap<IpNetwork, RouteTarget>, actual: &[Route]) -> RouteDiff {
+    let mut out = RouteDiff::default();
+    let mut satisfied = HashSet::new();
+    for route in actual {
+        match desired.get(&route.dst) {
+            Some(target) if *target == route.target && !satisfied.contains(&route.dst) => {
+                satisfied.insert(route.dst);
+            }
+            // A blackhole and a unicast route to the same prefix can coexist in the kernel (they
+            // differ in type), so a stale one must be deleted, not just replaced.
+            _ => out.delete.push(*route),
+        }
+    }
+    for (dst, target) in desired {
+        if !satisfied.contains(dst) {
+            out.replace.push(Route {
+                dst: *dst,
+                target: *target,
+            });
+        }
+    }
+    out
+}
+
+/// Endpoints whose veth is not in service, leaving out those with an attach or detach under way
+/// (which make and remove veths themselves).
+pub fn missing_veths<'e>(
+    endpoints: &'e [EndpointRecord],
+    links: &BTreeMap<String, u32>,
+    busy: &HashSet<String>,
+) -> Vec<&'e EndpointRecord> {
+    endpoints
+        .iter()
+        .filter(|e| !links.contains_key(&e.host_ifname) && !busy.contains(&e.container_id))
+        .collect()
+}
+
+/// What to do about endpoints without a veth and links without an endpoint.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LeakPlan {
+    /// Their namespace is still there: the container lives; make its veth again.
+    pub repair: Vec<String>,
+    /// Their namespace is gone (seen on two passes): release the endpoint.
+    pub release: Vec<String>,
+    /// `weft*` links no endpoint claims, for longer than the grace period: remove them.
+    pub orphans: Vec<String>,
+}
+
+/// Observations that must repeat before they are acted on, kept from pass to pass.
+#[derive(Debug, Default)]
+pub struct LeakTracker {
+    /// Endpoints seen without veth and namespace, with how many passes saw it so.
+    gone: HashMap<String, u32>,
+    /// `weft*` links with no endpoint behind them, since when.
+    orphan_since: HashMap<String, Instant>,
+}
+
+impl LeakTracker {
+    /// Plans one pass. `missing` are the endpoints without a veth (from [`missing_veths`]) with
+    /// whether their namespace still opens; `claimed` are the veth names of every endpoint.
+    pub fn plan(
+        &mut self,
+        missing: &[(String, bool)],
+        links: &BTreeMap<String, u32>,
+        claimed: &HashSet<String>,
+        now: Instant,
+        grace: Duration,
+    ) -> LeakPlan {
+        let mut plan = LeakPlan::default();
+        let gone_now: HashSet<&String> = missing
+            .iter()
+            .filter(|(_, alive)| !alive)
+            .map(|(id, _)| id)
+            .collect();
+        self.gone.retain(|id, _| gone_now.contains(id));
+        for (id, namespace_alive) in missing {
+            if *namespace_alive {
+                plan.repair.push(id.clone());
+                continue;
+            }
+            let seen = self.gone.entry(id.clone()).or_insert(0);
+            *seen += 1;
+            if *seen >= 2 {
+                plan.release.push(id.clone());
+            }
+        }
+        let unclaimed: HashSet<&String> = links.keys().filter(|n| !claimed.contains(*n)).collect();
+        self.orphan_since.retain(|name, _| unclaimed.contains(name));
+        for name in unclaimed {
+            let since = *self.orphan_since.entry(name.clone()).or_insert(now);
+            if now.duration_since(since) >= grace {
+                plan.orphans.push(name.clone());
+            }
+        }
+        plan.orphans.sort();
+        plan
+    }
+
+    /// Forgets what was acted on.
+    pub fn done(&mut self, plan: &LeakPlan) {
+        for id in &plan.release {
+            self.gone.remove(id);
+        }
+        for name in &plan.orphans {
+            self.orphan_since.remove(name);
+        }
+    }
+}
+
+/// Peers seen down, since when, for the optional automatic removal.
+#[derive(Debug, Default)]
+pub struct DeadHostTracker {
+    down_since: HashMap<String, Instant>,
+}
+
+impl DeadHostTracker {
+    /// The peers that have been down for at least `after`.
+    pub fn plan(
+        &mut self,
+        cluster: &ClusterView,
+        me: &str,
+        now: Instant,
+        after: Duration,
+    ) -> Vec<String> {
+        self.down_since
+            .retain(|host, _| cluster.hosts.contains_key(host) && !cluster.alive.contains(host));
+        for host in cluster.hosts.keys() {
+            if host != me && !cluster.alive.contains(host) {
+                self.down_since.entry(host.clone()).or_insert(now);
+            }
+        }
+        let mut doomed: Vec<String> = self
+            .down_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= after)
+            .map(|(host, _)| host.clone())
+            .collect();
+        doomed.sort();
+        doomed
+    }
+
+    pub fn removed(&mut self, host: &str) {
+        self.down_since.remove(host);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+use super::*;
+use weft_etcd::records::HostRecord;
+use weft_etcd::ClusterEvent;
+
+fn net(s: &str) -> IpNetwork {
+    s.parse().unwrap()
+}
+
+fn route(dst: &str, target: RouteTarget) -> Route {
+    Route {
+        dst: net(dst),
+        target,
+    }
+}
+
+fn endpoint(id: &str, ip: &str, veth: &str) -> EndpointRecord {
+    EndpointRecord {
+        container_id: id.into(),
+        host: "a".into(),
+        ip: ip.parse().unwrap(),
+        host_ifname: veth.into(),
+        ifname: "eth0".into(),
+        mac: "02:00:00:00:00:01".into(),
+        netns: format!("/run/netns/{id}"),
+        owns_netns: false,
+        ports: vec![],
+        created: 0,
+    }
+}
+
+fn cluster() -> ClusterView {
+    let mut view = ClusterView::default();
+    for (host, ip) in [("a", "198.51.100.1"), ("b", "198.51.100.2")] {
+        view.apply(ClusterEvent::HostPut(
+            host.into(),
+            HostRecord {
+                underlay_ip: ip.parse().unwrap(),
+                version: "test".into(),
+                first_seen: 0,
+            },
+        ));
+    }
+    for (block, host) in [
+        ("10.65.0.0/26", "a"),
+        ("10.65.0.64/26", "b"),
+        ("10.65.0.128/26", "gone"),
+    ] {
+        view.apply(ClusterEvent::BlockPut {
+            pool: "default".into(),
+            block: net(block),
+            host: host.into(),
+        });
+    }
+    view.alive.insert("a".into());
+    view
+}
+
+#[test]
+fn desired_routes_are_containers_blackholes_and_peer_blocks() {
+    let endpoints = [
+        endpoint("web", "10.65.0.5", "weft1"),
+        endpoint("gone", "10.65.0.6", "weft2"),
+    ];
+    let links = BTreeMap::from([("weft1".to_string(), 4)]);
+    let desired = desired_routes("a", &cluster(), &endpoints, &links);
+    assert_eq!(
+        desired,
+        BTreeMap::from([
+            (net("10.65.0.0/26"), RouteTarget::Blackhole),
+            (net("10.65.0.5/32"), RouteTarget::Dev(4)),
+            (
+                net("10.65.0.64/26"),
+                RouteTarget::Via("198.51.100.2".parse().unwrap())
+            ),
+        ]),
+        "no route for a container without a veth, nor for a block whose host is unknown"
+    );
+}
+
+#[test]
+fn converged_state_needs_nothing() {
+    let desired = BTreeMap::from([
+        (net("10.65.0.0/26"), RouteTarget::Blackhole),
+        (net("10.65.0.5/32"), RouteTarget::Dev(4)),
+    ]);
+    let actual = [
+        route("10.65.0.5/32", RouteTarget::Dev(4)),
+        route("10.65.0.0/26", RouteTarget::Blackhole),
+    ];
+    assert!(route_diff(&desired, &actual).is_empty());
+}
+
+#[test]
+fn missing_changed_stale_and_duplicate_routes() {
+    let peer = RouteTarget::Via("198.51.100.2".parse().unwrap());
+    let moved = RouteTarget::Via("198.51.100.3".parse().unwrap());
+    let desired = BTreeMap::from([
+        (net("10.65.0.64/26"), moved),
+        (net("10.65.0.128/26"), peer),
+        (net("10.65.0.5/32"), RouteTarget::Dev(4)),
+    ]);
+    let actual = [
+        route("10.65.0.64/26", peer),
+        route("10.65.0.5/32", RouteTarget::Dev(4)),
+        route("10.65.0.5/32", RouteTarget::Dev(4)),
+        route("10.65.1.0/26", RouteTarget::Blackhole),
+    ];
+    let d = route_diff(&desired, &actual);
+    assert_eq!(
+        d.replace,
+        vec![route("10.65.0.64/26", moved), route("10.65.0.128/26", peer)]
+    );
+    assert_eq!(
+        d.delete,
+        vec![
+            route("10.65.0.64/26", peer),
+            route("10.65.0.5/32", RouteTarget::Dev(4)),
+            route("10.65.1.0/26", RouteTarget::Blackhole),
+        ]
+    );
+}
+
+#[test]
+fn busy_endpoints_are_never_missing() {
+    let endpoints = [
+        endpoint("a1", "10.65.0.5", "weft1"),
+        endpoint("a2", "10.65.0.6", "weft2"),
+    ];
+    let links = BTreeMap::new();
+    let busy = HashSet::from(["a2".to_string()]);
+    let missing: Vec<&str> = missing_veths(&endpoints, &links, &busy)
+        .iter()
+        .map(|e| e.container_id.as_str())
+        .collect();
+    assert_eq!(missing, vec!["a1"]);
+}
+
+#[test]
+fn live_containers_are_repaired_at_once_gone_ones_released_after_two_passes() {
+    let mut tracker = LeakTracker::default();
+    let (now, grace) = (Instant::now(), Duration::from_secs(10));
+    let links = BTreeMap::new();
+    let claimed = HashSet::new();
+    let missing = vec![("alive".to_string(), true), ("gone".to_string(), false)];
+    let first = tracker.plan(&missing, &links, &claimed, now, grace);
+    assert_eq!(first.repair, vec!["alive".to_string()]);
+    assert!(first.release.is_empty(), "one sighting is not enough");
+    let second = tracker.plan(&missing, &links, &claimed, now, grace);
+    assert_eq!(second.release, vec!["gone".to_string()]);
+    tracker.done(&second);
+    // A namespace that came back in between resets the count.
+    let mut tracker = LeakTracker::default();
+    tracker.plan(&[("flaky".into(), false)], &links, &claimed, now, grace);
+    tracker.plan(&[], &links, &claimed, now, grace);
+    let third = tracker.plan(&[("flaky".into(), false)], &links, &claimed, now, grace);
+    assert!(third.release.is_empty());
+}
+
+#[test]
+fn unclaimed_links_are_removed_after_the_grace_period() {
+    let mut tracker = LeakTracker::default();
+    let start = Instant::now();
+    let grace = Duration::from_secs(10);
+    let links = BTreeMap::from([("weft1".to_string(), 4), ("weft2".to_string(), 5)]);
+    let claimed = HashSet::from(["weft1".to_string()]);
+    assert!(tracker
+        .plan(&[], &links, &claimed, start, grace)
+        .orphans
+        .is_empty());
+    let later = tracker.plan(&[], &links, &claimed, start + Duration::from_secs(9), grace);
+    assert!(later.orphans.is_empty());
+    let due = tracker.plan(&[], &links, &claimed, start + grace, grace);
+    assert_eq!(due.orphans, vec!["weft2".to_string()]);
+    // Claimed meanwhile (an attach finished): no longer an orphan, and the clock restarts.
+    let claimed_both = HashSet::from(["weft1".to_string(), "weft2".to_string()]);
+    assert!(tracker
+        .plan(&[], &links, &claimed_both, start + grace, grace)
+        .orphans
+        .is_empty());
+    assert!(tracker
+        .plan(&[], &links, &claimed, start + grace, grace)
+        .orphans
+        .is_empty());
+}
+
+#[test]
+fn peers_down_longer_than_the_limit_are_removed() {
+    let mut tracker = DeadHostTracker::default();
+    let start = Instant::now();
+    let after = Duration::from_secs(60);
+    let mut view = cluster();
+    assert!(
+        tracker.plan(&view, "a", start, after).is_empty(),
+        "b is down from now on"
+    );
+    assert_eq!(
+        tracker.plan(&view, "a", start + after, after),
+        vec!["b".to_string()]
+    );
+    // Alive again: the clock restarts.
+    view.alive.insert("b".into());
+    assert!(tracker.plan(&view, "a", start + after, after).is_empty());
+    view.alive.remove("b");
+    assert!(tracker
+        .plan(&view, "a", start + after + Duration::from_secs(1), after)
+        .is_empty());
+    // This host is never a candidate, however long it shows as down.
+    let mut alone = cluster();
+    alone.alive.clear();
+    let mut tracker = DeadHostTracker::default();
+    tracker.plan(&alone, "a", start, after);
+    assert_eq!(
+        tracker.plan(&alone, "a", start + after, after),
+        vec!["b".to_string()]
+    );
+}

@@ -1,0 +1,81 @@
+//! The agent's view of its host and the cluster, as `Status` and the metrics gauges show it.
+
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use weft_etcd::records::PoolRecord;
+
+use crate::context::Context;
+use crate::kernel::Underlay;
+use crate::telemetry::metrics::Gauges;
+
+/// A peer as shown by `Status`.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub host: String,
+    pub underlay_ip: IpAddr,
+    pub blocks: Vec<IpNetwork>,
+    pub alive: bool,
+}
+
+/// The agent's answer to `Status`.
+#[derive(Debug, Clone)]
+pub struct HostStatus {
+    pub host: String,
+    pub underlay: Underlay,
+    pub pools: Vec<(String, PoolRecord)>,
+    pub local_blocks: Vec<IpNetwork>,
+    pub endpoint_count: usize,
+    pub etcd_connected: bool,
+    pub peers: Vec<PeerStatus>,
+    pub route_count: usize,
+    pub rule_count: usize,
+}
+
+pub async fn status(ctx: &Context) -> HostStatus {
+    let etcd_connected = ctx.store.ping().await.is_ok();
+    let pools = match etcd_connected {
+        true => ctx.store.list_pools().await.unwrap_or_default(),
+        false => vec![(ctx.config.pool.name.clone(), ctx.pool.clone())],
+    };
+    let (peers, local_blocks) = ctx.cluster.with_view(|view| {
+        let peers = view
+            .hosts
+            .iter()
+            .filter(|(name, _)| name.as_str() != ctx.me())
+            .map(|(name, host)| PeerStatus {
+                host: name.clone(),
+                underlay_ip: host.underlay_ip,
+                blocks: view.blocks_of(name),
+                alive: view.alive.contains(name),
+            })
+            .collect();
+        (peers, view.blocks_of(ctx.me()))
+    });
+    let route_count = ctx.kernel.routes().await.map(|r| r.len()).unwrap_or(0);
+    HostStatus {
+        host: ctx.me().to_string(),
+        underlay: ctx.underlay.clone(),
+        pools,
+        local_blocks,
+        endpoint_count: ctx.endpoints.len(),
+        etcd_connected,
+        peers,
+        route_count,
+        rule_count: ctx.firewall.rule_count(),
+    }
+}
+
+/// Gauges for a scrape, read now.
+pub async fn gauges(ctx: &Context) -> Gauges {
+    let status = status(ctx).await;
+    Gauges {
+        endpoints: status.endpoint_count,
+        local_blocks: status.local_blocks.len(),
+        peers_alive: status.peers.iter().filter(|p| p.alive).count(),
+        peers_down: status.peers.iter().filter(|p| !p.alive).count(),
+        routes: status.route_count,
+        rules: status.rule_count,
+        etcd_connected: status.etcd_connected,
+    }
+}

@@ -1,0 +1,195 @@
+//! An in-memory datastore with etcd's guards (an address, a host port, a container id and a
+//! block each held once), and failures injectable per operation, for unit tests.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use ipnetwork::IpNetwork;
+use weft_etcd::records::{EndpointRecord, PoolRecord, Protocol};
+use weft_etcd::{alloc, BlockRef, CreateConflict, Released, StoreError};
+
+use super::Store;
+
+#[derive(Debug, Default)]
+pub struct FakeState {
+    /// Endpoints by (host, container id).
+    pub endpoints: BTreeMap<(String, String), EndpointRecord>,
+    /// Address guards: address → (host, container id).
+    pub ips: BTreeMap<IpAddr, (String, String)>,
+    /// Host-port guards: (host, protocol, port) → container id.
+    pub ports: BTreeMap<(String, Protocol, u16), String>,
+    /// Blocks → (pool, host).
+    pub blocks: BTreeMap<IpNetwork, (String, String)>,
+    pub pools: Vec<(String, PoolRecord)>,
+}
+
+#[derive(Debug, Default)]
+pub struct FakeStore {
+    pub state: Mutex<FakeState>,
+    /// Operations that answer UNAVAILABLE, by name ("create", "delete", "claim", ...).
+    unavailable: Mutex<HashSet<&'static str>>,
+}
+
+fn down() -> StoreError {
+    StoreError::Unavailable("injected outage".into())
+}
+
+impl FakeStore {
+    pub fn with_pool(name: &str, pool: PoolRecord) -> Self {
+        let store = Self::default();
+        store.state.lock().unwrap().pools.push((name.into(), pool));
+        store
+    }
+
+    /// Makes an operation answer UNAVAILABLE until `restore`.
+    pub fn cut(&self, operation: &'static str) {
+        self.unavailable.lock().unwrap().insert(operation);
+    }
+
+    pub fn restore(&self, operation: &'static str) {
+        self.unavailable.lock().unwrap().remove(operation);
+    }
+
+    fn check(&self, operation: &'static str) -> Result<(), StoreError> {
+        match self.unavailable.lock().unwrap().contains(operation) {
+            true => Err(down()),
+            false => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for FakeStore {
+    async fn create_endpoint(
+        &self,
+        record: EndpointRecord,
+        block: BlockRef,
+    ) -> Result<(), CreateConflict> {
+        self.check("create")?;
+        let mut state = self.state.lock().unwrap();
+        let key = (record.host.clone(), record.container_id.clone());
+        if let Some(existing) = state.endpoints.get(&key) {
+            return Err(CreateConflict::EndpointExists(Box::new(existing.clone())));
+        }
+        if !state.blocks.contains_key(&block.block) {
+            return Err(CreateConflict::Store(StoreError::BlockReleased {
+                block: block.block,
+            }));
+        }
+        for p in &record.ports {
+            if let Some(owner) = state
+                .ports
+                .get(&(record.host.clone(), p.protocol, p.host_port))
+            {
+                return Err(CreateConflict::Store(StoreError::PortTaken {
+                    protocol: p.protocol,
+                    port: p.host_port,
+                    owner: owner.clone(),
+                }));
+            }
+        }
+        if state.ips.contains_key(&record.ip) {
+            return Err(CreateConflict::IpTaken);
+        }
+        state.ips.insert(record.ip, key.clone());
+        for p in &record.ports {
+            state.ports.insert(
+                (record.host.clone(), p.protocol, p.host_port),
+                record.container_id.clone(),
+            );
+        }
+        state.endpoints.insert(key, record);
+        Ok(())
+    }
+
+    async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError> {
+        self.check("delete")?;
+        let mut state = self.state.lock().unwrap();
+        let key = (record.host.clone(), record.container_id.clone());
+        state.endpoints.remove(&key);
+        if state.ips.get(&record.ip) == Some(&key) {
+            state.ips.remove(&record.ip);
+        }
+        for p in &record.ports {
+            let port = (record.host.clone(), p.protocol, p.host_port);
+            if state.ports.get(&port) == Some(&record.container_id) {
+                state.ports.remove(&port);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_endpoint(
+        &self,
+        host: &str,
+        container_id: &str,
+    ) -> Result<Option<EndpointRecord>, StoreError> {
+        self.check("get")?;
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .endpoints
+            .get(&(host.to_string(), container_id.to_string()))
+            .cloned())
+    }
+
+    async fn claim_block(
+        &self,
+        pool_name: &str,
+        pool: &PoolRecord,
+        host: &str,
+    ) -> Result<IpNetwork, StoreError> {
+        self.check("claim")?;
+        let mut state = self.state.lock().unwrap();
+        let taken: HashSet<IpNetwork> = state.blocks.keys().copied().collect();
+        // Lowest free block: deterministic for tests.
+        let block =
+            alloc::pick_free_block(pool.cidr, pool.block_size, &taken, 0).ok_or_else(|| {
+                StoreError::PoolExhausted {
+                    pool: pool_name.to_string(),
+                    cidr: pool.cidr,
+                }
+            })?;
+        state
+            .blocks
+            .insert(block, (pool_name.to_string(), host.to_string()));
+        Ok(block)
+    }
+
+    async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError> {
+        self.check("pools")?;
+        Ok(self.state.lock().unwrap().pools.clone())
+    }
+
+    async fn remove_host(&self, host: &str) -> Result<Released, StoreError> {
+        self.check("remove")?;
+        let mut state = self.state.lock().unwrap();
+        let mut released = Released::default();
+        state.blocks.retain(|_, (_, owner)| {
+            let keep = owner != host;
+            released.blocks += !keep as usize;
+            keep
+        });
+        state.ips.retain(|_, (owner, _)| {
+            let keep = owner != host;
+            released.ips += !keep as usize;
+            keep
+        });
+        state.endpoints.retain(|(owner, _), _| {
+            let keep = owner != host;
+            released.endpoints += !keep as usize;
+            keep
+        });
+        state.ports.retain(|(owner, _, _), _| {
+            let keep = owner != host;
+            released.ports += !keep as usize;
+            keep
+        });
+        Ok(released)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check("ping")
+    }
+}

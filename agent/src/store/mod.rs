@@ -1,0 +1,98 @@
+//! The datastore seam: the etcd operations endpoint handling, allocation and reconciliation make.
+//! [`Etcd`] is the real one (through the batching writer for endpoint records); [`fake::FakeStore`]
+//! keeps records in memory for unit tests. The cluster watch and liveness use the datastore
+//! directly (they are its clients, tested end to end).
+
+pub mod fake;
+
+use async_trait::async_trait;
+use ipnetwork::IpNetwork;
+use weft_etcd::records::{EndpointRecord, PoolRecord};
+use weft_etcd::{BlockRef, CreateConflict, Datastore, EndpointWriter, Released, StoreError};
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Writes an endpoint with its address and host-port guards (see `Datastore::create_endpoint`).
+    async fn create_endpoint(
+        &self,
+        record: EndpointRecord,
+        block: BlockRef,
+    ) -> Result<(), CreateConflict>;
+    /// Deletes an endpoint with the guards that are still its own.
+    async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError>;
+    async fn get_endpoint(
+        &self,
+        host: &str,
+        container_id: &str,
+    ) -> Result<Option<EndpointRecord>, StoreError>;
+    /// Claims a free block of the pool for `host`.
+    async fn claim_block(
+        &self,
+        pool_name: &str,
+        pool: &PoolRecord,
+        host: &str,
+    ) -> Result<IpNetwork, StoreError>;
+    async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError>;
+    /// Removes a host for good (its blocks, addresses and records).
+    async fn remove_host(&self, host: &str) -> Result<Released, StoreError>;
+    /// Whether etcd answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The real datastore.
+pub struct Etcd {
+    datastore: Datastore,
+    writer: EndpointWriter,
+}
+
+impl Etcd {
+    /// Wraps a connected datastore; starts the batching writer on the current runtime.
+    pub fn new(datastore: Datastore) -> Self {
+        let writer = EndpointWriter::start(datastore.clone());
+        Self { datastore, writer }
+    }
+}
+
+#[async_trait]
+impl Store for Etcd {
+    async fn create_endpoint(
+        &self,
+        record: EndpointRecord,
+        block: BlockRef,
+    ) -> Result<(), CreateConflict> {
+        self.writer.create(record, block).await
+    }
+
+    async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError> {
+        self.datastore.delete_endpoint(record).await
+    }
+
+    async fn get_endpoint(
+        &self,
+        host: &str,
+        container_id: &str,
+    ) -> Result<Option<EndpointRecord>, StoreError> {
+        self.datastore.get_endpoint(host, container_id).await
+    }
+
+    async fn claim_block(
+        &self,
+        pool_name: &str,
+        pool: &PoolRecord,
+        host: &str,
+    ) -> Result<IpNetwork, StoreError> {
+        self.datastore.claim_block(pool_name, pool, host).await
+    }
+
+    async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError> {
+        self.datastore.list_pools().await
+    }
+
+    async fn remove_host(&self, host: &str) -> Result<Released, StoreError> {
+        self.datastore.remove_host(host).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.datastore.ping().await
+    }
+}

@@ -1,0 +1,202 @@
+//! Starting and stopping the agent: connect to etcd, learn the host, register, load this host's
+//! endpoints and the cluster, then run the background loops (reconciler, cluster watch,
+//! liveness, kernel monitors, health listener) beside the API until shutdown. Stopping leaves
+//! the dataplane in place: traffic keeps flowing without the agent.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use weft_etcd::records::PoolRecord;
+use weft_etcd::{Datastore, EtcdConfig, StoreError};
+
+use crate::cluster::{liveness, watch};
+use crate::config::Config;
+use crate::context::{Context, Parts, VERSION};
+use crate::firewall::iptables::Iptables;
+use crate::kernel::netlink::Netlink;
+use crate::kernel::Kernel;
+use crate::reconcile::{monitor, Pass, Reconciler};
+use crate::store::Etcd;
+use crate::telemetry::health::{self, Health};
+use crate::telemetry::{metrics, notify};
+
+pub struct Agent {
+    pub ctx: Arc<Context>,
+    datastore: Datastore,
+    reconciler: Arc<Reconciler>,
+}
+
+/// What the agent loads from etcd before it starts.
+struct Loaded {
+    pool: PoolRecord,
+    endpoints: Vec<weft_etcd::records::EndpointRecord>,
+    pools: Vec<(String, PoolRecord)>,
+    cluster: weft_etcd::ClusterView,
+}
+
+impl Agent {
+    /// Connects to etcd, checks the pool, finds the underlay, registers the host and loads this
+    /// host's endpoints and the cluster view. Fails with a clear message on bad configuration.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let datastore = Datastore::connect(&EtcdConfig {
+            endpoints: config.etcd.endpoints.clone(),
+            prefix: config.etcd.prefix.clone(),
+            timeout: config.etcd.timeout,
+            tls: config.etcd.tls.clone(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to etcd {:?}: {e}", config.etcd.endpoints))?;
+        // Kernel facts first: they do not need etcd.
+        let kernel = Netlink::new()?;
+        let underlay = kernel
+            .underlay(config.underlay_interface.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        kernel.configure_host()?;
+        let loaded = load(&config, &datastore, &underlay).await?;
+        info!(
+            host = %config.host_name,
+            underlay = %underlay.ip,
+            interface = %underlay.ifname,
+            endpoints = loaded.endpoints.len(),
+            blocks = loaded.cluster.blocks_of(config.host_name.as_str()).len(),
+            "agent starting"
+        );
+        let ctx = Arc::new(Context::new(Parts {
+            config,
+            underlay,
+            pool: loaded.pool,
+            kernel: Arc::new(kernel),
+            store: Arc::new(Etcd::new(datastore.clone())),
+            firewall: Arc::new(Iptables::default()),
+            endpoints: loaded.endpoints,
+            cluster: loaded.cluster,
+            pools: loaded.pools,
+        }));
+        let reconciler = Arc::new(Reconciler::new(ctx.clone()));
+        Ok(Self {
+            ctx,
+            datastore,
+            reconciler,
+        })
+    }
+
+    /// Runs the agent until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let first = self.reconciler.pass(Pass::Full).await;
+        info!(
+            routes_replaced = first.routes_replaced,
+            routes_deleted = first.routes_deleted,
+            ms = first.duration.as_secs_f64() * 1e3,
+            "initial reconciliation done"
+        );
+        let ctx = self.ctx.clone();
+        let mut tasks = vec![
+            tokio::spawn(self.reconciler.clone().run()),
+            tokio::spawn(watch::run_watcher(ctx.clone(), self.datastore.clone())),
+            tokio::spawn(liveness::run_liveness(ctx.clone(), self.datastore.clone())),
+            tokio::spawn(monitor::run_kernel_monitor(ctx.clone())),
+            tokio::spawn(monitor::run_netconf_monitor(ctx.clone())),
+        ];
+        let socket = ctx.config.socket.clone();
+        let listener = crate::api::bind_socket(&socket)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+        let health = Arc::new(self);
+        if let Some(addr) = ctx.config.metrics_addr {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
+            info!(%addr, "serving /healthz, /readyz and /metrics");
+            tasks.push(tokio::spawn(health::serve(http, health.clone())));
+        }
+        info!(socket = %socket.display(), "serving API");
+        // systemd: ready only now, after the first full reconciliation and with the API listening.
+        match notify::notify("READY=1") {
+            Ok(true) => info!("notified systemd: READY=1"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "cannot notify systemd"),
+        }
+        if let Some(period) = notify::watchdog_interval() {
+            tasks.push(tokio::spawn(pet_watchdog(health.clone(), period)));
+        }
+        let served = crate::api::serve(ctx, listener, shutdown).await;
+        for task in tasks {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&socket);
+        info!("agent stopped; dataplane left in place");
+        Ok(served?)
+    }
+}
+
+/// etcd may be down while this host restarts: the dataplane keeps forwarding, and the agent
+/// waits for etcd instead of exiting. Wrong configuration still stops it at once.
+async fn load(
+    config: &Config,
+    store: &Datastore,
+    underlay: &crate::kernel::Underlay,
+) -> anyhow::Result<Loaded> {
+    let wanted = PoolRecord {
+        cidr: config.pool.cidr,
+        block_size: config.pool.block_size,
+        nat_outgoing: config.pool.nat_outgoing,
+    };
+    let me = config.host_name.as_str();
+    let mut waited = false;
+    loop {
+        let loaded = async {
+            let pool = store.ensure_pool(&config.pool.name, &wanted).await?;
+            store.register_host(me, underlay.ip, VERSION).await?;
+            Ok::<_, StoreError>(Loaded {
+                pool,
+                endpoints: store.list_endpoints(me).await?,
+                pools: store.list_pools().await?,
+                cluster: store.snapshot().await?,
+            })
+        }
+        .await;
+        match loaded {
+            Ok(loaded) => return Ok(loaded),
+            Err(StoreError::Unavailable(e)) => {
+                if !waited {
+                    warn!(error = %e, "etcd is unreachable; waiting for it (traffic is unaffected)");
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Only a live agent pets the watchdog: stalled loops get it restarted.
+async fn pet_watchdog(agent: Arc<Agent>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        if agent.alive() {
+            let _ = notify::notify("WATCHDOG=1");
+        }
+    }
+}
+
+impl Health for Agent {
+    fn alive(&self) -> bool {
+        // The reconciler passes at least once per resync interval; allow for slow passes.
+        let last = self.ctx.metrics.last_pass_ms.load(Ordering::Relaxed);
+        let limit =
+            (self.ctx.config.resync_interval * 3 + Duration::from_secs(5)).as_millis() as u64;
+        metrics::now_ms().saturating_sub(last) <= limit
+    }
+
+    async fn ready(&self) -> bool {
+        self.ctx.metrics.reconciled.load(Ordering::Relaxed) && self.ctx.store.ping().await.is_ok()
+    }
+
+    async fn metrics(&self) -> String {
+        let gauges = crate::status::gauges(&self.ctx).await;
+        self.ctx.metrics.render(&gauges)
+    }
+}

@@ -1,0 +1,225 @@
+//! Prometheus metrics: the counters and histograms the agent updates, and their exposition.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Counters and histograms the agent updates as it works.
+#[derive(Default)]
+pub struct Metrics {
+    pub attach_ok: AtomicU64,
+    pub attach_failed: AtomicU64,
+    pub detach_ok: AtomicU64,
+    pub detach_failed: AtomicU64,
+    pub attach_seconds: Histogram,
+    pub detach_seconds: Histogram,
+    pub reconcile_seconds: Histogram,
+    pub repairs: AtomicU64,
+    pub etcd_errors: AtomicU64,
+    pub iptables_restores: AtomicU64,
+    pub iptables_errors: AtomicU64,
+    /// Set once the first full reconciliation is done.
+    pub reconciled: AtomicBool,
+    /// Unix milliseconds of the last reconciliation pass (liveness of the loops).
+    pub last_pass_ms: AtomicU64,
+}
+
+/// Values read at scrape time.
+pub struct Gauges {
+    pub endpoints: usize,
+    pub local_blocks: usize,
+    pub peers_alive: usize,
+    pub peers_down: usize,
+    pub routes: usize,
+    pub rules: usize,
+    pub etcd_connected: bool,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Metrics {
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, values: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, value) in values {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "weft_attach_total",
+            "Attach requests by result.",
+            &[
+                ("{result=\"ok\"}", load(&self.attach_ok)),
+                ("{result=\"error\"}", load(&self.attach_failed)),
+            ],
+        );
+        counter(
+            &mut out,
+            "weft_detach_total",
+            "Detach requests by result.",
+            &[
+                ("{result=\"ok\"}", load(&self.detach_ok)),
+                ("{result=\"error\"}", load(&self.detach_failed)),
+            ],
+        );
+        self.attach_seconds.render(
+            &mut out,
+            "weft_attach_duration_seconds",
+            "Time to serve an attach request.",
+        );
+        self.detach_seconds.render(
+            &mut out,
+            "weft_detach_duration_seconds",
+            "Time to serve a detach request.",
+        );
+        self.reconcile_seconds.render(
+            &mut out,
+            "weft_reconcile_duration_seconds",
+            "Time of one reconciliation pass.",
+        );
+        counter(
+            &mut out,
+            "weft_repairs_total",
+            "Kernel objects the reconciler had to add, change or remove.",
+            &[("", load(&self.repairs))],
+        );
+        counter(
+            &mut out,
+            "weft_etcd_errors_total",
+            "Failed etcd requests.",
+            &[("", load(&self.etcd_errors))],
+        );
+        counter(
+            &mut out,
+            "weft_iptables_restore_total",
+            "iptables-restore runs by result.",
+            &[
+                ("{result=\"ok\"}", load(&self.iptables_restores)),
+                ("{result=\"error\"}", load(&self.iptables_errors)),
+            ],
+        );
+        let gauge = |out: &mut String, name: &str, help: &str, values: &[(&str, usize)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (labels, value) in values {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        gauge(
+            &mut out,
+            "weft_endpoints",
+            "Endpoints on this host.",
+            &[("", gauges.endpoints)],
+        );
+        gauge(
+            &mut out,
+            "weft_local_blocks",
+            "Blocks owned by this host.",
+            &[("", gauges.local_blocks)],
+        );
+        gauge(
+            &mut out,
+            "weft_peers",
+            "Other hosts by liveness.",
+            &[
+                ("{state=\"alive\"}", gauges.peers_alive),
+                ("{state=\"down\"}", gauges.peers_down),
+            ],
+        );
+        gauge(
+            &mut out,
+            "weft_routes",
+            "Routes with proto weft in the kernel.",
+            &[("", gauges.routes)],
+        );
+        gauge(
+            &mut out,
+            "weft_iptables_rules",
+            "Rules in the WEFT-* chains.",
+            &[("", gauges.rules)],
+        );
+        gauge(
+            &mut out,
+            "weft_etcd_connected",
+            "Whether etcd answered the last request.",
+            &[("", gauges.etcd_connected as usize)],
+        );
+        gauge(
+            &mut out,
+            "weft_ready",
+            "Whether the first reconciliation is done and etcd answers.",
+            &[(
+                "",
+                (self.reconciled.load(Ordering::Relaxed) && gauges.etcd_connected) as usize,
+            )],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(30));
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "help");
+        assert!(out.contains("x_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(out.contains("x_seconds_bucket{le=\"0.05\"} 2"));
+        assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(out.contains("x_seconds_count 2"));
+    }
+}
