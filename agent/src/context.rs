@@ -3,7 +3,7 @@
 //! with each job (`endpoints`, `reconcile`, `cluster`, `api`); this is only the state they meet
 //! in.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 use weft_etcd::records::{EndpointRecord, PoolRecord};
@@ -13,6 +13,7 @@ use crate::cluster::ClusterState;
 use crate::config::Config;
 use crate::endpoints::table::EndpointTable;
 use crate::firewall::{self, FirewallSpec, FirewallSync, PoolRule, PortRule};
+use crate::journal::Journal;
 use crate::kernel::{Kernel, Underlay};
 use crate::model::ContainerId;
 use crate::store::Store;
@@ -35,6 +36,11 @@ pub struct Context {
     pub claim: tokio::sync::Mutex<()>,
     /// Wakes the reconciler for a pass soon.
     pub resync: Notify,
+    /// This host's memory of the endpoints it wired.
+    pub journal: Journal,
+    /// What keeps this host from being fine (records that could not be registered); empty when
+    /// all is well. Shown by Status; /readyz fails while it is not empty.
+    problems: Mutex<Vec<String>>,
 }
 
 /// The parts a context is built from.
@@ -48,10 +54,12 @@ pub struct Parts {
     pub endpoints: Vec<EndpointRecord>,
     pub cluster: ClusterView,
     pub pools: Vec<(String, PoolRecord)>,
+    pub journal: Journal,
 }
 
 impl Context {
     pub fn new(parts: Parts) -> Self {
+        let me = parts.config.host_name.clone();
         Self {
             config: parts.config,
             underlay: parts.underlay,
@@ -59,12 +67,24 @@ impl Context {
             kernel: parts.kernel,
             store: parts.store,
             endpoints: EndpointTable::new(parts.endpoints),
-            cluster: ClusterState::new(parts.cluster, parts.pools),
+            cluster: ClusterState::new(me.as_str(), parts.cluster, parts.pools),
             firewall: FirewallSync::new(parts.firewall),
             metrics: Metrics::default(),
             claim: Default::default(),
             resync: Notify::new(),
+            journal: parts.journal,
+            problems: Mutex::default(),
         }
+    }
+
+    /// What keeps this host from being fine.
+    pub fn problems(&self) -> Vec<String> {
+        self.problems.lock().unwrap().clone()
+    }
+
+    /// Replaces the problems; returns the previous ones.
+    pub fn set_problems(&self, problems: Vec<String>) -> Vec<String> {
+        std::mem::replace(&mut *self.problems.lock().unwrap(), problems)
     }
 
     /// This host's name.

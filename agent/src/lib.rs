@@ -13,6 +13,7 @@ pub mod config;
 pub mod context;
 pub mod endpoints;
 pub mod firewall;
+pub mod journal;
 pub mod kernel;
 pub mod model;
 pub mod reconcile;

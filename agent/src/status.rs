@@ -30,6 +30,7 @@ pub struct HostStatus {
     pub peers: Vec<PeerStatus>,
     pub route_count: usize,
     pub rule_count: usize,
+    pub problems: Vec<String>,
 }
 
 pub async fn status(ctx: &Context) -> HostStatus {
@@ -63,6 +64,7 @@ pub async fn status(ctx: &Context) -> HostStatus {
         peers,
         route_count,
         rule_count: ctx.firewall.rule_count(),
+        problems: ctx.problems(),
     }
 }
 

@@ -16,8 +16,10 @@ use crate::cluster::{liveness, watch};
 use crate::config::Config;
 use crate::context::{Context, Parts, VERSION};
 use crate::firewall::iptables::Iptables;
+use crate::journal::Journal;
 use crate::kernel::netlink::Netlink;
 use crate::kernel::Kernel;
+use crate::reconcile::plan::registration::startup_endpoints;
 use crate::reconcile::{monitor, Pass, Reconciler};
 use crate::store::Etcd;
 use crate::telemetry::health::{self, Health};
@@ -56,7 +58,14 @@ impl Agent {
             .await
             .map_err(anyhow::Error::msg)?;
         kernel.configure_host()?;
-        let loaded = load(&config, &datastore, &underlay).await?;
+        let mut loaded = load(&config, &datastore, &underlay).await?;
+        let journal = Journal::open(&config.state_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the state directory {}: {e}",
+                config.state_dir.display()
+            )
+        })?;
+        loaded.endpoints = with_journal(&journal, &kernel, loaded.endpoints).await?;
         info!(
             host = %config.host_name,
             underlay = %underlay.ip,
@@ -75,6 +84,7 @@ impl Agent {
             endpoints: loaded.endpoints,
             cluster: loaded.cluster,
             pools: loaded.pools,
+            journal,
         }));
         let reconciler = Arc::new(Reconciler::new(ctx.clone()));
         Ok(Self {
@@ -172,6 +182,25 @@ async fn load(
     }
 }
 
+/// This host's endpoints: the stored records and the journal's, reconciled (see
+/// `startup_endpoints`).
+async fn with_journal(
+    journal: &Journal,
+    kernel: &Netlink,
+    stored: Vec<weft_etcd::records::EndpointRecord>,
+) -> anyhow::Result<Vec<weft_etcd::records::EndpointRecord>> {
+    let links = kernel.links().await?;
+    let start = startup_endpoints(stored, journal.load()?, &links);
+    for record in &start.to_journal {
+        journal.write(record)?;
+    }
+    for id in &start.to_forget {
+        info!(container = %id, "journal entry without record or veth; forgetting it");
+        journal.remove(id)?;
+    }
+    Ok(start.endpoints)
+}
+
 /// Only a live agent pets the watchdog: stalled loops get it restarted.
 async fn pet_watchdog(agent: Arc<Agent>, period: Duration) {
     loop {
@@ -192,7 +221,9 @@ impl Health for Agent {
     }
 
     async fn ready(&self) -> bool {
-        self.ctx.metrics.reconciled.load(Ordering::Relaxed) && self.ctx.store.ping().await.is_ok()
+        self.ctx.metrics.reconciled.load(Ordering::Relaxed)
+            && self.ctx.problems().is_empty()
+            && self.ctx.store.ping().await.is_ok()
     }
 
     async fn metrics(&self) -> String {

@@ -26,6 +26,8 @@ pub struct KernelView {
     pub host: String,
     pub links: HashSet<String>,
     pub routes: HashSet<IpAddr>,
+    /// Namespaces named as the agent names the ones it makes.
+    pub namespaces: HashSet<String>,
 }
 
 /// What a repair does, when one is safe to make automatically.
@@ -221,8 +223,47 @@ fn check_blocks(s: &Snapshot, problems: &mut Vec<Problem>) {
     }
 }
 
-/// The host's endpoints have their veth and route in its kernel.
+/// The host's endpoints have their veth and route in its kernel, and its kernel holds no link
+/// or namespace of the agent's kind that no record explains.
 fn check_kernel(s: &Snapshot, kernel: &KernelView, problems: &mut Vec<Problem>) {
+    let mine: Vec<&EndpointRecord> = s
+        .endpoints
+        .iter()
+        .filter(|e| e.host == kernel.host)
+        .collect();
+    let mut links: Vec<&String> = kernel
+        .links
+        .iter()
+        .filter(|l| !mine.iter().any(|e| &e.host_ifname == *l))
+        .collect();
+    links.sort();
+    for link in links {
+        problems.push(Problem {
+            what: format!("link {link} on {} belongs to no endpoint", kernel.host),
+            fix: Fix::Manual(format!(
+                "find its container (ip -d link show {link}); attach it again with weftctl, or \
+                 delete the link: ip link del {link}"
+            )),
+        });
+    }
+    let mut namespaces: Vec<&String> = kernel
+        .namespaces
+        .iter()
+        .filter(|n| !mine.iter().any(|e| &e.netns == *n))
+        .collect();
+    namespaces.sort();
+    for netns in namespaces {
+        problems.push(Problem {
+            what: format!(
+                "namespace {netns} on {} belongs to no endpoint",
+                kernel.host
+            ),
+            fix: Fix::Manual(format!(
+                "the agent deletes it within one resync interval; by hand: ip netns del {}",
+                netns.rsplit('/').next().unwrap_or_default()
+            )),
+        });
+    }
     for e in s.endpoints.iter().filter(|e| e.host == kernel.host) {
         if !kernel.links.contains(&e.host_ifname) {
             problems.push(Problem {

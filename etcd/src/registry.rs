@@ -123,6 +123,26 @@ impl Datastore {
         Ok(lease)
     }
 
+    /// Writes `alive/<host>` on an existing lease (after the key was deleted while the lease
+    /// lived).
+    pub async fn announce_alive_on(
+        &self,
+        host: &str,
+        record: &AliveRecord,
+        lease: i64,
+    ) -> Result<()> {
+        let (key, value) = (self.keys.alive(host), encode(record));
+        self.call(|mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Refreshes a lease once. Returns false when the lease no longer exists (it expired).
     ///
     /// etcd answers a keep-alive of an expired lease with TTL 0 in a normal response, or, on

@@ -79,5 +79,6 @@ pub fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
             .collect(),
         route_count: status.route_count as u32,
         rule_count: status.rule_count as u32,
+        problems: status.problems,
     }
 }

@@ -143,6 +143,10 @@ impl pb::agent_server::Agent for Service {
                 .filter(|r| r.dst.prefix() == if r.dst.is_ipv4() { 32 } else { 128 })
                 .map(|r| r.dst.ip().to_string())
                 .collect(),
+            namespaces: self
+                .0
+                .kernel
+                .named_namespaces(&format!("weft-{}-", self.0.me())),
         }))
     }
 }

@@ -34,7 +34,7 @@ pub fn code(err: &EndpointError) -> Code {
         EndpointError::WrittenElsewhere { .. } => Code::AlreadyExists,
         EndpointError::NamespaceGone { .. } => Code::FailedPrecondition,
         EndpointError::Contention => Code::Unavailable,
-        EndpointError::Incomplete { .. } => Code::Internal,
+        EndpointError::Incomplete { .. } | EndpointError::Journal(_) => Code::Internal,
     }
 }
 

@@ -20,6 +20,7 @@ pub async fn run_liveness(ctx: Arc<Context>, store: Datastore) {
     let period = ctx.config.alive_ttl / 3;
     let mut lease = None;
     let mut failures = 0u32;
+    let mut missing_once = false;
     loop {
         let result = match lease {
             None => announce(&ctx, &store, &record, ttl).await.map(|id| {
@@ -27,7 +28,24 @@ pub async fn run_liveness(ctx: Arc<Context>, store: Datastore) {
                 lease = Some(id);
             }),
             Some(id) => match store.keep_alive_once(id).await {
-                Ok(true) => Ok(()),
+                // The key can be deleted while its lease lives (`weftctl host remove` of a host
+                // that runs): put it back on the lease once the watch has shown it gone.
+                Ok(true) if !ctx.cluster.alive(ctx.me()) && !missing_once => {
+                    missing_once = true;
+                    Ok(())
+                }
+                Ok(true) if !ctx.cluster.alive(ctx.me()) => {
+                    missing_once = false;
+                    warn!(
+                        lease = id,
+                        "liveness key deleted behind our back; announcing again"
+                    );
+                    store.announce_alive_on(ctx.me(), &record, id).await
+                }
+                Ok(true) => {
+                    missing_once = false;
+                    Ok(())
+                }
                 Ok(false) => {
                     warn!(lease = id, "liveness lease expired; announcing again");
                     lease = None;

@@ -76,6 +76,18 @@ pub struct Flags {
     /// [default: 127.0.0.1:9099].
     #[arg(long, env = "WEFT_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Directory of the agent's local state (its journal of endpoints)
+    /// [default: /run/weft/<host-name>].
+    #[arg(long, env = "WEFT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Publish a port even when a socket of the host listens on it (the DNAT then takes that
+    /// port's traffic from the host's service) [default: false].
+    #[arg(long, env = "WEFT_ALLOW_HOST_PORT_OVERRIDE", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_host_port_override: Option<bool>,
+    /// Drop traffic from containers to the etcd endpoints and to the metrics listener
+    /// [default: true].
+    #[arg(long, env = "WEFT_PROTECT_DATASTORE", num_args = 0..=1, default_missing_value = "true")]
+    pub protect_datastore: Option<bool>,
     /// Remove a host (blocks, addresses, routes on every peer) once it has been down this long,
     /// e.g. 24h; "off" disables [default: off].
     #[arg(long, env = "WEFT_REMOVE_DEAD_HOSTS_AFTER")]
@@ -104,6 +116,9 @@ pub struct FileConfig {
     pub resync_interval: Option<String>,
     pub remove_dead_hosts_after: Option<String>,
     pub metrics_addr: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub allow_host_port_override: Option<bool>,
+    pub protect_datastore: Option<bool>,
 }
 
 /// Parses durations such as `10s`, `500ms`, `2m` or a bare number of seconds.

@@ -51,6 +51,12 @@ pub struct Config {
     pub resync_interval: Duration,
     pub remove_dead_hosts_after: Option<Duration>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The agent's local state (its journal of endpoints).
+    pub state_dir: PathBuf,
+    /// Publish ports that a host socket listens on.
+    pub allow_host_port_override: bool,
+    /// Keep containers away from etcd and the metrics listener.
+    pub protect_datastore: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +130,7 @@ impl Config {
             alive_ttl,
         )?;
         Ok(Config {
-            host_name,
+            host_name: host_name.clone(),
             etcd,
             pool,
             underlay_interface: flags.underlay_interface.or(file.underlay_interface),
@@ -137,6 +143,19 @@ impl Config {
             resync_interval,
             remove_dead_hosts_after,
             metrics_addr: metrics_addr(flags.metrics_addr.or(file.metrics_addr))?,
+            // Named after the host: several agents of a lab share one machine's /run.
+            state_dir: flags
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from("/run/weft").join(host_name.as_str())),
+            allow_host_port_override: flags
+                .allow_host_port_override
+                .or(file.allow_host_port_override)
+                .unwrap_or(false),
+            protect_datastore: flags
+                .protect_datastore
+                .or(file.protect_datastore)
+                .unwrap_or(true),
         })
     }
 }
@@ -285,6 +304,21 @@ mod tests {
         assert!(config.pool.nat_outgoing);
         assert_eq!(config.remove_dead_hosts_after, None);
         assert_eq!(config.etcd.tls, None);
+        assert_eq!(config.state_dir, PathBuf::from("/run/weft/h1"));
+        assert!(!config.allow_host_port_override);
+        assert!(config.protect_datastore);
+    }
+
+    #[test]
+    fn switches_take_an_optional_value() {
+        let config = |args: &[&str]| {
+            let mut all = vec!["--host-name", "h1"];
+            all.extend_from_slice(args);
+            Config::resolve(flags(&all), FileConfig::default()).unwrap()
+        };
+        assert!(config(&["--allow-host-port-override"]).allow_host_port_override);
+        assert!(!config(&["--protect-datastore=false"]).protect_datastore);
+        assert!(config(&["--protect-datastore"]).protect_datastore);
     }
 
     #[test]

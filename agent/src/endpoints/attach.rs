@@ -95,6 +95,12 @@ async fn attach_into(
     })
     .await?;
     let allocated = started.elapsed();
+    // Before the kernel is touched: whatever is wired from here on, the journal explains.
+    if let Err(e) = ctx.journal.write(&record) {
+        warn!(container = %id, error = %e, "cannot write the journal entry; rolling back");
+        teardown::roll_back(ctx, &record).await;
+        return Err(EndpointError::Journal(e));
+    }
     let link = ContainerLink {
         host_ifname: record.host_ifname.clone(),
         ifname: request.ifname.clone(),

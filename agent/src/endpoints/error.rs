@@ -35,6 +35,8 @@ pub enum EndpointError {
         container: String,
         source: NetnsError,
     },
+    #[error("writing the agent's journal: {0}")]
+    Journal(std::io::Error),
     #[error("could not allocate an address: too many conflicts")]
     Contention,
     #[error("{what} of {container} went only partly: {}", .errors.join("; "))]

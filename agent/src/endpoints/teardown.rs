@@ -20,6 +20,9 @@ pub async fn roll_back(ctx: &Context, record: &EndpointRecord) {
         errors.push(format!("deleting records: {e}"));
     }
     ctx.endpoints.remove(&record.container_id);
+    if let Err(e) = ctx.journal.remove(&record.container_id) {
+        errors.push(format!("removing journal entry: {e}"));
+    }
     if !record.ports.is_empty() {
         let synced = ctx
             .firewall
@@ -36,8 +39,9 @@ pub async fn roll_back(ctx: &Context, record: &EndpointRecord) {
 
 /// Takes an endpoint whose records are already deleted out of this host: the local entry, its
 /// port rules (and their UDP flows), its veth (out of service at once, deleted in the
-/// background with others: one RCU grace period for a batch), and the namespace the agent made
-/// for it. Returns what failed.
+/// background with others: one RCU grace period for a batch), the namespace the agent made for
+/// it, and last its journal entry (an entry whose veth is gone is dropped at the next start, so
+/// a crash in between cannot bring the endpoint back). Returns what failed.
 pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
     let mut errors = vec![];
     ctx.endpoints.remove(&record.container_id);
@@ -58,6 +62,9 @@ pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
         if let Err(e) = ctx.kernel.delete_netns(&record.netns) {
             errors.push(format!("deleting namespace {}: {e}", record.netns));
         }
+    }
+    if let Err(e) = ctx.journal.remove(&record.container_id) {
+        errors.push(format!("removing journal entry: {e}"));
     }
     errors
 }

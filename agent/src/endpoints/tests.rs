@@ -19,6 +19,7 @@ use crate::store::fake::FakeStore;
 
 struct World {
     ctx: Context,
+    _state: tempfile::TempDir,
     kernel: Arc<FakeKernel>,
     store: Arc<FakeStore>,
     firewall: Arc<FakeFirewall>,
@@ -36,6 +37,7 @@ fn world() -> World {
     let kernel = Arc::new(FakeKernel::with_namespaces(&[CONTAINER_NS]));
     let store = Arc::new(FakeStore::with_pool("default", pool.clone()));
     let firewall = Arc::new(FakeFirewall::default());
+    let state = tempfile::tempdir().unwrap();
     let ctx = Context::new(Parts {
         config,
         underlay: Underlay {
@@ -50,9 +52,11 @@ fn world() -> World {
         endpoints: vec![],
         cluster: Default::default(),
         pools: vec![],
+        journal: crate::journal::Journal::open(state.path()).unwrap(),
     });
     World {
         ctx,
+        _state: state,
         kernel,
         store,
         firewall,
@@ -91,6 +95,10 @@ impl World {
         );
         assert!(self.firewall.ports().is_empty(), "port rules left");
         assert!(self.ctx.endpoints.is_empty(), "local endpoints left");
+        assert!(
+            self.ctx.journal.load().unwrap().is_empty(),
+            "journal entries left"
+        );
     }
 }
 

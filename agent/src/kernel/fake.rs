@@ -164,6 +164,11 @@ impl Kernel for FakeKernel {
         Ok(self.state.lock().unwrap().links.contains_key(name))
     }
 
+    async fn peer_elsewhere(&self, name: &str) -> Result<bool> {
+        // Every fake link is a container's veth.
+        Ok(self.state.lock().unwrap().links.contains_key(name))
+    }
+
     async fn delete_link(&self, name: &str) -> Result<bool> {
         self.check(Step::DeleteLink)?;
         Ok(remove_link(&mut self.state.lock().unwrap(), name))
@@ -235,6 +240,17 @@ impl Kernel for FakeKernel {
         state.namespaces.insert(path.clone(), BTreeMap::new());
         state.owned.insert(path.clone());
         Ok(path)
+    }
+
+    fn named_namespaces(&self, prefix: &str) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        let full = format!("/run/netns/{prefix}");
+        state
+            .namespaces
+            .keys()
+            .filter(|p| p.starts_with(&full))
+            .cloned()
+            .collect()
     }
 
     fn delete_netns(&self, path: &str) -> io::Result<()> {

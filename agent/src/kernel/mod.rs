@@ -82,6 +82,8 @@ pub trait Kernel: Send + Sync + 'static {
     async fn link_name(&self, index: u32) -> Result<Option<String>>;
     /// Whether any link of this name exists (in service or retired).
     async fn link_exists(&self, name: &str) -> Result<bool>;
+    /// Whether a link is a veth whose peer lives in another namespace (a container's, then).
+    async fn peer_elsewhere(&self, name: &str) -> Result<bool>;
     /// Deletes a link by name (its veth peer goes with it). A missing link is not an error.
     async fn delete_link(&self, name: &str) -> Result<bool>;
     /// Takes a container's veth out of service now (its route goes, the link is retired) and has
@@ -105,6 +107,8 @@ pub trait Kernel: Send + Sync + 'static {
     /// Creates a named namespace owned by the agent, replacing a leftover of that name (the
     /// agent only names namespaces of containers it holds no endpoint for); returns its path.
     async fn create_netns(&self, name: &str) -> Result<String, NetnsError>;
+    /// The paths of the named namespaces whose name starts with `prefix`.
+    fn named_namespaces(&self, prefix: &str) -> Vec<String>;
     /// Deletes a namespace the agent created. A missing one is not an error.
     fn delete_netns(&self, path: &str) -> io::Result<()>;
 

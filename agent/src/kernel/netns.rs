@@ -238,6 +238,20 @@ pub async fn create_named(name: &str) -> Result<PathBuf, NetnsError> {
     Ok(path)
 }
 
+/// The paths of the named namespaces whose name starts with `prefix`.
+pub fn named_with_prefix(prefix: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return vec![];
+    };
+    let mut paths: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    paths.sort();
+    paths
+}
+
 /// Deletes a named namespace made by `create_named`. A missing one is not an error.
 pub fn delete_named(path: &Path) -> io::Result<()> {
     match umount2(path, MntFlags::MNT_DETACH) {

@@ -69,6 +69,8 @@ pub struct LeakObservations {
     pub missing: Vec<(String, bool)>,
     /// Every endpoint's veth name.
     pub claimed: HashSet<String>,
+    /// Namespaces of ours no endpoint uses.
+    pub stray_namespaces: Vec<String>,
 }
 
 pub fn observe_leaks(ctx: &Context, links: &BTreeMap<String, u32>) -> LeakObservations {
@@ -83,8 +85,18 @@ pub fn observe_leaks(ctx: &Context, links: &BTreeMap<String, u32>) -> LeakObserv
             )
         })
         .collect();
+    let used: HashSet<String> = endpoints.iter().map(|e| e.netns.clone()).collect();
+    let candidates = ctx.kernel.named_namespaces(&format!("weft-{}-", ctx.me()));
+    let stray_namespaces = ctx.cluster.with_view(|view| {
+        let hosts: Vec<&String> = view.hosts.keys().collect();
+        plan::stray_namespaces(&candidates, ctx.me(), &hosts, &used, &busy)
+    });
     let claimed = endpoints.into_iter().map(|e| e.host_ifname).collect();
-    LeakObservations { missing, claimed }
+    LeakObservations {
+        missing,
+        claimed,
+        stray_namespaces,
+    }
 }
 
 /// Repairs endpoints whose container lives, releases those whose container is gone, removes
@@ -111,13 +123,42 @@ pub async fn leaks(ctx: &Context, plan: LeakPlan, report: &mut ReconcileReport) 
         release(ctx, &id, report).await;
     }
     for name in plan.orphans {
-        warn!(veth = %name, "link without an endpoint; removing it");
-        match ctx.kernel.delete_link(&name).await {
-            Ok(_) => report.links_removed += 1,
+        remove_orphan(ctx, &name, report).await;
+    }
+    for path in plan.namespaces {
+        warn!(netns = %path, "namespace of ours without an endpoint (an interrupted attach); deleting it");
+        match ctx.kernel.delete_netns(&path) {
+            Ok(()) => report.namespaces_removed += 1,
             Err(e) => {
-                warn!(veth = %name, error = %e, "cannot remove link");
+                warn!(netns = %path, error = %e, "cannot delete namespace");
                 report.errors += 1;
             }
+        }
+    }
+}
+
+/// Removes a link no endpoint claims, unless it is a container's veth: a live container is
+/// never cut off for want of a record (the journal re-registers what this agent wired; what it
+/// cannot explain is left to an operator, and `weftctl ipam check` names it).
+async fn remove_orphan(ctx: &Context, name: &str, report: &mut ReconcileReport) {
+    match ctx.kernel.peer_elsewhere(name).await {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::debug!(veth = %name, "unexplained container veth left in place");
+            return;
+        }
+        Err(e) => {
+            warn!(veth = %name, error = %e, "cannot look at link");
+            report.errors += 1;
+            return;
+        }
+    }
+    warn!(veth = %name, "link without an endpoint; removing it");
+    match ctx.kernel.delete_link(name).await {
+        Ok(_) => report.links_removed += 1,
+        Err(e) => {
+            warn!(veth = %name, error = %e, "cannot remove link");
+            report.errors += 1;
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod monitor;
 pub mod plan;
+pub mod registration;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,7 @@ pub struct ReconcileReport {
     pub endpoints_repaired: usize,
     pub endpoints_released: usize,
     pub links_removed: usize,
+    pub namespaces_removed: usize,
     pub errors: usize,
     pub duration: Duration,
 }
@@ -50,6 +52,7 @@ impl ReconcileReport {
             + self.endpoints_repaired
             + self.endpoints_released
             + self.links_removed
+            + self.namespaces_removed
     }
 }
 
@@ -110,6 +113,11 @@ impl Reconciler {
             apply::host_sysctls(&self.ctx, &mut report);
             self.ctx.endpoints.forget_foreign();
         }
+        // A record of ours deleted (seen by the watch) is checked at once, all of them at every
+        // full pass.
+        if self.ctx.cluster.take_self_touched() || full {
+            registration::check(&self.ctx).await;
+        }
         if let Some(kernel) = apply::read_kernel(&self.ctx, &mut report).await {
             if full {
                 apply::veth_sysctls(&self.ctx, &kernel.links, &mut report);
@@ -117,13 +125,16 @@ impl Reconciler {
             let leaks = {
                 let observed = apply::observe_leaks(&self.ctx, &kernel.links);
                 let mut trackers = self.trackers.lock().unwrap();
-                let plan = trackers.leaks.plan(
-                    &observed.missing,
-                    &kernel.links,
-                    &observed.claimed,
-                    Instant::now(),
-                    self.ctx.config.resync_interval,
-                );
+                let inputs = plan::LeakInputs {
+                    missing: &observed.missing,
+                    links: &kernel.links,
+                    claimed: &observed.claimed,
+                    stray_namespaces: &observed.stray_namespaces,
+                };
+                let plan =
+                    trackers
+                        .leaks
+                        .plan(&inputs, Instant::now(), self.ctx.config.resync_interval);
                 trackers.leaks.done(&plan);
                 plan
             };
@@ -168,6 +179,7 @@ impl Reconciler {
                 repaired = report.endpoints_repaired,
                 released = report.endpoints_released,
                 links_removed = report.links_removed,
+                namespaces_removed = report.namespaces_removed,
                 errors = report.errors,
                 ms = report.duration.as_secs_f64() * 1e3,
                 "reconciled"

@@ -92,15 +92,61 @@ pub fn missing_veths<'e>(
         .collect()
 }
 
-/// What to do about endpoints without a veth and links without an endpoint.
+/// Namespaces named as the agent names its own (`weft-<me>-<container id>`) that no endpoint
+/// uses and no attach is making: left by an attach that was interrupted (the agent killed).
+/// Names that belong to a host whose name extends ours (`weft-<me>-x-...` of host `<me>-x`,
+/// when several agents share a machine) are not ours.
+pub fn stray_namespaces(
+    paths: &[String],
+    me: &str,
+    hosts: &[&String],
+    used: &HashSet<String>,
+    busy: &HashSet<String>,
+) -> Vec<String> {
+    let mine = format!("weft-{me}-");
+    let longer: Vec<String> = hosts
+        .iter()
+        .filter(|h| h.len() > me.len() && h.starts_with(me))
+        .map(|h| format!("weft-{h}-"))
+        .collect();
+    paths
+        .iter()
+        .filter(|path| !used.contains(*path))
+        .filter(|path| {
+            let name = path.rsplit('/').next().unwrap_or_default();
+            let Some(id) = name.strip_prefix(&mine) else {
+                return false;
+            };
+            !busy.contains(id) && !longer.iter().any(|p| name.starts_with(p))
+        })
+        .cloned()
+        .collect()
+}
+
+/// What to do about endpoints without a veth, links without an endpoint and namespaces without
+/// an endpoint.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct LeakPlan {
     /// Their namespace is still there: the container lives; make its veth again.
     pub repair: Vec<String>,
     /// Their namespace is gone (seen on two passes): release the endpoint.
     pub release: Vec<String>,
-    /// `weft*` links no endpoint claims, for longer than the grace period: remove them.
+    /// `weft*` links no endpoint claims, for longer than the grace period: remove them (unless
+    /// they turn out to be a container's).
     pub orphans: Vec<String>,
+    /// Namespaces of ours no endpoint uses, for longer than the grace period: delete them.
+    pub namespaces: Vec<String>,
+}
+
+/// What one pass observed for the leak plan.
+pub struct LeakInputs<'a> {
+    /// Endpoints without a veth (from [`missing_veths`]), with whether their namespace opens.
+    pub missing: &'a [(String, bool)],
+    pub links: &'a BTreeMap<String, u32>,
+    /// The veth names of every endpoint.
+    pub claimed: &'a HashSet<String>,
+    /// Namespaces of ours no endpoint uses (from [`stray_namespaces`]).
+    pub stray_namespaces: &'a [String],
 }
 
 /// Observations that must repeat before they are acted on, kept from pass to pass.
@@ -110,19 +156,36 @@ pub struct LeakTracker {
     gone: HashMap<String, u32>,
     /// `weft*` links with no endpoint behind them, since when.
     orphan_since: HashMap<String, Instant>,
+    /// Namespaces of ours without an endpoint, since when.
+    stray_since: HashMap<String, Instant>,
+}
+
+/// Keeps the first sighting of each current item; returns those seen for at least `grace`.
+fn due(
+    since: &mut HashMap<String, Instant>,
+    current: &[&String],
+    now: Instant,
+    grace: Duration,
+) -> Vec<String> {
+    since.retain(|item, _| current.contains(&item));
+    let mut due: Vec<String> = current
+        .iter()
+        .filter(|item| now.duration_since(*since.entry((**item).clone()).or_insert(now)) >= grace)
+        .map(|item| (*item).clone())
+        .collect();
+    due.sort();
+    due
 }
 
 impl LeakTracker {
-    /// Plans one pass. `missing` are the endpoints without a veth (from [`missing_veths`]) with
-    /// whether their namespace still opens; `claimed` are the veth names of every endpoint.
-    pub fn plan(
-        &mut self,
-        missing: &[(String, bool)],
-        links: &BTreeMap<String, u32>,
-        claimed: &HashSet<String>,
-        now: Instant,
-        grace: Duration,
-    ) -> LeakPlan {
+    /// Plans one pass.
+    pub fn plan(&mut self, inputs: &LeakInputs, now: Instant, grace: Duration) -> LeakPlan {
+        let LeakInputs {
+            missing,
+            links,
+            claimed,
+            stray_namespaces,
+        } = inputs;
         let mut plan = LeakPlan::default();
         let gone_now: HashSet<&String> = missing
             .iter()
@@ -130,7 +193,7 @@ impl LeakTracker {
             .map(|(id, _)| id)
             .collect();
         self.gone.retain(|id, _| gone_now.contains(id));
-        for (id, namespace_alive) in missing {
+        for (id, namespace_alive) in missing.iter() {
             if *namespace_alive {
                 plan.repair.push(id.clone());
                 continue;
@@ -141,15 +204,10 @@ impl LeakTracker {
                 plan.release.push(id.clone());
             }
         }
-        let unclaimed: HashSet<&String> = links.keys().filter(|n| !claimed.contains(*n)).collect();
-        self.orphan_since.retain(|name, _| unclaimed.contains(name));
-        for name in unclaimed {
-            let since = *self.orphan_since.entry(name.clone()).or_insert(now);
-            if now.duration_since(since) >= grace {
-                plan.orphans.push(name.clone());
-            }
-        }
-        plan.orphans.sort();
+        let unclaimed: Vec<&String> = links.keys().filter(|n| !claimed.contains(*n)).collect();
+        plan.orphans = due(&mut self.orphan_since, &unclaimed, now, grace);
+        let strays: Vec<&String> = stray_namespaces.iter().collect();
+        plan.namespaces = due(&mut self.stray_since, &strays, now, grace);
         plan
     }
 
@@ -160,6 +218,9 @@ impl LeakTracker {
         }
         for name in &plan.orphans {
             self.orphan_since.remove(name);
+        }
+        for path in &plan.namespaces {
+            self.stray_since.remove(path);
         }
     }
 }
@@ -200,6 +261,8 @@ impl DeadHostTracker {
         self.down_since.remove(host);
     }
 }
+
+pub mod registration;
 
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,8 @@ pub struct FakeState {
     /// Blocks → (pool, host).
     pub blocks: BTreeMap<IpNetwork, (String, String)>,
     pub pools: Vec<(String, PoolRecord)>,
+    /// Registered hosts with their underlay address.
+    pub hosts: BTreeMap<String, IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +157,42 @@ impl Store for FakeStore {
             .blocks
             .insert(block, (pool_name.to_string(), host.to_string()));
         Ok(block)
+    }
+
+    async fn claim_exact_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        self.check("claim")?;
+        let mut state = self.state.lock().unwrap();
+        let owner = state
+            .blocks
+            .entry(block)
+            .or_insert_with(|| (pool_name.to_string(), host.to_string()));
+        Ok(owner.1 == host)
+    }
+
+    async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError> {
+        self.check("list")?;
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .endpoints
+            .values()
+            .filter(|e| e.host == host)
+            .cloned()
+            .collect())
+    }
+
+    async fn register_host(&self, host: &str, underlay_ip: IpAddr) -> Result<(), StoreError> {
+        self.check("register")?;
+        self.state
+            .lock()
+            .unwrap()
+            .hosts
+            .insert(host.to_string(), underlay_ip);
+        Ok(())
     }
 
     async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError> {

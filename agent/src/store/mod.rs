@@ -5,6 +5,8 @@
 
 pub mod fake;
 
+use std::net::IpAddr;
+
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
 use weft_etcd::records::{EndpointRecord, PoolRecord};
@@ -32,6 +34,17 @@ pub trait Store: Send + Sync + 'static {
         pool: &PoolRecord,
         host: &str,
     ) -> Result<IpNetwork, StoreError>;
+    /// Claims one given block if nobody holds it; true when it is (now or already) ours.
+    async fn claim_exact_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError>;
+    /// The endpoint records of a host.
+    async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError>;
+    /// Writes the host's registration if it is absent or different.
+    async fn register_host(&self, host: &str, underlay_ip: IpAddr) -> Result<(), StoreError>;
     async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError>;
     /// Removes a host for good (its blocks, addresses and records).
     async fn remove_host(&self, host: &str) -> Result<Released, StoreError>;
@@ -82,6 +95,29 @@ impl Store for Etcd {
         host: &str,
     ) -> Result<IpNetwork, StoreError> {
         self.datastore.claim_block(pool_name, pool, host).await
+    }
+
+    async fn claim_exact_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        self.datastore
+            .claim_exact_block(pool_name, block, host)
+            .await
+    }
+
+    async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError> {
+        self.datastore.list_endpoints(host).await
+    }
+
+    async fn register_host(&self, host: &str, underlay_ip: IpAddr) -> Result<(), StoreError> {
+        let version = crate::context::VERSION;
+        self.datastore
+            .register_host(host, underlay_ip, version)
+            .await
+            .map(|_| ())
     }
 
     async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError> {

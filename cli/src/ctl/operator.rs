@@ -245,5 +245,6 @@ async fn kernel_view(socket: &Path) -> Option<KernelView> {
             .iter()
             .filter_map(|r| r.parse().ok())
             .collect(),
+        namespaces: inventory.namespaces.into_iter().collect(),
     })
 }

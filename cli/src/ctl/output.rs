@@ -98,7 +98,11 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
     } else {
         s.local_blocks.join(", ")
     };
-    out.push_str(&format!("blocks:    {blocks}\n\n"));
+    out.push_str(&format!("blocks:    {blocks}\n"));
+    for problem in &s.problems {
+        out.push_str(&format!("PROBLEM    {problem}\n"));
+    }
+    out.push('\n');
     let rows: Vec<Vec<String>> = s
         .peers
         .iter()
@@ -134,6 +138,7 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "nat_outgoing": p.nat_outgoing,
         })).collect::<Vec<_>>(),
         "local_blocks": s.local_blocks,
+        "problems": s.problems,
         "peers": s.peers.iter().map(|p| json!({
             "host": p.host, "underlay_ip": p.underlay_ip, "blocks": p.blocks, "alive": p.alive,
         })).collect::<Vec<_>>(),

@@ -142,6 +142,17 @@ impl Kernel for Netlink {
             .is_some())
     }
 
+    async fn peer_elsewhere(&self, name: &str) -> Result<bool> {
+        let link = links::link_by_name(self.handle(), name)
+            .await
+            .map_err(nl(format!("looking up {name}")))?;
+        Ok(link.is_some_and(|l| {
+            l.attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)))
+        }))
+    }
+
     async fn delete_link(&self, name: &str) -> Result<bool> {
         self.remove_link(name).await
     }
@@ -183,6 +194,10 @@ impl Kernel for Netlink {
         netns::create_named(name)
             .await
             .map(|path| path.display().to_string())
+    }
+
+    fn named_namespaces(&self, prefix: &str) -> Vec<String> {
+        netns::named_with_prefix(prefix)
     }
 
     fn delete_netns(&self, path: &str) -> io::Result<()> {

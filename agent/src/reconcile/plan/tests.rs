@@ -141,44 +141,57 @@ fn live_containers_are_repaired_at_once_gone_ones_released_after_two_passes() {
     let (now, grace) = (Instant::now(), Duration::from_secs(10));
     let links = BTreeMap::new();
     let claimed = HashSet::new();
+    let inputs = |missing| LeakInputs {
+        missing,
+        links: &links,
+        claimed: &claimed,
+        stray_namespaces: &[],
+    };
     let missing = vec![("alive".to_string(), true), ("gone".to_string(), false)];
-    let first = tracker.plan(&missing, &links, &claimed, now, grace);
+    let first = tracker.plan(&inputs(&missing), now, grace);
     assert_eq!(first.repair, vec!["alive".to_string()]);
     assert!(first.release.is_empty(), "one sighting is not enough");
-    let second = tracker.plan(&missing, &links, &claimed, now, grace);
+    let second = tracker.plan(&inputs(&missing), now, grace);
     assert_eq!(second.release, vec!["gone".to_string()]);
     tracker.done(&second);
     // A namespace that came back in between resets the count.
     let mut tracker = LeakTracker::default();
-    tracker.plan(&[("flaky".into(), false)], &links, &claimed, now, grace);
-    tracker.plan(&[], &links, &claimed, now, grace);
-    let third = tracker.plan(&[("flaky".into(), false)], &links, &claimed, now, grace);
+    let flaky = vec![("flaky".to_string(), false)];
+    tracker.plan(&inputs(&flaky), now, grace);
+    tracker.plan(&inputs(&[]), now, grace);
+    let third = tracker.plan(&inputs(&flaky), now, grace);
     assert!(third.release.is_empty());
 }
 
 #[test]
-fn unclaimed_links_are_removed_after_the_grace_period() {
+fn unclaimed_links_and_namespaces_are_removed_after_the_grace_period() {
     let mut tracker = LeakTracker::default();
     let start = Instant::now();
     let grace = Duration::from_secs(10);
     let links = BTreeMap::from([("weft1".to_string(), 4), ("weft2".to_string(), 5)]);
     let claimed = HashSet::from(["weft1".to_string()]);
-    assert!(tracker
-        .plan(&[], &links, &claimed, start, grace)
-        .orphans
-        .is_empty());
-    let later = tracker.plan(&[], &links, &claimed, start + Duration::from_secs(9), grace);
-    assert!(later.orphans.is_empty());
-    let due = tracker.plan(&[], &links, &claimed, start + grace, grace);
-    assert_eq!(due.orphans, vec!["weft2".to_string()]);
-    // Claimed meanwhile (an attach finished): no longer an orphan, and the clock restarts.
     let claimed_both = HashSet::from(["weft1".to_string(), "weft2".to_string()]);
+    let strays = ["/run/netns/weft-a-x".to_string()];
+    let inputs = |claimed| LeakInputs {
+        missing: &[],
+        links: &links,
+        claimed,
+        stray_namespaces: &strays,
+    };
+    let first = tracker.plan(&inputs(&claimed), start, grace);
+    assert!(first.orphans.is_empty() && first.namespaces.is_empty());
+    let later = tracker.plan(&inputs(&claimed), start + Duration::from_secs(9), grace);
+    assert!(later.orphans.is_empty());
+    let due = tracker.plan(&inputs(&claimed), start + grace, grace);
+    assert_eq!(due.orphans, vec!["weft2".to_string()]);
+    assert_eq!(due.namespaces, strays.to_vec());
+    // Claimed meanwhile (an attach finished): no longer an orphan, and the clock restarts.
     assert!(tracker
-        .plan(&[], &links, &claimed_both, start + grace, grace)
+        .plan(&inputs(&claimed_both), start + grace, grace)
         .orphans
         .is_empty());
     assert!(tracker
-        .plan(&[], &links, &claimed, start + grace, grace)
+        .plan(&inputs(&claimed), start + grace, grace)
         .orphans
         .is_empty());
 }
@@ -212,5 +225,27 @@ fn peers_down_longer_than_the_limit_are_removed() {
     assert_eq!(
         tracker.plan(&alone, "a", start + after, after),
         vec!["b".to_string()]
+    );
+}
+
+#[test]
+fn stray_namespaces_are_ours_unused_and_idle() {
+    let paths: Vec<String> = [
+        "weft-h1-used",
+        "weft-h1-busy",
+        "weft-h1-left",
+        "weft-h1-x-other",
+        "weft-h2-theirs",
+        "unrelated",
+    ]
+    .iter()
+    .map(|n| format!("/run/netns/{n}"))
+    .collect();
+    let (h1, h1x) = ("h1".to_string(), "h1-x".to_string());
+    let used = HashSet::from(["/run/netns/weft-h1-used".to_string()]);
+    let busy = HashSet::from(["busy".to_string()]);
+    assert_eq!(
+        stray_namespaces(&paths, "h1", &[&h1, &h1x], &used, &busy),
+        vec!["/run/netns/weft-h1-left".to_string()]
     );
 }

@@ -1,0 +1,206 @@
+//! Which of this host's records must be written again after they were removed behind its back,
+//! and which cannot be (somebody took their block). Pure.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use weft_etcd::records::EndpointRecord;
+use weft_etcd::BlockOwner;
+
+/// What must be written again, and what cannot be.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RegistrationPlan {
+    pub register_host: bool,
+    /// Blocks holding our endpoints that nobody owns now.
+    pub claim: Vec<IpNetwork>,
+    /// Endpoints without a record, with their block.
+    pub create: Vec<(EndpointRecord, IpNetwork)>,
+    /// What cannot be registered, one sentence each.
+    pub problems: Vec<String>,
+}
+
+/// The block of `ip` in a pool of `block_size` blocks.
+pub fn block_of(ip: IpAddr, block_size: u8) -> IpNetwork {
+    let net = IpNetwork::new(ip, block_size).expect("block size fits the family");
+    IpNetwork::new(net.network(), block_size).expect("same prefix")
+}
+
+/// Plans registration from the cluster view's hosts and blocks, this host's endpoints and the
+/// endpoint records etcd holds for it.
+pub fn plan(
+    me: &str,
+    host_registered: bool,
+    blocks: &BTreeMap<IpNetwork, BlockOwner>,
+    local: &[EndpointRecord],
+    stored: &HashMap<String, EndpointRecord>,
+    block_size: u8,
+) -> RegistrationPlan {
+    let mut plan = RegistrationPlan {
+        register_host: !host_registered,
+        ..Default::default()
+    };
+    for endpoint in local {
+        if stored.contains_key(&endpoint.container_id) {
+            continue;
+        }
+        let block = block_of(endpoint.ip, block_size);
+        match blocks.get(&block) {
+            Some(owner) if owner.host != me => plan.problems.push(format!(
+                "endpoint {} ({}) is not registered: its block {block} now belongs to {}",
+                endpoint.container_id, endpoint.ip, owner.host
+            )),
+            owned => {
+                if owned.is_none() && !plan.claim.contains(&block) {
+                    plan.claim.push(block);
+                }
+                plan.create.push((endpoint.clone(), block));
+            }
+        }
+    }
+    plan
+}
+
+/// The endpoints an agent starts with, from etcd and its journal.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StartupEndpoints {
+    /// What the agent holds: every stored record, and journal entries whose veth is still
+    /// there (registered again by the first pass).
+    pub endpoints: Vec<EndpointRecord>,
+    /// Stored records the journal lacks (written by an agent without one).
+    pub to_journal: Vec<EndpointRecord>,
+    /// Journal entries without a record and without a veth: their container is gone.
+    pub to_forget: Vec<String>,
+}
+
+pub fn startup_endpoints(
+    stored: Vec<EndpointRecord>,
+    journaled: Vec<EndpointRecord>,
+    links: &BTreeMap<String, u32>,
+) -> StartupEndpoints {
+    let mut out = StartupEndpoints::default();
+    let stored_ids: std::collections::HashSet<String> =
+        stored.iter().map(|e| e.container_id.clone()).collect();
+    let journaled_ids: std::collections::HashSet<String> =
+        journaled.iter().map(|e| e.container_id.clone()).collect();
+    for record in stored {
+        if !journaled_ids.contains(&record.container_id) {
+            out.to_journal.push(record.clone());
+        }
+        out.endpoints.push(record);
+    }
+    for record in journaled {
+        if stored_ids.contains(&record.container_id) {
+            continue;
+        }
+        match links.contains_key(&record.host_ifname) {
+            true => out.endpoints.push(record),
+            false => out.to_forget.push(record.container_id),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(id: &str, ip: &str) -> EndpointRecord {
+        EndpointRecord {
+            container_id: id.into(),
+            host: "h1".into(),
+            ip: ip.parse().unwrap(),
+            host_ifname: format!("weft-{id}"),
+            ifname: "eth0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            netns: "/run/netns/x".into(),
+            owns_netns: false,
+            ports: vec![],
+            created: 0,
+        }
+    }
+
+    fn owner(host: &str) -> BlockOwner {
+        BlockOwner {
+            pool: "default".into(),
+            host: host.into(),
+        }
+    }
+
+    #[test]
+    fn a_registered_host_needs_nothing() {
+        let local = [endpoint("a", "10.65.0.5")];
+        let stored = HashMap::from([("a".to_string(), local[0].clone())]);
+        let blocks = BTreeMap::from([("10.65.0.0/26".parse().unwrap(), owner("h1"))]);
+        assert_eq!(
+            plan("h1", true, &blocks, &local, &stored, 26),
+            RegistrationPlan::default()
+        );
+    }
+
+    #[test]
+    fn removed_records_are_written_again_where_nobody_took_their_place() {
+        let local = [
+            endpoint("a", "10.65.0.5"),
+            endpoint("b", "10.65.0.6"),
+            endpoint("c", "10.65.0.70"),
+            endpoint("d", "10.65.1.1"),
+        ];
+        let blocks = BTreeMap::from([
+            ("10.65.0.64/26".parse().unwrap(), owner("h1")),
+            ("10.65.1.0/26".parse().unwrap(), owner("h2")),
+        ]);
+        let plan = plan("h1", false, &blocks, &local, &HashMap::new(), 26);
+        assert!(plan.register_host);
+        assert_eq!(plan.claim, vec!["10.65.0.0/26".parse().unwrap()]);
+        let created: Vec<(&str, String)> = plan
+            .create
+            .iter()
+            .map(|(e, b)| (e.container_id.as_str(), b.to_string()))
+            .collect();
+        assert_eq!(
+            created,
+            vec![
+                ("a", "10.65.0.0/26".to_string()),
+                ("b", "10.65.0.0/26".to_string()),
+                ("c", "10.65.0.64/26".to_string()),
+            ]
+        );
+        assert_eq!(
+            plan.problems,
+            vec!["endpoint d (10.65.1.1) is not registered: its block 10.65.1.0/26 now belongs to h2"]
+        );
+    }
+
+    #[test]
+    fn blocks_are_found_in_both_families() {
+        assert_eq!(
+            block_of("10.65.3.77".parse().unwrap(), 26),
+            "10.65.3.64/26".parse().unwrap()
+        );
+        assert_eq!(
+            block_of("fd65::47".parse().unwrap(), 122),
+            "fd65::40/122".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn an_agent_starts_with_its_records_and_the_journal_entries_whose_veth_lives() {
+        let stored = vec![endpoint("a", "10.65.0.5"), endpoint("b", "10.65.0.6")];
+        let journaled = vec![
+            endpoint("b", "10.65.0.6"),
+            endpoint("c", "10.65.0.7"),
+            endpoint("d", "10.65.0.8"),
+        ];
+        let links = BTreeMap::from([("weft-c".to_string(), 7)]);
+        let start = startup_endpoints(stored, journaled, &links);
+        let ids: Vec<&str> = start
+            .endpoints
+            .iter()
+            .map(|e| e.container_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["a", "b", "c"]);
+        assert_eq!(start.to_journal, vec![endpoint("a", "10.65.0.5")]);
+        assert_eq!(start.to_forget, vec!["d".to_string()]);
+    }
+}
