@@ -38,6 +38,8 @@ pub struct Context {
     pub resync: Notify,
     /// This host's memory of the endpoints it wired.
     pub journal: Journal,
+    /// Services containers must not reach (with --protect-datastore).
+    protected: Vec<std::net::SocketAddr>,
     /// What keeps this host from being fine (records that could not be registered); empty when
     /// all is well. Shown by Status; /readyz fails while it is not empty.
     problems: Mutex<Vec<String>>,
@@ -60,7 +62,12 @@ pub struct Parts {
 impl Context {
     pub fn new(parts: Parts) -> Self {
         let me = parts.config.host_name.clone();
+        let protected = match parts.config.protect_datastore {
+            true => protected_services(&parts.config),
+            false => vec![],
+        };
         Self {
+            protected,
             config: parts.config,
             underlay: parts.underlay,
             pool: parts.pool,
@@ -102,6 +109,15 @@ impl Context {
         format!("weft-{}-{id}", self.me())
     }
 
+    /// The path of the namespace the agent makes for a container given none.
+    pub fn owned_netns_path(&self, id: &ContainerId) -> String {
+        format!(
+            "{}/{}",
+            crate::kernel::netns::NETNS_DIR,
+            self.owned_netns_name(id)
+        )
+    }
+
     /// What the firewall rules are made of now.
     pub fn firewall_spec(&self) -> FirewallSpec {
         let pools = self
@@ -115,8 +131,49 @@ impl Context {
             })
             .collect();
         let ports = self.endpoints.list().iter().flat_map(port_rules).collect();
-        FirewallSpec { pools, ports }
+        FirewallSpec {
+            pools,
+            ports,
+            protected: self.protected.clone(),
+        }
     }
+}
+
+/// The etcd endpoints this agent uses and its metrics listener. An endpoint named by a host
+/// name is resolved once, at start.
+fn protected_services(config: &Config) -> Vec<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let mut services: Vec<std::net::SocketAddr> = config
+        .etcd
+        .endpoints
+        .iter()
+        .filter_map(|url| {
+            let authority = url.split("://").last()?.split('/').next()?;
+            let with_port = match authority.rsplit_once(':') {
+                Some((_, port)) if port.parse::<u16>().is_ok() => authority.to_string(),
+                _ => format!("{authority}:2379"),
+            };
+            match with_port.to_socket_addrs() {
+                Ok(addrs) => Some(addrs.collect::<Vec<_>>()),
+                Err(e) => {
+                    tracing::warn!(endpoint = %url, error = %e, "cannot resolve etcd endpoint; it is not protected");
+                    None
+                }
+            }
+        })
+        .flatten()
+        // etcd on this host's loopback may listen on every address too: protect its port on
+        // every local address.
+        .map(|a| match a.ip().is_loopback() {
+            true => std::net::SocketAddr::from(([0, 0, 0, 0], a.port())),
+            false => a,
+        })
+        .collect();
+    // A loopback metrics listener is out of containers' reach already.
+    services.extend(config.metrics_addr.filter(|a| !a.ip().is_loopback()));
+    services.sort();
+    services.dedup();
+    services
 }
 
 /// The DNAT and hairpin rules an endpoint's published ports need.

@@ -82,6 +82,7 @@ mod tests {
             owns_netns: false,
             ports: vec![],
             created: 1,
+            secondary: false,
         }
     }
 

@@ -314,6 +314,7 @@ mod tests {
             owns_netns: true,
             ports: vec![],
             created: 0,
+            secondary: false,
         }
     }
 

@@ -175,6 +175,86 @@ impl Datastore {
         Ok(())
     }
 
+    /// Replaces an endpoint's record with `new` (same container, same address) if it still is
+    /// `old`: host ports `new` adds are reserved under their guard, those it drops are released.
+    /// Fails with `PortTaken` if an added port is someone else's, `Contention` if the record
+    /// changed meanwhile; nothing is written then.
+    pub async fn update_endpoint(&self, old: &EndpointRecord, new: &EndpointRecord) -> Result<()> {
+        let ep_key = self.keys.endpoint(&old.host, &old.container_id);
+        let owner = Self::port_owner(new);
+        let added: Vec<_> = new
+            .ports
+            .iter()
+            .filter(|p| !old.ports.contains(p))
+            .collect();
+        let dropped: Vec<_> = old
+            .ports
+            .iter()
+            .filter(|p| !new.ports.contains(p))
+            .collect();
+        let port_key =
+            |p: &crate::records::PortRecord| self.keys.port(&new.host, p.protocol, p.host_port);
+        let mut compares = vec![Compare::value(
+            ep_key.as_str(),
+            CompareOp::Equal,
+            encode(old),
+        )];
+        let mut ops = vec![TxnOp::put(ep_key.as_str(), encode(new), None)];
+        for p in &added {
+            // A port kept under another container port is already ours: rewrite it.
+            if !old
+                .ports
+                .iter()
+                .any(|o| o.protocol == p.protocol && o.host_port == p.host_port)
+            {
+                compares.push(Compare::create_revision(port_key(p), CompareOp::Equal, 0));
+            }
+            ops.push(TxnOp::put(port_key(p), owner.clone(), None));
+        }
+        for p in dropped.iter().filter(|p| {
+            !new.ports
+                .iter()
+                .any(|n| n.protocol == p.protocol && n.host_port == p.host_port)
+        }) {
+            let key = port_key(p);
+            ops.push(TxnOp::txn(
+                Txn::new()
+                    .when([Compare::value(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        owner.clone(),
+                    )])
+                    .and_then([TxnOp::delete(key, None)]),
+            ));
+        }
+        let reads: Vec<TxnOp> = added
+            .iter()
+            .map(|p| TxnOp::get(port_key(p), None))
+            .collect();
+        let response = self
+            .txn(Txn::new().when(compares).and_then(ops).or_else(reads))
+            .await?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        for (p, op) in added.iter().zip(response.op_responses()) {
+            if let Some(kv) = get_kvs(&op).first() {
+                let holder: PortOwner = decode(kv)?;
+                if holder.container_id != new.container_id {
+                    return Err(StoreError::PortTaken {
+                        protocol: p.protocol,
+                        port: p.host_port,
+                        owner: holder.container_id,
+                    });
+                }
+            }
+        }
+        Err(StoreError::Contention {
+            what: format!("updating the record of {}", new.container_id),
+            attempts: 1,
+        })
+    }
+
     pub async fn get_endpoint(
         &self,
         host: &str,

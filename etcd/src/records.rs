@@ -118,6 +118,10 @@ pub struct EndpointRecord {
     pub ports: Vec<PortRecord>,
     /// Unix seconds.
     pub created: u64,
+    /// Another weft interface of the namespace carries its default route; this one routes only
+    /// the traffic from its own address (source-based routing in the container).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secondary: bool,
 }
 
 pub fn encode<T: Serialize>(record: &T) -> String {

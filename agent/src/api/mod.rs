@@ -2,6 +2,7 @@
 //! domain values, and the one mapping of errors to statuses.
 
 mod convert;
+pub mod listener;
 mod service;
 pub mod status;
 
@@ -11,7 +12,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use weft_proto::v1::agent_server::AgentServer;
 
 pub use convert::endpoint_to_pb;
@@ -52,7 +52,10 @@ pub async fn serve(
     let service =
         AgentServer::new(service::Service(ctx)).max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
+        // Clients that vanish without closing are noticed and their connections freed.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(service)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(listener::bounded(listener), shutdown)
         .await
 }

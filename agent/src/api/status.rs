@@ -32,7 +32,9 @@ pub fn code(err: &EndpointError) -> Code {
         EndpointError::Store(e) => store_code(e),
         EndpointError::NotAttached(_) => Code::NotFound,
         EndpointError::WrittenElsewhere { .. } => Code::AlreadyExists,
-        EndpointError::NamespaceGone { .. } => Code::FailedPrecondition,
+        EndpointError::NamespaceGone { .. }
+        | EndpointError::Differs(_)
+        | EndpointError::HostPortInUse { .. } => Code::FailedPrecondition,
         EndpointError::Contention => Code::Unavailable,
         EndpointError::Incomplete { .. } | EndpointError::Journal(_) => Code::Internal,
     }

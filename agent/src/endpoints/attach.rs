@@ -9,11 +9,11 @@ use weft_etcd::records::{EndpointRecord, Protocol};
 
 use super::allocate::allocate;
 use super::error::EndpointError;
-use super::{repair, teardown};
+use super::{reattach, teardown};
 use crate::context::Context;
 use crate::firewall::SyncMode;
 use crate::kernel::{ContainerLink, KernelError, NetnsError};
-use crate::model::{AttachRequest, Mac, NetnsSpec};
+use crate::model::{AttachRequest, Mac, NetnsSpec, PortMapping};
 
 /// The container's namespace for this attach.
 struct ContainerNetns {
@@ -29,9 +29,9 @@ pub async fn attach(
     let id = &request.container_id;
     let _guard = ctx.endpoints.lock(id).await;
     if let Some(existing) = ctx.endpoints.get(id.as_str()) {
-        repair::repair(ctx, &existing).await?;
-        return Ok(existing);
+        return reattach::reattach(ctx, existing, &request).await;
     }
+    refuse_host_listeners(ctx, &request.ports)?;
     let netns = open_netns(ctx, &request).await?;
     let result = attach_into(ctx, &request, &netns).await;
     if result.is_err() && netns.owned {
@@ -81,6 +81,8 @@ async fn attach_into(
     let id = &request.container_id;
     let started = Instant::now();
     let mac = Mac::random();
+    // Only the first weft interface of a namespace carries its default route.
+    let secondary = ctx.endpoints.list().iter().any(|e| e.netns == netns.path);
     let record = allocate(ctx, id, |ip, host_ifname| EndpointRecord {
         container_id: id.to_string(),
         host: ctx.me().to_string(),
@@ -92,6 +94,7 @@ async fn attach_into(
         owns_netns: netns.owned,
         ports: request.ports.clone(),
         created: weft_etcd::unix_now(),
+        secondary,
     })
     .await?;
     let allocated = started.elapsed();
@@ -107,6 +110,7 @@ async fn attach_into(
         ip: record.ip,
         mac,
         mtu: ctx.underlay.mtu,
+        secondary,
     };
     if let Err(err) = wire(ctx, &record, &link).await {
         warn!(container = %id, error = %err, "attach failed; rolling back");
@@ -167,6 +171,33 @@ pub(super) async fn wire(
         }
         other => Ok(other?),
     }
+}
+
+/// A published port takes every connection to that port of the host, so one a host service
+/// listens on (sshd on 22) is refused unless the agent is told to override.
+pub(super) fn refuse_host_listeners(
+    ctx: &Context,
+    ports: &[PortMapping],
+) -> Result<(), EndpointError> {
+    if ctx.config.allow_host_port_override {
+        return Ok(());
+    }
+    for port in ports {
+        let taken = ctx
+            .kernel
+            .listening(port.protocol, port.host_port)
+            .map_err(|source| KernelError::Io {
+                what: format!("reading the host's {} sockets", port.protocol),
+                source,
+            })?;
+        if taken {
+            return Err(EndpointError::HostPortInUse {
+                protocol: port.protocol,
+                port: port.host_port,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The UDP host ports of an endpoint (their conntrack entries are flushed on changes).

@@ -4,7 +4,7 @@ use weft_etcd::records::EndpointRecord;
 
 use super::error::EndpointError;
 use crate::context::{port_rules, Context};
-use crate::model::{ContainerId, IfName};
+use crate::model::ContainerId;
 
 /// The host veth, its sysctls and route, everything inside the container's namespace, and the
 /// iptables rules of its published ports. Returns the record and what is wrong (empty when all
@@ -22,11 +22,11 @@ pub async fn check(
         .kernel
         .check_host_side(&record.host_ifname, record.ip)
         .await?;
-    let ifname = IfName::new(&record.ifname)?;
+    let link = super::link_of(ctx, &record)?;
     match ctx.kernel.vet_netns(&record.netns) {
         Ok(_) => problems.extend(
             ctx.kernel
-                .check_inside(&record.netns, &ifname, record.ip)
+                .check_inside(&record.netns, &link)
                 .await?
                 .problems,
         ),

@@ -37,6 +37,17 @@ pub enum EndpointError {
     },
     #[error("writing the agent's journal: {0}")]
     Journal(std::io::Error),
+    #[error(
+        "host port {protocol}/{port} is in use by a socket of this host (a service listens on \
+         it); publish another port, or start the agent with --allow-host-port-override"
+    )]
+    HostPortInUse {
+        protocol: crate::model::Protocol,
+        port: u16,
+    },
+    /// A repeated attach asks for what cannot be changed on a live attachment.
+    #[error("{0}")]
+    Differs(String),
     #[error("could not allocate an address: too many conflicts")]
     Contention,
     #[error("{what} of {container} went only partly: {}", .errors.join("; "))]

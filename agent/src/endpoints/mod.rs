@@ -7,6 +7,7 @@ pub mod attach;
 pub mod check;
 pub mod detach;
 pub mod error;
+pub mod reattach;
 pub mod repair;
 pub mod table;
 pub mod teardown;
@@ -18,3 +19,22 @@ pub use attach::attach;
 pub use check::check;
 pub use detach::detach;
 pub use error::EndpointError;
+
+/// The link an endpoint record describes (its MAC as recorded; a record with an unreadable one
+/// gets a new one).
+pub(crate) fn link_of(
+    ctx: &crate::context::Context,
+    record: &weft_etcd::records::EndpointRecord,
+) -> Result<crate::kernel::ContainerLink, EndpointError> {
+    Ok(crate::kernel::ContainerLink {
+        host_ifname: record.host_ifname.clone(),
+        ifname: crate::model::IfName::new(&record.ifname)?,
+        ip: record.ip,
+        mac: record
+            .mac
+            .parse()
+            .unwrap_or_else(|_| crate::model::Mac::random()),
+        mtu: ctx.underlay.mtu,
+        secondary: record.secondary,
+    })
+}

@@ -11,7 +11,7 @@ use super::error::EndpointError;
 use crate::context::Context;
 use crate::firewall::SyncMode;
 use crate::kernel::{ContainerLink, InsideCheck, NetnsError};
-use crate::model::{ContainerId, IfName, Mac, Route, RouteTarget};
+use crate::model::{ContainerId, Route, RouteTarget};
 
 /// What was observed of an endpoint.
 #[derive(Debug)]
@@ -65,16 +65,12 @@ pub fn plan(observed: &Observed) -> RepairPlan {
 async fn observe(
     ctx: &Context,
     record: &EndpointRecord,
-    ifname: &IfName,
+    link: &ContainerLink,
 ) -> Result<Observed, EndpointError> {
     let host_link = ctx.kernel.links().await?.get(&record.host_ifname).copied();
     let netns = ctx.kernel.vet_netns(&record.netns).map(|_| ());
     let inside = match (host_link, &netns) {
-        (Some(_), Ok(())) => Some(
-            ctx.kernel
-                .check_inside(&record.netns, ifname, record.ip)
-                .await?,
-        ),
+        (Some(_), Ok(())) => Some(ctx.kernel.check_inside(&record.netns, link).await?),
         _ => None,
     };
     Ok(Observed {
@@ -87,15 +83,8 @@ async fn observe(
 
 /// Brings a known endpoint's dataplane back if it was damaged.
 pub async fn repair(ctx: &Context, record: &EndpointRecord) -> Result<(), EndpointError> {
-    let ifname = IfName::new(&record.ifname)?;
-    let link = ContainerLink {
-        host_ifname: record.host_ifname.clone(),
-        ifname: ifname.clone(),
-        ip: record.ip,
-        mac: record.mac.parse().unwrap_or_else(|_| Mac::random()),
-        mtu: ctx.underlay.mtu,
-    };
-    let observed = observe(ctx, record, &ifname).await?;
+    let link = super::link_of(ctx, record)?;
+    let observed = observe(ctx, record, &link).await?;
     match plan(&observed) {
         RepairPlan::HostSide(inside) => {
             let index = observed.host_link.expect("planned with a host link");

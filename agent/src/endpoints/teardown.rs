@@ -55,6 +55,15 @@ pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
         }
         ctx.firewall.flush_udp(udp_ports(record)).await;
     }
+    if record.secondary {
+        let unwired = match super::link_of(ctx, record) {
+            Ok(link) => ctx.kernel.unwire_inside(&record.netns, &link).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = unwired {
+            errors.push(format!("removing the source rule in {}: {e}", record.netns));
+        }
+    }
     if let Err(e) = ctx.kernel.retire_link(&record.host_ifname, record.ip).await {
         errors.push(format!("retiring {}: {e}", record.host_ifname));
     }

@@ -143,7 +143,7 @@ impl Backend for Iptables {
         let (nat, filter) = &mut *tables;
         let mut report = FirewallReport::default();
         report.tables_written += nat.sync(&render(&nat_rules(spec)), mode)? as usize;
-        report.tables_written += filter.sync(&render(&filter_rules()), mode)? as usize;
+        report.tables_written += filter.sync(&render(&filter_rules(spec)), mode)? as usize;
         report.rules = nat.applied.rules.len() + filter.applied.rules.len();
         Ok(report)
     }

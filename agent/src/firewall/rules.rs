@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 
@@ -34,6 +34,9 @@ pub struct FirewallSpec {
     /// Every pool of the cluster.
     pub pools: Vec<PoolRule>,
     pub ports: Vec<PortRule>,
+    /// TCP services containers must not reach: the etcd endpoints the agent uses and its
+    /// metrics listener (an unspecified address: that port on every address of the host).
+    pub protected: Vec<SocketAddr>,
 }
 
 /// One rule of our nat chains.
@@ -55,8 +58,12 @@ pub enum NatRule<'a> {
 /// One rule of our filter chains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterRule {
+    /// Containers may not reach a protected service elsewhere (etcd on another machine).
+    ForwardProtected(SocketAddr),
     FromContainers,
     ToContainers,
+    /// Containers may not reach a protected service on this host.
+    InputProtected(SocketAddr),
 }
 
 fn comment(text: impl fmt::Display) -> String {
@@ -105,9 +112,31 @@ impl fmt::Display for NatRule<'_> {
     }
 }
 
+/// `-d <ip>/32 ` for a specific address, nothing for the unspecified one.
+fn destination(addr: &SocketAddr) -> String {
+    match addr.ip() {
+        ip if ip.is_unspecified() => String::new(),
+        IpAddr::V4(ip) => format!("-d {ip}/32 "),
+        IpAddr::V6(ip) => format!("-d {ip}/128 "),
+    }
+}
+
 impl fmt::Display for FilterRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let protected = comment("the datastore and the agent are not for containers");
         match self {
+            FilterRule::ForwardProtected(addr) => write!(
+                f,
+                "-A WEFT-FORWARD {}-i weft+ -p tcp -m tcp --dport {} {protected} -j DROP",
+                destination(addr),
+                addr.port()
+            ),
+            FilterRule::InputProtected(addr) => write!(
+                f,
+                "-A WEFT-INPUT {}-i weft+ -p tcp -m tcp --dport {} {protected} -j DROP",
+                destination(addr),
+                addr.port()
+            ),
             FilterRule::FromContainers => write!(
                 f,
                 "-A WEFT-FORWARD -i weft+ {} -j ACCEPT",
@@ -140,9 +169,22 @@ pub fn nat_rules(spec: &FirewallSpec) -> Vec<NatRule<'_>> {
     rules
 }
 
-/// The rules of our filter chains.
-pub fn filter_rules() -> Vec<FilterRule> {
-    vec![FilterRule::FromContainers, FilterRule::ToContainers]
+/// The IPv4 rules of our filter chains: drops of protected services before the accepts.
+pub fn filter_rules(spec: &FirewallSpec) -> Vec<FilterRule> {
+    let protected: Vec<SocketAddr> = spec
+        .protected
+        .iter()
+        .filter(|a| a.is_ipv4())
+        .copied()
+        .collect();
+    let mut rules: Vec<FilterRule> = protected
+        .iter()
+        .filter(|a| !a.ip().is_unspecified())
+        .map(|a| FilterRule::ForwardProtected(*a))
+        .collect();
+    rules.extend([FilterRule::FromContainers, FilterRule::ToContainers]);
+    rules.extend(protected.iter().map(|a| FilterRule::InputProtected(*a)));
+    rules
 }
 
 /// Renders rules, one `-A` line each.
@@ -176,14 +218,21 @@ pub const NAT_JUMPS: &[Jump] = &[
     },
 ];
 
-pub const FILTER_JUMPS: &[Jump] = &[Jump {
-    chain: "FORWARD",
-    rule: "-m comment --comment \"weft: container traffic\" -j WEFT-FORWARD",
-    target: "WEFT-FORWARD",
-}];
+pub const FILTER_JUMPS: &[Jump] = &[
+    Jump {
+        chain: "FORWARD",
+        rule: "-m comment --comment \"weft: container traffic\" -j WEFT-FORWARD",
+        target: "WEFT-FORWARD",
+    },
+    Jump {
+        chain: "INPUT",
+        rule: "-m comment --comment \"weft: containers to host services\" -j WEFT-INPUT",
+        target: "WEFT-INPUT",
+    },
+];
 
 pub const NAT_CHAINS: &[&str] = &["WEFT-POSTROUTING", "WEFT-NAT-OUTGOING", "WEFT-PORTS"];
-pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD"];
+pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT"];
 
 /// What `iptables-save` shows of our chains in one table, and which jumps exist.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -280,8 +329,8 @@ pub fn normalize(rules: &[String]) -> Vec<String> {
 /// The rules a set of published ports needs in the nat table (hairpin and DNAT), rendered.
 pub fn port_rules(ports: &[PortRule]) -> Vec<String> {
     let spec = FirewallSpec {
-        pools: vec![],
         ports: ports.to_vec(),
+        ..Default::default()
     };
     nat_rules(&spec)
         .iter()
@@ -315,6 +364,10 @@ mod tests {
                 host_port: 8080,
                 container_port: 80,
             }],
+            protected: vec![
+                "198.51.100.100:2379".parse().unwrap(),
+                "0.0.0.0:9099".parse().unwrap(),
+            ],
         }
     }
 
@@ -333,10 +386,13 @@ mod tests {
             ]
         );
         assert_eq!(
-            render(&filter_rules()),
+            render(&filter_rules(&spec)),
             vec![
+                "-A WEFT-FORWARD -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
                 "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
                 "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
+                "-A WEFT-INPUT -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
+                "-A WEFT-INPUT -i weft+ -p tcp -m tcp --dport 9099 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
             ]
         );
     }

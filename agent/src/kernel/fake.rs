@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use crate::kernel::{
     ContainerLink, InsideCheck, Kernel, KernelError, NetnsError, NetnsId, Result, Underlay,
 };
-use crate::model::{IfName, Route, RouteTarget};
+use crate::model::{IfName, Protocol, Route, RouteTarget};
 
 /// A step that can be made to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,6 +48,8 @@ pub struct FakeState {
     pub namespaces: BTreeMap<String, BTreeMap<IfName, IpAddr>>,
     /// Namespaces the agent created.
     pub owned: BTreeSet<String>,
+    /// Host sockets listening, by protocol and port.
+    pub listening: BTreeSet<(Protocol, u16)>,
 }
 
 #[derive(Debug, Default)]
@@ -214,6 +216,15 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
+    fn listening(&self, protocol: Protocol, port: u16) -> io::Result<bool> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .listening
+            .contains(&(protocol, port)))
+    }
+
     fn vet_netns(&self, path: &str) -> Result<NetnsId, NetnsError> {
         let state = self.state.lock().unwrap();
         let position = state
@@ -306,7 +317,12 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    async fn check_inside(&self, netns: &str, ifname: &IfName, ip: IpAddr) -> Result<InsideCheck> {
+    async fn unwire_inside(&self, _netns: &str, _link: &ContainerLink) -> Result<()> {
+        Ok(())
+    }
+
+    async fn check_inside(&self, netns: &str, link: &ContainerLink) -> Result<InsideCheck> {
+        let (ifname, ip) = (&link.ifname, link.ip);
         let state = self.state.lock().unwrap();
         let inside = state
             .namespaces

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use async_trait::async_trait;
 
-use crate::model::{IfName, Mac, Route};
+use crate::model::{IfName, Mac, Protocol, Route};
 pub use netns::{NetnsError, NetnsId};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,9 @@ pub struct ContainerLink {
     pub ip: IpAddr,
     pub mac: Mac,
     pub mtu: u32,
+    /// Another interface of the namespace carries the default route: this one gets routes for
+    /// its own source address only (a rule and a table of its own).
+    pub secondary: bool,
 }
 
 /// The host's underlay interface, as found at start-up.
@@ -101,6 +104,10 @@ pub trait Kernel: Send + Sync + 'static {
     /// Deletes a route; one already gone is not an error.
     async fn delete_route(&self, route: &Route) -> Result<()>;
 
+    /// Whether a socket of the host (the agent's namespace) listens on this port: a TCP socket
+    /// in LISTEN, or any bound UDP socket.
+    fn listening(&self, protocol: Protocol, port: u16) -> io::Result<bool>;
+
     /// Opens and vets a container namespace (a network namespace other than the agent's own or
     /// the machine's) and returns its identity.
     fn vet_netns(&self, path: &str) -> Result<NetnsId, NetnsError>;
@@ -118,8 +125,12 @@ pub trait Kernel: Send + Sync + 'static {
     async fn wire(&self, netns: &str, link: &ContainerLink) -> Result<u32>;
     /// Sets the container side up again on a veth pair that exists; idempotent.
     async fn rewire_inside(&self, netns: &str, link: &ContainerLink) -> Result<()>;
+    /// Removes what the container side holds beyond its interface (the source rule of a
+    /// secondary interface): the interface itself goes with its veth. A namespace that is gone
+    /// is not an error.
+    async fn unwire_inside(&self, netns: &str, link: &ContainerLink) -> Result<()>;
     /// What is wrong inside the container's namespace.
-    async fn check_inside(&self, netns: &str, ifname: &IfName, ip: IpAddr) -> Result<InsideCheck>;
+    async fn check_inside(&self, netns: &str, link: &ContainerLink) -> Result<InsideCheck>;
     /// What is wrong with the host side of an endpoint: its veth, its sysctls, its route.
     async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>>;
 }

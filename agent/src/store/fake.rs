@@ -106,6 +106,43 @@ impl Store for FakeStore {
         Ok(())
     }
 
+    async fn update_endpoint(
+        &self,
+        old: &EndpointRecord,
+        new: &EndpointRecord,
+    ) -> Result<(), StoreError> {
+        self.check("update")?;
+        let mut state = self.state.lock().unwrap();
+        let key = (old.host.clone(), old.container_id.clone());
+        if state.endpoints.get(&key) != Some(old) {
+            return Err(StoreError::Contention {
+                what: "updating a record".into(),
+                attempts: 1,
+            });
+        }
+        for p in &new.ports {
+            let port = (new.host.clone(), p.protocol, p.host_port);
+            if let Some(owner) = state.ports.get(&port).filter(|o| **o != new.container_id) {
+                return Err(StoreError::PortTaken {
+                    protocol: p.protocol,
+                    port: p.host_port,
+                    owner: owner.clone(),
+                });
+            }
+        }
+        for p in &old.ports {
+            state
+                .ports
+                .remove(&(old.host.clone(), p.protocol, p.host_port));
+        }
+        for p in &new.ports {
+            let port = (new.host.clone(), p.protocol, p.host_port);
+            state.ports.insert(port, new.container_id.clone());
+        }
+        state.endpoints.insert(key, new.clone());
+        Ok(())
+    }
+
     async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError> {
         self.check("delete")?;
         let mut state = self.state.lock().unwrap();

@@ -20,6 +20,12 @@ pub trait Store: Send + Sync + 'static {
         record: EndpointRecord,
         block: BlockRef,
     ) -> Result<(), CreateConflict>;
+    /// Replaces an endpoint's record if it still is `old` (see `Datastore::update_endpoint`).
+    async fn update_endpoint(
+        &self,
+        old: &EndpointRecord,
+        new: &EndpointRecord,
+    ) -> Result<(), StoreError>;
     /// Deletes an endpoint with the guards that are still its own.
     async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError>;
     async fn get_endpoint(
@@ -74,6 +80,14 @@ impl Store for Etcd {
         block: BlockRef,
     ) -> Result<(), CreateConflict> {
         self.writer.create(record, block).await
+    }
+
+    async fn update_endpoint(
+        &self,
+        old: &EndpointRecord,
+        new: &EndpointRecord,
+    ) -> Result<(), StoreError> {
+        self.datastore.update_endpoint(old, new).await
     }
 
     async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError> {

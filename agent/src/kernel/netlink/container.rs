@@ -41,14 +41,18 @@ pub(super) async fn configure(
         })?;
     // The gateway is on-link through eth0 and answered from a permanent neighbour entry, so it
     // works even where the host's proxy ARP would stay silent (no default route on the host).
+    // A secondary interface routes through its own table, used only for its own address.
+    let table = route_table(link.secondary, index);
     let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(GATEWAY_V4, 32)
         .output_interface(index)
         .scope(RouteScope::Link)
+        .table_id(table)
         .build();
     let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(GATEWAY_V4)
         .output_interface(index)
+        .table_id(table)
         .build();
     let prefix = if link.ip.is_ipv4() { 32 } else { 128 };
     // Pipelined: the requests go out on one socket in this order without waiting for each
@@ -79,6 +83,82 @@ pub(super) async fn configure(
     gateway.map_err(nl(format!("adding gateway route in {netns}")))?;
     default.map_err(nl(format!("adding default route in {netns}")))?;
     neighbour.map_err(nl(format!("adding gateway neighbour in {netns}")))?;
+    if link.secondary {
+        add_source_rule(inside, link.ip, table, netns).await?;
+    }
+    Ok(())
+}
+
+/// The main table for the interface with the default route; for a secondary one, a table of its
+/// own (numbered after the interface, so two never share one).
+fn route_table(secondary: bool, index: u32) -> u32 {
+    match secondary {
+        true => SECONDARY_TABLE_BASE + index,
+        false => MAIN_TABLE,
+    }
+}
+
+const MAIN_TABLE: u32 = 254;
+const SECONDARY_TABLE_BASE: u32 = 1000;
+/// Priority of the source rules of secondary interfaces: before the main table (32766).
+const SOURCE_RULE_PRIORITY: u32 = 1000;
+
+/// `ip rule add from <ip> lookup <table>`: traffic from a secondary interface's address leaves
+/// through that interface (its host end's strict rp_filter would drop it anywhere else). Rules
+/// of that address left from an earlier pair (another table) go first.
+async fn add_source_rule(inside: &rtnetlink::Handle, ip: IpAddr, table: u32, netns: &str) -> Result<()> {
+    let IpAddr::V4(v4) = ip else {
+        return Ok(());
+    };
+    remove_source_rules(inside, ip, Some(table), netns).await?;
+    let added = inside
+        .rule()
+        .add()
+        .v4()
+        .source_prefix(v4, 32)
+        .table_id(table)
+        .priority(SOURCE_RULE_PRIORITY)
+        .action(netlink_packet_route::rule::RuleAction::ToTable)
+        .execute()
+        .await;
+    match added {
+        Err(e) if errno(&e) != Some(libc::EEXIST) => {
+            Err(nl(format!("adding the source rule of {ip} in {netns}"))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Deletes the source rules of `ip` at our priority, except the one to `keep`.
+pub(super) async fn remove_source_rules(
+    inside: &rtnetlink::Handle,
+    ip: IpAddr,
+    keep: Option<u32>,
+    netns: &str,
+) -> Result<()> {
+    use netlink_packet_route::rule::RuleAttribute;
+    let rules: Vec<_> = inside
+        .rule()
+        .get(rtnetlink::IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing rules in {netns}")))?;
+    for rule in rules {
+        let ours = rule.attributes.contains(&RuleAttribute::Source(ip))
+            && rule
+                .attributes
+                .contains(&RuleAttribute::Priority(SOURCE_RULE_PRIORITY));
+        let kept = keep.is_some_and(|t| rule.attributes.contains(&RuleAttribute::Table(t)));
+        if ours && !kept {
+            match inside.rule().del(rule).execute().await {
+                Err(e) if !matches!(errno(&e), Some(libc::ENOENT) | Some(libc::ESRCH)) => {
+                    return Err(nl(format!("deleting a stale rule of {ip} in {netns}"))(e))
+                }
+                _ => {}
+            }
+        }
+    }
     Ok(())
 }
 
@@ -107,6 +187,7 @@ pub(super) async fn check(
     path: &str,
     ifname: &IfName,
     ip: IpAddr,
+    secondary: bool,
 ) -> Result<InsideCheck> {
     let mut problems = vec![];
     let lo = handle
@@ -134,7 +215,11 @@ pub(super) async fn check(
         problems.push(format!("{ifname} is down in {path}"));
     }
     problems.extend(check_address(handle, &link, path, ifname, ip).await?);
-    problems.extend(check_gateway(handle, link.header.index, path, ifname).await?);
+    let table = route_table(secondary, link.header.index);
+    problems.extend(check_gateway(handle, link.header.index, table, path, ifname).await?);
+    if secondary {
+        problems.extend(check_source_rule(handle, ip, table, path).await?);
+    }
     Ok(InsideCheck {
         interface_present: true,
         problems,
@@ -162,13 +247,18 @@ async fn check_address(
 async fn check_gateway(
     handle: &rtnetlink::Handle,
     index: u32,
+    table: u32,
     path: &str,
     ifname: &IfName,
 ) -> Result<Vec<String>> {
     let mut problems = vec![];
     let routes: Vec<RouteMessage> = handle
         .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .get(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(table)
+                .build(),
+        )
         .execute()
         .try_collect()
         .await
@@ -183,20 +273,26 @@ async fn check_gateway(
                 RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
                 _ => None,
             });
-            r.header.table == 254
+            route_table_of(r) == table
                 && r.header.destination_prefix_length == prefix_len
                 && attr_dst == dst
                 && attr_gateway == gateway
                 && r.attributes.contains(&RouteAttribute::Oif(index))
         })
     };
+    let place = match table {
+        MAIN_TABLE => String::new(),
+        table => format!(" (table {table})"),
+    };
     if !route_to(32, Some(GATEWAY_V4), None) {
         problems.push(format!(
-            "no on-link route to {GATEWAY_V4} via {ifname} in {path}"
+            "no on-link route to {GATEWAY_V4} via {ifname} in {path}{place}"
         ));
     }
     if !route_to(0, None, Some(GATEWAY_V4)) {
-        problems.push(format!("no default route via {GATEWAY_V4} in {path}"));
+        problems.push(format!(
+            "no default route via {GATEWAY_V4} in {path}{place}"
+        ));
     }
     let neighbours: Vec<_> = handle
         .neighbours()
@@ -224,4 +320,37 @@ async fn check_gateway(
         ));
     }
     Ok(problems)
+}
+
+/// The table of a route: the header holds tables below 256, the attribute any.
+fn route_table_of(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(route.header.table as u32)
+}
+
+async fn check_source_rule(
+    handle: &rtnetlink::Handle,
+    ip: IpAddr,
+    table: u32,
+    path: &str,
+) -> Result<Option<String>> {
+    use netlink_packet_route::rule::RuleAttribute;
+    let rules: Vec<_> = handle
+        .rule()
+        .get(rtnetlink::IpVersion::V4)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing rules in {path}")))?;
+    let present = rules.iter().any(|r| {
+        r.attributes.contains(&RuleAttribute::Source(ip))
+            && r.attributes.contains(&RuleAttribute::Table(table))
+    });
+    Ok((!present).then(|| format!("no rule from {ip} to table {table} in {path}")))
 }

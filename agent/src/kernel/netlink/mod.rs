@@ -4,6 +4,7 @@
 mod container;
 mod links;
 mod routes;
+mod sockets;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,7 +16,7 @@ use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 
 use crate::kernel::netns::{self, NetlinkHandle, Netns, NetnsError, NetnsId};
 use crate::kernel::{sysctl, ContainerLink, InsideCheck, Kernel, KernelError, Result, Underlay};
-use crate::model::{IfName, Route, RouteTarget};
+use crate::model::{Protocol, Route, RouteTarget};
 
 /// The errno of a netlink error, if it is one.
 pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
@@ -181,6 +182,10 @@ impl Kernel for Netlink {
         self.delete(route).await
     }
 
+    fn listening(&self, protocol: Protocol, port: u16) -> io::Result<bool> {
+        sockets::listening(protocol, port)
+    }
+
     fn vet_netns(&self, path: &str) -> Result<NetnsId, NetnsError> {
         Netns::open(path).map(|ns| ns.id())
     }
@@ -234,10 +239,30 @@ impl Kernel for Netlink {
         container::configure(&inside.handle, link, netns.path()).await
     }
 
-    async fn check_inside(&self, netns: &str, ifname: &IfName, ip: IpAddr) -> Result<InsideCheck> {
+    async fn unwire_inside(&self, netns: &str, link: &ContainerLink) -> Result<()> {
+        if !link.secondary {
+            return Ok(());
+        }
+        let netns = match Netns::open(netns) {
+            Ok(netns) => netns,
+            Err(NetnsError::Missing { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let inside = netns.netlink().await?;
+        container::remove_source_rules(&inside.handle, link.ip, None, netns.path()).await
+    }
+
+    async fn check_inside(&self, netns: &str, link: &ContainerLink) -> Result<InsideCheck> {
         let netns = Netns::open(netns)?;
         let inside = netns.netlink().await?;
-        container::check(&inside.handle, netns.path(), ifname, ip).await
+        container::check(
+            &inside.handle,
+            netns.path(),
+            &link.ifname,
+            link.ip,
+            link.secondary,
+        )
+        .await
     }
 
     async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>> {

@@ -117,6 +117,7 @@ mod tests {
             owns_netns: false,
             ports: vec![],
             created: 0,
+            secondary: false,
         }
     }
 

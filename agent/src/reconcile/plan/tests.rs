@@ -25,6 +25,7 @@ fn endpoint(id: &str, ip: &str, veth: &str) -> EndpointRecord {
         owns_netns: false,
         ports: vec![],
         created: 0,
+        secondary: false,
     }
 }
 

@@ -1,0 +1,219 @@
+//! An attach of a container that is already attached: the same request repairs and returns the
+//! endpoint; other ports are applied; another namespace is wired into when the old one is gone;
+//! anything else is refused with the difference named. Never success with nothing done.
+
+use std::collections::BTreeSet;
+
+use tracing::info;
+use weft_etcd::records::EndpointRecord;
+
+use super::attach::{udp_ports, wire};
+use super::error::EndpointError;
+use super::repair;
+use crate::context::Context;
+use crate::firewall::SyncMode;
+use crate::model::{AttachRequest, NetnsSpec};
+
+/// How the namespace a repeated attach names compares with the recorded one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Namespace {
+    Same,
+    Other { path: String, recorded_alive: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reattach {
+    /// Nothing differs: repair and return the endpoint.
+    Same,
+    /// A difference that cannot be applied to a live attachment.
+    Refuse(String),
+    /// New ports, and a new namespace to wire into when the recorded one is gone.
+    Change { ports: bool, netns: Option<String> },
+}
+
+pub fn plan(existing: &EndpointRecord, request: &AttachRequest, namespace: &Namespace) -> Reattach {
+    let id = &existing.container_id;
+    if existing.ifname != request.ifname.as_str() {
+        return Reattach::Refuse(format!(
+            "container {id} is attached with ifname {}, not {}; detach it first to change the \
+             interface",
+            existing.ifname, request.ifname
+        ));
+    }
+    let netns = match namespace {
+        Namespace::Same => None,
+        Namespace::Other {
+            path,
+            recorded_alive: true,
+        } => {
+            return Reattach::Refuse(format!(
+                "container {id} is attached in netns {}, which still exists, not in {path}; \
+                 detach it first to move it",
+                existing.netns
+            ))
+        }
+        Namespace::Other { path, .. } => Some(path.clone()),
+    };
+    let set =
+        |ports: &[weft_etcd::records::PortRecord]| ports.iter().copied().collect::<BTreeSet<_>>();
+    let ports = set(&existing.ports) != set(&request.ports);
+    match (ports, &netns) {
+        (false, None) => Reattach::Same,
+        _ => Reattach::Change { ports, netns },
+    }
+}
+
+/// Compares the namespace of the request with the recorded one: by path, then by identity (a
+/// namespace can be reached by several paths).
+fn compare(ctx: &Context, existing: &EndpointRecord, request: &AttachRequest) -> Namespace {
+    let path = match &request.netns {
+        NetnsSpec::Owned if existing.owns_netns => return Namespace::Same,
+        NetnsSpec::Owned => ctx.owned_netns_path(&request.container_id),
+        NetnsSpec::Path(path) => path.clone(),
+        NetnsSpec::Pid(pid) => format!("/proc/{pid}/ns/net"),
+    };
+    if path == existing.netns {
+        return Namespace::Same;
+    }
+    let recorded = ctx.kernel.vet_netns(&existing.netns);
+    match (&recorded, ctx.kernel.vet_netns(&path)) {
+        (Ok(a), Ok(b)) if *a == b => Namespace::Same,
+        _ => Namespace::Other {
+            path,
+            recorded_alive: recorded.is_ok(),
+        },
+    }
+}
+
+pub async fn reattach(
+    ctx: &Context,
+    existing: EndpointRecord,
+    request: &AttachRequest,
+) -> Result<EndpointRecord, EndpointError> {
+    match plan(&existing, request, &compare(ctx, &existing, request)) {
+        Reattach::Same => {
+            repair::repair(ctx, &existing).await?;
+            Ok(existing)
+        }
+        Reattach::Refuse(difference) => Err(EndpointError::Differs(difference)),
+        Reattach::Change { ports, netns } => change(ctx, existing, request, ports, netns).await,
+    }
+}
+
+async fn change(
+    ctx: &Context,
+    existing: EndpointRecord,
+    request: &AttachRequest,
+    ports: bool,
+    netns: Option<String>,
+) -> Result<EndpointRecord, EndpointError> {
+    let added: Vec<_> = request
+        .ports
+        .iter()
+        .filter(|p| {
+            !existing
+                .ports
+                .iter()
+                .any(|o| o.protocol == p.protocol && o.host_port == p.host_port)
+        })
+        .copied()
+        .collect();
+    super::attach::refuse_host_listeners(ctx, &added)?;
+    let mut record = existing.clone();
+    record.ports = request.ports.clone();
+    if let Some(path) = &netns {
+        ctx.kernel.vet_netns(path)?;
+        record.netns = path.clone();
+        record.owns_netns = false;
+    }
+    ctx.store.update_endpoint(&existing, &record).await?;
+    ctx.endpoints.insert(record.clone());
+    if let Err(e) = ctx.journal.write(&record) {
+        tracing::warn!(container = %record.container_id, error = %e, "cannot update the journal");
+    }
+    if netns.is_some() {
+        let link = super::link_of(ctx, &record)?;
+        ctx.kernel.delete_link(&record.host_ifname).await?;
+        wire(ctx, &record, &link).await?;
+    }
+    if ports {
+        ctx.firewall
+            .sync(|| ctx.firewall_spec(), SyncMode::Fast, &ctx.metrics)
+            .await?;
+        let mut udp = udp_ports(&existing);
+        udp.extend(udp_ports(&record));
+        ctx.firewall.flush_udp(udp).await;
+    }
+    info!(container = %record.container_id, ports = ?record.ports, netns = %record.netns, "attachment changed");
+    repair::repair(ctx, &record).await?;
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::port_mapping;
+
+    fn existing() -> EndpointRecord {
+        EndpointRecord {
+            container_id: "web".into(),
+            host: "h1".into(),
+            ip: "10.65.0.5".parse().unwrap(),
+            host_ifname: "weft1".into(),
+            ifname: "eth0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            netns: "/run/netns/a".into(),
+            owns_netns: false,
+            ports: vec![port_mapping("tcp", 8080, 80).unwrap()],
+            created: 0,
+            secondary: false,
+        }
+    }
+
+    fn request(netns: &str, ifname: &str, ports: &[(u32, u32)]) -> AttachRequest {
+        let ports = ports
+            .iter()
+            .map(|(h, c)| port_mapping("tcp", *h, *c).unwrap())
+            .collect();
+        AttachRequest::new("web", netns, None, ifname, ports).unwrap()
+    }
+
+    #[test]
+    fn each_difference_is_applied_or_refused() {
+        let e = existing();
+        let same = Namespace::Same;
+        let gone = Namespace::Other {
+            path: "/run/netns/b".into(),
+            recorded_alive: false,
+        };
+        let alive = Namespace::Other {
+            path: "/run/netns/b".into(),
+            recorded_alive: true,
+        };
+        let req = request("/run/netns/a", "", &[(8080, 80)]);
+        assert_eq!(plan(&e, &req, &same), Reattach::Same);
+        assert_eq!(
+            plan(&e, &request("/run/netns/a", "", &[(9090, 80)]), &same),
+            Reattach::Change {
+                ports: true,
+                netns: None
+            }
+        );
+        assert_eq!(
+            plan(&e, &req, &gone),
+            Reattach::Change {
+                ports: false,
+                netns: Some("/run/netns/b".into())
+            }
+        );
+        let refused = |r: Reattach, word: &str| match r {
+            Reattach::Refuse(why) => assert!(why.contains(word), "{why}"),
+            other => panic!("not refused: {other:?}"),
+        };
+        refused(plan(&e, &req, &alive), "netns");
+        refused(
+            plan(&e, &request("/run/netns/a", "net1", &[(8080, 80)]), &same),
+            "ifname",
+        );
+    }
+}
