@@ -5,7 +5,9 @@
 //! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
 //! side and nothing is ever routed towards the machine's real interfaces.
 
+pub mod chaos;
 pub mod etcd;
+pub mod invariants;
 pub mod lab;
 pub mod sh;
 
