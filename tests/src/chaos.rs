@@ -54,6 +54,10 @@ pub struct ChaosOptions {
     pub quiet_limit: Duration,
     /// Print each operation as it completes.
     pub verbose: bool,
+    /// Kinds of operation and window not to run (see [`KINDS`]); they are still drawn and
+    /// recorded as skipped, so the rest of the sequence stays the seed's. For narrowing down a
+    /// failure, or leaving out a fault whose fix has not landed yet.
+    pub skip: BTreeSet<String>,
 }
 
 impl ChaosOptions {
@@ -65,6 +69,7 @@ impl ChaosOptions {
             keep_going: false,
             quiet_limit: Duration::from_secs(10),
             verbose: false,
+            skip: BTreeSet::new(),
         }
     }
 
@@ -88,8 +93,47 @@ impl ChaosOptions {
             }
             Err(_) => default,
         };
-        Ok(Self::new(seed, duration))
+        let mut options = Self::new(seed, duration);
+        if let Ok(text) = std::env::var("WEFT_CHAOS_SKIP") {
+            options.skip = parse_kinds(&text)?;
+        }
+        Ok(options)
     }
+}
+
+/// Every kind of operation and window, as `skip` names them.
+pub const KINDS: &[&str] = &[
+    "attach",
+    "reattach-other-ports",
+    "detach",
+    "cni-add",
+    "cni-second-network",
+    "cni-del",
+    "cni-gc",
+    "kill",
+    "kill-during-attach",
+    "delete-route",
+    "delete-veth",
+    "delete-container-interface",
+    "delete-block-route",
+    "tamper-rules",
+    "flip-sysctl",
+    "etcd-pause",
+    "partition",
+];
+
+/// Parses a comma-separated list of [`KINDS`].
+pub fn parse_kinds(text: &str) -> Result<BTreeSet<String>> {
+    let mut kinds = BTreeSet::new();
+    for kind in text.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        anyhow::ensure!(
+            KINDS.contains(&kind),
+            "unknown kind {kind:?}; the kinds are {}",
+            KINDS.join(", ")
+        );
+        kinds.insert(kind.to_string());
+    }
+    Ok(kinds)
 }
 
 /// A seed from the kernel's random source.
@@ -151,6 +195,8 @@ pub struct ChaosReport {
     pub seed: u64,
     pub hosts: usize,
     pub planned: Duration,
+    /// Kinds left out (`skip`).
+    pub skipped: Vec<String>,
     pub elapsed: Duration,
     pub bursts: usize,
     pub quiet_points: usize,
@@ -174,7 +220,7 @@ impl ChaosReport {
         }
         format!(
             "chaos seed: {}\nresult: {} after {:.1}s (planned {:.1} min, {} hosts): {} bursts, {} \
-             operations, {} quiet points, {} failure(s)\nmix: {}\nreplay: WEFT_CHAOS_SEED={} \
+             operations, {} quiet points, {} failure(s)\nmix: {}{}\nreplay: WEFT_CHAOS_SEED={} \
              cargo nextest run -p weft-tests --test chaos, or weft-lab chaos --seed {}",
             self.seed,
             if self.passed() { "PASSED" } else { "FAILED" },
@@ -190,6 +236,11 @@ impl ChaosReport {
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            if self.skipped.is_empty() {
+                String::new()
+            } else {
+                format!("\nskipped kinds: {}", self.skipped.join(","))
+            },
             self.seed,
             self.seed,
         )
@@ -336,6 +387,28 @@ const SYSCTL_FLIPS: &[(&str, &str)] = &[
 
 fn h(host: usize) -> String {
     format!("h{}", host + 1)
+}
+
+impl Op {
+    /// The operation's kind, as `skip` names it (before looking at the model).
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Attach { .. } => "attach",
+            Op::Detach { .. } => "detach",
+            Op::CniAdd { net: 0, .. } => "cni-add",
+            Op::CniAdd { .. } => "cni-second-network",
+            Op::CniDel { .. } => "cni-del",
+            Op::CniGc { .. } => "cni-gc",
+            Op::KillRestart { .. } => "kill",
+            Op::KillDuringAttach { .. } => "kill-during-attach",
+            Op::DeleteRoute { .. } => "delete-route",
+            Op::DeleteVeth { .. } => "delete-veth",
+            Op::DeleteContainerInterface { .. } => "delete-container-interface",
+            Op::DeleteBlockRoute { .. } => "delete-block-route",
+            Op::TamperRules { .. } => "tamper-rules",
+            Op::FlipSysctl { .. } => "flip-sysctl",
+        }
+    }
 }
 
 impl fmt::Display for Op {
@@ -933,6 +1006,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport> {
             seed: options.seed,
             hosts: options.hosts,
             planned: options.duration,
+            skipped: options.skip.iter().cloned().collect(),
             ..Default::default()
         },
         options: options.clone(),
@@ -1036,7 +1110,21 @@ impl Chaos {
 
     fn run_burst(&mut self, burst: &Burst) -> Result<()> {
         let window_started = Instant::now();
-        let length = match &burst.window {
+        let window = match &burst.window {
+            Some(Window::EtcdPause(_)) if self.options.skip.contains("etcd-pause") => None,
+            Some(Window::Partition(..)) if self.options.skip.contains("partition") => None,
+            other => other.clone(),
+        };
+        if window.is_none() && burst.window.is_some() {
+            self.record(
+                format!("{:?}", burst.window),
+                window_started,
+                "skipped (--skip)".into(),
+                String::new(),
+                true,
+            );
+        }
+        let length = match &window {
             None => Duration::ZERO,
             Some(Window::EtcdPause(length)) => {
                 self.lab.pause_etcd()?;
@@ -1128,6 +1216,16 @@ impl Chaos {
     fn run_op(&mut self, op: &Op) -> Result<()> {
         let started = Instant::now();
         let text = op.to_string();
+        if self.skipped(op) {
+            self.record(
+                text,
+                started,
+                "skipped (--skip)".into(),
+                String::new(),
+                true,
+            );
+            return Ok(());
+        }
         match op {
             Op::Attach { host, id, ports } => {
                 let key = Key::Agent(id.clone());
@@ -1317,6 +1415,39 @@ impl Chaos {
             }
         }
         Ok(())
+    }
+
+    /// Whether `skip` leaves this operation out. A re-attach with other ports is one by what
+    /// the model holds when it comes.
+    fn skipped(&self, op: &Op) -> bool {
+        let skip = &self.options.skip;
+        if skip.contains(op.kind()) {
+            return true;
+        }
+        let (host, key, ports) = match op {
+            Op::Attach { host, id, ports }
+            | Op::KillDuringAttach {
+                host, id, ports, ..
+            } => (*host, Key::Agent(id.clone()), ports),
+            Op::CniAdd {
+                host,
+                pod,
+                net,
+                ports,
+            } => (
+                *host,
+                Key::Cni {
+                    pod: *pod,
+                    net: *net,
+                },
+                ports,
+            ),
+            _ => return false,
+        };
+        skip.contains("reattach-other-ports")
+            && self.model.hosts[host]
+                .get(&key)
+                .is_some_and(|e| e.ports.as_ref() != Some(ports))
     }
 
     // ---- API and plugin calls ------------------------------------------------------------------

@@ -53,6 +53,12 @@ enum Command {
         /// Print only the report, not each operation as it completes.
         #[arg(long)]
         quiet: bool,
+        /// Kinds of operation or window to leave out, comma-separated (attach,
+        /// reattach-other-ports, detach, cni-add, cni-second-network, cni-del, cni-gc, kill,
+        /// kill-during-attach, delete-route, delete-veth, delete-container-interface,
+        /// delete-block-route, tamper-rules, flip-sysctl, etcd-pause, partition).
+        #[arg(long, default_value = "")]
+        skip: String,
     },
     /// Remove a lab left running by `demo --keep` or by a run that crashed.
     Down { prefix: String },
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
             hosts,
             keep_going,
             quiet,
+            skip,
         } => {
             if !(2..=50).contains(&hosts) || !minutes.is_finite() || minutes < 0.0 {
                 eprintln!("weft-lab: --hosts must be 2 to 50 and --minutes not negative");
@@ -90,6 +97,13 @@ fn main() -> ExitCode {
             options.hosts = hosts;
             options.keep_going = keep_going;
             options.verbose = !quiet;
+            options.skip = match chaos::parse_kinds(&skip) {
+                Ok(kinds) => kinds,
+                Err(e) => {
+                    eprintln!("weft-lab: --skip: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match chaos::run(&options) {
                 Ok(report) if report.passed() => {
                     println!("{}", report.summary());
