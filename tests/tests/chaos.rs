@@ -279,6 +279,66 @@ fn a_dead_agent_is_named() {
     invariants::assert_quiet(&lab);
 }
 
+/// The faults the chaos run uses are what they claim: a partition cuts a host off etcd (and
+/// nothing else), a pause freezes etcd for everyone, and both undo without residue.
+#[test]
+fn the_lab_etcd_faults_cut_what_they_claim_and_undo_cleanly() {
+    let lab = Lab::new(LabOptions {
+        hosts: 2,
+        start_agents: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let url = lab.etcd_endpoints();
+    let reaches_etcd = |ns: &str| {
+        sh::in_ns(
+            ns,
+            &[
+                "etcdctl",
+                "--endpoints",
+                &url,
+                "--command-timeout=1s",
+                "get",
+                "x",
+            ],
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    let (h1, h2) = (lab.hosts[0].name.clone(), lab.hosts[1].name.clone());
+    // iptables-save without its timestamped comment lines.
+    let rules = |ns: &str| {
+        sh::run_in(ns, &["iptables-save", "-t", "filter"])
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = rules(&h1);
+    assert!(reaches_etcd(&h1) && reaches_etcd(&h2));
+
+    lab.partition_from_etcd(0).unwrap();
+    assert!(!reaches_etcd(&h1), "h1 is cut off");
+    assert!(reaches_etcd(&h2), "h2 is not");
+    assert!(
+        sh::ping(&h1, weft_tests::lab::ROUTER_IP),
+        "only etcd is cut"
+    );
+    lab.heal_partition(0).unwrap();
+    assert!(reaches_etcd(&h1));
+    assert_eq!(rules(&h1), before, "no rule of the partition is left");
+
+    lab.pause_etcd().unwrap();
+    assert!(
+        !reaches_etcd(&h1) && !reaches_etcd(&h2),
+        "etcd answers nobody"
+    );
+    lab.resume_etcd().unwrap();
+    assert!(reaches_etcd(&h1) && reaches_etcd(&h2));
+}
+
 /// The CI run: about 100 s of chaos (the whole test stays under 3 minutes on the 2-core
 /// reference machine). `WEFT_CHAOS_SEED=N` replays a run, `WEFT_CHAOS_MINUTES=M` lengthens it.
 #[test]
