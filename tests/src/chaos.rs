@@ -154,6 +154,8 @@ pub struct OpRecord {
     /// Since the start of the run.
     pub at: Duration,
     pub took: Duration,
+    /// One of [`KINDS`], or `quiet-point`.
+    pub kind: String,
     pub op: String,
     pub outcome: String,
     /// What the contract allows, when the operation has an answer to judge.
@@ -186,7 +188,10 @@ pub struct Failure {
     pub burst: usize,
     pub at: Duration,
     pub what: String,
+    /// The violations not reported by an earlier failure of the run.
     pub violations: Vec<Violation>,
+    /// How many more were still there from earlier failures (keep-going runs).
+    pub repeated: usize,
 }
 
 /// The whole run.
@@ -214,9 +219,12 @@ impl ChaosReport {
     /// One paragraph: seed, outcome, counts, how to replay.
     pub fn summary(&self) -> String {
         let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
-        for op in &self.ops {
-            let kind = op.op.split(' ').take(2).collect::<Vec<_>>().join(" ");
-            *kinds.entry(leak_kind(&kind)).or_default() += 1;
+        for op in self
+            .ops
+            .iter()
+            .filter(|o| !o.outcome.starts_with("skipped"))
+        {
+            *kinds.entry(op.kind.as_str()).or_default() += 1;
         }
         format!(
             "chaos seed: {}\nresult: {} after {:.1}s (planned {:.1} min, {} hosts): {} bursts, {} \
@@ -265,6 +273,12 @@ impl ChaosReport {
                 for v in &f.violations {
                     out.push_str(&format!("    {v}\n"));
                 }
+                if f.repeated > 0 {
+                    out.push_str(&format!(
+                        "    (and {} violation(s) reported before)\n",
+                        f.repeated
+                    ));
+                }
             }
             for (host, tail) in &self.log_tails {
                 out.push_str(&format!("---- last log lines of {host} ----\n{tail}\n"));
@@ -273,28 +287,6 @@ impl ChaosReport {
         }
         out
     }
-}
-
-/// Operation kinds for the summary (the first words of an operation's text).
-fn leak_kind(kind: &str) -> &'static str {
-    const KINDS: &[&str] = &[
-        "attach",
-        "detach",
-        "cni add",
-        "cni del",
-        "cni gc",
-        "kill",
-        "etcd",
-        "partition",
-        "delete",
-        "tamper",
-        "flip",
-    ];
-    KINDS
-        .iter()
-        .find(|k| kind.starts_with(*k))
-        .copied()
-        .unwrap_or("other")
 }
 
 // ---- operations --------------------------------------------------------------------------------
@@ -499,6 +491,32 @@ impl fmt::Display for Op {
 enum Window {
     EtcdPause(Duration),
     Partition(usize, Duration),
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Window::EtcdPause(length) => {
+                write!(f, "etcd paused (SIGSTOP) for {:.1}s", length.as_secs_f64())
+            }
+            Window::Partition(host, length) => write!(
+                f,
+                "partition {} from etcd for {:.1}s (TTL {}s)",
+                h(*host),
+                length.as_secs_f64(),
+                ALIVE_TTL.as_secs()
+            ),
+        }
+    }
+}
+
+impl Window {
+    fn kind(&self) -> &'static str {
+        match self {
+            Window::EtcdPause(_) => "etcd-pause",
+            Window::Partition(..) => "partition",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -977,8 +995,8 @@ struct Chaos {
     etcd_paused: bool,
     partitioned: BTreeSet<usize>,
     burst: usize,
-    /// What the attach cut short by the last `kill -9` answered.
-    last_kill_outcome: Option<Outcome>,
+    /// Every violation reported so far, so a keep-going run names each once.
+    reported: BTreeSet<Violation>,
 }
 
 /// Runs a whole chaos run on a fresh lab and reports it (failures included; `Err` only when the
@@ -1013,7 +1031,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport> {
         etcd_paused: false,
         partitioned: BTreeSet::new(),
         burst: 0,
-        last_kill_outcome: None,
+        reported: BTreeSet::new(),
     };
     let result = chaos.run_all();
     chaos.report.elapsed = chaos.started.elapsed();
@@ -1054,10 +1072,11 @@ impl Chaos {
 
     fn record(
         &mut self,
-        op: String,
+        kind: &str,
+        op: impl Into<String>,
         started: Instant,
-        outcome: String,
-        expected: String,
+        outcome: impl Into<String>,
+        expected: impl Into<String>,
         ok: bool,
     ) {
         let record = OpRecord {
@@ -1065,9 +1084,10 @@ impl Chaos {
             burst: self.burst,
             at: started.duration_since(self.started),
             took: started.elapsed(),
-            op,
-            outcome,
-            expected,
+            kind: kind.to_string(),
+            op: op.into(),
+            outcome: outcome.into(),
+            expected: expected.into(),
             ok,
         };
         if self.options.verbose {
@@ -1090,10 +1110,19 @@ impl Chaos {
                 })
                 .collect();
         }
+        let all = violations.len();
+        let violations: Vec<Violation> = violations
+            .into_iter()
+            .filter(|v| self.reported.insert(v.clone()))
+            .collect();
+        let repeated = all - violations.len();
         if self.options.verbose {
             eprintln!("FAILURE in burst {}: {what}", self.burst);
             for v in &violations {
                 eprintln!("  {v}");
+            }
+            if repeated > 0 {
+                eprintln!("  (and {repeated} violation(s) reported before)");
             }
         }
         self.report.failures.push(Failure {
@@ -1101,6 +1130,7 @@ impl Chaos {
             at: self.now(),
             what,
             violations,
+            repeated,
         });
     }
 
@@ -1110,50 +1140,36 @@ impl Chaos {
 
     fn run_burst(&mut self, burst: &Burst) -> Result<()> {
         let window_started = Instant::now();
-        let window = match &burst.window {
-            Some(Window::EtcdPause(_)) if self.options.skip.contains("etcd-pause") => None,
-            Some(Window::Partition(..)) if self.options.skip.contains("partition") => None,
-            other => other.clone(),
-        };
-        if window.is_none() && burst.window.is_some() {
-            self.record(
-                format!("{:?}", burst.window),
-                window_started,
-                "skipped (--skip)".into(),
-                String::new(),
-                true,
-            );
-        }
-        let length = match &window {
+        let length = match &burst.window {
             None => Duration::ZERO,
-            Some(Window::EtcdPause(length)) => {
-                self.lab.pause_etcd()?;
-                self.etcd_paused = true;
+            Some(window) if self.options.skip.contains(window.kind()) => {
+                let text = window.to_string();
                 self.record(
-                    format!("etcd paused (SIGSTOP) for {:.1}s", length.as_secs_f64()),
+                    window.kind(),
+                    text,
                     window_started,
-                    "done".into(),
-                    String::new(),
+                    "skipped (--skip)",
+                    "",
                     true,
                 );
-                *length
+                Duration::ZERO
             }
-            Some(Window::Partition(host, length)) => {
-                self.lab.partition_from_etcd(*host)?;
-                self.partitioned.insert(*host);
-                self.record(
-                    format!(
-                        "partition {} from etcd for {:.1}s (TTL {}s)",
-                        h(*host),
-                        length.as_secs_f64(),
-                        ALIVE_TTL.as_secs()
-                    ),
-                    window_started,
-                    "done".into(),
-                    String::new(),
-                    true,
-                );
-                *length
+            Some(window) => {
+                match window {
+                    Window::EtcdPause(_) => {
+                        self.lab.pause_etcd()?;
+                        self.etcd_paused = true;
+                    }
+                    Window::Partition(host, _) => {
+                        self.lab.partition_from_etcd(*host)?;
+                        self.partitioned.insert(*host);
+                    }
+                }
+                let text = window.to_string();
+                self.record(window.kind(), text, window_started, "done", "", true);
+                match window {
+                    Window::EtcdPause(length) | Window::Partition(_, length) => *length,
+                }
             }
         };
         for op in &burst.ops {
@@ -1175,23 +1191,19 @@ impl Chaos {
             self.lab.resume_etcd()?;
             self.etcd_paused = false;
             self.record(
-                "etcd resumed (SIGCONT)".into(),
+                "etcd-pause",
+                "etcd resumed (SIGCONT)",
                 started,
-                "done".into(),
-                String::new(),
+                "done",
+                "",
                 true,
             );
         }
         for host in std::mem::take(&mut self.partitioned) {
             let started = Instant::now();
             self.lab.heal_partition(host)?;
-            self.record(
-                format!("partition of {} healed", h(host)),
-                started,
-                "done".into(),
-                String::new(),
-                true,
-            );
+            let text = format!("partition of {} healed", h(host));
+            self.record("partition", text, started, "done", "", true);
         }
         Ok(())
     }
@@ -1216,14 +1228,9 @@ impl Chaos {
     fn run_op(&mut self, op: &Op) -> Result<()> {
         let started = Instant::now();
         let text = op.to_string();
+        let kind = op.kind();
         if self.skipped(op) {
-            self.record(
-                text,
-                started,
-                "skipped (--skip)".into(),
-                String::new(),
-                true,
-            );
+            self.record(kind, text, started, "skipped (--skip)", "", true);
             return Ok(());
         }
         match op {
@@ -1237,7 +1244,7 @@ impl Chaos {
                 let why = format!("op #{} {text}", self.report.ops.len() + 1);
                 self.model
                     .apply_attach(*host, key, ports, outcome.kind, ok, &why);
-                self.record(text, started, outcome.text, kinds_text(&allowed), ok);
+                self.record(kind, text, started, outcome.text, kinds_text(&allowed), ok);
             }
             Op::Detach { host, id } => {
                 let key = Key::Agent(id.clone());
@@ -1246,7 +1253,7 @@ impl Chaos {
                 let ok = allowed.contains(&outcome.kind);
                 let why = format!("op #{} {text}", self.report.ops.len() + 1);
                 self.model.apply_detach(*host, key, outcome.kind, ok, &why);
-                self.record(text, started, outcome.text, kinds_text(&allowed), ok);
+                self.record(kind, text, started, outcome.text, kinds_text(&allowed), ok);
             }
             Op::CniAdd {
                 host,
@@ -1267,7 +1274,7 @@ impl Chaos {
                 let why = format!("op #{} {text}", self.report.ops.len() + 1);
                 self.model
                     .apply_attach(*host, key, ports, outcome.kind, ok, &why);
-                self.record(text, started, outcome.text, kinds_text(&allowed), ok);
+                self.record(kind, text, started, outcome.text, kinds_text(&allowed), ok);
             }
             Op::CniDel { host, pod, net } => {
                 let key = Key::Cni {
@@ -1279,7 +1286,7 @@ impl Chaos {
                 let ok = allowed.contains(&outcome.kind);
                 let why = format!("op #{} {text}", self.report.ops.len() + 1);
                 self.model.apply_detach(*host, key, outcome.kind, ok, &why);
-                self.record(text, started, outcome.text, kinds_text(&allowed), ok);
+                self.record(kind, text, started, outcome.text, kinds_text(&allowed), ok);
             }
             Op::CniGc { host, net, keep } => {
                 // Under the contract, GC of one network leaves the other network's attachments.
@@ -1303,7 +1310,7 @@ impl Chaos {
                         self.model.unsettle(*host, key, &why);
                     }
                 }
-                self.record(text, started, outcome.text, kinds_text(&allowed), ok);
+                self.record(kind, text, started, outcome.text, kinds_text(&allowed), ok);
             }
             Op::KillRestart { host } => {
                 self.lab.stop_agent(*host, Signal::SIGKILL)?;
@@ -1312,7 +1319,7 @@ impl Chaos {
                     Ok(()) => ("restarted".to_string(), true),
                     Err(e) => (format!("did not come back: {e:#}"), false),
                 };
-                self.record(text, started, outcome, "restarted".into(), ok);
+                self.record(kind, text, started, outcome, "restarted", ok);
             }
             Op::KillDuringAttach {
                 host,
@@ -1323,25 +1330,18 @@ impl Chaos {
                 let outcome = self.kill_during_attach(*host, id, ports, *after)?;
                 let key = Key::Agent(id.clone());
                 let why = format!("op #{} {text}", self.report.ops.len() + 1);
-                match outcome {
-                    Some(o) if o.kind == Kind::Ok => {
-                        self.model
-                            .apply_attach(*host, key, ports, Kind::Ok, true, &why)
-                    }
+                if outcome.kind == Kind::Ok {
+                    self.model
+                        .apply_attach(*host, key, ports, Kind::Ok, true, &why);
+                } else {
                     // Cut off mid-way: it may or may not exist; the quiet point settles it.
-                    _ => self.model.unsettle(*host, key, &why),
+                    self.model.unsettle(*host, key, &why);
                 }
                 let (text_out, ok) = match self.lab.wait_agent(*host, Duration::from_secs(30)) {
-                    Ok(()) => (
-                        format!(
-                            "attach answered {}; restarted",
-                            outcome_text(&self.last_kill_outcome)
-                        ),
-                        true,
-                    ),
+                    Ok(()) => (format!("attach answered {}; restarted", outcome.text), true),
                     Err(e) => (format!("did not come back: {e:#}"), false),
                 };
-                self.record(text, started, text_out, "any answer; restarted".into(), ok);
+                self.record(kind, text, started, text_out, "any answer; restarted", ok);
             }
             Op::DeleteRoute { host, pick } => {
                 let outcome = match self.pick_endpoint(*host, *pick) {
@@ -1359,7 +1359,7 @@ impl Chaos {
                         ],
                     ),
                 };
-                self.record(text, started, outcome, String::new(), true);
+                self.record(kind, text, started, outcome, "", true);
             }
             Op::DeleteVeth { host, pick } => {
                 let outcome = match self.pick_endpoint(*host, *pick) {
@@ -1370,7 +1370,7 @@ impl Chaos {
                         &["ip", "link", "del", &e.host_ifname],
                     ),
                 };
-                self.record(text, started, outcome, String::new(), true);
+                self.record(kind, text, started, outcome, "", true);
             }
             Op::DeleteContainerInterface { host, pick } => {
                 let outcome = match self.pick_endpoint(*host, *pick) {
@@ -1385,15 +1385,15 @@ impl Chaos {
                         Err(err) => format!("failed: {err:#}"),
                     },
                 };
-                self.record(text, started, outcome, String::new(), true);
+                self.record(kind, text, started, outcome, "", true);
             }
             Op::DeleteBlockRoute { host, pick } => {
                 let outcome = self.delete_block_route(*host, *pick);
-                self.record(text, started, outcome, String::new(), true);
+                self.record(kind, text, started, outcome, "", true);
             }
             Op::TamperRules { host, how } => {
                 let outcome = self.tamper_rules(*host, *how);
-                self.record(text, started, outcome, String::new(), true);
+                self.record(kind, text, started, outcome, "", true);
             }
             Op::FlipSysctl { host, pick, knob } => {
                 let (template, value) = SYSCTL_FLIPS[*knob];
@@ -1411,7 +1411,7 @@ impl Chaos {
                         &["sh", "-c", &format!("echo {value} > {path}")],
                     ),
                 };
-                self.record(text, started, outcome, String::new(), true);
+                self.record(kind, text, started, outcome, "", true);
             }
         }
         Ok(())
@@ -1491,46 +1491,43 @@ impl Chaos {
         })
     }
 
-    /// Starts an attach, kills the agent `after` into it, restarts the agent. Returns the
-    /// attach's answer when it came before the kill.
+    /// Starts an attach, kills the agent `after` into it, restarts the agent. Returns what the
+    /// attach answered (OK only when it completed before the kill).
     fn kill_during_attach(
         &mut self,
         host: usize,
         id: &str,
         ports: &[Port],
         after: Duration,
-    ) -> Result<Option<Outcome>> {
+    ) -> Result<Outcome> {
         let lab = &self.lab;
         let client = self
             .rt
             .block_on(async { tokio::time::timeout(CALL_LIMIT, lab.client(host)).await });
-        let mut client = match client {
-            Ok(Ok(client)) => client,
-            _ => {
-                self.last_kill_outcome = Some(Outcome::new(Kind::Other, "cannot connect"));
-                self.lab.stop_agent(host, Signal::SIGKILL)?;
-                self.lab.start_agent(host)?;
-                return Ok(None);
+        let call = match client {
+            Ok(Ok(mut client)) => {
+                let request = attach_request(id, ports);
+                Some(self.rt.spawn(async move {
+                    match tokio::time::timeout(CALL_LIMIT, client.attach(request)).await {
+                        Ok(Ok(_)) => Outcome::new(Kind::Ok, "ok"),
+                        Ok(Err(status)) => Outcome::from_status(&status),
+                        Err(_) => Outcome::new(Kind::Other, "no answer"),
+                    }
+                }))
             }
+            _ => None,
         };
-        let request = attach_request(id, ports);
-        let call = self.rt.spawn(async move {
-            match tokio::time::timeout(CALL_LIMIT, client.attach(request)).await {
-                Ok(Ok(_)) => Outcome::new(Kind::Ok, "ok"),
-                Ok(Err(status)) => Outcome::from_status(&status),
-                Err(_) => Outcome::new(Kind::Other, "no answer"),
-            }
-        });
         std::thread::sleep(after);
         self.lab.stop_agent(host, Signal::SIGKILL)?;
-        let outcome = self
-            .rt
-            .block_on(call)
-            .unwrap_or_else(|e| Outcome::new(Kind::Other, format!("task: {e}")));
+        let outcome = match call {
+            Some(call) => self
+                .rt
+                .block_on(call)
+                .unwrap_or_else(|e| Outcome::new(Kind::Other, format!("task: {e}"))),
+            None => Outcome::new(Kind::Other, "cannot connect"),
+        };
         self.lab.start_agent(host)?;
-        let answered = (outcome.kind == Kind::Ok).then(|| Outcome::new(Kind::Ok, "ok"));
-        self.last_kill_outcome = Some(outcome);
-        Ok(answered)
+        Ok(outcome)
     }
 
     fn make_pod(&mut self, host: usize, pod: usize) -> Result<()> {
@@ -1742,14 +1739,15 @@ impl Chaos {
                     quiet.coverage
                 );
                 if unreachable.is_empty() {
-                    self.record("quiet point".into(), started, outcome, String::new(), true);
+                    self.record("quiet-point", "quiet point", started, outcome, "", true);
                     return Ok(true);
                 }
                 self.record(
-                    "quiet point".into(),
+                    "quiet-point",
+                    "quiet point",
                     started,
                     format!("{outcome}; pings failed"),
-                    String::new(),
+                    "",
                     true,
                 );
                 self.fail("quiet point: sampled pings failed".into(), unreachable);
@@ -1757,14 +1755,15 @@ impl Chaos {
             }
             Err(unquiet) => {
                 self.record(
-                    "quiet point".into(),
+                    "quiet-point",
+                    "quiet point",
                     started,
                     format!(
                         "NOT quiet after {:.1}s: {} violation(s)",
                         unquiet.took.as_secs_f64(),
                         unquiet.violations.len()
                     ),
-                    String::new(),
+                    "",
                     true,
                 );
                 self.fail(
@@ -1851,12 +1850,6 @@ fn attach_request(id: &str, ports: &[Port]) -> pb::AttachRequest {
             .collect(),
         ..Default::default()
     }
-}
-
-fn outcome_text(outcome: &Option<Outcome>) -> String {
-    outcome
-        .as_ref()
-        .map_or("nothing".to_string(), |o| o.text.clone())
 }
 
 #[cfg(test)]
