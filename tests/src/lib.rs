@@ -1,11 +1,17 @@
 //! The weft lab: hosts as network namespaces behind a router namespace, a real etcd, and one real
 //! `weft-agent` per host. Used by the end-to-end tests and by `weft-lab demo`.
 //!
+//! On top of it: [`invariants`], which reads a whole lab and names every disagreement between
+//! etcd, the agents and the kernels, and [`chaos`], the seeded randomized fault run that checks
+//! them at every quiet point (`weft-lab chaos`).
+//!
 //! Everything lives in namespaces named `<prefix>-*` (and the agents' container namespaces
 //! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
 //! side and nothing is ever routed towards the machine's real interfaces.
 
+pub mod chaos;
 pub mod etcd;
+pub mod invariants;
 pub mod lab;
 pub mod sh;
 

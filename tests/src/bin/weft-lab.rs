@@ -1,13 +1,15 @@
 //! `weft-lab`: a multi-host weft lab in network namespaces on this machine.
 //!
 //! `weft-lab demo` builds a lab, attaches containers, prints who reaches whom and a host's
-//! status, then tears everything down (unless `--keep`). `weft-lab down PREFIX` removes a kept or
+//! status, then tears everything down (unless `--keep`). `weft-lab chaos` runs the seeded fault
+//! run with the invariant checker at every quiet point. `weft-lab down PREFIX` removes a kept or
 //! crashed lab.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use weft_tests::chaos::{self, ChaosOptions};
 use weft_tests::lab::{teardown_leftovers, OUTSIDE_IP};
 use weft_tests::{sh, Lab, LabOptions};
 
@@ -34,6 +36,30 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run the seeded randomized fault run: bursts of attaches, detaches, CNI operations, agent
+    /// kills, etcd pauses and partitions, tampering; the invariant checker at every quiet point.
+    Chaos {
+        /// How long to start new bursts for.
+        #[arg(long, default_value_t = 2.0)]
+        minutes: f64,
+        /// Replay a run (default: a fresh random seed, printed first).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Carry on after a failure to find more (the model is re-based on what the lab shows).
+        #[arg(long)]
+        keep_going: bool,
+        /// Print only the report, not each operation as it completes.
+        #[arg(long)]
+        quiet: bool,
+        /// Kinds of operation or window to leave out, comma-separated (attach,
+        /// reattach-other-ports, detach, cni-add, cni-second-network, cni-del, cni-gc, kill,
+        /// kill-during-attach, delete-route, delete-veth, delete-container-interface,
+        /// delete-block-route, tamper-rules, flip-sysctl, etcd-pause, partition).
+        #[arg(long, default_value = "")]
+        skip: String,
+    },
     /// Remove a lab left running by `demo --keep` or by a run that crashed.
     Down { prefix: String },
 }
@@ -52,6 +78,47 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Chaos {
+            minutes,
+            seed,
+            hosts,
+            keep_going,
+            quiet,
+            skip,
+        } => {
+            if !(2..=50).contains(&hosts) || !minutes.is_finite() || minutes < 0.0 {
+                eprintln!("weft-lab: --hosts must be 2 to 50 and --minutes not negative");
+                return ExitCode::FAILURE;
+            }
+            let mut options = ChaosOptions::new(
+                seed.unwrap_or_else(chaos::random_seed),
+                Duration::from_secs_f64(minutes * 60.0),
+            );
+            options.hosts = hosts;
+            options.keep_going = keep_going;
+            options.verbose = !quiet;
+            options.skip = match chaos::parse_kinds(&skip) {
+                Ok(kinds) => kinds,
+                Err(e) => {
+                    eprintln!("weft-lab: --skip: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match chaos::run(&options) {
+                Ok(report) if report.passed() => {
+                    println!("{}", report.summary());
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    println!("{}", report.render());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("weft-lab: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Down { prefix } => match teardown_leftovers(&prefix) {
             Ok(()) => {
                 println!("lab {prefix} removed");
