@@ -35,12 +35,38 @@ impl Journal {
         std::fs::rename(&temporary, &path)
     }
 
-    /// Forgets an endpoint; one not recorded is not an error.
-    pub fn remove(&self, container_id: &str) -> io::Result<()> {
-        match std::fs::remove_file(self.path(container_id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+    fn marker(&self, container_id: &str) -> PathBuf {
+        self.dir.join(format!("{container_id}.wiring"))
+    }
+
+    /// Marks an endpoint as being wired: an agent killed before [`Journal::wired`] leaves the
+    /// mark, and the next one verifies and repairs that endpoint at start.
+    pub fn wiring(&self, container_id: &str) -> io::Result<()> {
+        std::fs::write(self.marker(container_id), b"")
+    }
+
+    /// Clears the wiring mark.
+    pub fn wired(&self, container_id: &str) -> io::Result<()> {
+        remove_file(&self.marker(container_id))
+    }
+
+    /// The endpoints whose wiring was interrupted.
+    pub fn unfinished(&self) -> io::Result<Vec<String>> {
+        let mut ids = vec![];
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".wiring") {
+                ids.push(id.to_string());
+            }
         }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Forgets an endpoint (and any wiring mark); one not recorded is not an error.
+    pub fn remove(&self, container_id: &str) -> io::Result<()> {
+        remove_file(&self.marker(container_id))?;
+        remove_file(&self.path(container_id))
     }
 
     /// Every recorded endpoint; unreadable entries are reported and skipped.
@@ -63,6 +89,13 @@ impl Journal {
         }
         records.sort_by(|a: &EndpointRecord, b| a.container_id.cmp(&b.container_id));
         Ok(records)
+    }
+}
+
+fn remove_file(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -100,5 +133,23 @@ mod tests {
         journal.remove("a").unwrap();
         journal.remove("a").unwrap();
         assert_eq!(journal.load().unwrap(), vec![record("b")]);
+    }
+
+    #[test]
+    fn interrupted_wiring_is_remembered_until_done_or_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal.write(&record("a")).unwrap();
+        journal.wiring("a").unwrap();
+        journal.wiring("b").unwrap();
+        assert_eq!(journal.unfinished().unwrap(), vec!["a", "b"]);
+        assert_eq!(
+            journal.load().unwrap(),
+            vec![record("a")],
+            "marks are not entries"
+        );
+        journal.wired("a").unwrap();
+        journal.remove("b").unwrap();
+        assert!(journal.unfinished().unwrap().is_empty());
     }
 }

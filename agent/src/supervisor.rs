@@ -66,6 +66,7 @@ impl Agent {
             )
         })?;
         loaded.endpoints = with_journal(&journal, &kernel, loaded.endpoints).await?;
+        let unfinished = journal.unfinished()?;
         info!(
             host = %config.host_name,
             underlay = %underlay.ip,
@@ -86,6 +87,7 @@ impl Agent {
             pools: loaded.pools,
             journal,
         }));
+        ctx.endpoints.set_unverified(unfinished);
         let reconciler = Arc::new(Reconciler::new(ctx.clone()));
         Ok(Self {
             ctx,
@@ -132,7 +134,7 @@ impl Agent {
         if let Some(period) = notify::watchdog_interval() {
             tasks.push(tokio::spawn(pet_watchdog(health.clone(), period)));
         }
-        let served = crate::api::serve(ctx, listener, shutdown).await;
+        let served = serve_until(ctx, listener, shutdown).await;
         for task in tasks {
             task.abort();
         }
@@ -141,6 +143,38 @@ impl Agent {
         Ok(served?)
     }
 }
+
+/// Serves the API until `shutdown`, then lets open requests finish for a moment: a client that
+/// keeps its connection open past the server's GOAWAY must not keep the agent from stopping.
+async fn serve_until(
+    ctx: Arc<Context>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let serving = crate::api::serve(ctx, listener, signal);
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => return served,
+        () = shutdown => {
+            let _ = stop.send(true);
+        }
+    }
+    match tokio::time::timeout(SHUTDOWN_GRACE, serving).await {
+        Ok(served) => served,
+        Err(_) => {
+            warn!("API connections still open after the shutdown grace; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
+/// How long stopping waits for open API requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// etcd may be down while this host restarts: the dataplane keeps forwarding, and the agent
 /// waits for etcd instead of exiting. Wrong configuration still stops it at once.

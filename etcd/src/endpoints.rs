@@ -147,6 +147,32 @@ impl Datastore {
     /// Deletes an endpoint with its `ips/` and `ports/` keys in one transaction. Guard keys that
     /// now belong to someone else are left alone.
     pub async fn delete_endpoint(&self, endpoint: &EndpointRecord) -> Result<()> {
+        self.txn(Txn::new().and_then(self.endpoint_deletes(endpoint)))
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes an endpoint as `delete_endpoint` does, but only if its record is exactly
+    /// `endpoint` (a write whose answer was lost: it may or may not have landed, and the id may
+    /// have been attached again since). Returns whether it was there.
+    pub async fn delete_endpoint_if_unchanged(&self, endpoint: &EndpointRecord) -> Result<bool> {
+        let key = self.keys.endpoint(&endpoint.host, &endpoint.container_id);
+        let response = self
+            .txn(
+                Txn::new()
+                    .when([Compare::value(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        encode(endpoint),
+                    )])
+                    .and_then(self.endpoint_deletes(endpoint)),
+            )
+            .await?;
+        Ok(response.succeeded())
+    }
+
+    /// The endpoint key, and its guard keys where they are still the endpoint's own.
+    fn endpoint_deletes(&self, endpoint: &EndpointRecord) -> Vec<TxnOp> {
         let mut ops = vec![TxnOp::delete(
             self.keys.endpoint(&endpoint.host, &endpoint.container_id),
             None,
@@ -171,8 +197,7 @@ impl Datastore {
                 owner.clone(),
             ));
         }
-        self.txn(Txn::new().and_then(ops)).await?;
-        Ok(())
+        ops
     }
 
     /// Replaces an endpoint's record with `new` (same container, same address) if it still is

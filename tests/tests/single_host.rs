@@ -117,8 +117,13 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
     let first = lab
         .ctl_json(0, &["attach", "web", "-p", "18080:80"])
         .unwrap();
-    let again = lab.ctl_json(0, &["attach", "web", "-p", "18080:80"]).unwrap();
-    assert_eq!(first, again, "the same attach again returns the same endpoint");
+    let again = lab
+        .ctl_json(0, &["attach", "web", "-p", "18080:80"])
+        .unwrap();
+    assert_eq!(
+        first, again,
+        "the same attach again returns the same endpoint"
+    );
     assert_eq!(weft_links(ns).len(), 1);
     let checked = lab.ctl_json(0, &["check", "web"]).unwrap();
     assert_eq!(checked["problems"], serde_json::json!([]), "{checked}");
@@ -162,14 +167,17 @@ fn reattach_is_idempotent_and_repairs_and_detach_leaves_nothing() {
         4,
         "nothing else is reported: {problems}"
     );
-    lab.ctl_json(0, &["attach", "web", "-p", "18080:80"]).unwrap();
+    lab.ctl_json(0, &["attach", "web", "-p", "18080:80"])
+        .unwrap();
     let checked = lab.ctl_json(0, &["check", "web"]).unwrap();
     assert_eq!(checked["problems"], serde_json::json!([]), "{checked}");
     assert!(sh::ping(container_ns, &lab.hosts[0].ip.to_string()));
 
     // A deleted veth is rebuilt.
     sh::run("ip", &["-n", ns, "link", "del", veth]).unwrap();
-    let repaired = lab.ctl_json(0, &["attach", "web", "-p", "18080:80"]).unwrap();
+    let repaired = lab
+        .ctl_json(0, &["attach", "web", "-p", "18080:80"])
+        .unwrap();
     assert_eq!(repaired["ip"], first["ip"]);
     assert!(
         sh::ping(container_ns, &lab.hosts[0].ip.to_string()),

@@ -74,6 +74,10 @@ pub async fn allocate(
             }
             Err(CreateConflict::Store(e)) => {
                 ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+                // An answer lost on the way back: etcd may still commit the write.
+                if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
+                    ctx.endpoints.undeliver(record);
+                }
                 return Err(e.into());
             }
         }

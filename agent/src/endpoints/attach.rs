@@ -99,7 +99,11 @@ async fn attach_into(
     .await?;
     let allocated = started.elapsed();
     // Before the kernel is touched: whatever is wired from here on, the journal explains.
-    if let Err(e) = ctx.journal.write(&record) {
+    if let Err(e) = ctx
+        .journal
+        .write(&record)
+        .and_then(|()| ctx.journal.wiring(id.as_str()))
+    {
         warn!(container = %id, error = %e, "cannot write the journal entry; rolling back");
         teardown::roll_back(ctx, &record).await;
         return Err(EndpointError::Journal(e));
@@ -128,6 +132,9 @@ async fn attach_into(
             return Err(err.into());
         }
         ctx.firewall.flush_udp(udp_ports(&record)).await;
+    }
+    if let Err(e) = ctx.journal.wired(id.as_str()) {
+        warn!(container = %id, error = %e, "cannot clear the wiring mark");
     }
     info!(
         container = %id,

@@ -32,6 +32,12 @@ pub struct Taken {
 pub struct EndpointTable {
     table: Mutex<Table>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Records that must go from etcd once it answers: writes whose answer was lost (etcd may
+    /// have committed them after the attach gave up) and deletes that could not be made.
+    undelivered: Mutex<Vec<EndpointRecord>>,
+    /// Endpoints whose wiring an earlier agent did not finish: verified and repaired at the
+    /// first full pass.
+    unverified: Mutex<Vec<String>>,
 }
 
 impl EndpointTable {
@@ -45,8 +51,27 @@ impl EndpointTable {
         };
         Self {
             table: Mutex::new(table),
-            locks: Default::default(),
+            ..Default::default()
         }
+    }
+
+    /// Remembers a record to delete from etcd when it answers.
+    pub fn undeliver(&self, record: EndpointRecord) {
+        self.undelivered.lock().unwrap().push(record);
+    }
+
+    /// Takes the records waiting to be deleted.
+    pub fn take_undelivered(&self) -> Vec<EndpointRecord> {
+        std::mem::take(&mut *self.undelivered.lock().unwrap())
+    }
+
+    /// Endpoints to verify at the first full pass.
+    pub fn set_unverified(&self, ids: Vec<String>) {
+        *self.unverified.lock().unwrap() = ids;
+    }
+
+    pub fn take_unverified(&self) -> Vec<String> {
+        std::mem::take(&mut *self.unverified.lock().unwrap())
     }
 
     /// Waits for, then holds, the container's lock.

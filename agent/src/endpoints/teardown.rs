@@ -17,7 +17,8 @@ pub async fn roll_back(ctx: &Context, record: &EndpointRecord) {
         errors.push(format!("deleting link {}: {e}", record.host_ifname));
     }
     if let Err(e) = ctx.store.delete_endpoint(record).await {
-        errors.push(format!("deleting records: {e}"));
+        errors.push(format!("deleting records (retried when etcd answers): {e}"));
+        ctx.endpoints.undeliver(record.clone());
     }
     ctx.endpoints.remove(&record.container_id);
     if let Err(e) = ctx.journal.remove(&record.container_id) {
@@ -57,7 +58,11 @@ pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
     }
     if record.secondary {
         let unwired = match super::link_of(ctx, record) {
-            Ok(link) => ctx.kernel.unwire_inside(&record.netns, &link).await.map_err(|e| e.to_string()),
+            Ok(link) => ctx
+                .kernel
+                .unwire_inside(&record.netns, &link)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = unwired {

@@ -163,6 +163,47 @@ async fn remove_orphan(ctx: &Context, name: &str, report: &mut ReconcileReport) 
     }
 }
 
+/// Deletes the records whose write or delete could not be confirmed, as far as etcd answers.
+pub async fn undelivered(ctx: &Context) {
+    for record in ctx.endpoints.take_undelivered() {
+        match ctx.store.delete_endpoint_if_unchanged(&record).await {
+            Ok(true) => {
+                warn!(container = %record.container_id, ip = %record.ip, "deleted the records of a failed attach that etcd committed late")
+            }
+            Ok(false) => {}
+            Err(_) => ctx.endpoints.undeliver(record),
+        }
+    }
+}
+
+/// Verifies and repairs the endpoints an earlier agent did not finish wiring.
+pub async fn unverified(ctx: &Context, report: &mut ReconcileReport) {
+    let mut again = vec![];
+    for id in ctx.endpoints.take_unverified() {
+        let Ok(container) = crate::model::ContainerId::new(&id) else {
+            continue;
+        };
+        let _guard = ctx.endpoints.lock(&container).await;
+        let Some(record) = ctx.endpoints.get(&id) else {
+            // Its attach never wrote a record (or rolled back): nothing to verify.
+            let _ = ctx.journal.wired(&id);
+            continue;
+        };
+        match repair::repair(ctx, &record).await {
+            Ok(()) => {
+                report.endpoints_repaired += 1;
+                let _ = ctx.journal.wired(&id);
+            }
+            Err(e) => {
+                warn!(container = %id, error = %e, "cannot finish an interrupted attach; will retry");
+                report.errors += 1;
+                again.push(id);
+            }
+        }
+    }
+    ctx.endpoints.set_unverified(again);
+}
+
 /// Releases an endpoint whose container is gone: its records, then what is left of it here.
 async fn release(ctx: &Context, id: &str, report: &mut ReconcileReport) {
     let Ok(container) = crate::model::ContainerId::new(id) else {

@@ -113,6 +113,10 @@ impl Reconciler {
             apply::host_sysctls(&self.ctx, &mut report);
             self.ctx.endpoints.forget_foreign();
         }
+        apply::undelivered(&self.ctx).await;
+        if full {
+            apply::unverified(&self.ctx, &mut report).await;
+        }
         // A record of ours deleted (seen by the watch) is checked at once, all of them at every
         // full pass.
         if self.ctx.cluster.take_self_touched() || full {

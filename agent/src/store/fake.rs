@@ -160,6 +160,18 @@ impl Store for FakeStore {
         Ok(())
     }
 
+    async fn delete_endpoint_if_unchanged(
+        &self,
+        record: &EndpointRecord,
+    ) -> Result<bool, StoreError> {
+        self.check("delete")?;
+        let key = (record.host.clone(), record.container_id.clone());
+        if self.state.lock().unwrap().endpoints.get(&key) != Some(record) {
+            return Ok(false);
+        }
+        self.delete_endpoint(record).await.map(|()| true)
+    }
+
     async fn get_endpoint(
         &self,
         host: &str,

@@ -28,6 +28,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Deletes an endpoint with the guards that are still its own.
     async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError>;
+    /// Deletes an endpoint only if its record is exactly this one; returns whether it was.
+    async fn delete_endpoint_if_unchanged(
+        &self,
+        record: &EndpointRecord,
+    ) -> Result<bool, StoreError>;
     async fn get_endpoint(
         &self,
         host: &str,
@@ -92,6 +97,13 @@ impl Store for Etcd {
 
     async fn delete_endpoint(&self, record: &EndpointRecord) -> Result<(), StoreError> {
         self.datastore.delete_endpoint(record).await
+    }
+
+    async fn delete_endpoint_if_unchanged(
+        &self,
+        record: &EndpointRecord,
+    ) -> Result<bool, StoreError> {
+        self.datastore.delete_endpoint_if_unchanged(record).await
     }
 
     async fn get_endpoint(

@@ -106,7 +106,12 @@ const SOURCE_RULE_PRIORITY: u32 = 1000;
 /// `ip rule add from <ip> lookup <table>`: traffic from a secondary interface's address leaves
 /// through that interface (its host end's strict rp_filter would drop it anywhere else). Rules
 /// of that address left from an earlier pair (another table) go first.
-async fn add_source_rule(inside: &rtnetlink::Handle, ip: IpAddr, table: u32, netns: &str) -> Result<()> {
+async fn add_source_rule(
+    inside: &rtnetlink::Handle,
+    ip: IpAddr,
+    table: u32,
+    netns: &str,
+) -> Result<()> {
     let IpAddr::V4(v4) = ip else {
         return Ok(());
     };
