@@ -43,8 +43,6 @@ pub const ETCD_PREFIX: &str = "/weft/v1/";
 const RETIRED_GROUP: &str = "30565";
 const GATEWAY: &str = "169.254.1.1";
 const VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
-/// The interface that carries a container's default route.
-const PRIMARY_IFNAME: &str = "eth0";
 /// How long one agent may take to answer List or Status before it counts as silent.
 const API_LIMIT: Duration = Duration::from_secs(3);
 /// How long one kernel read may take (a namespace being deleted can make `ip` wait).
@@ -1990,24 +1988,44 @@ fn check_containers(s: &Snapshot, host: &HostView, v: &mut Vec<Violation>) {
                 neighbour.map_or("none".to_string(), Value::to_string),
             ));
         }
-        // The default route belongs to the primary interface (the contract: with eth0 and net1
-        // in one namespace it stays on eth0); a secondary network alone promises none.
-        let default = state.routes.iter().any(|r| {
-            r["dst"].as_str() == Some("default")
-                && r["gateway"].as_str() == Some(GATEWAY)
-                && r["dev"].as_str() == Some(e.ifname.as_str())
-                && r["table"].as_str().unwrap_or("main") == "main"
-        });
-        if e.ifname == PRIMARY_IFNAME && !default {
+    }
+    check_default_routes(s, host, v);
+}
+
+/// Each container namespace has exactly one default route, in its main table, via the gateway
+/// on one of its weft interfaces (the contract: only the first weft interface of a namespace
+/// carries it; later ones route their own traffic through a table of their own).
+fn check_default_routes(s: &Snapshot, host: &HostView, v: &mut Vec<Violation>) {
+    let mut interfaces: BTreeMap<&String, Vec<&str>> = BTreeMap::new();
+    for (_, e) in s.records.endpoints_of(&host.name) {
+        interfaces
+            .entry(&e.netns)
+            .or_default()
+            .push(e.ifname.as_str());
+    }
+    for (netns, ifnames) in interfaces {
+        let Some(Ok(state)) = host.containers.get(netns) else {
+            continue; // already named by the per-container checks
+        };
+        let defaults: Vec<&Value> = state
+            .routes
+            .iter()
+            .filter(|r| {
+                r["dst"].as_str() == Some("default")
+                    && r["table"].as_str().unwrap_or("main") == "main"
+            })
+            .collect();
+        let good = defaults.len() == 1
+            && defaults[0]["gateway"].as_str() == Some(GATEWAY)
+            && defaults[0]["dev"]
+                .as_str()
+                .is_some_and(|dev| ifnames.contains(&dev));
+        if !good {
             v.push(Violation::new(
-                name,
-                object("default route"),
-                format!("default via {GATEWAY} dev {}", e.ifname),
-                state
-                    .routes
-                    .iter()
-                    .find(|r| r["dst"].as_str() == Some("default"))
-                    .map_or("none".to_string(), Value::to_string),
+                &host.name,
+                format!("namespace {netns} default route"),
+                format!("one, via {GATEWAY} on one of {ifnames:?}"),
+                format!("{defaults:?}"),
             ));
         }
     }

@@ -34,7 +34,7 @@ pub struct EndpointTable {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Records that must go from etcd once it answers: writes whose answer was lost (etcd may
     /// have committed them after the attach gave up) and deletes that could not be made.
-    undelivered: Mutex<Vec<EndpointRecord>>,
+    undelivered: Mutex<Vec<Undelivered>>,
     /// Endpoints whose wiring an earlier agent did not finish: verified and repaired at the
     /// first full pass.
     unverified: Mutex<Vec<String>>,
@@ -57,11 +57,19 @@ impl EndpointTable {
 
     /// Remembers a record to delete from etcd when it answers.
     pub fn undeliver(&self, record: EndpointRecord) {
-        self.undelivered.lock().unwrap().push(record);
+        self.undelivered.lock().unwrap().push(Undelivered {
+            record,
+            absent_since: None,
+        });
+    }
+
+    /// Puts back a record still waiting to be deleted.
+    pub fn keep_undelivered(&self, entry: Undelivered) {
+        self.undelivered.lock().unwrap().push(entry);
     }
 
     /// Takes the records waiting to be deleted.
-    pub fn take_undelivered(&self) -> Vec<EndpointRecord> {
+    pub fn take_undelivered(&self) -> Vec<Undelivered> {
         std::mem::take(&mut *self.undelivered.lock().unwrap())
     }
 
@@ -199,6 +207,14 @@ impl EndpointTable {
         table.foreign.clear();
         count
     }
+}
+
+/// A record that must go from etcd. A write etcd had not answered may still land after the
+/// first attempt to delete it found nothing (requests of one client are not applied in order
+/// once etcd stalls), so it is tried for a while after first found absent.
+pub struct Undelivered {
+    pub record: EndpointRecord,
+    pub absent_since: Option<std::time::Instant>,
 }
 
 /// How an address reservation ended.

@@ -5,8 +5,10 @@ use tracing::warn;
 use weft_etcd::records::EndpointRecord;
 
 use super::attach::udp_ports;
+use super::error::EndpointError;
 use crate::context::Context;
 use crate::firewall::SyncMode;
+use crate::model::ContainerId;
 
 /// Undoes a partial attach: the link (with its route), the records, the local entry and, if the
 /// endpoint published ports, their rules. Failures are logged: the caller reports the attach's
@@ -80,5 +82,49 @@ pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
     if let Err(e) = ctx.journal.remove(&record.container_id) {
         errors.push(format!("removing journal entry: {e}"));
     }
+    if !record.secondary {
+        if let Err(e) = promote_successor(ctx, record).await {
+            errors.push(format!(
+                "giving the default route to another interface: {e}"
+            ));
+        }
+    }
     errors
+}
+
+/// The interface that carried a namespace's default route is gone: the oldest remaining weft
+/// interface of that namespace takes it over, so the container keeps a way out.
+async fn promote_successor(ctx: &Context, gone: &EndpointRecord) -> Result<(), EndpointError> {
+    let Some(successor) = ctx
+        .endpoints
+        .list()
+        .into_iter()
+        .filter(|e| e.netns == gone.netns && e.secondary)
+        .min_by_key(|e| (e.created, e.container_id.clone()))
+    else {
+        return Ok(());
+    };
+    let id = ContainerId::new(&successor.container_id)?;
+    let _guard = ctx.endpoints.lock(&id).await;
+    let Some(current) = ctx.endpoints.get(id.as_str()).filter(|e| e.secondary) else {
+        return Ok(());
+    };
+    let promoted = EndpointRecord {
+        secondary: false,
+        ..current.clone()
+    };
+    ctx.store.update_endpoint(&current, &promoted).await?;
+    ctx.endpoints.insert(promoted.clone());
+    ctx.journal
+        .write(&promoted)
+        .map_err(EndpointError::Journal)?;
+    // The source rule goes with the secondary role; the main table gets the routes.
+    ctx.kernel
+        .unwire_inside(&current.netns, &super::link_of(ctx, &current)?)
+        .await?;
+    ctx.kernel
+        .rewire_inside(&promoted.netns, &super::link_of(ctx, &promoted)?)
+        .await?;
+    tracing::info!(container = %id, netns = %promoted.netns, "carries the namespace's default route now");
+    Ok(())
 }

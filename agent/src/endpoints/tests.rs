@@ -283,3 +283,30 @@ async fn addresses_fill_a_block_then_the_next_one_is_claimed() {
     );
     assert_eq!(w.store.state.lock().unwrap().blocks.len(), 2);
 }
+
+#[tokio::test]
+async fn the_second_interface_of_a_namespace_takes_the_default_route_when_the_first_goes() {
+    let w = world();
+    let first = attach(&w.ctx, request("eth", CONTAINER_NS, &[]))
+        .await
+        .unwrap();
+    let second = attach(
+        &w.ctx,
+        AttachRequest::new("net", CONTAINER_NS, None, "net1", vec![]).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(!first.secondary && second.secondary);
+    detach(&w.ctx, &ContainerId::new("eth").unwrap())
+        .await
+        .unwrap();
+    let promoted = w.ctx.endpoints.get("net").unwrap();
+    assert!(
+        !promoted.secondary,
+        "the remaining interface carries the default route"
+    );
+    let stored =
+        w.store.state.lock().unwrap().endpoints[&("h1".to_string(), "net".to_string())].clone();
+    assert_eq!(stored, promoted);
+    assert_eq!(w.ctx.journal.load().unwrap(), vec![promoted]);
+}

@@ -165,13 +165,25 @@ async fn remove_orphan(ctx: &Context, name: &str, report: &mut ReconcileReport) 
 
 /// Deletes the records whose write or delete could not be confirmed, as far as etcd answers.
 pub async fn undelivered(ctx: &Context) {
-    for record in ctx.endpoints.take_undelivered() {
-        match ctx.store.delete_endpoint_if_unchanged(&record).await {
-            Ok(true) => {
-                warn!(container = %record.container_id, ip = %record.ip, "deleted the records of a failed attach that etcd committed late")
+    /// How long a record found absent is still looked for.
+    const LOOK_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+    for mut entry in ctx.endpoints.take_undelivered() {
+        let record = &entry.record;
+        match ctx.store.delete_endpoint_if_unchanged(record).await {
+            Ok(true) => warn!(
+                container = %record.container_id,
+                ip = %record.ip,
+                "deleted the records of a failed attach that etcd committed late"
+            ),
+            Ok(false) => {
+                let since = *entry
+                    .absent_since
+                    .get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() < LOOK_FOR {
+                    ctx.endpoints.keep_undelivered(entry);
+                }
             }
-            Ok(false) => {}
-            Err(_) => ctx.endpoints.undeliver(record),
+            Err(_) => ctx.endpoints.keep_undelivered(entry),
         }
     }
 }

@@ -61,6 +61,8 @@ impl ReconcileReport {
 struct Trackers {
     leaks: LeakTracker,
     dead_hosts: DeadHostTracker,
+    /// Records of this host it does not hold, with how many checks saw them.
+    unknown_records: std::collections::HashMap<String, u32>,
 }
 
 pub struct Reconciler {
@@ -120,7 +122,9 @@ impl Reconciler {
         // A record of ours deleted (seen by the watch) is checked at once, all of them at every
         // full pass.
         if self.ctx.cluster.take_self_touched() || full {
-            registration::check(&self.ctx).await;
+            let mut sightings = std::mem::take(&mut self.trackers.lock().unwrap().unknown_records);
+            registration::check(&self.ctx, &mut sightings).await;
+            self.trackers.lock().unwrap().unknown_records = sightings;
         }
         if let Some(kernel) = apply::read_kernel(&self.ctx, &mut report).await {
             if full {

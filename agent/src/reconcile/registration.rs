@@ -15,7 +15,27 @@ use super::plan::registration::{plan, RegistrationPlan};
 use crate::context::Context;
 
 /// Carries a plan out; returns every problem left (the plan's and what the writes found).
-pub async fn apply(ctx: &Context, mut plan: RegistrationPlan) -> Vec<String> {
+/// `sightings` counts, from check to check, how often a record nobody here holds was seen.
+pub async fn apply(
+    ctx: &Context,
+    mut plan: RegistrationPlan,
+    sightings: &mut HashMap<String, u32>,
+) -> Vec<String> {
+    settle_unknown(ctx, std::mem::take(&mut plan.unknown), sightings).await;
+    let busy = ctx.endpoints.busy_ids();
+    for (stored, held) in std::mem::take(&mut plan.rewrite) {
+        let id = &held.container_id;
+        // An operation under way writes its own record.
+        if busy.contains(id) || ctx.endpoints.get(id).as_ref() != Some(&held) {
+            continue;
+        }
+        match ctx.store.update_endpoint(&stored, &held).await {
+            Ok(()) => info!(container = %id, "record differed from what is wired; written back"),
+            Err(e) => plan.problems.push(format!(
+                "endpoint {id} has a record that differs from its wiring: {e}"
+            )),
+        }
+    }
     let pool = &ctx.config.pool.name;
     if plan.register_host {
         match ctx.store.register_host(ctx.me(), ctx.underlay.ip).await {
@@ -68,9 +88,57 @@ pub async fn apply(ctx: &Context, mut plan: RegistrationPlan) -> Vec<String> {
     plan.problems
 }
 
+/// Records of this host it does not hold (their writer was killed before it knew the write
+/// landed): a wired container is adopted; a record seen on two checks with nothing behind it is
+/// deleted, guarded by its exact value. Records of an attach under way are left alone.
+async fn settle_unknown(
+    ctx: &Context,
+    unknown: Vec<EndpointRecord>,
+    sightings: &mut HashMap<String, u32>,
+) {
+    let busy = ctx.endpoints.busy_ids();
+    let current: std::collections::HashSet<String> =
+        unknown.iter().map(|e| e.container_id.clone()).collect();
+    sightings.retain(|id, _| current.contains(id));
+    let links = ctx.kernel.links().await.unwrap_or_default();
+    for record in unknown {
+        let id = record.container_id.clone();
+        if busy.contains(&id) || ctx.endpoints.get(&id).is_some() {
+            continue;
+        }
+        let wired =
+            links.contains_key(&record.host_ifname) && ctx.kernel.vet_netns(&record.netns).is_ok();
+        if wired {
+            info!(container = %id, ip = %record.ip, "adopting an endpoint recorded by an earlier agent");
+            if let Err(e) = ctx.journal.write(&record) {
+                warn!(container = %id, error = %e, "cannot write the journal entry");
+            }
+            ctx.endpoints.insert(record);
+            sightings.remove(&id);
+            continue;
+        }
+        let seen = sightings.entry(id.clone()).or_insert(0);
+        *seen += 1;
+        if *seen < 2 {
+            continue;
+        }
+        match ctx.store.delete_endpoint_if_unchanged(&record).await {
+            Ok(deleted) => {
+                if deleted {
+                    warn!(container = %id, ip = %record.ip, "deleted a record of this host with no container behind it");
+                }
+                sightings.remove(&id);
+            }
+            Err(e) => {
+                warn!(container = %id, error = %e, "cannot delete a stray record; will retry")
+            }
+        }
+    }
+}
+
 /// Checks registration now: reads this host's endpoint records, plans and applies. Problems
 /// replace the previous ones (an empty list when all is registered).
-pub async fn check(ctx: &Context) {
+pub async fn check(ctx: &Context, sightings: &mut HashMap<String, u32>) {
     let stored = match ctx.store.list_endpoints(ctx.me()).await {
         Ok(stored) => stored,
         // etcd away: nothing can be checked, and nothing is wrong with this host for it.
@@ -91,7 +159,7 @@ pub async fn check(ctx: &Context) {
             ctx.pool.block_size,
         )
     });
-    let problems = apply(ctx, plan).await;
+    let problems = apply(ctx, plan, sightings).await;
     let before = ctx.set_problems(problems.clone());
     if problems != before {
         match problems.is_empty() {

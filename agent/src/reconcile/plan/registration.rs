@@ -18,6 +18,12 @@ pub struct RegistrationPlan {
     pub create: Vec<(EndpointRecord, IpNetwork)>,
     /// What cannot be registered, one sentence each.
     pub problems: Vec<String>,
+    /// Records that differ from what this host holds (an update whose answer was lost landed):
+    /// (stored, held). What the host holds is what is wired, so the record is written back.
+    pub rewrite: Vec<(EndpointRecord, EndpointRecord)>,
+    /// Records of this host that it does not hold: written by an agent killed before it knew
+    /// the write landed. Adopted if their container is wired, else deleted.
+    pub unknown: Vec<EndpointRecord>,
 }
 
 /// The block of `ip` in a pool of `block_size` blocks.
@@ -40,8 +46,19 @@ pub fn plan(
         register_host: !host_registered,
         ..Default::default()
     };
+    let held: std::collections::HashSet<&String> = local.iter().map(|e| &e.container_id).collect();
+    let mut unknown: Vec<EndpointRecord> = stored
+        .values()
+        .filter(|e| !held.contains(&e.container_id))
+        .cloned()
+        .collect();
+    unknown.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+    plan.unknown = unknown;
     for endpoint in local {
-        if stored.contains_key(&endpoint.container_id) {
+        if let Some(record) = stored.get(&endpoint.container_id) {
+            if record != endpoint {
+                plan.rewrite.push((record.clone(), endpoint.clone()));
+            }
             continue;
         }
         let block = block_of(endpoint.ip, block_size);
@@ -132,6 +149,20 @@ mod tests {
     fn a_registered_host_needs_nothing() {
         let local = [endpoint("a", "10.65.0.5")];
         let stored = HashMap::from([("a".to_string(), local[0].clone())]);
+        let mut changed = local[0].clone();
+        changed.ports.clear();
+        changed.ports.push(weft_etcd::records::PortRecord {
+            protocol: weft_etcd::records::Protocol::Udp,
+            host_port: 53,
+            container_port: 53,
+        });
+        let differing = HashMap::from([("a".to_string(), changed.clone())]);
+        let blocks_a = BTreeMap::from([("10.65.0.0/26".parse().unwrap(), owner("h1"))]);
+        assert_eq!(
+            plan("h1", true, &blocks_a, &local, &differing, 26).rewrite,
+            vec![(changed, local[0].clone())],
+            "a record that differs from what is wired is written back"
+        );
         let blocks = BTreeMap::from([("10.65.0.0/26".parse().unwrap(), owner("h1"))]);
         assert_eq!(
             plan("h1", true, &blocks, &local, &stored, 26),
@@ -151,8 +182,11 @@ mod tests {
             ("10.65.0.64/26".parse().unwrap(), owner("h1")),
             ("10.65.1.0/26".parse().unwrap(), owner("h2")),
         ]);
-        let plan = plan("h1", false, &blocks, &local, &HashMap::new(), 26);
+        let stray = endpoint("z", "10.65.0.9");
+        let stored = HashMap::from([("z".to_string(), stray.clone())]);
+        let plan = plan("h1", false, &blocks, &local, &stored, 26);
         assert!(plan.register_host);
+        assert_eq!(plan.unknown, vec![stray], "a record nobody here holds");
         assert_eq!(plan.claim, vec!["10.65.0.0/26".parse().unwrap()]);
         let created: Vec<(&str, String)> = plan
             .create
