@@ -2,6 +2,7 @@
 //! commands (removing a host, listing hosts, address management).
 
 mod etcd;
+pub mod graph;
 mod operator;
 pub mod output;
 
@@ -71,6 +72,18 @@ pub enum Command {
     },
     /// Every host of the cluster: underlay IP, blocks, alive or down, endpoints (from etcd).
     Hosts {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// The fabric as a picture: hosts with underlay address and state, their blocks, the links
+    /// between peers, optionally endpoints (from etcd). SVG needs Graphviz's dot.
+    Graph {
+        /// dot (Graphviz source) or svg (rendered by Graphviz's dot).
+        #[arg(long, value_enum, default_value = "dot")]
+        format: graph::GraphFormat,
+        /// Show every host's endpoints under the block their address comes from.
+        #[arg(long)]
+        endpoints: bool,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -182,6 +195,11 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             command: HostCommand::Remove { name, etcd },
         } => operator::remove_host(json, &name, &etcd).await,
         Command::Hosts { etcd } => operator::hosts(json, &etcd).await,
+        Command::Graph {
+            format,
+            endpoints,
+            etcd,
+        } => graph::graph(json, format, endpoints, &etcd).await,
         Command::Ipam {
             command: IpamCommand::Show { etcd },
         } => operator::ipam_show(json, &etcd).await,
@@ -250,7 +268,10 @@ async fn agent_command(
             let status = client.status(pb::StatusRequest {}).await?.into_inner();
             print(json, status_json(&status), status_text(&status));
         }
-        Command::Host { .. } | Command::Hosts { .. } | Command::Ipam { .. } => {
+        Command::Host { .. }
+        | Command::Hosts { .. }
+        | Command::Graph { .. }
+        | Command::Ipam { .. } => {
             unreachable!("operator commands are dispatched before connecting")
         }
     }
