@@ -91,46 +91,8 @@ fn check_endpoints(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Prob
             }
             Some(_) => {}
         }
-        let owner = s.blocks.iter().find(|(b, _)| b.contains(e.ip));
-        match owner {
-            Some((_, o)) if o.host == e.host => {}
-            Some((block, o)) => problems.push(Problem {
-                what: format!(
-                    "endpoint {}/{} has {} in block {block} owned by {}",
-                    e.host, e.container_id, e.ip, o.host
-                ),
-                fix: Fix::Manual(format!("detach {} and attach it again", e.container_id)),
-            }),
-            None => problems.push(Problem {
-                what: format!(
-                    "endpoint {}/{} has {} outside every claimed block",
-                    e.host, e.container_id, e.ip
-                ),
-                fix: Fix::Manual(format!("detach {} and attach it again", e.container_id)),
-            }),
-        }
-        for p in &e.ports {
-            let reserved = s.ports.iter().any(|r| {
-                r.host == e.host
-                    && r.protocol == p.protocol
-                    && r.port == p.host_port
-                    && r.owner == e.container_id
-            });
-            if !reserved {
-                problems.push(Problem {
-                    what: format!(
-                        "endpoint {}/{} publishes {}/{} without a reservation",
-                        e.host, e.container_id, p.protocol, p.host_port
-                    ),
-                    fix: Fix::CreateKey(
-                        keys.port(&e.host, p.protocol, p.host_port),
-                        weft_etcd::records::encode(&weft_etcd::records::PortOwner {
-                            container_id: e.container_id.clone(),
-                        }),
-                    ),
-                });
-            }
-        }
+        check_block(s, e, problems);
+        check_reservations(s, keys, e, problems);
         if !s.hosts.contains(&e.host) {
             problems.push(Problem {
                 what: format!(
@@ -138,6 +100,59 @@ fn check_endpoints(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Prob
                     e.host, e.container_id
                 ),
                 fix: Fix::Manual(format!("weftctl host remove {}", e.host)),
+            });
+        }
+    }
+}
+
+/// The endpoint's address lies in a block of its host.
+fn check_block(s: &Snapshot, e: &EndpointRecord, problems: &mut Vec<Problem>) {
+    let owner = s.blocks.iter().find(|(b, _)| b.contains(e.ip));
+    match owner {
+        Some((_, o)) if o.host == e.host => {}
+        Some((block, o)) => problems.push(Problem {
+            what: format!(
+                "endpoint {}/{} has {} in block {block} owned by {}",
+                e.host, e.container_id, e.ip, o.host
+            ),
+            fix: Fix::Manual(format!("detach {} and attach it again", e.container_id)),
+        }),
+        None => problems.push(Problem {
+            what: format!(
+                "endpoint {}/{} has {} outside every claimed block",
+                e.host, e.container_id, e.ip
+            ),
+            fix: Fix::Manual(format!("detach {} and attach it again", e.container_id)),
+        }),
+    }
+}
+
+/// Every published port of the endpoint is reserved for it.
+fn check_reservations(
+    s: &Snapshot,
+    keys: &weft_etcd::Keys,
+    e: &EndpointRecord,
+    problems: &mut Vec<Problem>,
+) {
+    for p in &e.ports {
+        let reserved = s.ports.iter().any(|r| {
+            r.host == e.host
+                && r.protocol == p.protocol
+                && r.port == p.host_port
+                && r.owner == e.container_id
+        });
+        if !reserved {
+            problems.push(Problem {
+                what: format!(
+                    "endpoint {}/{} publishes {}/{} without a reservation",
+                    e.host, e.container_id, p.protocol, p.host_port
+                ),
+                fix: Fix::CreateKey(
+                    keys.port(&e.host, p.protocol, p.host_port),
+                    weft_etcd::records::encode(&weft_etcd::records::PortOwner {
+                        container_id: e.container_id.clone(),
+                    }),
+                ),
             });
         }
     }

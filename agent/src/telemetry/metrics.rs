@@ -84,18 +84,37 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// One metric's HELP and TYPE lines and its samples.
+fn family<T: std::fmt::Display>(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    help: &str,
+    values: &[(&str, T)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in values {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 impl Metrics {
+    /// The Prometheus text exposition: counters and histograms kept here, gauges read now.
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::new();
+        self.render_counters(&mut out);
+        self.render_gauges(&mut out, gauges);
+        out
+    }
+
+    fn render_counters(&self, out: &mut String) {
+        let out = &mut *out;
         let counter = |out: &mut String, name: &str, help: &str, values: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, value) in values {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
+            family(out, "counter", name, help, values)
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(
-            &mut out,
+            out,
             "weft_attach_total",
             "Attach requests by result.",
             &[
@@ -104,7 +123,7 @@ impl Metrics {
             ],
         );
         counter(
-            &mut out,
+            out,
             "weft_detach_total",
             "Detach requests by result.",
             &[
@@ -113,34 +132,34 @@ impl Metrics {
             ],
         );
         self.attach_seconds.render(
-            &mut out,
+            out,
             "weft_attach_duration_seconds",
             "Time to serve an attach request.",
         );
         self.detach_seconds.render(
-            &mut out,
+            out,
             "weft_detach_duration_seconds",
             "Time to serve a detach request.",
         );
         self.reconcile_seconds.render(
-            &mut out,
+            out,
             "weft_reconcile_duration_seconds",
             "Time of one reconciliation pass.",
         );
         counter(
-            &mut out,
+            out,
             "weft_repairs_total",
             "Kernel objects the reconciler had to add, change or remove.",
             &[("", load(&self.repairs))],
         );
         counter(
-            &mut out,
+            out,
             "weft_etcd_errors_total",
             "Failed etcd requests.",
             &[("", load(&self.etcd_errors))],
         );
         counter(
-            &mut out,
+            out,
             "weft_iptables_restore_total",
             "iptables-restore runs by result.",
             &[
@@ -148,26 +167,26 @@ impl Metrics {
                 ("{result=\"error\"}", load(&self.iptables_errors)),
             ],
         );
+    }
+
+    fn render_gauges(&self, out: &mut String, gauges: &Gauges) {
         let gauge = |out: &mut String, name: &str, help: &str, values: &[(&str, usize)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (labels, value) in values {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
+            family(out, "gauge", name, help, values)
         };
         gauge(
-            &mut out,
+            out,
             "weft_endpoints",
             "Endpoints on this host.",
             &[("", gauges.endpoints)],
         );
         gauge(
-            &mut out,
+            out,
             "weft_local_blocks",
             "Blocks owned by this host.",
             &[("", gauges.local_blocks)],
         );
         gauge(
-            &mut out,
+            out,
             "weft_peers",
             "Other hosts by liveness.",
             &[
@@ -176,25 +195,25 @@ impl Metrics {
             ],
         );
         gauge(
-            &mut out,
+            out,
             "weft_routes",
             "Routes with proto weft in the kernel.",
             &[("", gauges.routes)],
         );
         gauge(
-            &mut out,
+            out,
             "weft_iptables_rules",
             "Rules in the WEFT-* chains.",
             &[("", gauges.rules)],
         );
         gauge(
-            &mut out,
+            out,
             "weft_etcd_connected",
             "Whether etcd answered the last request.",
             &[("", gauges.etcd_connected as usize)],
         );
         gauge(
-            &mut out,
+            out,
             "weft_ready",
             "Whether the first reconciliation is done and etcd answers.",
             &[(
@@ -202,7 +221,6 @@ impl Metrics {
                 (self.reconciled.load(Ordering::Relaxed) && gauges.etcd_connected) as usize,
             )],
         );
-        out
     }
 }
 

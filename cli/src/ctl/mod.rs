@@ -149,6 +149,7 @@ fn exit_code(status: &tonic::Status) -> ExitCode {
         Code::AlreadyExists => 4,
         Code::ResourceExhausted => 5,
         Code::Unavailable => 6,
+        Code::FailedPrecondition => 7,
         _ => 1,
     })
 }
