@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
-use weft_etcd::records::{EndpointRecord, PoolRecord};
+use weft_etcd::records::{Encapsulation, EndpointRecord, HostRecord, PoolRecord};
 use weft_etcd::ClusterView;
 
 use crate::cluster::ClusterState;
@@ -26,6 +26,8 @@ pub struct Context {
     pub underlay: Underlay,
     /// This agent's pool as stored in etcd.
     pub pool: PoolRecord,
+    /// This host's registration (underlay address and subnet, VTEP MAC, tunnel address).
+    pub host: HostRecord,
     pub kernel: Arc<dyn Kernel>,
     pub store: Arc<dyn Store>,
     pub endpoints: EndpointTable,
@@ -50,6 +52,7 @@ pub struct Parts {
     pub config: Config,
     pub underlay: Underlay,
     pub pool: PoolRecord,
+    pub host: HostRecord,
     pub kernel: Arc<dyn Kernel>,
     pub store: Arc<dyn Store>,
     pub firewall: Arc<dyn firewall::Backend>,
@@ -71,6 +74,7 @@ impl Context {
             config: parts.config,
             underlay: parts.underlay,
             pool: parts.pool,
+            host: parts.host,
             kernel: parts.kernel,
             store: parts.store,
             endpoints: EndpointTable::new(parts.endpoints),
@@ -104,6 +108,48 @@ impl Context {
         self.resync.notify_one();
     }
 
+    /// The MTU of container interfaces: set by hand, or the underlay's, less the VXLAN header
+    /// when the pool may encapsulate.
+    pub fn mtu(&self) -> u32 {
+        match (self.config.mtu, self.pool.encapsulation) {
+            (Some(mtu), _) => mtu,
+            (None, Encapsulation::None) => self.underlay.mtu,
+            (None, _) => self.underlay.mtu - crate::model::VXLAN_OVERHEAD,
+        }
+    }
+
+    /// This host's VXLAN device as it should be, when the host has a tunnel address.
+    pub fn vxlan_device(&self) -> Option<crate::kernel::VxlanDevice> {
+        Some(crate::kernel::VxlanDevice {
+            vni: crate::model::VXLAN_VNI,
+            port: crate::model::VXLAN_PORT,
+            local: self.underlay.ip,
+            underlay_index: self.underlay.index,
+            mtu: self.underlay.mtu - crate::model::VXLAN_OVERHEAD,
+            mac: self.host.vtep_mac.as_deref()?.parse().ok()?,
+            address: self.host.tunnel_ip?,
+        })
+    }
+
+    /// This host's underlay subnet: a peer in it is reached without a tunnel.
+    pub fn subnet(&self) -> ipnetwork::IpNetwork {
+        ipnetwork::IpNetwork::new(self.underlay.ip, self.underlay.prefix)
+            .expect("a prefix read from the interface")
+    }
+
+    /// How each peer is reached, from the cluster view.
+    pub fn peer_paths(
+        &self,
+        view: &ClusterView,
+    ) -> std::collections::BTreeMap<String, crate::reconcile::plan::peers::PeerPath> {
+        crate::reconcile::plan::peers::peer_paths(
+            self.me(),
+            self.subnet(),
+            self.pool.encapsulation,
+            &view.hosts,
+        )
+    }
+
     /// The name of the namespace the agent makes for a container given none.
     pub fn owned_netns_name(&self, id: &ContainerId) -> String {
         format!("weft-{}-{id}", self.me())
@@ -131,10 +177,24 @@ impl Context {
             })
             .collect();
         let ports = self.endpoints.list().iter().flat_map(port_rules).collect();
+        let vxlan_peers = (self.pool.encapsulation != Encapsulation::None).then(|| {
+            self.cluster.with_view(|view| {
+                let mut peers: Vec<std::net::IpAddr> = view
+                    .hosts
+                    .iter()
+                    .filter(|(name, _)| name.as_str() != self.me())
+                    .map(|(_, host)| host.underlay_ip)
+                    .collect();
+                peers.sort();
+                peers.dedup();
+                peers
+            })
+        });
         FirewallSpec {
             pools,
             ports,
             protected: self.protected.clone(),
+            vxlan_peers,
         }
     }
 }

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
-use weft_etcd::records::PoolRecord;
+use weft_etcd::records::{Encapsulation, HostRecord, PoolRecord};
 use weft_etcd::{Datastore, EtcdConfig, StoreError};
 
+use crate::cluster::tunnel::tunnel_address;
 use crate::cluster::{liveness, watch};
 use crate::config::Config;
 use crate::context::{Context, Parts, VERSION};
@@ -19,6 +20,7 @@ use crate::firewall::iptables::Iptables;
 use crate::journal::Journal;
 use crate::kernel::netlink::Netlink;
 use crate::kernel::Kernel;
+use crate::model::vtep_mac;
 use crate::reconcile::plan::registration::startup_endpoints;
 use crate::reconcile::{monitor, Pass, Reconciler};
 use crate::store::Etcd;
@@ -34,6 +36,8 @@ pub struct Agent {
 /// What the agent loads from etcd before it starts.
 struct Loaded {
     pool: PoolRecord,
+    /// This host's registration.
+    host: HostRecord,
     endpoints: Vec<weft_etcd::records::EndpointRecord>,
     pools: Vec<(String, PoolRecord)>,
     cluster: weft_etcd::ClusterView,
@@ -79,6 +83,7 @@ impl Agent {
             config,
             underlay,
             pool: loaded.pool,
+            host: loaded.host,
             kernel: Arc::new(kernel),
             store: Arc::new(Etcd::new(datastore.clone())),
             firewall: Arc::new(Iptables::default()),
@@ -187,16 +192,35 @@ async fn load(
         cidr: config.pool.cidr,
         block_size: config.pool.block_size,
         nat_outgoing: config.pool.nat_outgoing,
+        encapsulation: config.pool.encapsulation,
     };
     let me = config.host_name.as_str();
     let mut waited = false;
     loop {
         let loaded = async {
             let pool = store.ensure_pool(&config.pool.name, &wanted).await?;
-            store.register_host(me, underlay.ip, VERSION).await?;
+            let endpoints = store.list_endpoints(me).await?;
+            let tunnel_ip = match pool.encapsulation {
+                Encapsulation::None => None,
+                _ => {
+                    let view = store.snapshot().await?;
+                    let ip = tunnel_address(store, me, &config.pool.name, &pool, &view, &endpoints);
+                    Some(ip.await?)
+                }
+            };
+            let host = HostRecord {
+                underlay_ip: underlay.ip,
+                version: VERSION.to_string(),
+                first_seen: 0,
+                underlay_prefix: Some(underlay.prefix),
+                vtep_mac: tunnel_ip.map(|_| vtep_mac(me).to_string()),
+                tunnel_ip,
+            };
+            let (host, _) = store.register_host(me, &host).await?;
             Ok::<_, StoreError>(Loaded {
                 pool,
-                endpoints: store.list_endpoints(me).await?,
+                host,
+                endpoints,
                 pools: store.list_pools().await?,
                 cluster: store.snapshot().await?,
             })

@@ -233,6 +233,8 @@ pub struct Pool {
     pub cidr: Net,
     pub block_size: u8,
     pub nat_outgoing: bool,
+    /// "cross-subnet" (the default), "vxlan" or "none".
+    pub encapsulation: String,
 }
 
 /// The etcd records of a lab, parsed; malformed ones are kept as violations.
@@ -241,6 +243,12 @@ pub struct Records {
     pub pools: BTreeMap<String, Pool>,
     /// Host name → underlay address.
     pub hosts: BTreeMap<String, Ipv4Addr>,
+    /// Host name → prefix length of its underlay address (its subnet), where registered.
+    pub host_prefixes: BTreeMap<String, u8>,
+    /// Host name → tunnel address, where it has one.
+    pub tunnels: BTreeMap<String, Ipv4Addr>,
+    /// Tunnel address guards: address → host.
+    pub tunnel_ips: BTreeMap<Ipv4Addr, String>,
     pub alive: BTreeSet<String>,
     /// (pool, block, owning host).
     pub blocks: Vec<(String, Net, String)>,
@@ -296,15 +304,27 @@ impl Records {
                             .and_then(|n| u8::try_from(n).ok())
                             .ok_or("no block_size")?,
                         nat_outgoing: v["nat_outgoing"].as_bool().unwrap_or(false),
+                        encapsulation: v["encapsulation"]
+                            .as_str()
+                            .unwrap_or("cross-subnet")
+                            .to_string(),
                     },
                 );
             }
             ["hosts", name] => {
-                let ip = field(&json()?, "underlay_ip")?;
+                let v = json()?;
+                let ip = field(&v, "underlay_ip")?;
                 self.hosts.insert(
                     name.to_string(),
                     ip.parse().map_err(|_| format!("bad underlay_ip {ip:?}"))?,
                 );
+                if let Some(prefix) = v["underlay_prefix"].as_u64() {
+                    self.host_prefixes.insert(name.to_string(), prefix as u8);
+                }
+                if let Some(tunnel) = v["tunnel_ip"].as_str() {
+                    let tunnel = tunnel.parse().map_err(|_| format!("bad tunnel_ip {tunnel:?}"))?;
+                    self.tunnels.insert(name.to_string(), tunnel);
+                }
             }
             ["alive", name] => {
                 self.alive.insert(name.to_string());
@@ -319,8 +339,12 @@ impl Records {
             ["ips", ip] => {
                 let ip: Ipv4Addr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
                 let v = json()?;
-                self.ips
-                    .insert(ip, (field(&v, "host")?, field(&v, "container_id")?));
+                if v["tunnel"].as_bool() == Some(true) {
+                    self.tunnel_ips.insert(ip, field(&v, "host")?);
+                } else {
+                    self.ips
+                        .insert(ip, (field(&v, "host")?, field(&v, "container_id")?));
+                }
             }
             ["endpoints", host, id] => {
                 let e = Endpoint::from_json(&json()?)?;
@@ -1058,6 +1082,27 @@ fn check_cluster(s: &Snapshot, v: &mut Vec<Violation>) {
             Some(_) => {}
         }
     }
+    // Tunnel address guards one to one with the hosts' tunnel addresses.
+    for (ip, host) in &r.tunnel_ips {
+        if r.tunnels.get(host) != Some(ip) {
+            v.push(Violation::new(
+                scope_of(s, host),
+                format!("etcd ips/{ip} (tunnel)"),
+                format!("the tunnel address of {host}"),
+                format!("{host}'s is {:?}", r.tunnels.get(host)),
+            ));
+        }
+    }
+    for (host, ip) in &r.tunnels {
+        if r.tunnel_ips.get(ip) != Some(host) {
+            v.push(Violation::new(
+                scope_of(s, host),
+                format!("etcd hosts/{host} tunnel_ip {ip}"),
+                format!("a tunnel guard ips/{ip} held by {host}"),
+                format!("{:?}", r.tunnel_ips.get(ip)),
+            ));
+        }
+    }
     let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
     for ((host, id), e) in &r.endpoints {
         let object = format!("etcd endpoints/{host}/{id}");
@@ -1535,6 +1580,22 @@ fn route_target(r: &Value) -> Target {
     }
 }
 
+/// The gateway of `owner`'s blocks on `me`: its underlay address on the same subnet, its tunnel
+/// address (through weft.vxlan) off the subnet or with encapsulation vxlan, none when the pool
+/// never encapsulates and it is off the subnet.
+fn peer_gateway(r: &Records, me: &str, owner: &str, pool: &str) -> Option<Ipv4Addr> {
+    let underlay = *r.hosts.get(owner)?;
+    let (mine, prefix) = (*r.hosts.get(me)?, *r.host_prefixes.get(me).unwrap_or(&32));
+    let mask = |ip: Ipv4Addr| u32::from(ip).checked_shr(32 - prefix as u32).unwrap_or(0);
+    let local = prefix == 0 || mask(mine) == mask(underlay);
+    let encapsulation = r.pools.get(pool).map_or("cross-subnet", |p| p.encapsulation.as_str());
+    match (encapsulation, local) {
+        ("vxlan", _) | ("cross-subnet", false) => r.tunnels.get(owner).copied(),
+        (_, true) => Some(underlay),
+        _ => None,
+    }
+}
+
 fn check_routes(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut Vec<Violation>) {
     let name = &host.name;
     let r = &s.records;
@@ -1554,11 +1615,11 @@ fn check_routes(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut Vec<Viola
                 .entry(*block)
                 .or_default()
                 .push((Target::Blackhole, format!("local block of pool {pool}")));
-        } else if let Some(ip) = r.hosts.get(owner) {
+        } else if let Some(via) = peer_gateway(r, name, owner, pool) {
             wanted
                 .entry(*block)
                 .or_default()
-                .push((Target::Via(ip.to_string()), format!("block of {owner}")));
+                .push((Target::Via(via.to_string()), format!("block of {owner}")));
         }
     }
     let mut actual: BTreeMap<Net, Vec<(Target, String)>> = BTreeMap::new();

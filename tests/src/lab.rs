@@ -26,6 +26,8 @@ use crate::sh;
 pub const ROUTER_IP: &str = "198.51.100.100";
 pub const OUTSIDE_GW: &str = "203.0.113.1";
 pub const OUTSIDE_IP: &str = "203.0.113.10";
+/// The router's address on the second underlay segment (even hosts, with `subnets: 2`).
+pub const ROUTER_IP_2: &str = "198.18.0.100";
 /// Client port of the first etcd member (member i listens on 2379 + 100 * i).
 pub const ETCD_PORT: u16 = 2379;
 
@@ -44,6 +46,9 @@ pub struct LabOptions {
     pub etcd_members: usize,
     /// etcd with TLS and client-certificate authentication.
     pub etcd_tls: bool,
+    /// Underlay segments: 1 (every host on 198.51.100.0/24), or 2 (odd hosts there, even hosts
+    /// on 198.18.0.0/24; the router forwards between them and knows no pool).
+    pub subnets: usize,
 }
 
 impl Default for LabOptions {
@@ -56,7 +61,17 @@ impl Default for LabOptions {
             start_agents: true,
             etcd_members: 1,
             etcd_tls: false,
+            subnets: 1,
         }
+    }
+}
+
+/// The underlay address of host `i` (0-based) and its segment's router address.
+pub fn host_address(i: usize, subnets: usize) -> (Ipv4Addr, &'static str) {
+    let n = (i + 1) as u8;
+    match subnets > 1 && n % 2 == 0 {
+        true => (Ipv4Addr::new(198, 18, 0, n), ROUTER_IP_2),
+        false => (Ipv4Addr::new(198, 51, 100, n), ROUTER_IP),
     }
 }
 
@@ -179,7 +194,7 @@ impl Lab {
                 socket: self.dir.join(format!("h{}.sock", i + 1)),
                 log: self.dir.join(format!("h{}.log", i + 1)),
                 name,
-                ip: Ipv4Addr::new(198, 51, 100, (i + 1) as u8),
+                ip: host_address(i, self.options.subnets).0,
                 agent: None,
             });
         }
@@ -189,6 +204,9 @@ impl Lab {
             "link add br0 type bridge".into(),
             format!("addr add {ROUTER_IP}/24 dev br0"),
             "link set br0 up".into(),
+            "link add br1 type bridge".into(),
+            format!("addr add {ROUTER_IP_2}/24 dev br1"),
+            "link set br1 up".into(),
             format!("link add eth1 type veth peer name eth0 netns {outside}"),
             format!("addr add {OUTSIDE_GW}/24 dev eth1"),
             "link set eth1 up".into(),
@@ -199,7 +217,11 @@ impl Lab {
                 "link add {port} type veth peer name eth0 netns {}",
                 host.name
             ));
-            router_batch.push(format!("link set {port} master br0 up"));
+            let bridge = match host_address(i, self.options.subnets).1 {
+                ROUTER_IP => "br0",
+                _ => "br1",
+            };
+            router_batch.push(format!("link set {port} master {bridge} up"));
         }
         sh::ip_batch(&router, &router_batch)?;
         sh::ip_batch(
@@ -211,14 +233,21 @@ impl Lab {
                 format!("route add default via {OUTSIDE_GW}"),
             ],
         )?;
-        for host in &self.hosts {
+        for (i, host) in self.hosts.iter().enumerate() {
+            let router = host_address(i, self.options.subnets).1;
             let mut batch = vec![
                 "link set lo up".to_string(),
                 format!("addr add {}/24 dev eth0", host.ip),
                 "link set eth0 up".into(),
             ];
-            if self.options.default_route {
-                batch.push(format!("route add default via {ROUTER_IP}"));
+            match (self.options.default_route, router) {
+                (true, _) => batch.push(format!("route add default via {router}")),
+                // Without a default route, hosts of the second segment still reach etcd.
+                (false, ROUTER_IP) if self.options.subnets > 1 => {
+                    batch.push(format!("route add 198.18.0.0/24 via {router}"))
+                }
+                (false, ROUTER_IP) => {}
+                (false, _) => batch.push(format!("route add 198.51.100.0/24 via {router}")),
             }
             sh::ip_batch(&host.name, &batch)?;
         }

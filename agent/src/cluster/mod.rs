@@ -2,6 +2,7 @@
 //! cluster's pools, and this host's liveness lease (`liveness`).
 
 pub mod liveness;
+pub mod tunnel;
 pub mod watch;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -57,6 +57,15 @@ pub struct Flags {
     /// Masquerade traffic from the pool to destinations outside every pool [default: true].
     #[arg(long, env = "WEFT_NAT_OUTGOING")]
     pub nat_outgoing: Option<bool>,
+    /// How traffic between hosts crosses the underlay: cross-subnet (VXLAN only to peers off
+    /// the local subnet), vxlan (always) or none (never). Part of the pool's record
+    /// [default: cross-subnet].
+    #[arg(long, env = "WEFT_ENCAPSULATION")]
+    pub encapsulation: Option<String>,
+    /// MTU of container interfaces [default: the underlay's, minus 50 when the pool may
+    /// encapsulate].
+    #[arg(long, env = "WEFT_MTU")]
+    pub mtu: Option<u32>,
     /// Interface whose address is this host's underlay IP [default: the default route's].
     #[arg(long, env = "WEFT_UNDERLAY_INTERFACE")]
     pub underlay_interface: Option<String>,
@@ -109,6 +118,8 @@ pub struct FileConfig {
     pub pool_name: Option<String>,
     pub block_size: Option<u8>,
     pub nat_outgoing: Option<bool>,
+    pub encapsulation: Option<String>,
+    pub mtu: Option<u32>,
     pub underlay_interface: Option<String>,
     pub socket: Option<PathBuf>,
     pub log_format: Option<String>,

@@ -13,6 +13,7 @@ use ipnetwork::IpNetwork;
 pub use flags::{parse_duration, read_file, FileConfig, Flags};
 
 use crate::model::HostName;
+use weft_etcd::records::Encapsulation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -36,6 +37,7 @@ pub struct PoolSettings {
     pub cidr: IpNetwork,
     pub block_size: u8,
     pub nat_outgoing: bool,
+    pub encapsulation: Encapsulation,
 }
 
 /// The resolved configuration the agent runs with.
@@ -45,6 +47,8 @@ pub struct Config {
     pub etcd: EtcdSettings,
     pub pool: PoolSettings,
     pub underlay_interface: Option<String>,
+    /// MTU of container interfaces, when set by hand.
+    pub mtu: Option<u32>,
     pub socket: PathBuf,
     pub log_format: LogFormat,
     pub alive_ttl: Duration,
@@ -134,6 +138,15 @@ impl Config {
             etcd,
             pool,
             underlay_interface: flags.underlay_interface.or(file.underlay_interface),
+            mtu: match flags.mtu.or(file.mtu) {
+                Some(mtu) if !(576..=65535).contains(&mtu) => {
+                    return Err(invalid(
+                        "mtu",
+                        format!("{mtu} is not an MTU between 576 and 65535"),
+                    ))
+                }
+                mtu => mtu,
+            },
             socket: flags
                 .socket
                 .or(file.socket)
@@ -234,11 +247,18 @@ fn pool_settings(flags: &Flags, file: &FileConfig) -> Result<PoolSettings, Confi
         .unwrap_or_else(|| "default".into());
     HostName::new(&name)
         .map_err(|_| invalid("pool-name", format!("{name:?} is not a valid name")))?;
+    let encapsulation = match flags.encapsulation.clone().or(file.encapsulation.clone()) {
+        Some(text) => text
+            .parse()
+            .map_err(|e: String| invalid("encapsulation", e))?,
+        None => Encapsulation::default(),
+    };
     Ok(PoolSettings {
         name,
         cidr,
         block_size,
         nat_outgoing: flags.nat_outgoing.or(file.nat_outgoing).unwrap_or(true),
+        encapsulation,
     })
 }
 
@@ -307,6 +327,8 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/run/weft/h1"));
         assert!(!config.allow_host_port_override);
         assert!(config.protect_datastore);
+        assert_eq!(config.pool.encapsulation, Encapsulation::CrossSubnet);
+        assert_eq!(config.mtu, None);
     }
 
     #[test]
@@ -361,6 +383,8 @@ mod tests {
         refused(&["--metrics-addr", "nowhere"], "metrics-addr:");
         refused(&["--log-format", "xml"], "log-format:");
         refused(&["--etcd-prefix", "weft"], "etcd-prefix:");
+        refused(&["--encapsulation", "ipip"], "encapsulation:");
+        refused(&["--mtu", "100"], "mtu:");
         let err =
             Config::resolve(flags(&["--host-name", "a/b"]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("host-name:"), "{err}");

@@ -36,7 +36,7 @@ pub async fn allocate(
     let pool = &ctx.config.pool.name;
     for _ in 0..ATTEMPTS {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
-        let picked = ctx.endpoints.reserve(|taken| {
+        let picked = ctx.endpoints.reserve(ctx.host.tunnel_ip, |taken| {
             let ip = alloc::first_free_ip(&blocks, &taken.ips)?;
             let block = *blocks.iter().find(|b| b.contains(ip))?;
             Some((ip, choose_veth_name(id, &taken.names), block))

@@ -162,13 +162,16 @@ impl EndpointTable {
     }
 
     /// Reserves an address and a veth name chosen by `pick` from what is not taken (endpoints,
-    /// other reservations, foreign marks). `pick` returns None when nothing is free.
+    /// other reservations, foreign marks, and `also`: the host's own tunnel address). `pick`
+    /// returns None when nothing is free.
     pub fn reserve<T>(
         &self,
+        also: Option<IpAddr>,
         pick: impl FnOnce(&Taken) -> Option<(IpAddr, String, T)>,
     ) -> Option<(IpAddr, String, T)> {
         let mut table = self.table.lock().unwrap();
         let mut ips: HashSet<IpAddr> = table.endpoints.values().map(|e| e.ip).collect();
+        ips.extend(also);
         ips.extend(table.reserved_ips.iter().copied());
         ips.extend(table.foreign.iter().copied());
         let mut names: HashSet<String> = table

@@ -33,6 +33,7 @@ fn world() -> World {
         cidr: "10.65.0.0/16".parse().unwrap(),
         block_size: 30,
         nat_outgoing: true,
+        encapsulation: Default::default(),
     };
     let kernel = Arc::new(FakeKernel::with_namespaces(&[CONTAINER_NS]));
     let store = Arc::new(FakeStore::with_pool("default", pool.clone()));
@@ -42,8 +43,18 @@ fn world() -> World {
         config,
         underlay: Underlay {
             ifname: "eth0".into(),
+            index: 2,
             ip: "198.51.100.1".parse().unwrap(),
+            prefix: 24,
             mtu: 1500,
+        },
+        host: weft_etcd::records::HostRecord {
+            underlay_ip: "198.51.100.1".parse().unwrap(),
+            version: "test".into(),
+            first_seen: 0,
+            underlay_prefix: Some(24),
+            vtep_mac: None,
+            tunnel_ip: None,
         },
         pool,
         kernel: kernel.clone(),

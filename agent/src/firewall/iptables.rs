@@ -77,6 +77,25 @@ impl Table {
             if self.applied.rules == wanted {
                 return Ok(false);
             }
+            // A change in a chain whose order matters is written whole (below).
+            let ordered = |r: &String| {
+                rules::ORDERED_CHAINS
+                    .iter()
+                    .any(|c| r.starts_with(&format!("-A {c} ")))
+            };
+            let changed = self
+                .applied
+                .rules
+                .iter()
+                .filter(|r| wanted.binary_search(r).is_err())
+                .chain(
+                    wanted
+                        .iter()
+                        .filter(|r| self.applied.rules.binary_search(r).is_err()),
+                );
+            if changed.clone().any(ordered) {
+                return self.rewrite(rules, wanted);
+            }
             match restore(&rules::incremental_input(
                 self.name,
                 &self.applied.rules,
@@ -93,6 +112,11 @@ impl Table {
                 }
             }
         }
+        self.rewrite(rules, wanted)
+    }
+
+    /// Reads the table and writes our chains whole if they or the jumps differ.
+    fn rewrite(&mut self, rules: &[String], wanted: Vec<String>) -> Result<bool, FirewallError> {
         let state = parse_save(&run("iptables-save", &["-t", self.name], None)?);
         let jumps_present = self.jumps.iter().all(|j| state.has_jump(j));
         let written = if jumps_present && normalize(&state.rules) == wanted {

@@ -37,6 +37,9 @@ pub struct FirewallSpec {
     /// TCP services containers must not reach: the etcd endpoints the agent uses and its
     /// metrics listener (an unspecified address: that port on every address of the host).
     pub protected: Vec<SocketAddr>,
+    /// When the pool may encapsulate: the underlay addresses VXLAN is accepted from (every
+    /// peer's, sorted). Containers may never send VXLAN.
+    pub vxlan_peers: Option<Vec<IpAddr>>,
 }
 
 /// One rule of our nat chains.
@@ -64,6 +67,15 @@ pub enum FilterRule {
     ToContainers,
     /// Containers may not reach a protected service on this host.
     InputProtected(SocketAddr),
+    /// Containers never send VXLAN, through this host or to it.
+    ForwardContainerVxlan,
+    InputContainerVxlan,
+    /// VXLAN to this host is checked against the peers.
+    InputVxlan,
+    /// A peer's underlay address may send VXLAN (WEFT-VXLAN, in order before the drop).
+    VxlanPeer(IpAddr),
+    /// Anyone else may not.
+    VxlanOthers,
 }
 
 fn comment(text: impl fmt::Display) -> String {
@@ -137,6 +149,28 @@ impl fmt::Display for FilterRule {
                 destination(addr),
                 addr.port()
             ),
+            FilterRule::ForwardContainerVxlan => write!(
+                f,
+                "-A WEFT-FORWARD -i weft+ -p udp -m udp --dport {VXLAN} {} -j DROP",
+                comment("containers never send VXLAN")
+            ),
+            FilterRule::InputContainerVxlan => write!(
+                f,
+                "-A WEFT-INPUT -i weft+ -p udp -m udp --dport {VXLAN} {} -j DROP",
+                comment("containers never send VXLAN")
+            ),
+            FilterRule::InputVxlan => write!(
+                f,
+                "-A WEFT-INPUT -p udp -m udp --dport {VXLAN} {} -j WEFT-VXLAN",
+                comment("VXLAN only from peers")
+            ),
+            FilterRule::VxlanPeer(ip) => write!(
+                f,
+                "-A WEFT-VXLAN -s {ip}/{} {} -j RETURN",
+                if ip.is_ipv4() { 32 } else { 128 },
+                comment("a peer")
+            ),
+            FilterRule::VxlanOthers => write!(f, "-A WEFT-VXLAN {} -j DROP", comment("not a peer")),
             FilterRule::FromContainers => write!(
                 f,
                 "-A WEFT-FORWARD -i weft+ {} -j ACCEPT",
@@ -182,10 +216,31 @@ pub fn filter_rules(spec: &FirewallSpec) -> Vec<FilterRule> {
         .filter(|a| !a.ip().is_unspecified())
         .map(|a| FilterRule::ForwardProtected(*a))
         .collect();
+    let vxlan = spec.vxlan_peers.as_ref();
+    if vxlan.is_some() {
+        rules.push(FilterRule::ForwardContainerVxlan);
+    }
     rules.extend([FilterRule::FromContainers, FilterRule::ToContainers]);
     rules.extend(protected.iter().map(|a| FilterRule::InputProtected(*a)));
+    if let Some(peers) = vxlan {
+        rules.extend([FilterRule::InputContainerVxlan, FilterRule::InputVxlan]);
+        rules.extend(
+            peers
+                .iter()
+                .filter(|p| p.is_ipv4())
+                .map(|p| FilterRule::VxlanPeer(*p)),
+        );
+        rules.push(FilterRule::VxlanOthers);
+    }
     rules
 }
+
+/// The UDP port of VXLAN.
+const VXLAN: u16 = crate::model::VXLAN_PORT;
+
+/// Chains whose rules overlap, so that their order matters: a change to one is written whole,
+/// never appended to.
+pub const ORDERED_CHAINS: &[&str] = &["WEFT-VXLAN"];
 
 /// Renders rules, one `-A` line each.
 pub fn render<T: fmt::Display>(rules: &[T]) -> Vec<String> {
@@ -232,7 +287,7 @@ pub const FILTER_JUMPS: &[Jump] = &[
 ];
 
 pub const NAT_CHAINS: &[&str] = &["WEFT-POSTROUTING", "WEFT-NAT-OUTGOING", "WEFT-PORTS"];
-pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT"];
+pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT", "WEFT-VXLAN"];
 
 /// What `iptables-save` shows of our chains in one table, and which jumps exist.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -368,6 +423,7 @@ mod tests {
                 "198.51.100.100:2379".parse().unwrap(),
                 "0.0.0.0:9099".parse().unwrap(),
             ],
+            vxlan_peers: None,
         }
     }
 
@@ -393,6 +449,26 @@ mod tests {
                 "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
                 "-A WEFT-INPUT -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
                 "-A WEFT-INPUT -i weft+ -p tcp -m tcp --dport 9099 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
+            ]
+        );
+    }
+
+    #[test]
+    fn vxlan_is_accepted_from_peers_only_and_never_from_containers() {
+        let spec = FirewallSpec {
+            vxlan_peers: Some(vec!["198.18.0.2".parse().unwrap()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            render(&filter_rules(&spec)),
+            vec![
+                "-A WEFT-FORWARD -i weft+ -p udp -m udp --dport 4789 -m comment --comment \"weft: containers never send VXLAN\" -j DROP",
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
+                "-A WEFT-INPUT -i weft+ -p udp -m udp --dport 4789 -m comment --comment \"weft: containers never send VXLAN\" -j DROP",
+                "-A WEFT-INPUT -p udp -m udp --dport 4789 -m comment --comment \"weft: VXLAN only from peers\" -j WEFT-VXLAN",
+                "-A WEFT-VXLAN -s 198.18.0.2/32 -m comment --comment \"weft: a peer\" -j RETURN",
+                "-A WEFT-VXLAN -m comment --comment \"weft: not a peer\" -j DROP",
             ]
         );
     }

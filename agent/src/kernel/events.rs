@@ -8,10 +8,12 @@ use netlink_packet_route::route::RouteProtocol;
 use crate::kernel::netns::NetlinkHandle;
 use crate::model::{LINK_PREFIX, RT_PROTO_WEFT};
 
-/// Kernel changes that may need repair: one of our routes or links deleted.
+/// Kernel changes that may need repair: one of our routes, links or permanent neighbour (and
+/// FDB) entries deleted.
 pub enum KernelEvent {
     RouteDeleted,
     LinkDeleted,
+    NeighbourDeleted,
 }
 
 /// Subscribes to link and route notifications in the agent's namespace and forwards the
@@ -24,6 +26,7 @@ pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver
         rtnetlink::MulticastGroup::Link,
         rtnetlink::MulticastGroup::Ipv4Route,
         rtnetlink::MulticastGroup::Ipv6Route,
+        rtnetlink::MulticastGroup::Neigh,
     ])?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(async move {

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod monitor;
 pub mod plan;
 pub mod registration;
+pub mod tunnel;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,8 @@ pub struct ReconcileReport {
     pub endpoints_released: usize,
     pub links_removed: usize,
     pub namespaces_removed: usize,
+    /// Changes to the tunnel device and its neighbour and FDB entries.
+    pub tunnel_changes: usize,
     pub errors: usize,
     pub duration: Duration,
 }
@@ -53,6 +56,7 @@ impl ReconcileReport {
             + self.endpoints_released
             + self.links_removed
             + self.namespaces_removed
+            + self.tunnel_changes
     }
 }
 
@@ -63,6 +67,8 @@ struct Trackers {
     dead_hosts: DeadHostTracker,
     /// Records of this host it does not hold, with how many checks saw them.
     unknown_records: std::collections::HashMap<String, u32>,
+    /// Peers said to get no route (said once each).
+    unrouted: std::collections::BTreeSet<String>,
 }
 
 pub struct Reconciler {
@@ -155,7 +161,7 @@ impl Reconciler {
                 false => Some(kernel),
             };
             if let Some(kernel) = kernel {
-                apply::routes(&self.ctx, &kernel, &mut report).await;
+                self.routes(&kernel, &mut report).await;
             }
         }
         if full {
@@ -164,6 +170,36 @@ impl Reconciler {
         report.duration = started.elapsed();
         self.record(full, &report);
         report
+    }
+
+    /// The tunnel, then the routes (some go through the tunnel), then the tunnel's removal when
+    /// no peer needs it (its routes are gone by then).
+    async fn routes(&self, kernel: &apply::KernelState, report: &mut ReconcileReport) {
+        let paths = self.ctx.cluster.with_view(|view| self.ctx.peer_paths(view));
+        self.warn_unrouted(&paths);
+        let tunnel = tunnel::sync(&self.ctx, &paths, report).await;
+        apply::routes(&self.ctx, kernel, &paths, tunnel, report).await;
+        tunnel::remove_unneeded(&self.ctx, &paths, tunnel.is_some(), report).await;
+        if self.ctx.pool.encapsulation != weft_etcd::records::Encapsulation::None {
+            // The peers allowed to send VXLAN follow the cluster.
+            apply::firewall_fast(&self.ctx, report).await;
+        }
+    }
+
+    /// Says once per peer that it gets no route from weft.
+    fn warn_unrouted(&self, paths: &std::collections::BTreeMap<String, plan::peers::PeerPath>) {
+        let mut trackers = self.trackers.lock().unwrap();
+        let unrouted: std::collections::BTreeSet<&String> = paths
+            .iter()
+            .filter(|(_, p)| **p == plan::peers::PeerPath::Unrouted)
+            .map(|(h, _)| h)
+            .collect();
+        trackers.unrouted.retain(|h| unrouted.contains(h));
+        for host in unrouted {
+            if trackers.unrouted.insert(host.clone()) {
+                tracing::warn!(peer = %host, encapsulation = %self.ctx.pool.encapsulation, "peer is off this host's subnet and gets no route from weft (or has no tunnel yet); the underlay must carry it");
+            }
+        }
     }
 
     fn record(&self, full: bool, report: &ReconcileReport) {
@@ -188,6 +224,7 @@ impl Reconciler {
                 released = report.endpoints_released,
                 links_removed = report.links_removed,
                 namespaces_removed = report.namespaces_removed,
+                tunnel = report.tunnel_changes,
                 errors = report.errors,
                 ms = report.duration.as_secs_f64() * 1e3,
                 "reconciled"

@@ -38,7 +38,7 @@ pub async fn apply(
     }
     let pool = &ctx.config.pool.name;
     if plan.register_host {
-        match ctx.store.register_host(ctx.me(), ctx.underlay.ip).await {
+        match ctx.store.register_host(ctx.me(), &ctx.host).await {
             Ok(()) => info!("host record was missing; registered again"),
             Err(e) => plan
                 .problems
@@ -57,6 +57,21 @@ pub async fn apply(
             Err(e) => plan
                 .problems
                 .push(format!("cannot claim block {block}: {e}")),
+        }
+    }
+    if let Some(ip) = ctx.host.tunnel_ip {
+        let block = super::plan::registration::block_of(ip, ctx.pool.block_size);
+        if ctx.cluster.pool_blocks_of(pool, ctx.me()).contains(&block) {
+            match ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await {
+                Ok(true) => {}
+                Ok(false) => plan.problems.push(format!(
+                    "tunnel address {ip} is held by another record; peers cannot reach this \
+                     host's tunnel"
+                )),
+                Err(e) => plan
+                    .problems
+                    .push(format!("cannot register tunnel address {ip}: {e}")),
+            }
         }
     }
     for (record, block) in plan.create {
@@ -157,6 +172,7 @@ pub async fn check(ctx: &Context, sightings: &mut HashMap<String, u32>) {
             &local,
             &stored,
             ctx.pool.block_size,
+            ctx.host.tunnel_ip,
         )
     });
     let problems = apply(ctx, plan, sightings).await;

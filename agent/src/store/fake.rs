@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
-use weft_etcd::records::{EndpointRecord, PoolRecord, Protocol};
+use weft_etcd::records::{EndpointRecord, HostRecord, PoolRecord, Protocol};
 use weft_etcd::{alloc, BlockRef, CreateConflict, Released, StoreError};
 
 use super::Store;
@@ -234,14 +234,30 @@ impl Store for FakeStore {
             .collect())
     }
 
-    async fn register_host(&self, host: &str, underlay_ip: IpAddr) -> Result<(), StoreError> {
+    async fn register_host(&self, host: &str, record: &HostRecord) -> Result<(), StoreError> {
         self.check("register")?;
         self.state
             .lock()
             .unwrap()
             .hosts
-            .insert(host.to_string(), underlay_ip);
+            .insert(host.to_string(), record.underlay_ip);
         Ok(())
+    }
+
+    async fn claim_tunnel_ip(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        _pool: &str,
+        _block: IpNetwork,
+    ) -> Result<bool, StoreError> {
+        self.check("claim")?;
+        let mut state = self.state.lock().unwrap();
+        let holder = state
+            .ips
+            .entry(ip)
+            .or_insert_with(|| (host.to_string(), String::new()));
+        Ok(*holder == (host.to_string(), String::new()))
     }
 
     async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError> {

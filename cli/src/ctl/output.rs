@@ -86,12 +86,17 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
     );
     for pool in &s.pools {
         out.push_str(&format!(
-            "pool:      {} {} (/{} blocks, nat-outgoing {})\n",
+            "pool:      {} {} (/{} blocks, nat-outgoing {}, encapsulation {})\n",
             pool.name,
             pool.cidr,
             pool.block_size,
-            if pool.nat_outgoing { "on" } else { "off" }
+            if pool.nat_outgoing { "on" } else { "off" },
+            pool.encapsulation
         ));
+    }
+    out.push_str(&format!("mtu:       {}\n", s.mtu));
+    if !s.tunnel_ip.is_empty() {
+        out.push_str(&format!("tunnel:    {} ({})\n", s.tunnel_ip, s.vtep_mac));
     }
     let blocks = if s.local_blocks.is_empty() {
         "-".to_string()
@@ -111,6 +116,7 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
                 p.host.clone(),
                 p.underlay_ip.clone(),
                 if p.alive { "alive" } else { "DOWN" }.to_string(),
+                p.mode.clone(),
                 if p.blocks.is_empty() {
                     "-".to_string()
                 } else {
@@ -119,7 +125,10 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(&["PEER", "UNDERLAY", "STATE", "BLOCKS"], &rows));
+    out.push_str(&table(
+        &["PEER", "UNDERLAY", "STATE", "MODE", "BLOCKS"],
+        &rows,
+    ));
     out
 }
 
@@ -135,12 +144,16 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "rule_count": s.rule_count,
         "pools": s.pools.iter().map(|p| json!({
             "name": p.name, "cidr": p.cidr, "block_size": p.block_size,
-            "nat_outgoing": p.nat_outgoing,
+            "nat_outgoing": p.nat_outgoing, "encapsulation": p.encapsulation,
         })).collect::<Vec<_>>(),
         "local_blocks": s.local_blocks,
         "problems": s.problems,
+        "mtu": s.mtu,
+        "tunnel_ip": s.tunnel_ip,
+        "vtep_mac": s.vtep_mac,
         "peers": s.peers.iter().map(|p| json!({
             "host": p.host, "underlay_ip": p.underlay_ip, "blocks": p.blocks, "alive": p.alive,
+            "encapsulated": p.encapsulated, "mode": p.mode,
         })).collect::<Vec<_>>(),
     })
 }

@@ -35,6 +35,10 @@ enum Command {
         /// Leave the lab running (remove it later with `weft-lab down PREFIX`).
         #[arg(long)]
         keep: bool,
+        /// Underlay segments: 2 puts even hosts on 198.18.0.0/24, behind the router, so that
+        /// they are reached through VXLAN.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        subnets: u8,
     },
     /// Run the seeded randomized fault run: bursts of attaches, detaches, CNI operations, agent
     /// kills, etcd pauses and partitions, tampering; the invariant checker at every quiet point.
@@ -70,7 +74,8 @@ fn main() -> ExitCode {
             hosts,
             containers,
             keep,
-        } => match demo(hosts, containers, keep) {
+            subnets,
+        } => match demo(hosts, containers, keep, subnets as usize) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -138,12 +143,16 @@ struct Container {
     ip: String,
 }
 
-fn demo(hosts: usize, per_host: usize, keep: bool) -> anyhow::Result<bool> {
+fn demo(hosts: usize, per_host: usize, keep: bool, subnets: usize) -> anyhow::Result<bool> {
     anyhow::ensure!((1..=50).contains(&hosts), "--hosts must be 1 to 50");
     let started = Instant::now();
-    println!("== building a {hosts}-host lab (namespaces, router, outside host, etcd, agents)");
+    println!(
+        "== building a {hosts}-host lab on {subnets} underlay segment(s) (namespaces, router, \
+         outside host, etcd, agents)"
+    );
     let mut lab = Lab::new(LabOptions {
         hosts,
+        subnets,
         ..Default::default()
     })?;
     println!(
