@@ -26,8 +26,9 @@ pub struct Context {
     pub underlay: Underlay,
     /// This agent's pool as stored in etcd.
     pub pool: PoolRecord,
-    /// This host's registration (underlay address and subnet, VTEP MAC, tunnel address).
-    pub host: HostRecord,
+    /// This host's registration (underlay address and subnet, VTEP MAC, tunnel address): the
+    /// tunnel fields are set once a peer needs the tunnel.
+    host: std::sync::RwLock<HostRecord>,
     pub kernel: Arc<dyn Kernel>,
     pub store: Arc<dyn Store>,
     pub endpoints: EndpointTable,
@@ -40,6 +41,8 @@ pub struct Context {
     pub resync: Notify,
     /// This host's memory of the endpoints it wired.
     pub journal: Journal,
+    /// The index of the tunnel device (0: none), for the kernel monitor.
+    pub tunnel_index: Arc<std::sync::atomic::AtomicU32>,
     /// Services containers must not reach (with --protect-datastore).
     protected: Vec<std::net::SocketAddr>,
     /// What keeps this host from being fine (records that could not be registered); empty when
@@ -71,10 +74,11 @@ impl Context {
         };
         Self {
             protected,
+            tunnel_index: Default::default(),
             config: parts.config,
             underlay: parts.underlay,
             pool: parts.pool,
-            host: parts.host,
+            host: std::sync::RwLock::new(parts.host),
             kernel: parts.kernel,
             store: parts.store,
             endpoints: EndpointTable::new(parts.endpoints),
@@ -96,6 +100,23 @@ impl Context {
     /// Replaces the problems; returns the previous ones.
     pub fn set_problems(&self, problems: Vec<String>) -> Vec<String> {
         std::mem::replace(&mut *self.problems.lock().unwrap(), problems)
+    }
+
+    /// This host's registration as it stands.
+    pub fn host(&self) -> HostRecord {
+        self.host.read().unwrap().clone()
+    }
+
+    /// This host's tunnel address, once it has one.
+    pub fn tunnel_ip(&self) -> Option<std::net::IpAddr> {
+        self.host.read().unwrap().tunnel_ip
+    }
+
+    /// Records the tunnel address (and the VTEP MAC that goes with it).
+    pub fn set_tunnel(&self, ip: std::net::IpAddr) {
+        let mut host = self.host.write().unwrap();
+        host.tunnel_ip = Some(ip);
+        host.vtep_mac = Some(crate::model::vtep_mac(self.config.host_name.as_str()).to_string());
     }
 
     /// This host's name.
@@ -126,8 +147,8 @@ impl Context {
             local: self.underlay.ip,
             underlay_index: self.underlay.index,
             mtu: self.underlay.mtu - crate::model::VXLAN_OVERHEAD,
-            mac: self.host.vtep_mac.as_deref()?.parse().ok()?,
-            address: self.host.tunnel_ip?,
+            mac: self.host().vtep_mac.as_deref()?.parse().ok()?,
+            address: self.host().tunnel_ip?,
         })
     }
 

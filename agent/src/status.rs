@@ -74,8 +74,8 @@ pub async fn status(ctx: &Context) -> HostStatus {
         rule_count: ctx.firewall.rule_count(),
         problems: ctx.problems(),
         mtu: ctx.mtu(),
-        tunnel_ip: ctx.host.tunnel_ip,
-        vtep_mac: ctx.host.vtep_mac.clone(),
+        tunnel_ip: ctx.tunnel_ip(),
+        vtep_mac: ctx.host().vtep_mac,
     }
 }
 

@@ -12,7 +12,6 @@ use tracing::{info, warn};
 use weft_etcd::records::{Encapsulation, HostRecord, PoolRecord};
 use weft_etcd::{Datastore, EtcdConfig, StoreError};
 
-use crate::cluster::tunnel::tunnel_address;
 use crate::cluster::{liveness, watch};
 use crate::config::Config;
 use crate::context::{Context, Parts, VERSION};
@@ -200,13 +199,10 @@ async fn load(
         let loaded = async {
             let pool = store.ensure_pool(&config.pool.name, &wanted).await?;
             let endpoints = store.list_endpoints(me).await?;
+            // Kept across restarts; a first one is taken when a peer needs the tunnel.
             let tunnel_ip = match pool.encapsulation {
                 Encapsulation::None => None,
-                _ => {
-                    let view = store.snapshot().await?;
-                    let ip = tunnel_address(store, me, &config.pool.name, &pool, &view, &endpoints);
-                    Some(ip.await?)
-                }
+                _ => crate::cluster::tunnel::existing(store, me).await?,
             };
             let host = HostRecord {
                 underlay_ip: underlay.ip,

@@ -322,7 +322,9 @@ impl Records {
                     self.host_prefixes.insert(name.to_string(), prefix as u8);
                 }
                 if let Some(tunnel) = v["tunnel_ip"].as_str() {
-                    let tunnel = tunnel.parse().map_err(|_| format!("bad tunnel_ip {tunnel:?}"))?;
+                    let tunnel = tunnel
+                        .parse()
+                        .map_err(|_| format!("bad tunnel_ip {tunnel:?}"))?;
                     self.tunnels.insert(name.to_string(), tunnel);
                 }
             }
@@ -1588,7 +1590,10 @@ fn peer_gateway(r: &Records, me: &str, owner: &str, pool: &str) -> Option<Ipv4Ad
     let (mine, prefix) = (*r.hosts.get(me)?, *r.host_prefixes.get(me).unwrap_or(&32));
     let mask = |ip: Ipv4Addr| u32::from(ip).checked_shr(32 - prefix as u32).unwrap_or(0);
     let local = prefix == 0 || mask(mine) == mask(underlay);
-    let encapsulation = r.pools.get(pool).map_or("cross-subnet", |p| p.encapsulation.as_str());
+    let encapsulation = r
+        .pools
+        .get(pool)
+        .map_or("cross-subnet", |p| p.encapsulation.as_str());
     match (encapsulation, local) {
         ("vxlan", _) | ("cross-subnet", false) => r.tunnels.get(owner).copied(),
         (_, true) => Some(underlay),

@@ -69,7 +69,7 @@ impl Default for LabOptions {
 /// The underlay address of host `i` (0-based) and its segment's router address.
 pub fn host_address(i: usize, subnets: usize) -> (Ipv4Addr, &'static str) {
     let n = (i + 1) as u8;
-    match subnets > 1 && n % 2 == 0 {
+    match subnets > 1 && n.is_multiple_of(2) {
         true => (Ipv4Addr::new(198, 18, 0, n), ROUTER_IP_2),
         false => (Ipv4Addr::new(198, 51, 100, n), ROUTER_IP),
     }

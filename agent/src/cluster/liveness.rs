@@ -80,7 +80,7 @@ async fn announce(
     record: &AliveRecord,
     ttl: i64,
 ) -> Result<i64, weft_etcd::StoreError> {
-    store.register_host(ctx.me(), &ctx.host).await?;
+    store.register_host(ctx.me(), &ctx.host()).await?;
     store.announce_alive(ctx.me(), record, ttl).await
 }
 

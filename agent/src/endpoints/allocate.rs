@@ -36,7 +36,7 @@ pub async fn allocate(
     let pool = &ctx.config.pool.name;
     for _ in 0..ATTEMPTS {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
-        let picked = ctx.endpoints.reserve(ctx.host.tunnel_ip, |taken| {
+        let picked = ctx.endpoints.reserve(ctx.tunnel_ip(), |taken| {
             let ip = alloc::first_free_ip(&blocks, &taken.ips)?;
             let block = *blocks.iter().find(|b| b.contains(ip))?;
             Some((ip, choose_veth_name(id, &taken.names), block))
@@ -78,6 +78,41 @@ pub async fn allocate(
                 if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
                     ctx.endpoints.undeliver(record);
                 }
+                return Err(e.into());
+            }
+        }
+    }
+    Err(EndpointError::Contention)
+}
+
+/// Takes a tunnel address for this host (the first free address of its blocks, a block claimed
+/// if need be) under the `ips/` guard, and registers it with the host's VTEP MAC.
+pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
+    let pool = &ctx.config.pool.name;
+    for _ in 0..ATTEMPTS {
+        let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
+        let picked = ctx.endpoints.reserve(None, |taken| {
+            let ip = alloc::first_free_ip(&blocks, &taken.ips)?;
+            let block = *blocks.iter().find(|b| b.contains(ip))?;
+            // No veth comes with it: an empty name reserves nothing.
+            Some((ip, String::new(), block))
+        });
+        let Some((ip, _, block)) = picked else {
+            claim_block(ctx, blocks.len()).await?;
+            continue;
+        };
+        let claimed = ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await;
+        match claimed {
+            Ok(true) => {
+                ctx.endpoints.settle(ip, "", Settle::Abandoned);
+                ctx.set_tunnel(ip);
+                ctx.store.register_host(ctx.me(), &ctx.host()).await?;
+                info!(%ip, "tunnel address taken");
+                return Ok(ip);
+            }
+            Ok(false) => ctx.endpoints.settle(ip, "", Settle::Foreign),
+            Err(e) => {
+                ctx.endpoints.settle(ip, "", Settle::Abandoned);
                 return Err(e.into());
             }
         }

@@ -175,9 +175,26 @@ impl Reconciler {
     /// The tunnel, then the routes (some go through the tunnel), then the tunnel's removal when
     /// no peer needs it (its routes are gone by then).
     async fn routes(&self, kernel: &apply::KernelState, report: &mut ReconcileReport) {
-        let paths = self.ctx.cluster.with_view(|view| self.ctx.peer_paths(view));
+        let (paths, needs_tunnel) = self.ctx.cluster.with_view(|view| {
+            let needs = plan::peers::needs_tunnel(
+                self.ctx.me(),
+                self.ctx.subnet(),
+                self.ctx.pool.encapsulation,
+                &view.hosts,
+            );
+            (self.ctx.peer_paths(view), needs)
+        });
+        if needs_tunnel && self.ctx.tunnel_ip().is_none() {
+            if let Err(e) = crate::endpoints::allocate::allocate_tunnel(&self.ctx).await {
+                tracing::warn!(error = %e, "cannot take a tunnel address; will retry");
+                report.errors += 1;
+            }
+        }
         self.warn_unrouted(&paths);
         let tunnel = tunnel::sync(&self.ctx, &paths, report).await;
+        self.ctx
+            .tunnel_index
+            .store(tunnel.unwrap_or(0), Ordering::Relaxed);
         apply::routes(&self.ctx, kernel, &paths, tunnel, report).await;
         tunnel::remove_unneeded(&self.ctx, &paths, tunnel.is_some(), report).await;
         if self.ctx.pool.encapsulation != weft_etcd::records::Encapsulation::None {

@@ -38,7 +38,7 @@ pub async fn apply(
     }
     let pool = &ctx.config.pool.name;
     if plan.register_host {
-        match ctx.store.register_host(ctx.me(), &ctx.host).await {
+        match ctx.store.register_host(ctx.me(), &ctx.host()).await {
             Ok(()) => info!("host record was missing; registered again"),
             Err(e) => plan
                 .problems
@@ -59,7 +59,7 @@ pub async fn apply(
                 .push(format!("cannot claim block {block}: {e}")),
         }
     }
-    if let Some(ip) = ctx.host.tunnel_ip {
+    if let Some(ip) = ctx.tunnel_ip() {
         let block = super::plan::registration::block_of(ip, ctx.pool.block_size);
         if ctx.cluster.pool_blocks_of(pool, ctx.me()).contains(&block) {
             match ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await {
@@ -172,7 +172,7 @@ pub async fn check(ctx: &Context, sightings: &mut HashMap<String, u32>) {
             &local,
             &stored,
             ctx.pool.block_size,
-            ctx.host.tunnel_ip,
+            ctx.tunnel_ip(),
         )
     });
     let problems = apply(ctx, plan, sightings).await;

@@ -48,10 +48,19 @@ fn matches(link: &LinkMessage, wanted: &VxlanDevice) -> bool {
         && attrs.contains(&LinkAttribute::Address(wanted.mac.0.to_vec()))
 }
 
+/// The destination of a neighbour or FDB entry (the latter's comes undecoded: FDB messages are
+/// of the bridge family).
 fn neighbour_ip(msg: &NeighbourMessage) -> Option<IpAddr> {
     msg.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
         NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     })
 }
@@ -84,16 +93,22 @@ impl Netlink {
             None => true,
         };
         let matches = wanted.is_some_and(|w| matches(&link, w)) && up && addressed;
-        let entries: Vec<NeighbourMessage> = {
+        // IP neighbours and bridge FDB entries are two dumps: an unspecified-family dump does
+        // not include the FDB.
+        let mut entries: Vec<NeighbourMessage> = vec![];
+        for family in [AddressFamily::Unspec, AddressFamily::Bridge] {
             let _turn = self.dumping.lock().await;
-            self.handle()
+            let dump: Vec<NeighbourMessage> = self
+                .handle()
                 .neighbours()
                 .get()
+                .set_address_family(family)
                 .execute()
                 .try_collect()
                 .await
-                .map_err(nl("listing neighbours"))?
-        };
+                .map_err(nl("listing neighbours"))?;
+            entries.extend(dump);
+        }
         let mut state = TunnelState {
             index,
             matches,

@@ -69,6 +69,22 @@ pub fn peer_paths(
         .collect()
 }
 
+/// Whether this host needs a tunnel address: some peer is (or will be, once it publishes its
+/// own) reached through the tunnel.
+pub fn needs_tunnel(
+    me: &str,
+    subnet: IpNetwork,
+    encapsulation: Encapsulation,
+    hosts: &BTreeMap<String, HostRecord>,
+) -> bool {
+    let mut peers = hosts.iter().filter(|(name, _)| name.as_str() != me);
+    match encapsulation {
+        Encapsulation::None => false,
+        Encapsulation::Vxlan => peers.next().is_some(),
+        Encapsulation::CrossSubnet => peers.any(|(_, h)| !subnet.contains(h.underlay_ip)),
+    }
+}
+
 /// What the tunnel device must hold.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TunnelPlan {
@@ -164,6 +180,32 @@ mod tests {
         assert_eq!(never["b"], direct_b);
         assert_eq!(never["c"], PeerPath::Unrouted);
         assert_eq!(never["c"].mode(), "unrouted");
+    }
+
+    #[test]
+    fn a_tunnel_address_is_needed_only_when_a_peer_is_reached_through_it() {
+        let subnet: IpNetwork = "198.51.100.1/24".parse().unwrap();
+        let mut same: BTreeMap<String, HostRecord> = hosts();
+        same.retain(|name, _| name == "a" || name == "b");
+        assert!(!needs_tunnel(
+            "a",
+            subnet,
+            Encapsulation::CrossSubnet,
+            &same
+        ));
+        assert!(needs_tunnel("a", subnet, Encapsulation::Vxlan, &same));
+        assert!(needs_tunnel(
+            "a",
+            subnet,
+            Encapsulation::CrossSubnet,
+            &hosts()
+        ));
+        assert!(!needs_tunnel("a", subnet, Encapsulation::None, &hosts()));
+        same.retain(|name, _| name == "a");
+        assert!(
+            !needs_tunnel("a", subnet, Encapsulation::Vxlan, &same),
+            "no peer at all"
+        );
     }
 
     #[test]
