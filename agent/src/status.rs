@@ -31,6 +31,8 @@ pub struct HostStatus {
     pub route_count: usize,
     pub rule_count: usize,
     pub problems: Vec<String>,
+    /// With --bgp: bird's sessions and what it announces.
+    pub bgp: Option<crate::bgp::BgpStatus>,
 }
 
 pub async fn status(ctx: &Context) -> HostStatus {
@@ -54,6 +56,10 @@ pub async fn status(ctx: &Context) -> HostStatus {
         (peers, view.blocks_of(ctx.me()))
     });
     let route_count = ctx.kernel.routes().await.map(|r| r.len()).unwrap_or(0);
+    let bgp = match ctx.bgp.get() {
+        Some(speaker) => Some(speaker.status().await),
+        None => None,
+    };
     HostStatus {
         host: ctx.me().to_string(),
         underlay: ctx.underlay.clone(),
@@ -65,6 +71,7 @@ pub async fn status(ctx: &Context) -> HostStatus {
         route_count,
         rule_count: ctx.firewall.rule_count(),
         problems: ctx.problems(),
+        bgp,
     }
 }
 
@@ -79,5 +86,9 @@ pub async fn gauges(ctx: &Context) -> Gauges {
         routes: status.route_count,
         rules: status.rule_count,
         etcd_connected: status.etcd_connected,
+        bgp_sessions: status
+            .bgp
+            .map(|bgp| crate::bgp::sessions_by_state(&bgp.sessions))
+            .unwrap_or_default(),
     }
 }

@@ -43,6 +43,8 @@ impl Agent {
     /// Connects to etcd, checks the pool, finds the underlay, registers the host and loads this
     /// host's endpoints and the cluster view. Fails with a clear message on bad configuration.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        // Before etcd, which may keep us waiting: a missing bird is a mistake to name at once.
+        let bird = crate::bgp::Speaker::prepare(&config.bgp)?;
         let datastore = Datastore::connect(&EtcdConfig {
             endpoints: config.etcd.endpoints.clone(),
             prefix: config.etcd.prefix.clone(),
@@ -88,6 +90,10 @@ impl Agent {
             journal,
         }));
         ctx.endpoints.set_unverified(unfinished);
+        if let Some(bird) = bird {
+            let speaker = crate::bgp::Speaker::new(&ctx.config.bgp, bird, ctx.underlay.ip)?;
+            let _ = ctx.bgp.set(speaker);
+        }
         let reconciler = Arc::new(Reconciler::new(ctx.clone()));
         Ok(Self {
             ctx,
@@ -98,6 +104,11 @@ impl Agent {
 
     /// Runs the agent until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        if let Some(bgp) = self.ctx.bgp.get() {
+            let blocks = self.ctx.cluster.blocks_of(self.ctx.me());
+            let synced = bgp.start(&blocks).await?;
+            info!(?synced, socket = %bgp.files().socket.display(), "bird announces this host's blocks");
+        }
         let first = self.reconciler.pass(Pass::Full).await;
         info!(
             routes_replaced = first.routes_replaced,

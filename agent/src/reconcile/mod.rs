@@ -1,7 +1,8 @@
 //! The reconciler: at start, every resync interval and soon after any event, it compares what
 //! the kernel holds with what the cluster and this host's endpoints want, and applies only the
 //! difference. `plan` decides (pure); `apply` carries a plan out; `monitor` turns kernel
-//! notifications into passes and sysctl repairs.
+//! notifications into passes and sysctl repairs. Every pass also brings bird's BGP
+//! announcements up to date (`crate::bgp::sync`).
 
 pub mod apply;
 pub mod monitor;
@@ -161,6 +162,7 @@ impl Reconciler {
         if full {
             apply::firewall(&self.ctx, &mut report).await;
         }
+        crate::bgp::sync(&self.ctx, full).await;
         report.duration = started.elapsed();
         self.record(full, &report);
         report
