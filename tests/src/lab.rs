@@ -44,6 +44,9 @@ pub struct LabOptions {
     pub etcd_members: usize,
     /// etcd with TLS and client-certificate authentication.
     pub etcd_tls: bool,
+    /// The router runs bird2 as top-of-rack router and every agent announces its blocks to it
+    /// (see `crate::bgp`).
+    pub bgp: bool,
 }
 
 impl Default for LabOptions {
@@ -56,6 +59,7 @@ impl Default for LabOptions {
             start_agents: true,
             etcd_members: 1,
             etcd_tls: false,
+            bgp: false,
         }
     }
 }
@@ -152,6 +156,9 @@ impl Lab {
         lab.write_pid_files()?;
         for member in &lab.etcd {
             member.wait_ready(Duration::from_secs(30))?;
+        }
+        if options.bgp {
+            crate::bgp::start_router(&mut lab)?;
         }
         if options.start_agents {
             for i in 0..lab.hosts.len() {
@@ -282,6 +289,10 @@ impl Lab {
         env: &[(&str, &str)],
     ) -> Result<()> {
         let etcd_args = self.etcd_client_args();
+        let bgp_args = match self.options.bgp {
+            true => crate::bgp::agent_args(&self.dir, i, extra),
+            false => vec![],
+        };
         let host = &self.hosts[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -302,6 +313,7 @@ impl Lab {
                 "2s",
             ])
             .args(&etcd_args)
+            .args(&bgp_args)
             .args(&self.options.agent_args)
             .args(extra)
             .env("WEFT_LOG", "info")
@@ -503,6 +515,8 @@ impl Lab {
         for member in &mut self.etcd {
             member.stop();
         }
+        // The hosts' birds outlive their agents by design: the lab ends them.
+        crate::bgp::reap(&self.dir);
         teardown_namespaces(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -595,6 +609,7 @@ pub fn teardown_leftovers(prefix: &str) -> Result<()> {
             }
         }
     }
+    crate::bgp::reap(&dir);
     teardown_namespaces(prefix);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

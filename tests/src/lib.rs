@@ -9,6 +9,7 @@
 //! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
 //! side and nothing is ever routed towards the machine's real interfaces.
 
+pub mod bgp;
 pub mod chaos;
 pub mod etcd;
 pub mod invariants;

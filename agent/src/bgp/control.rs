@@ -229,9 +229,14 @@ impl BirdControl {
         }
     }
 
-    /// Whether a bird answers (its greeting and `show status`).
+    /// Whether a bird answers (its greeting and `show status`) within a second: a live bird
+    /// answers at once.
     pub async fn ping(&self) -> Result<(), ControlError> {
-        self.request("show status").await.map(|_| ())
+        let quick = Self {
+            timeout: self.timeout.min(Duration::from_secs(1)),
+            ..self.clone()
+        };
+        quick.request("show status").await.map(|_| ())
     }
 
     /// Has bird parse `file` without applying it; its complaint is the error.

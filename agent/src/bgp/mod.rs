@@ -13,6 +13,8 @@ pub mod render;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
@@ -96,6 +98,10 @@ pub struct Speaker {
     router_id: Ipv4Addr,
     /// The configuration bird last accepted, and its blocks.
     applied: tokio::sync::Mutex<Option<(String, Vec<IpNetwork>)>>,
+    /// A sync is wanted / a full one (bird's liveness checked) / one is under way.
+    pending: AtomicBool,
+    wanted: AtomicBool,
+    working: AtomicBool,
 }
 
 impl Speaker {
@@ -125,6 +131,9 @@ impl Speaker {
             files,
             router_id,
             applied: Default::default(),
+            pending: AtomicBool::new(false),
+            wanted: AtomicBool::new(false),
+            working: AtomicBool::new(false),
         })
     }
 
@@ -272,17 +281,43 @@ impl Speaker {
 
 /// The reconciler's hook: brings bird's announcements to this host's blocks in the cluster
 /// view. Only a changed configuration is written and applied; full passes also make sure bird
-/// runs. Failures are logged and tried again at the next pass.
-pub async fn sync(ctx: &Context, full: bool) {
+/// runs. It works beside the reconciler, one sync at a time, so a hung bird never holds up
+/// routes; requests that come meanwhile are folded into one more sync. Failures are logged and
+/// tried again at the next pass.
+pub fn sync(ctx: &Arc<Context>, full: bool) {
     let Some(speaker) = ctx.bgp.get() else {
         return;
     };
-    let blocks = ctx.cluster.blocks_of(ctx.me());
-    match speaker.sync(&blocks, full).await {
-        Ok(Synced::Unchanged) => {}
-        Ok(synced) => info!(?synced, blocks = ?blocks, "bgp announcements updated"),
-        Err(e) => warn!(error = %e, "bgp: cannot bring bird up to date; trying again"),
+    speaker.wanted.fetch_or(full, Ordering::SeqCst);
+    speaker.pending.store(true, Ordering::SeqCst);
+    if speaker.working.swap(true, Ordering::SeqCst) {
+        return;
     }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let Some(speaker) = ctx.bgp.get() else {
+            return;
+        };
+        loop {
+            if !speaker.pending.swap(false, Ordering::SeqCst) {
+                speaker.working.store(false, Ordering::SeqCst);
+                // A request between the swap and the store found us working: take it.
+                match speaker.pending.load(Ordering::SeqCst)
+                    && !speaker.working.swap(true, Ordering::SeqCst)
+                {
+                    true => continue,
+                    false => return,
+                }
+            }
+            let full = speaker.wanted.swap(false, Ordering::SeqCst);
+            let blocks = ctx.cluster.blocks_of(ctx.me());
+            match speaker.sync(&blocks, full).await {
+                Ok(Synced::Unchanged) => {}
+                Ok(synced) => info!(?synced, blocks = ?blocks, "bgp announcements updated"),
+                Err(e) => warn!(error = %e, "bgp: cannot bring bird up to date; trying again"),
+            }
+        }
+    });
 }
 
 /// Session states every scrape shows, so that a state's series does not come and go.

@@ -162,7 +162,7 @@ impl Reconciler {
         if full {
             apply::firewall(&self.ctx, &mut report).await;
         }
-        crate::bgp::sync(&self.ctx, full).await;
+        crate::bgp::sync(&self.ctx, full);
         report.duration = started.elapsed();
         self.record(full, &report);
         report
