@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use weft_etcd::records::PoolRecord;
 use weft_etcd::{Datastore, EtcdConfig, StoreError};
 
+use crate::bgp::control::ControlError;
 use crate::cluster::{liveness, watch};
 use crate::config::Config;
 use crate::context::{Context, Parts, VERSION};
@@ -106,8 +107,14 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         if let Some(bgp) = self.ctx.bgp.get() {
             let blocks = self.ctx.cluster.blocks_of(self.ctx.me());
-            let synced = bgp.start(&blocks).await?;
-            info!(?synced, socket = %bgp.files().socket.display(), "bird announces this host's blocks");
+            let socket = bgp.files().socket.display().to_string();
+            match bgp.start(&blocks).await {
+                Ok(synced) => info!(?synced, %socket, "bird announces this host's blocks"),
+                Err(crate::bgp::BgpError::Control(e @ ControlError::Timeout { .. })) => {
+                    warn!(error = %e, "bird hangs; trying again at every pass")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let first = self.reconciler.pass(Pass::Full).await;
         info!(

@@ -155,7 +155,9 @@ impl Speaker {
     }
 
     /// At the agent's start: gives a bird that answers the configuration (bird changes only
-    /// what differs, so its sessions stay up), or starts one. Any failure is fatal at start.
+    /// what differs, so its sessions stay up), or starts one. A configuration bird rejects, or a
+    /// bird that cannot be started, is fatal at start; a bird that hangs is the next passes'
+    /// business (the caller logs it and carries on).
     pub async fn start(&self, blocks: &[IpNetwork]) -> Result<Synced, BgpError> {
         let mut applied = self.applied.lock().await;
         let text = render::render(&self.spec(blocks));
