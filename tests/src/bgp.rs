@@ -202,14 +202,18 @@ pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
     }
     println!("== the router's BGP sessions (birdc show protocols, AS {ROUTER_ASN})");
     print!("{}", lab.router_birdc(&["show", "protocols"])?);
-    println!("== routes the router learned (ip route show proto bird)");
-    print!(
-        "{}",
-        sh::run("ip", &["-n", &lab.router, "route", "show", "proto", "bird"])?
-    );
+    // An UPDATE follows a session's establishment by moments: give each route a few seconds.
+    let reached = |ip: &str| {
+        lab.eventually(
+            "outside -> container",
+            std::time::Duration::from_secs(5),
+            || sh::ping(&lab.outside, ip),
+        )
+        .is_ok()
+    };
     let failed: Vec<&str> = containers
         .iter()
-        .filter(|(_, ip)| !sh::ping(&lab.outside, ip))
+        .filter(|(_, ip)| !reached(ip))
         .map(|(name, _)| *name)
         .collect();
     println!(
@@ -221,6 +225,11 @@ pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
             true => String::new(),
             false => format!("; not {}", failed.join(", ")),
         }
+    );
+    println!("== routes the router learned (ip route show proto bird)");
+    print!(
+        "{}",
+        sh::run("ip", &["-n", &lab.router, "route", "show", "proto", "bird"])?
     );
     Ok(failed.len())
 }
