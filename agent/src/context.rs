@@ -48,6 +48,8 @@ pub struct Context {
     /// What keeps this host from being fine (records that could not be registered); empty when
     /// all is well. Shown by Status; /readyz fails while it is not empty.
     problems: Mutex<Vec<String>>,
+    /// This host's BGP speaker, with --bgp (set once at start).
+    pub bgp: std::sync::OnceLock<crate::bgp::Speaker>,
 }
 
 /// The parts a context is built from.
@@ -89,6 +91,7 @@ impl Context {
             resync: Notify::new(),
             journal: parts.journal,
             problems: Mutex::default(),
+            bgp: Default::default(),
         }
     }
 

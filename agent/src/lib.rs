@@ -5,9 +5,11 @@
 //! wanted state) and `cluster` (the etcd watch and liveness). They share a `context` and reach
 //! the world only through seams: `kernel` (netlink, sysctls, namespaces), `firewall`
 //! (iptables) and `store` (etcd). `model` holds the typed domain values; `config` the settings;
-//! `telemetry` metrics, health and systemd notifications.
+//! `telemetry` metrics, health and systemd notifications; `bgp` announces this host's blocks
+//! to routers outside weft through bird2.
 
 pub mod api;
+pub mod bgp;
 pub mod cluster;
 pub mod config;
 pub mod context;

@@ -37,6 +37,8 @@ pub struct HostStatus {
     pub mtu: u32,
     pub tunnel_ip: Option<IpAddr>,
     pub vtep_mac: Option<String>,
+    /// With --bgp: bird's sessions and what it announces.
+    pub bgp: Option<crate::bgp::BgpStatus>,
 }
 
 pub async fn status(ctx: &Context) -> HostStatus {
@@ -62,6 +64,10 @@ pub async fn status(ctx: &Context) -> HostStatus {
         (peers, view.blocks_of(ctx.me()))
     });
     let route_count = ctx.kernel.routes().await.map(|r| r.len()).unwrap_or(0);
+    let bgp = match ctx.bgp.get() {
+        Some(speaker) => Some(speaker.status().await),
+        None => None,
+    };
     HostStatus {
         host: ctx.me().to_string(),
         underlay: ctx.underlay.clone(),
@@ -76,6 +82,7 @@ pub async fn status(ctx: &Context) -> HostStatus {
         mtu: ctx.mtu(),
         tunnel_ip: ctx.tunnel_ip(),
         vtep_mac: ctx.host().vtep_mac,
+        bgp,
     }
 }
 
@@ -90,5 +97,9 @@ pub async fn gauges(ctx: &Context) -> Gauges {
         routes: status.route_count,
         rules: status.rule_count,
         etcd_connected: status.etcd_connected,
+        bgp_sessions: status
+            .bgp
+            .map(|bgp| crate::bgp::sessions_by_state(&bgp.sessions))
+            .unwrap_or_default(),
     }
 }

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use weft_etcd::records::{Encapsulation, HostRecord, PoolRecord};
 use weft_etcd::{Datastore, EtcdConfig, StoreError};
 
+use crate::bgp::control::ControlError;
 use crate::cluster::{liveness, watch};
 use crate::config::Config;
 use crate::context::{Context, Parts, VERSION};
@@ -46,6 +47,8 @@ impl Agent {
     /// Connects to etcd, checks the pool, finds the underlay, registers the host and loads this
     /// host's endpoints and the cluster view. Fails with a clear message on bad configuration.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        // Before etcd, which may keep us waiting: a missing bird is a mistake to name at once.
+        let bird = crate::bgp::Speaker::prepare(&config.bgp)?;
         let datastore = Datastore::connect(&EtcdConfig {
             endpoints: config.etcd.endpoints.clone(),
             prefix: config.etcd.prefix.clone(),
@@ -92,6 +95,10 @@ impl Agent {
             journal,
         }));
         ctx.endpoints.set_unverified(unfinished);
+        if let Some(bird) = bird {
+            let speaker = crate::bgp::Speaker::new(&ctx.config.bgp, bird, ctx.underlay.ip)?;
+            let _ = ctx.bgp.set(speaker);
+        }
         let reconciler = Arc::new(Reconciler::new(ctx.clone()));
         Ok(Self {
             ctx,
@@ -102,6 +109,17 @@ impl Agent {
 
     /// Runs the agent until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        if let Some(bgp) = self.ctx.bgp.get() {
+            let blocks = self.ctx.cluster.blocks_of(self.ctx.me());
+            let socket = bgp.files().socket.display().to_string();
+            match bgp.start(&blocks).await {
+                Ok(synced) => info!(?synced, %socket, "bird announces this host's blocks"),
+                Err(crate::bgp::BgpError::Control(e @ ControlError::Timeout { .. })) => {
+                    warn!(error = %e, "bird hangs; trying again at every pass")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let first = self.reconciler.pass(Pass::Full).await;
         info!(
             routes_replaced = first.routes_replaced,

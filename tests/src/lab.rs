@@ -49,6 +49,9 @@ pub struct LabOptions {
     /// Underlay segments: 1 (every host on 198.51.100.0/24), or 2 (odd hosts there, even hosts
     /// on 198.18.0.0/24; the router forwards between them and knows no pool).
     pub subnets: usize,
+    /// The router runs bird2 as top-of-rack router and every agent announces its blocks to it
+    /// (see `crate::bgp`).
+    pub bgp: bool,
 }
 
 impl Default for LabOptions {
@@ -62,6 +65,7 @@ impl Default for LabOptions {
             etcd_members: 1,
             etcd_tls: false,
             subnets: 1,
+            bgp: false,
         }
     }
 }
@@ -95,7 +99,7 @@ pub struct Lab {
     pub etcd_tls: Option<EtcdTls>,
     /// Helper processes (services in containers) ended with the lab.
     helpers: Vec<Child>,
-    options: LabOptions,
+    pub(crate) options: LabOptions,
     keep: bool,
 }
 
@@ -167,6 +171,9 @@ impl Lab {
         lab.write_pid_files()?;
         for member in &lab.etcd {
             member.wait_ready(Duration::from_secs(30))?;
+        }
+        if options.bgp {
+            crate::bgp::start_router(&mut lab)?;
         }
         if options.start_agents {
             for i in 0..lab.hosts.len() {
@@ -311,6 +318,10 @@ impl Lab {
         env: &[(&str, &str)],
     ) -> Result<()> {
         let etcd_args = self.etcd_client_args();
+        let bgp_args = match self.options.bgp {
+            true => crate::bgp::agent_args(&self.dir, i, self.options.subnets, extra),
+            false => vec![],
+        };
         let host = &self.hosts[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -331,6 +342,7 @@ impl Lab {
                 "2s",
             ])
             .args(&etcd_args)
+            .args(&bgp_args)
             .args(&self.options.agent_args)
             .args(extra)
             .env("WEFT_LOG", "info")
@@ -532,6 +544,8 @@ impl Lab {
         for member in &mut self.etcd {
             member.stop();
         }
+        // The hosts' birds outlive their agents by design: the lab ends them.
+        crate::bgp::reap(&self.dir);
         teardown_namespaces(&self.prefix);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -624,6 +638,7 @@ pub fn teardown_leftovers(prefix: &str) -> Result<()> {
             }
         }
     }
+    crate::bgp::reap(&dir);
     teardown_namespaces(prefix);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -9,6 +9,8 @@
 //! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
 //! side and nothing is ever routed towards the machine's real interfaces.
 
+pub mod bgp;
+pub mod capture;
 pub mod chaos;
 pub mod etcd;
 pub mod invariants;

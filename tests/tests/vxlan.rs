@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use weft_tests::lab::{OUTSIDE_IP, ROUTER_IP};
-use weft_tests::{invariants, sh, Lab, LabOptions};
+use weft_tests::{capture, invariants, sh, Lab, LabOptions};
 
 fn two_segments(hosts: usize, agent_args: &[&str]) -> Lab {
     Lab::new(LabOptions {
@@ -54,50 +54,6 @@ fn bridge_fdb(ns: &str) -> Value {
     serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap()
 }
 
-/// Runs tcpdump in the router for `seconds` on `interface` with `filter` while `during` runs;
-/// returns the packets it saw, a line each.
-fn captured(
-    lab: &Lab,
-    interface: &str,
-    filter: &str,
-    seconds: u32,
-    during: impl FnOnce(),
-) -> Vec<String> {
-    let router = lab.router.clone();
-    let filter = filter.to_string();
-    let interface = interface.to_string();
-    let capture = std::thread::spawn(move || {
-        let out = sh::output(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &router,
-                "timeout",
-                &seconds.to_string(),
-                "tcpdump",
-                "-n",
-                "-l",
-                "-p",
-                "-q",
-                "-i",
-                &interface,
-                &filter,
-            ],
-        )
-        .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect()
-    });
-    // tcpdump needs a moment to open its socket.
-    std::thread::sleep(Duration::from_millis(700));
-    during();
-    capture.join().unwrap()
-}
-
 #[test]
 fn containers_reach_every_container_and_host_across_segments() {
     let lab = two_segments(4, &[]);
@@ -137,7 +93,7 @@ fn only_traffic_between_segments_is_encapsulated_and_the_router_never_sees_a_poo
     let lab = two_segments(3, &[]);
     let c = one_each(&lab);
     // h1 -> h2 crosses segments: VXLAN on h1's router port, and never a pool address outside.
-    let vxlan = captured(&lab, "h1", "udp port 4789", 4, || {
+    let vxlan = capture::on_router(&lab, "h1", "udp port 4789", 4, || {
         for _ in 0..5 {
             assert!(sh::ping(&c[0].0, &c[1].1));
         }
@@ -146,7 +102,7 @@ fn only_traffic_between_segments_is_encapsulated_and_the_router_never_sees_a_poo
         vxlan.len() >= 10,
         "requests and replies encapsulated: {vxlan:?}"
     );
-    let bare = captured(&lab, "any", "net 10.65.0.0/16", 4, || {
+    let bare = capture::on_router(&lab, "any", "net 10.65.0.0/16", 4, || {
         for _ in 0..5 {
             assert!(sh::ping(&c[0].0, &c[1].1));
         }
@@ -156,7 +112,7 @@ fn only_traffic_between_segments_is_encapsulated_and_the_router_never_sees_a_poo
         "no pool address as an outer address on the router: {bare:?}"
     );
     // h1 -> h3 share a segment: plain routing, no VXLAN.
-    let same = captured(&lab, "h1", "udp port 4789", 4, || {
+    let same = capture::on_router(&lab, "h1", "udp port 4789", 4, || {
         for _ in 0..5 {
             assert!(sh::ping(&c[0].0, &c[2].1));
         }

@@ -90,5 +90,27 @@ pub fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
             .map(|ip| ip.to_string())
             .unwrap_or_default(),
         vtep_mac: status.vtep_mac.unwrap_or_default(),
+        bgp: status.bgp.map(bgp_to_pb),
+    }
+}
+
+fn bgp_to_pb(bgp: crate::bgp::BgpStatus) -> pb::BgpStatus {
+    pb::BgpStatus {
+        asn: bgp.asn.get(),
+        router_id: bgp.router_id.to_string(),
+        daemon_running: bgp.daemon.is_ok(),
+        daemon_error: bgp.daemon.err().unwrap_or_default(),
+        sessions: bgp
+            .sessions
+            .into_iter()
+            .map(|s| pb::BgpSession {
+                address: s.address.to_string(),
+                asn: s.asn.get(),
+                state: s.state,
+                info: s.info,
+                since: s.since.unwrap_or(0),
+            })
+            .collect(),
+        announced: bgp.announced.iter().map(|b| b.to_string()).collect(),
     }
 }

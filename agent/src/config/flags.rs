@@ -101,6 +101,24 @@ pub struct Flags {
     /// e.g. 24h; "off" disables [default: off].
     #[arg(long, env = "WEFT_REMOVE_DEAD_HOSTS_AFTER")]
     pub remove_dead_hosts_after: Option<String>,
+    /// Announce this host's blocks over BGP to the peers below, through bird2
+    /// [default: false].
+    #[arg(long, env = "WEFT_BGP", num_args = 0..=1, default_missing_value = "true")]
+    pub bgp: Option<bool>,
+    /// This host's BGP AS number [default: 64512].
+    #[arg(long, env = "WEFT_BGP_ASN")]
+    pub bgp_asn: Option<u32>,
+    /// A BGP peer, IP:ASN or [IPv6]:ASN; repeat for more (in the environment,
+    /// comma-separated).
+    #[arg(long, env = "WEFT_BGP_PEER", value_delimiter = ',')]
+    pub bgp_peer: Vec<String>,
+    /// BGP hold time offered to peers, whole seconds: 0 or 3s to 65535s [default: 9s].
+    #[arg(long, env = "WEFT_BGP_HOLD_TIME")]
+    pub bgp_hold_time: Option<String>,
+    /// Directory of bird's configuration, control socket and PID file
+    /// [default: /run/weft/bird].
+    #[arg(long, env = "WEFT_BGP_DIR")]
+    pub bgp_dir: Option<PathBuf>,
 }
 
 /// The same settings as read from the TOML file.
@@ -130,6 +148,11 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     pub allow_host_port_override: Option<bool>,
     pub protect_datastore: Option<bool>,
+    pub bgp: Option<bool>,
+    pub bgp_asn: Option<u32>,
+    pub bgp_peer: Option<Vec<String>>,
+    pub bgp_hold_time: Option<String>,
+    pub bgp_dir: Option<PathBuf>,
 }
 
 /// Parses durations such as `10s`, `500ms`, `2m` or a bare number of seconds.

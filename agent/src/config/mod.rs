@@ -2,6 +2,7 @@
 //! file given by `--config`, which wins over built-in defaults. Every value is checked here, once,
 //! and typed from then on.
 
+mod bgp;
 mod flags;
 
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 
+pub use bgp::{Asn, BgpPeer, BgpSettings};
 pub use flags::{parse_duration, read_file, FileConfig, Flags};
 
 use crate::model::HostName;
@@ -61,6 +63,8 @@ pub struct Config {
     pub allow_host_port_override: bool,
     /// Keep containers away from etcd and the metrics listener.
     pub protect_datastore: bool,
+    /// Announcing this host's blocks over BGP.
+    pub bgp: BgpSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +119,7 @@ impl Config {
             HostName::new(&host_name).map_err(|e| invalid("host-name", e.to_string()))?;
         let etcd = etcd_settings(&flags, &file)?;
         let pool = pool_settings(&flags, &file)?;
+        let bgp = bgp::bgp_settings(&flags, &file)?;
         let alive_ttl = duration("alive-ttl", flags.alive_ttl.or(file.alive_ttl), "10s")?;
         if alive_ttl < Duration::from_secs(2) {
             return Err(invalid("alive-ttl", "must be at least 2s"));
@@ -169,6 +174,7 @@ impl Config {
                 .protect_datastore
                 .or(file.protect_datastore)
                 .unwrap_or(true),
+            bgp,
         })
     }
 }
@@ -329,6 +335,41 @@ mod tests {
         assert!(config.protect_datastore);
         assert_eq!(config.pool.encapsulation, Encapsulation::CrossSubnet);
         assert_eq!(config.mtu, None);
+        assert!(!config.bgp.enabled);
+        assert_eq!(config.bgp.asn.get(), 64512);
+        assert_eq!(config.bgp.hold_time, Duration::from_secs(9));
+        assert_eq!(config.bgp.dir, PathBuf::from("/run/weft/bird"));
+        assert!(config.bgp.peers.is_empty());
+    }
+
+    #[test]
+    fn bgp_peers_repeat_and_come_from_the_file_too() {
+        let config = Config::resolve(
+            flags(&[
+                "--host-name",
+                "h1",
+                "--bgp",
+                "--bgp-peer",
+                "198.51.100.100:64513",
+                "--bgp-peer",
+                "[2001:db8::100]:64513",
+                "--bgp-hold-time",
+                "3s",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(config.bgp.enabled);
+        let peers: Vec<String> = config.bgp.peers.iter().map(|p| p.to_string()).collect();
+        assert_eq!(peers, ["198.51.100.100:64513", "[2001:db8::100]:64513"]);
+        assert_eq!(config.bgp.hold_time, Duration::from_secs(3));
+        let file: FileConfig =
+            toml::from_str("bgp = true\nbgp-asn = 65001\nbgp-peer = [\"198.51.100.100:64513\"]\n")
+                .unwrap();
+        let config = Config::resolve(flags(&["--host-name", "h1"]), file).unwrap();
+        assert!(config.bgp.enabled);
+        assert_eq!(config.bgp.asn.get(), 65001);
+        assert_eq!(config.bgp.peers[0].to_string(), "198.51.100.100:64513");
     }
 
     #[test]
@@ -385,6 +426,22 @@ mod tests {
         refused(&["--etcd-prefix", "weft"], "etcd-prefix:");
         refused(&["--encapsulation", "ipip"], "encapsulation:");
         refused(&["--mtu", "100"], "mtu:");
+        refused(&["--bgp"], "bgp-peer:");
+        refused(&["--bgp-peer", "198.51.100.100"], "bgp-peer:");
+        refused(&["--bgp-peer", "198.51.100.100:0"], "bgp-peer:");
+        refused(
+            &[
+                "--bgp-peer",
+                "198.51.100.1:1",
+                "--bgp-peer",
+                "198.51.100.1:2",
+            ],
+            "bgp-peer:",
+        );
+        refused(&["--bgp-asn", "0"], "bgp-asn:");
+        refused(&["--bgp-hold-time", "2s"], "bgp-hold-time:");
+        refused(&["--bgp-hold-time", "3500ms"], "bgp-hold-time:");
+        refused(&["--bgp-dir", "bird"], "bgp-dir:");
         let err =
             Config::resolve(flags(&["--host-name", "a/b"]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("host-name:"), "{err}");

@@ -93,6 +93,18 @@ impl EndpointTable {
         lock.lock_owned().await
     }
 
+    /// Holds the container's lock if nobody holds or waits for it: background work (the
+    /// registration check) writes a container's records only under it, so it never races an
+    /// attach or detach of that container.
+    pub fn try_lock(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let mut locks = self.locks.lock().unwrap();
+        let lock = locks.entry(id.to_string()).or_default();
+        if Arc::strong_count(lock) > 1 {
+            return None;
+        }
+        lock.clone().try_lock_owned().ok()
+    }
+
     /// Whether an attach or detach of this container is under way (or waiting).
     pub fn busy(&self, id: &str) -> bool {
         self.locks

@@ -1,7 +1,8 @@
 //! The reconciler: at start, every resync interval and soon after any event, it compares what
 //! the kernel holds with what the cluster and this host's endpoints want, and applies only the
 //! difference. `plan` decides (pure); `apply` carries a plan out; `monitor` turns kernel
-//! notifications into passes and sysctl repairs.
+//! notifications into passes and sysctl repairs. Every pass also brings bird's BGP
+//! announcements up to date (`crate::bgp::sync`).
 
 pub mod apply;
 pub mod monitor;
@@ -167,6 +168,7 @@ impl Reconciler {
         if full {
             apply::firewall(&self.ctx, &mut report).await;
         }
+        crate::bgp::sync(&self.ctx, full);
         report.duration = started.elapsed();
         self.record(full, &report);
         report
@@ -203,18 +205,33 @@ impl Reconciler {
         }
     }
 
-    /// Says once per peer that it gets no route from weft.
+    /// Says once per peer that it gets no route from weft: a peer whose tunnel is pending, or
+    /// one left to the underlay without `--bgp` (with it, that is the design).
     fn warn_unrouted(&self, paths: &std::collections::BTreeMap<String, plan::peers::PeerPath>) {
+        use plan::peers::PeerPath;
+        let bgp = self.ctx.config.bgp.enabled;
         let mut trackers = self.trackers.lock().unwrap();
-        let unrouted: std::collections::BTreeSet<&String> = paths
+        let unrouted: std::collections::BTreeMap<&String, PeerPath> = paths
             .iter()
-            .filter(|(_, p)| **p == plan::peers::PeerPath::Unrouted)
-            .map(|(h, _)| h)
+            .filter(|(_, p)| match p {
+                PeerPath::Unrouted => true,
+                PeerPath::Underlay => !bgp,
+                _ => false,
+            })
+            .map(|(h, p)| (h, *p))
             .collect();
-        trackers.unrouted.retain(|h| unrouted.contains(h));
-        for host in unrouted {
-            if trackers.unrouted.insert(host.clone()) {
-                tracing::warn!(peer = %host, encapsulation = %self.ctx.pool.encapsulation, "peer is off this host's subnet and gets no route from weft (or has no tunnel yet); the underlay must carry it");
+        trackers.unrouted.retain(|h| unrouted.contains_key(h));
+        for (host, path) in unrouted {
+            if !trackers.unrouted.insert(host.clone()) {
+                continue;
+            }
+            match path {
+                PeerPath::Underlay => {
+                    tracing::warn!(peer = %host, "peer is off this host's subnet and the pool's encapsulation is none: weft gives it no route, the underlay must carry the pool (use --bgp, or an encapsulation)")
+                }
+                _ => {
+                    tracing::warn!(peer = %host, "peer is to be reached through the tunnel but has published no tunnel address yet: no route until it does")
+                }
             }
         }
     }

@@ -35,7 +35,7 @@ pub fn desired_routes(
                     via: *tunnel_ip,
                     dev: tunnel?,
                 },
-                PeerPath::Unrouted => return None,
+                PeerPath::Underlay | PeerPath::Unrouted => return None,
             };
             Some((*block, target))
         })

@@ -22,11 +22,13 @@ pub async fn apply(
     sightings: &mut HashMap<String, u32>,
 ) -> Vec<String> {
     settle_unknown(ctx, std::mem::take(&mut plan.unknown), sightings).await;
-    let busy = ctx.endpoints.busy_ids();
     for (stored, held) in std::mem::take(&mut plan.rewrite) {
         let id = &held.container_id;
-        // An operation under way writes its own record.
-        if busy.contains(id) || ctx.endpoints.get(id).as_ref() != Some(&held) {
+        // An operation under way writes its own record; none starts while the lock is held.
+        let Some(_lock) = ctx.endpoints.try_lock(id) else {
+            continue;
+        };
+        if ctx.endpoints.get(id).as_ref() != Some(&held) {
             continue;
         }
         match ctx.store.update_endpoint(&stored, &held).await {
@@ -79,6 +81,14 @@ pub async fn apply(
             continue;
         }
         let id = record.container_id.clone();
+        // The plan saw the endpoint held and its record missing; a detach since (which deletes
+        // the record first) must not see it written again, nor an attach see it written twice.
+        let Some(_lock) = ctx.endpoints.try_lock(&id) else {
+            continue;
+        };
+        if ctx.endpoints.get(&id).as_ref() != Some(&record) {
+            continue;
+        }
         let block = BlockRef {
             pool: pool.clone(),
             block,
@@ -111,14 +121,17 @@ async fn settle_unknown(
     unknown: Vec<EndpointRecord>,
     sightings: &mut HashMap<String, u32>,
 ) {
-    let busy = ctx.endpoints.busy_ids();
     let current: std::collections::HashSet<String> =
         unknown.iter().map(|e| e.container_id.clone()).collect();
     sightings.retain(|id, _| current.contains(id));
     let links = ctx.kernel.links().await.unwrap_or_default();
     for record in unknown {
         let id = record.container_id.clone();
-        if busy.contains(&id) || ctx.endpoints.get(&id).is_some() {
+        // Records of an attach under way are its own; none starts while the lock is held.
+        let Some(_lock) = ctx.endpoints.try_lock(&id) else {
+            continue;
+        };
+        if ctx.endpoints.get(&id).is_some() {
             continue;
         }
         let wired =

@@ -75,6 +75,8 @@ pub struct Gauges {
     pub routes: usize,
     pub rules: usize,
     pub etcd_connected: bool,
+    /// BGP sessions by state (empty without --bgp).
+    pub bgp_sessions: Vec<(String, usize)>,
 }
 
 pub fn now_ms() -> u64 {
@@ -212,6 +214,20 @@ impl Metrics {
             "Whether etcd answered the last request.",
             &[("", gauges.etcd_connected as usize)],
         );
+        if !gauges.bgp_sessions.is_empty() {
+            let labels: Vec<(String, usize)> = gauges
+                .bgp_sessions
+                .iter()
+                .map(|(state, n)| (format!("{{state=\"{state}\"}}"), *n))
+                .collect();
+            let values: Vec<(&str, usize)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+            gauge(
+                out,
+                "weft_bgp_sessions",
+                "BGP sessions of this host's bird by state.",
+                &values,
+            );
+        }
         gauge(
             out,
             "weft_ready",

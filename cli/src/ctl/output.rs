@@ -129,6 +129,40 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
         &["PEER", "UNDERLAY", "STATE", "MODE", "BLOCKS"],
         &rows,
     ));
+    if let Some(bgp) = &s.bgp {
+        out.push_str("\n\n");
+        out.push_str(&bgp_text(bgp));
+    }
+    out
+}
+
+/// The BGP part of `weftctl status`: bird, what it announces, one row per session.
+fn bgp_text(bgp: &pb::BgpStatus) -> String {
+    let daemon = match bgp.daemon_running {
+        true => "running".to_string(),
+        false => format!("NOT ANSWERING ({})", bgp.daemon_error),
+    };
+    let announced = match bgp.announced.is_empty() {
+        true => "-".to_string(),
+        false => bgp.announced.join(", "),
+    };
+    let mut out = format!(
+        "bgp:       AS {}, router id {}, bird {daemon}\nannounced: {announced}\n\n",
+        bgp.asn, bgp.router_id
+    );
+    let rows: Vec<Vec<String>> = bgp
+        .sessions
+        .iter()
+        .map(|p| {
+            vec![
+                p.address.clone(),
+                p.asn.to_string(),
+                p.state.clone(),
+                p.info.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["BGP PEER", "ASN", "SESSION", "INFO"], &rows));
     out
 }
 
@@ -155,6 +189,14 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "host": p.host, "underlay_ip": p.underlay_ip, "blocks": p.blocks, "alive": p.alive,
             "encapsulated": p.encapsulated, "mode": p.mode,
         })).collect::<Vec<_>>(),
+        "bgp": s.bgp.as_ref().map(|b| json!({
+            "asn": b.asn, "router_id": b.router_id, "daemon_running": b.daemon_running,
+            "daemon_error": b.daemon_error, "announced": b.announced,
+            "sessions": b.sessions.iter().map(|p| json!({
+                "address": p.address, "asn": p.asn, "state": p.state, "info": p.info,
+                "since": p.since,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -169,6 +211,41 @@ pub fn print(json: bool, value: serde_json::Value, text: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_shows_bgp_sessions() {
+        let status = pb::StatusResponse {
+            bgp: Some(pb::BgpStatus {
+                asn: 64512,
+                router_id: "198.51.100.1".into(),
+                daemon_running: true,
+                daemon_error: String::new(),
+                sessions: vec![pb::BgpSession {
+                    address: "198.51.100.100".into(),
+                    asn: 64513,
+                    state: "Established".into(),
+                    info: String::new(),
+                    since: 1_700_000_000,
+                }],
+                announced: vec!["10.65.7.0/26".into()],
+            }),
+            ..Default::default()
+        };
+        let text = status_text(&status);
+        assert!(
+            text.ends_with(
+                "bgp:       AS 64512, router id 198.51.100.1, bird running\n\
+                 announced: 10.65.7.0/26\n\n\
+                 BGP PEER        ASN    SESSION      INFO\n\
+                 198.51.100.100  64513  Established"
+            ),
+            "{text}"
+        );
+        let json = status_json(&status);
+        assert_eq!(json["bgp"]["sessions"][0]["state"], "Established");
+        assert_eq!(json["bgp"]["sessions"][0]["asn"], 64513);
+        assert!(status_json(&pb::StatusResponse::default())["bgp"].is_null());
+    }
 
     #[test]
     fn tables_align() {

@@ -39,6 +39,10 @@ enum Command {
         /// they are reached through VXLAN.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         subnets: u8,
+        /// The router runs bird2 as top-of-rack router (AS 64513) and every agent announces its
+        /// blocks to it over BGP (AS 64512): the outside host reaches containers directly.
+        #[arg(long)]
+        bgp: bool,
     },
     /// Run the seeded randomized fault run: bursts of attaches, detaches, CNI operations, agent
     /// kills, etcd pauses and partitions, tampering; the invariant checker at every quiet point.
@@ -75,7 +79,8 @@ fn main() -> ExitCode {
             containers,
             keep,
             subnets,
-        } => match demo(hosts, containers, keep, subnets as usize) {
+            bgp,
+        } => match demo(hosts, containers, keep, subnets as usize, bgp) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -143,7 +148,13 @@ struct Container {
     ip: String,
 }
 
-fn demo(hosts: usize, per_host: usize, keep: bool, subnets: usize) -> anyhow::Result<bool> {
+fn demo(
+    hosts: usize,
+    per_host: usize,
+    keep: bool,
+    subnets: usize,
+    bgp: bool,
+) -> anyhow::Result<bool> {
     anyhow::ensure!((1..=50).contains(&hosts), "--hosts must be 1 to 50");
     let started = Instant::now();
     println!(
@@ -153,6 +164,7 @@ fn demo(hosts: usize, per_host: usize, keep: bool, subnets: usize) -> anyhow::Re
     let mut lab = Lab::new(LabOptions {
         hosts,
         subnets,
+        bgp,
         ..Default::default()
     })?;
     println!(
@@ -239,6 +251,14 @@ fn demo(hosts: usize, per_host: usize, keep: bool, subnets: usize) -> anyhow::Re
         containers.len()
     );
     failures += containers.len() - outside_ok;
+
+    if bgp {
+        let shown: Vec<(&str, &str)> = containers
+            .iter()
+            .map(|c| (c.name.as_str(), c.ip.as_str()))
+            .collect();
+        failures += weft_tests::bgp::show_demo(&lab, &shown)?;
+    }
 
     println!("== weftctl status on {}", lab.hosts[0].name);
     let out = lab.ctl(0, &["status"])?;

@@ -21,8 +21,11 @@ pub enum PeerPath {
         tunnel_ip: IpAddr,
         vtep: Mac,
     },
-    /// No route from weft: off the subnet with encapsulation `none` (the underlay's routing
-    /// carries it), or a peer that has not published its tunnel yet.
+    /// Off the subnet with encapsulation `none`: no route from weft, the underlay's routing
+    /// carries it (with `--bgp`, because the routers learned every block).
+    Underlay,
+    /// To be reached through the tunnel, but the peer has not published its tunnel yet: no
+    /// route until it does.
     Unrouted,
 }
 
@@ -32,6 +35,7 @@ impl PeerPath {
         match self {
             PeerPath::Direct { .. } => "direct",
             PeerPath::Tunnel { .. } => "vxlan",
+            PeerPath::Underlay => "underlay",
             PeerPath::Unrouted => "unrouted",
         }
     }
@@ -62,7 +66,7 @@ pub fn peer_paths(
                 (_, true) => PeerPath::Direct {
                     via: host.underlay_ip,
                 },
-                (Encapsulation::None, false) => PeerPath::Unrouted,
+                (Encapsulation::None, false) => PeerPath::Underlay,
             };
             (name.clone(), path)
         })
@@ -178,8 +182,9 @@ mod tests {
         assert_eq!(always["c"], tunnel_c);
         let never = peer_paths("a", subnet, Encapsulation::None, &hosts());
         assert_eq!(never["b"], direct_b);
-        assert_eq!(never["c"], PeerPath::Unrouted);
-        assert_eq!(never["c"].mode(), "unrouted");
+        assert_eq!(never["c"], PeerPath::Underlay);
+        assert_eq!(never["c"].mode(), "underlay");
+        assert_eq!(cross["d"].mode(), "unrouted");
     }
 
     #[test]
