@@ -9,6 +9,7 @@
 //! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
 //! side and nothing is ever routed towards the machine's real interfaces.
 
+pub mod bench;
 pub mod bgp;
 pub mod capture;
 pub mod chaos;

@@ -1,0 +1,74 @@
+//! Attach and detach latency and throughput, weft against ptp + host-local, sequential and with
+//! concurrent clients.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
+use super::cni::{cni, ptp_config};
+use super::{timed, Options, Report, CONCURRENCY};
+
+pub fn run(report: &mut Report, options: &Options) -> Result<()> {
+    for n in options.size(vec![50], vec![100, 500]) {
+        for concurrency in [1, CONCURRENCY] {
+            attach_detach(report, n, concurrency)?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_detach(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
+    println!("== attach/detach N={n} concurrency={concurrency}");
+    let lab = one_host_lab()?;
+    let host = lab.hosts[0].name.clone();
+    let client = Arc::new(Client::new(&lab, 0)?);
+
+    // weft
+    let ns = namespaces(&lab, "w", n)?;
+    let attach = timed(n, concurrency, |i| {
+        let netns = format!("/run/netns/{}", ns[i]);
+        client.attach(i % concurrency, format!("b{i}"), netns, vec![])
+    })?;
+    let detach = timed(n, concurrency, |i| {
+        client.detach(i % concurrency, format!("b{i}"))
+    })?;
+    delete_namespaces(&ns)?;
+
+    // ptp + host-local
+    let ns = namespaces(&lab, "p", n)?;
+    let config = ptp_config(&lab.dir);
+    let plugin = |command: &str, i: usize| {
+        let netns = format!("/run/netns/{}", ns[i]);
+        cni(&host, "ptp", command, &format!("p{i}"), &netns, &config).map(|_| ())
+    };
+    let add = timed(n, concurrency, |i| plugin("ADD", i))?;
+    let del = timed(n, concurrency, |i| plugin("DEL", i))?;
+    delete_namespaces(&ns)?;
+
+    let key = format!("attach.n{n}.c{concurrency}");
+    report.run(&format!("{key}.weft"), &attach);
+    report.run(&format!("{key}.ptp"), &add);
+    report.line(
+        &format!("{key}.p50_ratio_weft_over_ptp"),
+        attach.pct(0.5) / add.pct(0.5),
+        "x",
+        "target <= 0.5",
+    );
+    report.line(
+        &format!("{key}.rate_ratio_weft_over_ptp"),
+        attach.rate() / add.rate(),
+        "x",
+        "target >= 5 (concurrent)",
+    );
+    let key = format!("detach.n{n}.c{concurrency}");
+    report.run(&format!("{key}.weft"), &detach);
+    report.run(&format!("{key}.ptp"), &del);
+    report.line(
+        &format!("{key}.rate_ratio_weft_over_ptp"),
+        detach.rate() / del.rate(),
+        "x",
+        "target >= 5",
+    );
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! The benchmark (`weft-bench`, run by `deploy/bench/run`): weft against the CNI reference
+//! plugins (ptp + host-local, + portmap) and the kernel, measured in the same run on the same
+//! machine. Each case is one module with one job; it builds its own lab, removes it, and adds
+//! its figures to the [`Report`] (a table and `BENCH key=value` lines).
+//!
+//! Adding a case: a module with `pub fn run(report: &mut Report, options: &Options) -> Result<()>`
+//! and one line in [`CASES`].
+
+pub mod attach;
+pub mod client;
+pub mod cni;
+pub mod convergence;
+pub mod dataplane;
+pub mod ports;
+pub mod report;
+pub mod restart;
+pub mod scale;
+
+use anyhow::{bail, Result};
+
+pub use report::{timed, Report, Run};
+
+/// Client threads of the concurrent runs.
+pub const CONCURRENCY: usize = 8;
+
+/// What every case is told.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Smaller sizes, for a smoke run.
+    pub quick: bool,
+}
+
+impl Options {
+    /// `quick` in a quick run, `full` otherwise.
+    pub fn size<T>(&self, quick: T, full: T) -> T {
+        match self.quick {
+            true => quick,
+            false => full,
+        }
+    }
+}
+
+/// One benchmark case.
+pub struct Case {
+    /// Its name in `--only`.
+    pub name: &'static str,
+    /// Whether a run without `--only` includes it.
+    pub default: bool,
+    pub run: fn(&mut Report, &Options) -> Result<()>,
+}
+
+impl Case {
+    /// A case every run includes.
+    pub const fn new(name: &'static str, run: fn(&mut Report, &Options) -> Result<()>) -> Self {
+        Self {
+            name,
+            default: true,
+            run,
+        }
+    }
+
+    /// A case run only when `--only` names it (long, or needing more than the default lab).
+    pub const fn extra(name: &'static str, run: fn(&mut Report, &Options) -> Result<()>) -> Self {
+        Self {
+            name,
+            default: false,
+            run,
+        }
+    }
+}
+
+/// Every case, in the order a full run measures them.
+pub const CASES: &[Case] = &[
+    Case::new("attach", attach::run),
+    Case::new("ports", ports::run),
+    Case::new("convergence", convergence::run),
+    Case::new("dataplane", dataplane::run),
+    Case::new("restart", restart::run),
+    Case::new("scale", scale::run),
+];
+
+/// The cases `only` names (comma-separated), or every default case when it is `None`.
+pub fn select(only: Option<&str>) -> Result<Vec<&'static Case>> {
+    let Some(only) = only else {
+        return Ok(CASES.iter().filter(|c| c.default).collect());
+    };
+    let mut chosen = vec![];
+    for name in only.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match CASES.iter().find(|c| c.name == name) {
+            Some(case) => chosen.push(case),
+            None => bail!(
+                "unknown benchmark case {name:?}; cases: {}",
+                CASES.iter().map(|c| c.name).collect::<Vec<_>>().join(",")
+            ),
+        }
+    }
+    Ok(chosen)
+}
+
+/// Runs the cases in order and prints the table at the end.
+pub fn run(cases: &[&Case], options: &Options) -> Result<Report> {
+    let mut report = Report::default();
+    for case in cases {
+        (case.run)(&mut report, options)?;
+    }
+    report.print();
+    Ok(report)
+}

@@ -1,0 +1,95 @@
+//! Figures: latency samples of one timed run, and the report every case adds its lines to.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+/// Latency samples of one run.
+pub struct Run {
+    pub samples: Vec<Duration>,
+    pub wall: Duration,
+}
+
+impl Run {
+    /// The `p` quantile (0..=1) of the samples, in milliseconds.
+    pub fn pct(&self, p: f64) -> f64 {
+        let mut s: Vec<f64> = self.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+        s.get(i).copied().unwrap_or(f64::NAN)
+    }
+
+    /// Samples per second of wall time.
+    pub fn rate(&self) -> f64 {
+        self.samples.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// The figures of a whole benchmark run.
+#[derive(Default)]
+pub struct Report {
+    rows: Vec<(String, String, String)>,
+}
+
+impl Report {
+    /// One figure: printed at once as a `BENCH` line, and kept for the table.
+    pub fn line(&mut self, key: &str, value: f64, unit: &str, note: &str) {
+        println!("BENCH {key}={value:.3} unit={unit}");
+        self.rows.push((
+            key.to_string(),
+            format!("{value:.2} {unit}"),
+            note.to_string(),
+        ));
+    }
+
+    /// p50, p99 and rate of a timed run.
+    pub fn run(&mut self, key: &str, run: &Run) {
+        self.line(&format!("{key}.p50"), run.pct(0.5), "ms", "");
+        self.line(&format!("{key}.p99"), run.pct(0.99), "ms", "");
+        self.line(&format!("{key}.rate"), run.rate(), "per_s", "");
+    }
+
+    pub fn print(&self) {
+        println!();
+        println!("{:<44} {:>16}  note", "measure", "value");
+        for (k, v, n) in &self.rows {
+            println!("{k:<44} {v:>16}  {n}");
+        }
+    }
+}
+
+/// Runs `job(i)` for i in 0..n on `concurrency` threads; returns per-job latencies.
+pub fn timed<F>(n: usize, concurrency: usize, job: F) -> Result<Run>
+where
+    F: Fn(usize) -> Result<()> + Send + Sync,
+{
+    let job = &job;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    let results: Vec<Result<Vec<Duration>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let next = &next;
+                scope.spawn(move || -> Result<Vec<Duration>> {
+                    let mut samples = vec![];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i >= n {
+                            return Ok(samples);
+                        }
+                        let t = Instant::now();
+                        job(i)?;
+                        samples.push(t.elapsed());
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = started.elapsed();
+    let mut samples = vec![];
+    for r in results {
+        samples.extend(r?);
+    }
+    Ok(Run { samples, wall })
+}
