@@ -152,7 +152,12 @@ pub(super) fn check_agent(s: &Snapshot, host: &HostView, v: &mut Vec<Violation>)
 }
 
 /// The agent's List against etcd's endpoint records of the host.
-pub(super) fn check_list(s: &Snapshot, host: &HostView, listed: &[Endpoint], v: &mut Vec<Violation>) {
+pub(super) fn check_list(
+    s: &Snapshot,
+    host: &HostView,
+    listed: &[Endpoint],
+    v: &mut Vec<Violation>,
+) {
     let name = &host.name;
     let recorded = s.records.endpoints_of(name);
     let mut seen = BTreeSet::new();

@@ -2,7 +2,12 @@
 
 use super::*;
 
-pub(super) fn check_links_and_sysctls(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut Vec<Violation>) {
+pub(super) fn check_links_and_sysctls(
+    s: &Snapshot,
+    host: &HostView,
+    k: &HostKernel,
+    v: &mut Vec<Violation>,
+) {
     let name = &host.name;
     let endpoints = s.records.endpoints_of(name);
     let in_service: BTreeMap<&str, &Value> = k

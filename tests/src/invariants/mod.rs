@@ -38,15 +38,15 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-pub use model::*;
-pub use read::{in_netns, output_within, read_container, read_host_kernel, snapshot};
-pub use rules::{parse_dnat, rule_words};
 use agents::*;
 use cluster::*;
 use containers::*;
 use kernel::*;
+pub use model::*;
 use read::*;
+pub use read::{in_netns, output_within, read_container, read_host_kernel, snapshot};
 use rules::*;
+pub use rules::{parse_dnat, rule_words};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -109,7 +109,6 @@ impl fmt::Display for Violation {
         )
     }
 }
-
 
 /// What a clean check covered, so a caller can tell a vacuous pass from a real one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -4,7 +4,6 @@
 
 use super::*;
 
-
 /// Runs a command with `stdin` as its input, killing it (by its PID: we started it) when it
 /// outlives `limit`.
 pub fn output_within(

@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 /// Splits an iptables-save rule into words, honouring double quotes.
 pub fn rule_words(line: &str) -> Vec<String> {
     let mut words = vec![];

@@ -169,7 +169,6 @@ impl Lab {
         ))
     }
 
-
     /// Starts a helper process inside namespace `ns`; it is ended with the lab.
     pub fn spawn_in(&mut self, ns: &str, program: &str, args: &[&str]) -> Result<()> {
         self.spawn_logged(ns, program, args, None)

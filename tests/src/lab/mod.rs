@@ -17,8 +17,8 @@ mod cleanup;
 mod faults;
 mod network;
 
-pub use cleanup::{list_netns, reap_orphans, teardown_leftovers, teardown_namespaces};
 use cleanup::lab_dir;
+pub use cleanup::{list_netns, reap_orphans, teardown_leftovers, teardown_namespaces};
 pub use network::host_address;
 
 use std::collections::BTreeMap;
@@ -79,7 +79,6 @@ impl Default for LabOptions {
         }
     }
 }
-
 
 pub struct LabHost {
     /// Both the namespace name and the agent's host name.

@@ -5,9 +5,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 
-use super::{Lab, LabHost, ROUTER_IP, ROUTER_IP_2, OUTSIDE_GW, OUTSIDE_IP};
+use super::{Lab, LabHost, OUTSIDE_GW, OUTSIDE_IP, ROUTER_IP, ROUTER_IP_2};
 use crate::sh;
-
 
 /// The underlay address of host `i` (0-based) and its segment's router address.
 pub fn host_address(i: usize, subnets: usize) -> (Ipv4Addr, &'static str) {
