@@ -6,10 +6,11 @@
 //! the world only through seams: `kernel` (netlink, sysctls, namespaces), `firewall`
 //! (iptables) and `store` (etcd). `model` holds the typed domain values; `config` the settings;
 //! `telemetry` metrics, health and systemd notifications; `bgp` announces this host's blocks
-//! to routers outside weft through bird2.
+//! to routers outside weft through bird2; `blocks` gives blocks that stay empty back.
 
 pub mod api;
 pub mod bgp;
+pub mod blocks;
 pub mod cluster;
 pub mod config;
 pub mod context;

@@ -134,6 +134,7 @@ impl Agent {
             tokio::spawn(liveness::run_liveness(ctx.clone(), self.datastore.clone())),
             tokio::spawn(monitor::run_kernel_monitor(ctx.clone())),
             tokio::spawn(monitor::run_netconf_monitor(ctx.clone())),
+            tokio::spawn(crate::blocks::run_releaser(ctx.clone())),
         ];
         let socket = ctx.config.socket.clone();
         let listener = crate::api::bind_socket(&socket)

@@ -21,6 +21,16 @@ pub enum Encapsulation {
 }
 
 impl Encapsulation {
+    /// Whether traffic to a peer goes through the tunnel, by whether the peer is on this host's
+    /// subnet. (Off the subnet without encapsulation, the underlay must carry it.)
+    pub fn tunnels(self, same_subnet: bool) -> bool {
+        match self {
+            Encapsulation::Vxlan => true,
+            Encapsulation::CrossSubnet => !same_subnet,
+            Encapsulation::None => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Encapsulation::CrossSubnet => "cross-subnet",
@@ -77,6 +87,19 @@ pub struct HostRecord {
     /// Address of the host's VXLAN device (an address of the pool), idem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_ip: Option<IpAddr>,
+}
+
+impl HostRecord {
+    /// Whether `other`'s underlay address is on this host's subnet; hosts that did not record
+    /// their prefix (older agents) count as one subnet, as they were then.
+    pub fn shares_subnet_with(&self, other: &HostRecord) -> bool {
+        let Some(prefix) = self.underlay_prefix else {
+            return true;
+        };
+        ipnetwork::IpNetwork::new(self.underlay_ip, prefix)
+            .map(|net| net.contains(other.underlay_ip))
+            .unwrap_or(true)
+    }
 }
 
 /// `alive/<host>`: present while the host's agent keeps its lease alive.

@@ -106,6 +106,17 @@ impl ClusterState {
         });
     }
 
+    /// Records a release of ours at once, before its watch event arrives.
+    pub fn released(&self, pool: &str, block: IpNetwork) {
+        self.view
+            .write()
+            .unwrap()
+            .apply(ClusterEvent::BlockDeleted {
+                pool: pool.to_string(),
+                block,
+            });
+    }
+
     pub fn pools(&self) -> Vec<(String, PoolRecord)> {
         self.pools.read().unwrap().clone()
     }

@@ -101,6 +101,10 @@ pub struct Flags {
     /// e.g. 24h; "off" disables [default: off].
     #[arg(long, env = "WEFT_REMOVE_DEAD_HOSTS_AFTER")]
     pub remove_dead_hosts_after: Option<String>,
+    /// Give back to the pool a block of this host that has held no address this long (never
+    /// the host's last block of a pool); "off" keeps blocks forever [default: 15m].
+    #[arg(long, env = "WEFT_BLOCK_RELEASE_AFTER")]
+    pub block_release_after: Option<String>,
     /// Announce this host's blocks over BGP to the peers below, through bird2
     /// [default: false].
     #[arg(long, env = "WEFT_BGP", num_args = 0..=1, default_missing_value = "true")]
@@ -144,6 +148,7 @@ pub struct FileConfig {
     pub alive_ttl: Option<String>,
     pub resync_interval: Option<String>,
     pub remove_dead_hosts_after: Option<String>,
+    pub block_release_after: Option<String>,
     pub metrics_addr: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub allow_host_port_override: Option<bool>,

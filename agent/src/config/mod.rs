@@ -56,6 +56,8 @@ pub struct Config {
     pub alive_ttl: Duration,
     pub resync_interval: Duration,
     pub remove_dead_hosts_after: Option<Duration>,
+    /// How long a block of this host stays empty before it is released; None: never.
+    pub block_release_after: Option<Duration>,
     pub metrics_addr: Option<SocketAddr>,
     /// The agent's local state (its journal of endpoints).
     pub state_dir: PathBuf,
@@ -138,6 +140,10 @@ impl Config {
                 .or(file.remove_dead_hosts_after),
             alive_ttl,
         )?;
+        let block_release_after = release_after(
+            flags.block_release_after.or(file.block_release_after),
+            etcd.timeout,
+        )?;
         Ok(Config {
             host_name: host_name.clone(),
             etcd,
@@ -160,6 +166,7 @@ impl Config {
             alive_ttl,
             resync_interval,
             remove_dead_hosts_after,
+            block_release_after,
             metrics_addr: metrics_addr(flags.metrics_addr.or(file.metrics_addr))?,
             // Named after the host: several agents of a lab share one machine's /run.
             state_dir: flags
@@ -287,6 +294,27 @@ fn remove_after(
     }
 }
 
+/// `--block-release-after`: longer than one etcd request, so that a write of an earlier agent
+/// still in flight when it was killed has landed (and is seen) before its block can go.
+fn release_after(
+    value: Option<String>,
+    etcd_timeout: Duration,
+) -> Result<Option<Duration>, ConfigError> {
+    match value.as_deref().unwrap_or("15m") {
+        "off" => Ok(None),
+        text => {
+            let after = parse_duration(text).map_err(|m| invalid("block-release-after", m))?;
+            if after <= etcd_timeout {
+                return Err(invalid(
+                    "block-release-after",
+                    format!("must be longer than etcd-timeout ({etcd_timeout:?}), or off"),
+                ));
+            }
+            Ok(Some(after))
+        }
+    }
+}
+
 fn metrics_addr(value: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
     match value.as_deref().unwrap_or("127.0.0.1:9099") {
         "" => Ok(None),
@@ -385,6 +413,23 @@ mod tests {
     }
 
     #[test]
+    fn blocks_are_released_after_fifteen_minutes_unless_told_otherwise() {
+        let release = |args: &[&str]| {
+            let mut all = vec!["--host-name", "h1"];
+            all.extend_from_slice(args);
+            Config::resolve(flags(&all), FileConfig::default())
+                .unwrap()
+                .block_release_after
+        };
+        assert_eq!(release(&[]), Some(Duration::from_secs(900)));
+        assert_eq!(
+            release(&["--block-release-after", "3s"]),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(release(&["--block-release-after", "off"]), None);
+    }
+
+    #[test]
     fn flags_win_over_file() {
         let file: FileConfig =
             toml::from_str("host-name = \"file\"\npool = \"10.70.0.0/16\"\nblock-size = 28\n")
@@ -421,6 +466,8 @@ mod tests {
             &["--remove-dead-hosts-after", "1s"],
             "remove-dead-hosts-after:",
         );
+        refused(&["--block-release-after", "2s"], "block-release-after:");
+        refused(&["--block-release-after", "soon"], "block-release-after:");
         refused(&["--metrics-addr", "nowhere"], "metrics-addr:");
         refused(&["--log-format", "xml"], "log-format:");
         refused(&["--etcd-prefix", "weft"], "etcd-prefix:");

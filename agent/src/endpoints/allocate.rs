@@ -5,12 +5,14 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use ipnetwork::IpNetwork;
+
 use tracing::{debug, info, warn};
 use weft_etcd::records::EndpointRecord;
 use weft_etcd::{alloc, BlockRef, CreateConflict};
 
 use super::error::EndpointError;
-use super::table::Settle;
+use super::table::{Settle, Taken};
 use crate::context::Context;
 use crate::model::{veth_name, ContainerId, Route, RouteTarget};
 
@@ -25,6 +27,15 @@ pub fn choose_veth_name(id: &ContainerId, taken: &HashSet<String>) -> String {
         .expect("a free name among unboundedly many")
 }
 
+/// The blocks an allocation may pick from: not those being released.
+fn open_blocks(blocks: &[IpNetwork], taken: &Taken) -> Vec<IpNetwork> {
+    blocks
+        .iter()
+        .filter(|b| !taken.retiring.contains(b))
+        .copied()
+        .collect()
+}
+
 /// Picks an address and a veth name, then writes the endpoint record guarded by the address.
 /// The record is in the table from the moment it is written, so the route the attach adds is
 /// never taken for stale by the reconciler.
@@ -37,8 +48,9 @@ pub async fn allocate(
     for _ in 0..ATTEMPTS {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
         let picked = ctx.endpoints.reserve(ctx.tunnel_ip(), |taken| {
-            let ip = alloc::first_free_ip(&blocks, &taken.ips)?;
-            let block = *blocks.iter().find(|b| b.contains(ip))?;
+            let open = open_blocks(&blocks, taken);
+            let ip = alloc::first_free_ip(&open, &taken.ips)?;
+            let block = *open.iter().find(|b| b.contains(ip))?;
             Some((ip, choose_veth_name(id, &taken.names), block))
         });
         let Some((ip, name, block)) = picked else {
@@ -64,6 +76,12 @@ pub async fn allocate(
             Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
                 ctx.endpoints.settle(ip, &name, Settle::Written(existing));
                 return Ok(record);
+            }
+            // Released after the view was read (by another agent of this host's name, or an
+            // operator): try again on the view as it is now.
+            Err(CreateConflict::Store(weft_etcd::StoreError::BlockReleased { block })) => {
+                debug!(%block, "block released meanwhile; trying another");
+                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
             }
             Err(CreateConflict::EndpointExists(existing)) => {
                 ctx.endpoints.settle(ip, &name, Settle::Abandoned);
@@ -92,8 +110,9 @@ pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
     for _ in 0..ATTEMPTS {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
         let picked = ctx.endpoints.reserve(None, |taken| {
-            let ip = alloc::first_free_ip(&blocks, &taken.ips)?;
-            let block = *blocks.iter().find(|b| b.contains(ip))?;
+            let open = open_blocks(&blocks, taken);
+            let ip = alloc::first_free_ip(&open, &taken.ips)?;
+            let block = *open.iter().find(|b| b.contains(ip))?;
             // No veth comes with it: an empty name reserves nothing.
             Some((ip, String::new(), block))
         });

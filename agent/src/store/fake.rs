@@ -223,6 +223,22 @@ impl Store for FakeStore {
         Ok(owner.1 == host)
     }
 
+    async fn release_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        self.check("release")?;
+        let mut state = self.state.lock().unwrap();
+        let ours = (pool_name.to_string(), host.to_string());
+        if state.blocks.get(&block) != Some(&ours) {
+            return Ok(false);
+        }
+        state.blocks.remove(&block);
+        Ok(true)
+    }
+
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError> {
         self.check("list")?;
         let state = self.state.lock().unwrap();

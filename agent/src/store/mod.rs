@@ -52,6 +52,13 @@ pub trait Store: Send + Sync + 'static {
         block: IpNetwork,
         host: &str,
     ) -> Result<bool, StoreError>;
+    /// Gives a block of `host` back to its pool if it still is `host`'s; true when it was.
+    async fn release_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError>;
     /// The endpoint records of a host.
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError>;
     /// Writes the host's registration if it is absent or different.
@@ -140,6 +147,15 @@ impl Store for Etcd {
         self.datastore
             .claim_exact_block(pool_name, block, host)
             .await
+    }
+
+    async fn release_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        self.datastore.release_block(pool_name, block, host).await
     }
 
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError> {

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub detach_seconds: Histogram,
     pub reconcile_seconds: Histogram,
     pub repairs: AtomicU64,
+    /// Blocks given back to their pool after staying empty.
+    pub blocks_released: AtomicU64,
     pub etcd_errors: AtomicU64,
     pub iptables_restores: AtomicU64,
     pub iptables_errors: AtomicU64,
@@ -153,6 +155,12 @@ impl Metrics {
             "weft_repairs_total",
             "Kernel objects the reconciler had to add, change or remove.",
             &[("", load(&self.repairs))],
+        );
+        counter(
+            out,
+            "weft_blocks_released_total",
+            "Blocks of this host given back to their pool after staying empty.",
+            &[("", load(&self.blocks_released))],
         );
         counter(
             out,

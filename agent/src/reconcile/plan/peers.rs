@@ -61,12 +61,12 @@ pub fn peer_paths(
                 },
                 _ => PeerPath::Unrouted,
             };
-            let path = match (encapsulation, local) {
-                (Encapsulation::Vxlan, _) | (Encapsulation::CrossSubnet, false) => tunnel(),
-                (_, true) => PeerPath::Direct {
+            let path = match (encapsulation.tunnels(local), local) {
+                (true, _) => tunnel(),
+                (false, true) => PeerPath::Direct {
                     via: host.underlay_ip,
                 },
-                (Encapsulation::None, false) => PeerPath::Underlay,
+                (false, false) => PeerPath::Underlay,
             };
             (name.clone(), path)
         })
@@ -81,12 +81,10 @@ pub fn needs_tunnel(
     encapsulation: Encapsulation,
     hosts: &BTreeMap<String, HostRecord>,
 ) -> bool {
-    let mut peers = hosts.iter().filter(|(name, _)| name.as_str() != me);
-    match encapsulation {
-        Encapsulation::None => false,
-        Encapsulation::Vxlan => peers.next().is_some(),
-        Encapsulation::CrossSubnet => peers.any(|(_, h)| !subnet.contains(h.underlay_ip)),
-    }
+    hosts
+        .iter()
+        .filter(|(name, _)| name.as_str() != me)
+        .any(|(_, h)| encapsulation.tunnels(subnet.contains(h.underlay_ip)))
 }
 
 /// What the tunnel device must hold.
