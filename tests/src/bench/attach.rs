@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
 use super::cni::{cni, ptp_config};
-use super::{timed, Options, Report, CONCURRENCY};
+use super::{timed, Better, Options, Report, CONCURRENCY};
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
     for n in options.size(vec![50], vec![100, 500]) {
@@ -49,26 +49,26 @@ fn attach_detach(report: &mut Report, n: usize, concurrency: usize) -> Result<()
     let key = format!("attach.n{n}.c{concurrency}");
     report.run(&format!("{key}.weft"), &attach);
     report.run(&format!("{key}.ptp"), &add);
-    report.line(
+    report.ratio(
         &format!("{key}.p50_ratio_weft_over_ptp"),
         attach.pct(0.5) / add.pct(0.5),
-        "x",
-        "target <= 0.5",
+        Better::Lower,
+        Some(0.5),
     );
-    report.line(
+    report.ratio(
         &format!("{key}.rate_ratio_weft_over_ptp"),
         attach.rate() / add.rate(),
-        "x",
-        "target >= 5 (concurrent)",
+        Better::Higher,
+        (concurrency > 1).then_some(5.0),
     );
     let key = format!("detach.n{n}.c{concurrency}");
     report.run(&format!("{key}.weft"), &detach);
     report.run(&format!("{key}.ptp"), &del);
-    report.line(
+    report.ratio(
         &format!("{key}.rate_ratio_weft_over_ptp"),
         detach.rate() / del.rate(),
-        "x",
-        "target >= 5",
+        Better::Higher,
+        Some(5.0),
     );
     Ok(())
 }

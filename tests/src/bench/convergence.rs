@@ -1,5 +1,7 @@
 //! Route convergence: the time from a block claimed on one host to its route in another host's
-//! kernel, read from the claiming agent's log and `ip -ts monitor route` on the other host.
+//! kernel, read from the claiming agent's log and `ip -ts monitor route` on the other host; for
+//! a peer on the same segment (a plain route) and for one on the other segment (a route through
+//! `weft.vxlan`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,14 +12,30 @@ use super::client::{seconds_of_day, Client};
 use super::{Options, Report, Run};
 use crate::{Lab, LabOptions};
 
+/// h1 and h2 on one segment.
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
-    convergence(report, options.size(30, 120))
+    convergence(report, options.size(30, 120), 1)
 }
 
-fn convergence(report: &mut Report, blocks: usize) -> Result<()> {
-    println!("== route convergence over {blocks} new blocks (3 hosts)");
+/// h1 and h2 on different segments: the route on h2 goes through its VXLAN device.
+pub fn run_vxlan(report: &mut Report, options: &Options) -> Result<()> {
+    convergence(report, options.size(30, 120), 2)
+}
+
+fn convergence(report: &mut Report, blocks: usize, subnets: usize) -> Result<()> {
+    // What marks the route to h1's block in h2's monitor log.
+    let (key, marker, what) = match subnets {
+        1 => ("convergence", " via ", "3 hosts, one segment"),
+        _ => (
+            "convergence.vxlan",
+            "dev weft.vxlan",
+            "3 hosts, h2 on the other segment",
+        ),
+    };
+    println!("== route convergence over {blocks} new blocks ({what})");
     // /32 blocks: every attach on h1 claims a new block.
     let mut lab = Lab::new(LabOptions {
+        subnets,
         agent_args: vec![
             "--pool".into(),
             "10.66.0.0/22".into(),
@@ -44,7 +62,7 @@ fn convergence(report: &mut Report, blocks: usize) -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let claims = claims(&lab.agent_log(0));
     let monitor = std::fs::read_to_string(&monitor_log)?;
-    let delays = delays(&claims, &monitor, " via ");
+    let delays = delays(&claims, &monitor, marker);
     if delays.len() < blocks * 9 / 10 {
         bail!(
             "only {} of {blocks} routes were seen on h2 ({} claims logged; monitor saw:\n{})",
@@ -57,9 +75,10 @@ fn convergence(report: &mut Report, blocks: usize) -> Result<()> {
         wall: Duration::from_secs(1),
         samples: delays,
     };
-    report.line("convergence.blocks", run.samples.len() as f64, "count", "");
-    report.line("convergence.p50", run.pct(0.5), "ms", "");
-    report.line("convergence.p99", run.pct(0.99), "ms", "target <= 100");
+    let count = run.samples.len() as f64;
+    report.line(&format!("{key}.blocks"), count, "count", "");
+    report.line(&format!("{key}.p50"), run.pct(0.5), "ms", "");
+    report.line(&format!("{key}.p99"), run.pct(0.99), "ms", "target <= 100");
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! and one line in [`CASES`].
 
 pub mod attach;
+pub mod baseline;
 pub mod client;
 pub mod cni;
 pub mod convergence;
@@ -16,9 +17,9 @@ pub mod report;
 pub mod restart;
 pub mod scale;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-pub use report::{timed, Report, Run};
+pub use report::{timed, Better, Ratio, Report, Run};
 
 /// Client threads of the concurrent runs.
 pub const CONCURRENCY: usize = 8;
@@ -74,7 +75,9 @@ pub const CASES: &[Case] = &[
     Case::new("attach", attach::run),
     Case::new("ports", ports::run),
     Case::new("convergence", convergence::run),
+    Case::new("convergence-vxlan", convergence::run_vxlan),
     Case::new("dataplane", dataplane::run),
+    Case::new("dataplane-vxlan", dataplane::run_vxlan),
     Case::new("restart", restart::run),
     Case::new("scale", scale::run),
 ];
@@ -97,12 +100,61 @@ pub fn select(only: Option<&str>) -> Result<Vec<&'static Case>> {
     Ok(chosen)
 }
 
-/// Runs the cases in order and prints the table at the end.
+/// Runs the cases in order and prints the table at the end, then the lines the results page
+/// records for this run's ratios.
 pub fn run(cases: &[&Case], options: &Options) -> Result<Report> {
     let mut report = Report::default();
     for case in cases {
         (case.run)(&mut report, options)?;
     }
     report.print();
+    println!();
+    println!("ratios as the results page records them:");
+    for line in baseline::page_lines(report.ratios()) {
+        println!("    {line}");
+    }
     Ok(report)
+}
+
+/// Compares the run's ratios with those recorded on the results page `page` and prints the
+/// verdicts; true when any ratio is worse than recorded beyond the page's tolerance.
+pub fn compare(report: &Report, page: &std::path::Path) -> Result<bool> {
+    let text = std::fs::read_to_string(page)
+        .with_context(|| format!("reading the results page {}", page.display()))?;
+    let recorded = baseline::Baseline::parse(&text)
+        .with_context(|| format!("reading the recorded ratios of {}", page.display()))?;
+    let verdicts = recorded.compare(report.ratios());
+    println!();
+    println!(
+        "against {} (a ratio worse by more than {:.0}% is flagged):",
+        page.display(),
+        recorded.tolerance * 100.0
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>8}  verdict",
+        "ratio", "recorded", "now", "worse"
+    );
+    for v in &verdicts {
+        let verdict = match v.regression {
+            true => "REGRESSION",
+            false => "ok",
+        };
+        println!(
+            "{:<44} {:>9.2} {:>9.2} {:>7.0}%  {verdict}",
+            v.key,
+            v.recorded,
+            v.now,
+            v.worse_by * 100.0
+        );
+    }
+    let regressions = verdicts.iter().filter(|v| v.regression).count();
+    match regressions {
+        0 => println!("no regression ({} ratios compared)", verdicts.len()),
+        n => println!(
+            "{n} of {} ratios worse than recorded beyond the tolerance \
+             (this machine is noisy: run again before believing it)",
+            verdicts.len()
+        ),
+    }
+    Ok(regressions > 0)
 }

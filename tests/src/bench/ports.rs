@@ -7,7 +7,7 @@ use weft_proto::v1 as pb;
 
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
 use super::cni::{cni, portmap_config, ptp_config};
-use super::{timed, Options, Report, CONCURRENCY};
+use super::{timed, Better, Options, Report, CONCURRENCY};
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
     for concurrency in [1, CONCURRENCY] {
@@ -52,11 +52,11 @@ fn ports(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let key = format!("publish.n{n}.c{concurrency}");
     report.run(&format!("{key}.weft"), &attach);
     report.run(&format!("{key}.ptp_portmap"), &add);
-    report.line(
+    report.ratio(
         &format!("{key}.rate_ratio_weft_over_portmap"),
         attach.rate() / add.rate(),
-        "x",
-        "target >= 10",
+        Better::Higher,
+        Some(10.0),
     );
     Ok(())
 }

@@ -25,10 +25,37 @@ impl Run {
     }
 }
 
+/// Which way a ratio improves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+impl Better {
+    /// `higher` or `lower`, as the recorded ratios on the results page spell it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Better::Higher => "higher",
+            Better::Lower => "lower",
+        }
+    }
+}
+
+/// A ratio of two figures measured in the same run (the only figures worth comparing between
+/// runs on a noisy machine).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ratio {
+    pub key: String,
+    pub value: f64,
+    pub better: Better,
+}
+
 /// The figures of a whole benchmark run.
 #[derive(Default)]
 pub struct Report {
     rows: Vec<(String, String, String)>,
+    ratios: Vec<Ratio>,
 }
 
 impl Report {
@@ -40,6 +67,26 @@ impl Report {
             format!("{value:.2} {unit}"),
             note.to_string(),
         ));
+    }
+
+    /// A ratio, with its target when it has one.
+    pub fn ratio(&mut self, key: &str, value: f64, better: Better, target: Option<f64>) {
+        let note = match (target, better) {
+            (Some(t), Better::Higher) => format!("target >= {t}"),
+            (Some(t), Better::Lower) => format!("target <= {t}"),
+            (None, _) => String::new(),
+        };
+        self.line(key, value, "x", &note);
+        self.ratios.push(Ratio {
+            key: key.to_string(),
+            value,
+            better,
+        });
+    }
+
+    /// Every ratio of the run, in the order measured.
+    pub fn ratios(&self) -> &[Ratio] {
+        &self.ratios
     }
 
     /// p50, p99 and rate of a timed run.

@@ -19,6 +19,10 @@ struct Cli {
     /// Cases to run, comma-separated (default: every default case; see --list).
     #[arg(long)]
     only: Option<String>,
+    /// Compare the run's ratios with those recorded on this results page
+    /// (deploy/bench/RESULTS.md); exit status 3 when one is worse beyond the page's tolerance.
+    #[arg(long, value_name = "FILE")]
+    baseline: Option<std::path::PathBuf>,
     /// Print the cases and exit.
     #[arg(long)]
     list: bool,
@@ -49,6 +53,11 @@ fn main() -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    bench::run(&cases, &Options { quick: cli.quick })?;
+    let report = bench::run(&cases, &Options { quick: cli.quick })?;
+    if let Some(page) = &cli.baseline {
+        if bench::compare(&report, page)? {
+            std::process::exit(3);
+        }
+    }
     Ok(())
 }
