@@ -105,7 +105,7 @@ impl Baseline {
                 now: ratio.value,
                 worse_by,
                 // NaN (a figure that could not be measured) is a regression too.
-                regression: !(worse_by <= self.tolerance),
+                regression: worse_by.is_nan() || worse_by > self.tolerance,
             });
         }
         verdicts

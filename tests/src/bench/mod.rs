@@ -12,6 +12,8 @@ pub mod client;
 pub mod cni;
 pub mod convergence;
 pub mod dataplane;
+pub mod endpoints;
+pub mod floor;
 pub mod ports;
 pub mod report;
 pub mod restart;
@@ -80,6 +82,8 @@ pub const CASES: &[Case] = &[
     Case::new("dataplane-vxlan", dataplane::run_vxlan),
     Case::new("restart", restart::run),
     Case::new("scale", scale::run),
+    Case::new("floor", floor::run),
+    Case::new("endpoints", endpoints::run),
 ];
 
 /// The cases `only` names (comma-separated), or every default case when it is `None`.

@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 
 use super::client::{delete_namespaces, namespaces, one_host_lab, rss_mb, Client};
 use super::{timed, Options, Report, CONCURRENCY};
+use crate::Lab;
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
     restart(report, options.size(200, 1000))
@@ -22,13 +23,7 @@ fn restart(report: &mut Report, n: usize) -> Result<()> {
         let netns = format!("/run/netns/{}", ns[i]);
         client.attach(i % CONCURRENCY, format!("r{i}"), netns, vec![])
     })?;
-    lab.stop_agent(0, Signal::SIGTERM)?;
-    let before = lab.agent_log(0).len();
-    let started = Instant::now();
-    lab.start_agent(0)?;
-    lab.wait_agent(0, Duration::from_secs(60))?;
-    let ready = started.elapsed();
-    let reconcile_ms = initial_reconciliation_ms(&lab.agent_log(0)[before..]);
+    let (ready, reconcile_ms) = restart_agent(&mut lab)?;
     let rss = rss_mb(lab.agent_pid(0).unwrap())?;
     let endpoints = lab.status(0)?["endpoint_count"].as_u64().unwrap_or(0);
     if endpoints as usize != n {
@@ -49,6 +44,21 @@ fn restart(report: &mut Report, n: usize) -> Result<()> {
     report.line(&format!("restart.n{n}.rss"), rss, "MB", "target <= 50");
     delete_namespaces(&ns)?;
     Ok(())
+}
+
+/// Restarts host 0's agent (SIGTERM, start): the time from start to its API answering, and the
+/// duration of its first full reconciliation as it logged it.
+pub fn restart_agent(lab: &mut Lab) -> Result<(Duration, f64)> {
+    lab.stop_agent(0, Signal::SIGTERM)?;
+    let before = lab.agent_log(0).len();
+    let started = Instant::now();
+    lab.start_agent(0)?;
+    lab.wait_agent(0, Duration::from_secs(60))?;
+    let ready = started.elapsed();
+    Ok((
+        ready,
+        initial_reconciliation_ms(&lab.agent_log(0)[before..]),
+    ))
 }
 
 /// The duration the agent logged for its first full reconciliation (NaN if not logged).
