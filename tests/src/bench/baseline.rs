@@ -248,4 +248,15 @@ mod tests {
             (5.12, Better::Higher)
         );
     }
+
+    #[test]
+    fn the_results_page_of_this_repository_is_readable() {
+        let page = include_str!("../../../deploy/bench/RESULTS.md");
+        let baseline = Baseline::parse(page).unwrap();
+        assert!(baseline.tolerance > 0.0 && baseline.tolerance < 1.0);
+        assert!(baseline
+            .ratios
+            .contains_key("attach.c8.rate_ratio_weft_over_ptp"));
+        assert!(baseline.ratios.contains_key("dataplane.vxlan.ratio"));
+    }
 }
