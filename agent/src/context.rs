@@ -16,6 +16,8 @@ use crate::firewall::{self, FirewallSpec, FirewallSync, PoolRule, PortRule};
 use crate::journal::Journal;
 use crate::kernel::{Kernel, Underlay};
 use crate::model::ContainerId;
+use crate::policy::sets::SetBackend;
+use crate::policy::PolicyState;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
@@ -31,6 +33,8 @@ pub struct Context {
     pub endpoints: EndpointTable,
     pub cluster: ClusterState,
     pub firewall: FirewallSync,
+    /// Network policy: the fabric's endpoints and policies, and the chains and sets applied.
+    pub policy: PolicyState,
     pub metrics: Metrics,
     /// Block claims one at a time: concurrent attaches that find the blocks full wait for it.
     pub claim: tokio::sync::Mutex<()>,
@@ -57,6 +61,9 @@ pub struct Parts {
     pub cluster: ClusterView,
     pub pools: Vec<(String, PoolRecord)>,
     pub journal: Journal,
+    /// Every endpoint and policy of the fabric, read at start.
+    pub fabric: weft_etcd::FabricView,
+    pub sets: Arc<dyn SetBackend>,
 }
 
 impl Context {
@@ -76,6 +83,7 @@ impl Context {
             endpoints: EndpointTable::new(parts.endpoints),
             cluster: ClusterState::new(me.as_str(), parts.cluster, parts.pools),
             firewall: FirewallSync::new(parts.firewall),
+            policy: PolicyState::new(parts.fabric, parts.sets),
             metrics: Metrics::default(),
             claim: Default::default(),
             resync: Notify::new(),
@@ -135,6 +143,7 @@ impl Context {
             pools,
             ports,
             protected: self.protected.clone(),
+            policy: self.policy.chains(),
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::firewall::iptables::Iptables;
 use crate::journal::Journal;
 use crate::kernel::netlink::Netlink;
 use crate::kernel::Kernel;
+use crate::policy::sets::Ipset;
 use crate::reconcile::plan::registration::startup_endpoints;
 use crate::reconcile::{monitor, Pass, Reconciler};
 use crate::store::Etcd;
@@ -37,6 +38,7 @@ struct Loaded {
     endpoints: Vec<weft_etcd::records::EndpointRecord>,
     pools: Vec<(String, PoolRecord)>,
     cluster: weft_etcd::ClusterView,
+    fabric: weft_etcd::FabricView,
 }
 
 impl Agent {
@@ -86,6 +88,8 @@ impl Agent {
             cluster: loaded.cluster,
             pools: loaded.pools,
             journal,
+            fabric: loaded.fabric,
+            sets: Arc::new(Ipset::default()),
         }));
         ctx.endpoints.set_unverified(unfinished);
         let reconciler = Arc::new(Reconciler::new(ctx.clone()));
@@ -98,6 +102,11 @@ impl Agent {
 
     /// Runs the agent until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        // Policy before anything else: the first firewall write must already carry it, so a
+        // restart never opens what policy closes. Leftover chains and sets go here too.
+        if let Err(e) = crate::policy::sync(&self.ctx, crate::firewall::SyncMode::Verify).await {
+            warn!(error = %e, "initial network policy sync failed; retrying in the background");
+        }
         let first = self.reconciler.pass(Pass::Full).await;
         info!(
             routes_replaced = first.routes_replaced,
@@ -112,6 +121,11 @@ impl Agent {
             tokio::spawn(liveness::run_liveness(ctx.clone(), self.datastore.clone())),
             tokio::spawn(monitor::run_kernel_monitor(ctx.clone())),
             tokio::spawn(monitor::run_netconf_monitor(ctx.clone())),
+            tokio::spawn(crate::policy::watch::run_fabric_watch(
+                ctx.clone(),
+                self.datastore.clone(),
+            )),
+            tokio::spawn(crate::policy::run(ctx.clone(), ctx.config.resync_interval)),
         ];
         let socket = ctx.config.socket.clone();
         let listener = crate::api::bind_socket(&socket)
@@ -199,6 +213,7 @@ async fn load(
                 endpoints: store.list_endpoints(me).await?,
                 pools: store.list_pools().await?,
                 cluster: store.snapshot().await?,
+                fabric: store.fabric_snapshot().await?,
             })
         }
         .await;

@@ -330,6 +330,7 @@ mod tests {
             ports: vec![],
             created: 0,
             secondary: false,
+            labels: Default::default(),
         }
     }
 

@@ -28,7 +28,9 @@ pub fn code(err: &EndpointError) -> Code {
         EndpointError::IfnameTaken { .. } => Code::InvalidArgument,
         EndpointError::Netns(e) => netns_code(e),
         EndpointError::Kernel(KernelError::Netns(e)) => netns_code(e),
-        EndpointError::Kernel(_) | EndpointError::Firewall(_) => Code::Internal,
+        EndpointError::Kernel(_) | EndpointError::Firewall(_) | EndpointError::Policy(_) => {
+            Code::Internal
+        }
         EndpointError::Store(e) => store_code(e),
         EndpointError::NotAttached(_) => Code::NotFound,
         EndpointError::WrittenElsewhere { .. } => Code::AlreadyExists,

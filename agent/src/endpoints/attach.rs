@@ -95,6 +95,7 @@ async fn attach_into(
         ports: request.ports.clone(),
         created: weft_etcd::unix_now(),
         secondary,
+        labels: request.labels.clone(),
     })
     .await?;
     let allocated = started.elapsed();
@@ -107,6 +108,17 @@ async fn attach_into(
         warn!(container = %id, error = %e, "cannot write the journal entry; rolling back");
         teardown::roll_back(ctx, &record).await;
         return Err(EndpointError::Journal(e));
+    }
+    // An endpoint some policy selects is policed from its first packet: its chains exist before
+    // its veth does (they match by interface name). Everyone else's sets follow at once.
+    if ctx.policy.selects(&record) {
+        if let Err(err) = crate::policy::sync(ctx, SyncMode::Fast).await {
+            warn!(container = %id, error = %err, "applying network policy failed; rolling back");
+            teardown::roll_back(ctx, &record).await;
+            return Err(err.into());
+        }
+    } else {
+        ctx.policy.request_sync();
     }
     let link = ContainerLink {
         host_ifname: record.host_ifname.clone(),

@@ -17,6 +17,8 @@ pub enum EndpointError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Firewall(#[from] SyncError),
+    #[error("network policy: {0}")]
+    Policy(#[from] crate::policy::PolicySyncError),
     #[error("container {0:?} is not attached here")]
     NotAttached(String),
     #[error("process {0} does not exist")]

@@ -53,6 +53,8 @@ fn world() -> World {
         cluster: Default::default(),
         pools: vec![],
         journal: crate::journal::Journal::open(state.path()).unwrap(),
+        fabric: Default::default(),
+        sets: Arc::new(crate::policy::sets::FakeSets::default()),
     });
     World {
         ctx,

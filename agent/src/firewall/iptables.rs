@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
+use super::chains::{self, Chains};
 use super::rules::{
     self, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
     FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
@@ -66,17 +67,25 @@ struct Table {
     name: &'static str,
     chains: &'static [&'static str],
     jumps: &'static [Jump],
+    /// Whether rule order matters (filter); nat rules never overlap and compare as a set.
+    ordered: bool,
     applied: Applied,
 }
 
 impl Table {
     /// Brings the table in line with `rules`; returns whether it was written.
     fn sync(&mut self, rules: &[String], mode: SyncMode) -> Result<bool, FirewallError> {
-        let wanted = normalize(rules);
+        let wanted = match self.ordered {
+            true => rules.to_vec(),
+            false => normalize(rules),
+        };
         if mode == SyncMode::Fast && self.applied.verified {
             if self.applied.rules == wanted {
                 return Ok(false);
             }
+        }
+        // Appending is right only where order does not matter.
+        if mode == SyncMode::Fast && self.applied.verified && !self.ordered {
             match restore(&rules::incremental_input(
                 self.name,
                 &self.applied.rules,
@@ -95,7 +104,21 @@ impl Table {
         }
         let state = parse_save(&run("iptables-save", &["-t", self.name], None)?);
         let jumps_present = self.jumps.iter().all(|j| state.has_jump(j));
-        let written = if jumps_present && normalize(&state.rules) == wanted {
+        // Only this table's own chains: the chains policy owns are compared by `PolicyChains`.
+        let held: Vec<String> = state
+            .rules
+            .iter()
+            .filter(|r| {
+                let chain = r.split_whitespace().nth(1).unwrap_or("");
+                self.chains.contains(&chain)
+            })
+            .cloned()
+            .collect();
+        let held = match self.ordered {
+            true => held,
+            false => normalize(&held),
+        };
+        let written = if jumps_present && held == wanted {
             false
         } else {
             restore(&restore_input(
@@ -115,23 +138,63 @@ impl Table {
     }
 }
 
+/// Network policy's chains in the filter table, as last written or read back (None: unknown).
+#[derive(Default)]
+struct PolicyChains {
+    held: Option<std::collections::BTreeMap<String, Vec<String>>>,
+}
+
+impl PolicyChains {
+    /// Brings the owned chains in line with `wanted`; returns whether anything was written.
+    fn sync(&mut self, wanted: &Chains, mode: SyncMode) -> Result<bool, FirewallError> {
+        if let (SyncMode::Fast, Some(held)) = (mode, &self.held) {
+            let Some(input) = chains::restore_input(wanted, held) else {
+                return Ok(false);
+            };
+            match restore(&input) {
+                Ok(_) => {
+                    self.held = Some(chains::as_held(wanted));
+                    return Ok(true);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "incremental policy chain update failed; re-reading")
+                }
+            }
+        }
+        self.held = None;
+        let held = chains::parse_owned(&run("iptables-save", &["-t", "filter"], None)?);
+        let written = match chains::restore_input(wanted, &held) {
+            Some(input) => restore(&input).map(|_| true)?,
+            None => false,
+        };
+        self.held = Some(chains::as_held(wanted));
+        Ok(written)
+    }
+
+    fn rule_count(&self) -> usize {
+        self.held.iter().flat_map(|h| h.values()).map(Vec::len).sum()
+    }
+}
+
 /// The real firewall: both tables of the agent's namespace.
 pub struct Iptables {
-    tables: Mutex<(Table, Table)>,
+    tables: Mutex<(Table, Table, PolicyChains)>,
 }
 
 impl Default for Iptables {
     fn default() -> Self {
-        let table = |name, chains, jumps| Table {
+        let table = |name, chains, jumps, ordered| Table {
             name,
             chains,
             jumps,
+            ordered,
             applied: Applied::default(),
         };
         Self {
             tables: Mutex::new((
-                table("nat", NAT_CHAINS, NAT_JUMPS),
-                table("filter", FILTER_CHAINS, FILTER_JUMPS),
+                table("nat", NAT_CHAINS, NAT_JUMPS, false),
+                table("filter", FILTER_CHAINS, FILTER_JUMPS, true),
+                PolicyChains::default(),
             )),
         }
     }
@@ -140,11 +203,14 @@ impl Default for Iptables {
 impl Backend for Iptables {
     fn sync(&self, spec: &FirewallSpec, mode: SyncMode) -> Result<FirewallReport, FirewallError> {
         let mut tables = self.tables.lock().unwrap();
-        let (nat, filter) = &mut *tables;
+        let (nat, filter, policy) = &mut *tables;
         let mut report = FirewallReport::default();
         report.tables_written += nat.sync(&render(&nat_rules(spec)), mode)? as usize;
+        // Policy's chains first: our FORWARD chain jumps to its dispatch chains.
+        report.tables_written += policy.sync(&spec.policy, mode)? as usize;
         report.tables_written += filter.sync(&render(&filter_rules(spec)), mode)? as usize;
-        report.rules = nat.applied.rules.len() + filter.applied.rules.len();
+        report.rules =
+            nat.applied.rules.len() + filter.applied.rules.len() + policy.rule_count();
         Ok(report)
     }
 
@@ -187,6 +253,6 @@ impl Backend for Iptables {
 
     fn rule_count(&self) -> usize {
         let tables = self.tables.lock().unwrap();
-        tables.0.applied.rules.len() + tables.1.applied.rules.len()
+        tables.0.applied.rules.len() + tables.1.applied.rules.len() + tables.2.rule_count()
     }
 }

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 
+use super::chains::Chains;
 use crate::model::{ContainerId, Protocol};
 
 /// A published port of one container.
@@ -37,6 +38,8 @@ pub struct FirewallSpec {
     /// TCP services containers must not reach: the etcd endpoints the agent uses and its
     /// metrics listener (an unspecified address: that port on every address of the host).
     pub protected: Vec<SocketAddr>,
+    /// Network policy's chains (dispatch, per endpoint, per policy), as `policy` renders them.
+    pub policy: Chains,
 }
 
 /// One rule of our nat chains.
@@ -64,6 +67,14 @@ pub enum FilterRule {
     ToContainers,
     /// Containers may not reach a protected service on this host.
     InputProtected(SocketAddr),
+    /// Replies and packets of connections policy allowed pass before any policy (`-i` or `-o`).
+    Established(&'static str),
+    /// Traffic from containers meets their egress policy.
+    FromWorkloads,
+    /// Traffic to containers meets their ingress policy.
+    ToWorkloads,
+    /// New connections from containers to this host meet their egress policy too.
+    InputFromWorkloads,
 }
 
 fn comment(text: impl fmt::Display) -> String {
@@ -147,6 +158,26 @@ impl fmt::Display for FilterRule {
                 "-A WEFT-FORWARD -o weft+ {} -j ACCEPT",
                 comment("to containers")
             ),
+            FilterRule::Established(flag) => write!(
+                f,
+                "-A WEFT-FORWARD {flag} weft+ -m conntrack --ctstate RELATED,ESTABLISHED {} -j ACCEPT",
+                comment("replies and allowed connections")
+            ),
+            FilterRule::FromWorkloads => write!(
+                f,
+                "-A WEFT-FORWARD -i weft+ {} -j WEFT-FROM-WL",
+                comment("egress policy")
+            ),
+            FilterRule::ToWorkloads => write!(
+                f,
+                "-A WEFT-FORWARD -o weft+ {} -j WEFT-TO-WL",
+                comment("ingress policy")
+            ),
+            FilterRule::InputFromWorkloads => write!(
+                f,
+                "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED {} -j WEFT-FROM-WL",
+                comment("egress policy to this host")
+            ),
         }
     }
 }
@@ -182,8 +213,18 @@ pub fn filter_rules(spec: &FirewallSpec) -> Vec<FilterRule> {
         .filter(|a| !a.ip().is_unspecified())
         .map(|a| FilterRule::ForwardProtected(*a))
         .collect();
-    rules.extend([FilterRule::FromContainers, FilterRule::ToContainers]);
+    // Policy: established connections first, then each direction's dispatch, and what policy
+    // let through (or no policy covers) is accepted.
+    rules.extend([
+        FilterRule::Established("-i"),
+        FilterRule::Established("-o"),
+        FilterRule::FromWorkloads,
+        FilterRule::ToWorkloads,
+        FilterRule::FromContainers,
+        FilterRule::ToContainers,
+    ]);
     rules.extend(protected.iter().map(|a| FilterRule::InputProtected(*a)));
+    rules.push(FilterRule::InputFromWorkloads);
     rules
 }
 
@@ -316,9 +357,9 @@ pub fn incremental_input(table: &str, applied: &[String], wanted: &[String]) -> 
     input
 }
 
-/// Our rules as a set, for comparison. No two of our rules overlap (each DNAT matches its own
+/// Our nat rules as a set, for comparison. No two of them overlap (each DNAT matches its own
 /// port, each hairpin its own address), so their order within a chain does not matter and
-/// incremental writes may append.
+/// incremental writes may append. (The filter table's order matters and is compared as is.)
 pub fn normalize(rules: &[String]) -> Vec<String> {
     let mut sorted = rules.to_vec();
     sorted.sort();
@@ -368,6 +409,7 @@ mod tests {
                 "198.51.100.100:2379".parse().unwrap(),
                 "0.0.0.0:9099".parse().unwrap(),
             ],
+            policy: Default::default(),
         }
     }
 
@@ -389,10 +431,15 @@ mod tests {
             render(&filter_rules(&spec)),
             vec![
                 "-A WEFT-FORWARD -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
+                "-A WEFT-FORWARD -i weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: egress policy\" -j WEFT-FROM-WL",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: ingress policy\" -j WEFT-TO-WL",
                 "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
                 "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
                 "-A WEFT-INPUT -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
                 "-A WEFT-INPUT -i weft+ -p tcp -m tcp --dport 9099 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
+                "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: egress policy to this host\" -j WEFT-FROM-WL",
             ]
         );
     }

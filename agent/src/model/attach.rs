@@ -1,5 +1,7 @@
 //! A validated attach request: what the API hands to the endpoint logic.
 
+use std::collections::BTreeMap;
+
 use crate::model::{validate_ports, ContainerId, IfName, Invalid, PortMapping};
 
 /// Where the container's network namespace comes from.
@@ -19,6 +21,8 @@ pub struct AttachRequest {
     pub netns: NetnsSpec,
     pub ifname: IfName,
     pub ports: Vec<PortMapping>,
+    /// Labels network policy selects by (checked by `with_labels`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl AttachRequest {
@@ -53,7 +57,15 @@ impl AttachRequest {
             netns,
             ifname,
             ports,
+            labels: BTreeMap::new(),
         })
+    }
+
+    /// The request with these labels, once they are checked.
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Result<Self, Invalid> {
+        weft_etcd::policy::validate_labels(&labels)?;
+        self.labels = labels;
+        Ok(self)
     }
 }
 

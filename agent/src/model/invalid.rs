@@ -41,4 +41,6 @@ pub enum Invalid {
     NetnsNul,
     #[error("netns {0:?} must be an absolute path")]
     NetnsRelative(String),
+    #[error(transparent)]
+    Label(#[from] weft_etcd::policy::LabelError),
 }

@@ -135,6 +135,7 @@ mod tests {
             ports: vec![],
             created: 0,
             secondary: false,
+            labels: Default::default(),
         }
     }
 

@@ -1,0 +1,129 @@
+//! Network policy with Calico's semantics, enforced where each container's veth meets this host.
+//!
+//! `watch` keeps [`PolicyState`]'s view of the fabric (every endpoint's addresses and labels,
+//! every policy) current; `plan` decides, from that view and this host's endpoints, which chains
+//! and address sets should exist (pure); `render` turns the plan into iptables rules (pure);
+//! `sets` is the address-set seam (ipset, with a fake); `apply` carries a plan out: sets first,
+//! then the chains (through the firewall seam, in one restore), then sets no rule uses any more
+//! are destroyed.
+
+pub mod apply;
+pub mod plan;
+pub mod render;
+pub mod sets;
+pub mod watch;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Notify;
+use weft_etcd::records::EndpointRecord;
+use weft_etcd::FabricView;
+
+pub use apply::{sync, PolicySyncError};
+
+use crate::firewall::chains::Chains;
+use sets::SetBackend;
+
+/// What policy enforcement knows and has applied.
+pub struct PolicyState {
+    /// Every endpoint and policy of the fabric, as the watch last saw them.
+    view: RwLock<FabricView>,
+    /// The chains of the last plan whose sets are in place: every firewall write uses them.
+    chains: RwLock<Chains>,
+    pub sets: Arc<dyn SetBackend>,
+    /// Wakes the policy loop for a sync soon.
+    wake: Notify,
+    /// Generations of the inputs: a sync that read them at generation G covers changes up to G.
+    wanted: AtomicU64,
+    applied: AtomicU64,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl PolicyState {
+    pub fn new(view: FabricView, sets: Arc<dyn SetBackend>) -> Self {
+        Self {
+            view: RwLock::new(view),
+            chains: RwLock::new(render::render(&plan::PolicyPlan::default())),
+            sets,
+            wake: Notify::new(),
+            wanted: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The chains firewall writes carry.
+    pub fn chains(&self) -> Chains {
+        self.chains.read().unwrap().clone()
+    }
+
+    /// Reads the fabric view without copying it.
+    pub fn with_view<T>(&self, read: impl FnOnce(&FabricView) -> T) -> T {
+        read(&self.view.read().unwrap())
+    }
+
+    /// Replaces the view (a fresh snapshot) and asks for a sync.
+    pub fn replace(&self, view: FabricView) {
+        *self.view.write().unwrap() = view;
+        self.request_sync();
+    }
+
+    /// Applies watch events and asks for a sync.
+    pub fn apply(&self, events: Vec<weft_etcd::FabricEvent>, revision: i64) {
+        {
+            let mut view = self.view.write().unwrap();
+            for event in events {
+                view.apply(event);
+            }
+            view.revision = revision;
+        }
+        self.request_sync();
+    }
+
+    /// Asks the policy loop for a sync soon.
+    pub fn request_sync(&self) {
+        self.wanted
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Whether some policy selects this endpoint (for either direction): its chains must be in
+    /// place before its first packet.
+    pub fn selects(&self, endpoint: &EndpointRecord) -> bool {
+        self.with_view(|view| {
+            view.policies.values().any(|p| {
+                (p.ingress.is_some() || p.egress.is_some()) && p.selector.matches(&endpoint.labels)
+            })
+        })
+    }
+
+    /// Number of policies known.
+    pub fn policy_count(&self) -> usize {
+        self.with_view(|view| view.policies.len())
+    }
+}
+
+/// Runs the policy loop: a quick sync soon after any change (fabric watch, attach, detach,
+/// relabel), and every `period` a sync that reads the address sets back and repairs them.
+pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration) {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let periodic = tokio::select! {
+            _ = interval.tick() => true,
+            _ = ctx.policy.wake.notified() => false,
+        };
+        if !periodic {
+            // Let a burst of watch events settle into one sync.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let sets = match periodic {
+            true => crate::firewall::SyncMode::Verify,
+            false => crate::firewall::SyncMode::Fast,
+        };
+        if let Err(e) = apply::sync_with(&ctx, sets, crate::firewall::SyncMode::Fast).await {
+            tracing::warn!(error = %e, "network policy sync failed; retrying at the next change or resync");
+        }
+    }
+}
