@@ -90,6 +90,7 @@ async fn add(
             container_port: p.container_port,
         });
     }
+    let labels = conf.labels()?;
     let endpoint = client
         .attach(pb::AttachRequest {
             container_id: weft_id(&conf.name, &env.container_id, &env.ifname),
@@ -97,6 +98,7 @@ async fn add(
             pid: None,
             ifname: env.ifname.clone(),
             ports,
+            labels,
         })
         .await?
         .into_inner()

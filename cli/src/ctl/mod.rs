@@ -5,6 +5,7 @@ mod etcd;
 pub mod graph;
 mod operator;
 pub mod output;
+pub mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,10 @@ pub enum Command {
         /// Publish a port: HOSTPORT:PORT[/udp].
         #[arg(short = 'p', long = "publish")]
         publish: Vec<String>,
+        /// A label network policy selects by: KEY=VALUE (repeatable). Attaching again with
+        /// other labels replaces them.
+        #[arg(short = 'l', long = "label")]
+        label: Vec<String>,
     },
     /// Remove a container from the fabric.
     Detach { container_id: String },
@@ -91,6 +96,11 @@ pub enum Command {
     Ipam {
         #[command(subcommand)]
         command: IpamCommand,
+    },
+    /// Network policies (in etcd): apply, ls, get, delete.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
     },
 }
 
@@ -207,6 +217,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Ipam {
             command: IpamCommand::Check { etcd, fix },
         } => operator::ipam_check(json, &cli.socket, &etcd, fix).await,
+        Command::Policy { command } => policy::run(json, command).await,
         command => {
             let client = crate::client::connect(&cli.socket).await?;
             agent_command(client, json, command).await
@@ -227,17 +238,23 @@ async fn agent_command(
             pid,
             ifname,
             publish,
+            label,
         } => {
             let ports = publish
                 .iter()
                 .map(|p| parse_publish(p))
                 .collect::<Result<Vec<_>, _>>()?;
+            let labels = label
+                .iter()
+                .map(|l| weft_etcd::policy::parse_label(l).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?;
             let request = pb::AttachRequest {
                 container_id,
                 netns: netns.unwrap_or_default(),
                 pid,
                 ifname,
                 ports,
+                labels,
             };
             let endpoint = client
                 .attach(request)
@@ -272,7 +289,8 @@ async fn agent_command(
         Command::Host { .. }
         | Command::Hosts { .. }
         | Command::Graph { .. }
-        | Command::Ipam { .. } => {
+        | Command::Ipam { .. }
+        | Command::Policy { .. } => {
             unreachable!("operator commands are dispatched before connecting")
         }
     }
