@@ -13,6 +13,8 @@ pub mod chaos;
 pub mod etcd;
 pub mod invariants;
 pub mod lab;
+pub mod policy_lab;
+pub mod probe;
 pub mod sh;
 
 pub use lab::{Lab, LabOptions};
