@@ -95,6 +95,32 @@ fn udp(addr: SocketAddr) -> bool {
     false
 }
 
+/// Polls a TCP connect from `ns` to `addr` (each try bounded by 100 ms) until its outcome is
+/// `reached`; returns how long that took from `since`, or None after `limit`.
+pub fn tcp_becomes(
+    ns: &str,
+    addr: SocketAddr,
+    reached: bool,
+    since: std::time::Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    let handle = in_netns(ns, move || loop {
+        let tried = std::time::Instant::now();
+        let ok = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok();
+        if ok == reached {
+            // A try that failed only ends at its timeout: count from when it started.
+            let at = if ok { std::time::Instant::now() } else { tried };
+            return Some(at.saturating_duration_since(since));
+        }
+        if since.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10).saturating_sub(tried.elapsed()));
+    })
+    .ok()?;
+    handle.join().ok().flatten()
+}
+
 /// Runs every probe at once; returns (index, reached) in input order.
 pub fn all(probes: &[(String, String, Probe)]) -> Vec<bool> {
     let handles: Vec<_> = probes

@@ -148,3 +148,147 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
     assert!(probe::reach(&lab.hosts[2].name, &db_ip, Probe::Tcp(5432)), "db's own host reaches it");
     assert!(!probe::reach(&lab.hosts[0].name, &db_ip, Probe::Tcp(5432)), "another host does not");
 }
+
+/// Waits until `from` reaches (or stops reaching) `ip` with `probe`, up to 3 s; returns whether
+/// it ended as wanted.
+fn becomes(from: &str, ip: &str, probe: Probe, reached: bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if probe::reach(from, ip, probe) == reached {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn defaults_order_and_first_match_decide() {
+    let mut lab = Lab::new(LabOptions::default()).unwrap();
+    let (a_ns, a_ip) = attach(&lab, 0, "a", &["app=a"], &[]).unwrap();
+    let (b_ns, _) = attach(&lab, 1, "b", &["role=b"], &[]).unwrap();
+    let (c_ns, _) = attach(&lab, 2, "c", &["role=c"], &[]).unwrap();
+    serve(&mut lab, &a_ns);
+    let check = |what: &str, from: &str, probe: Probe, reached: bool| {
+        assert!(becomes(from, &a_ip, probe, reached), "{what}: {from} -> a {probe} should be {}", if reached { "allowed" } else { "blocked" });
+    };
+    // No policy selects a: everything is allowed, both directions.
+    check("default allow", &b_ns, Probe::Tcp(80), true);
+    assert!(probe::reach(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp), "a's egress is open");
+
+    // Selected for ingress only, with no rule: everything in is denied, egress stays open.
+    pl::apply(&lab, &json!({"name": "a-closed", "order": 100, "selector": "app == 'a'", "ingress": []})).unwrap();
+    check("default deny once selected", &b_ns, Probe::Tcp(80), false);
+    assert!(probe::reach(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp), "egress is not covered");
+
+    // A deny before a broader allow, in one policy: b is refused TCP/80 but gets 5432; c gets both.
+    pl::apply(&lab, &json!({"name": "a-rules", "order": 10, "selector": "app == 'a'", "ingress": [
+        {"action": "deny", "protocol": "tcp", "source": {"selector": "role == 'b'"}, "destination": {"ports": [80]}},
+        {"action": "allow", "protocol": "tcp"}
+    ]})).unwrap();
+    check("deny before allow", &b_ns, Probe::Tcp(80), false);
+    check("the broader allow", &b_ns, Probe::Tcp(5432), true);
+    check("the broader allow", &c_ns, Probe::Tcp(80), true);
+    check("no rule matches UDP: denied", &c_ns, Probe::Udp(80), false);
+
+    // A policy of lower order applies first: its allow wins over a-rules' deny.
+    pl::apply(&lab, &json!({"name": "a-first", "order": 5, "selector": "app == 'a'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
+    ]})).unwrap();
+    check("lower order first", &b_ns, Probe::Tcp(80), true);
+    // The same policy with a higher order comes after the deny.
+    pl::apply(&lab, &json!({"name": "a-first", "order": 50, "selector": "app == 'a'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
+    ]})).unwrap();
+    check("higher order later", &b_ns, Probe::Tcp(80), false);
+    // Equal orders: by name. "a-first" (order 10) now sorts before "a-rules" (order 10).
+    pl::apply(&lab, &json!({"name": "a-first", "order": 10, "selector": "app == 'a'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
+    ]})).unwrap();
+    check("ties by name", &b_ns, Probe::Tcp(80), true);
+
+    // Egress is enforced on the source's host: a may call c's host but nothing else once
+    // selected for egress.
+    pl::apply(&lab, &json!({"name": "a-out", "order": 1, "selector": "app == 'a'", "egress": [
+        {"action": "allow", "protocol": "icmp", "destination": {"nets": [format!("{}/32", lab.hosts[2].ip)]}}
+    ]})).unwrap();
+    assert!(becomes(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp, false), "egress denied");
+    assert!(becomes(&a_ns, &lab.hosts[2].ip.to_string(), Probe::Icmp, true), "egress allowed");
+    // Replies of allowed connections pass although a's egress allows no TCP.
+    check("replies pass", &b_ns, Probe::Tcp(80), true);
+}
+
+/// Measures, in parallel, how long after `since` `from` takes to reach (or stop reaching) port
+/// 9000 of every address; fails the test past `LIMIT`.
+fn measure(what: &str, from: &str, ips: &[String], reached: bool, since: Instant) -> Duration {
+    const LIMIT: Duration = Duration::from_secs(1);
+    let handles: Vec<_> = ips
+        .iter()
+        .map(|ip| {
+            let (from, addr) = (from.to_string(), format!("{ip}:9000").parse().unwrap());
+            std::thread::spawn(move || probe::tcp_becomes(&from, addr, reached, since, Duration::from_secs(5)))
+        })
+        .collect();
+    let times: Vec<Option<Duration>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let shown: Vec<String> = times
+        .iter()
+        .zip(ips)
+        .map(|(t, ip)| format!("{ip}: {}", t.map_or("never".into(), |t| format!("{:.0} ms", t.as_secs_f64() * 1e3))))
+        .collect();
+    println!("{what}: {}", shown.join(", "));
+    let slowest = times.iter().map(|t| t.unwrap_or(Duration::MAX)).max().unwrap();
+    assert!(slowest <= LIMIT, "{what} took longer than {LIMIT:?} on some host: {shown:?}");
+    slowest
+}
+
+#[test]
+fn changes_reach_every_host_within_a_second_and_established_connections_survive() {
+    let lab = Lab::new(LabOptions::default()).unwrap();
+    let mut webs = vec![];
+    for host in 0..3 {
+        let (ns, ip) = attach(&lab, host, &format!("web{host}"), &["app=web"], &[]).unwrap();
+        probe::serve_echo(&ns, 9000).unwrap();
+        webs.push((ns, ip));
+    }
+    let ips: Vec<String> = webs.iter().map(|(_, ip)| ip.clone()).collect();
+    pl::apply(&lab, &json!({"name": "web", "selector": "app == 'web'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'frontend'"}, "destination": {"ports": [9000]}}
+    ]})).unwrap();
+    let (front_ns, _) = attach(&lab, 2, "front", &["role=frontend"], &[]).unwrap();
+    let (client_ns, _) = attach(&lab, 1, "client", &[], &[]).unwrap();
+    measure("a new frontend reaches every web", &front_ns, &ips, true, Instant::now());
+    // Established connections from the frontend to every web, kept open throughout.
+    let mut connections: Vec<probe::Connection> = ips
+        .iter()
+        .map(|ip| probe::Connection::open(&front_ns, format!("{ip}:9000").parse().unwrap()).unwrap())
+        .collect();
+    let still_open = |connections: &mut Vec<probe::Connection>, after: &str| {
+        for (i, c) in connections.iter_mut().enumerate() {
+            c.echo(&format!("{after} {i}")).unwrap_or_else(|e| panic!("established connection to web{i} dropped after {after}: {e:#}"));
+        }
+    };
+    measure("an unlabelled client is refused everywhere", &client_ns, &ips, false, Instant::now());
+
+    // 1. A label change on h2 takes effect on h1, h2 and h3.
+    let started = Instant::now();
+    attach(&lab, 1, "client", &["role=frontend"], &[]).unwrap();
+    measure("label change (client on h2 becomes a frontend)", &client_ns, &ips, true, started);
+    still_open(&mut connections, "the label change");
+
+    // 2. A new matching container on another host.
+    let started = Instant::now();
+    let (late_ns, _) = attach(&lab, 0, "late", &["role=frontend"], &[]).unwrap();
+    measure("new matching container on h1", &late_ns, &ips, true, started);
+    still_open(&mut connections, "the new container");
+
+    // 3. A policy change: frontends lose new connections, established ones stay (conntrack).
+    let started = Instant::now();
+    pl::apply(&lab, &json!({"name": "web", "selector": "app == 'web'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'admin'"}, "destination": {"ports": [9000]}}
+    ]})).unwrap();
+    measure("policy change (frontends refused)", &client_ns, &ips, false, started);
+    measure("policy change seen for the late frontend", &late_ns, &ips, false, started);
+    still_open(&mut connections, "the policy change");
+}
