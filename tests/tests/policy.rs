@@ -292,3 +292,107 @@ fn changes_reach_every_host_within_a_second_and_established_connections_survive(
     measure("policy change seen for the late frontend", &late_ns, &ips, false, started);
     still_open(&mut connections, "the policy change");
 }
+
+/// Every host's filter table (no counters) and `weft-` sets.
+fn kernel_state(lab: &Lab) -> Vec<(Vec<String>, BTreeMap<String, std::collections::BTreeSet<String>>)> {
+    (0..lab.hosts.len())
+        .map(|i| (pl::filter_rules(lab, i).unwrap(), pl::sets(lab, i).unwrap()))
+        .collect()
+}
+
+#[test]
+fn deleting_policies_restores_behaviour_and_leaves_nothing_behind() {
+    let mut lab = Lab::new(LabOptions::default()).unwrap();
+    let (a_ns, a_ip) = attach(&lab, 0, "a", &["app=a"], &[]).unwrap();
+    let (b_ns, _) = attach(&lab, 1, "b", &["role=b"], &[]).unwrap();
+    serve(&mut lab, &a_ns);
+    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true));
+    let before = kernel_state(&lab);
+    pl::apply(&lab, &json!([
+        {"name": "p1", "selector": "app == 'a'", "ingress": [
+            {"action": "allow", "protocol": "udp", "source": {"selector": "role == 'b'", "nets": ["10.0.0.0/8"]}}]},
+        {"name": "p2", "order": 1, "selector": "all()", "egress": [{"action": "deny", "destination": {"nets": ["203.0.113.0/24"]}}, {"action": "allow"}]}
+    ])).unwrap();
+    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), false), "policy in force");
+    let during = kernel_state(&lab);
+    // h1 and h2 hold endpoints (h3 none: nothing to enforce there).
+    for (i, (rules, sets)) in during.iter().take(2).enumerate() {
+        assert!(rules.iter().any(|r| r.contains("WEFT-PO-")), "h{}: p2 selects every endpoint: {rules:#?}", i + 1);
+        assert!(!sets.is_empty(), "h{}: sets in use", i + 1);
+    }
+    pl::delete(&lab, "p1").unwrap();
+    pl::delete(&lab, "p2").unwrap();
+    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true), "previous behaviour restored");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while kernel_state(&lab) != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(kernel_state(&lab), before, "no chain, rule or set left after the policies went");
+    // Deleting what does not exist says so.
+    let out = pl::weftctl_etcd(&lab, &["policy", "delete", "p1"]).unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn tampering_is_repaired_and_leftovers_are_removed_at_start() {
+    let mut lab = Lab::new(LabOptions::default()).unwrap();
+    let (a_ns, a_ip) = attach(&lab, 0, "a", &["app=a"], &[]).unwrap();
+    let (b_ns, b_ip) = attach(&lab, 1, "b", &["role=b"], &[]).unwrap();
+    serve(&mut lab, &a_ns);
+    pl::apply(&lab, &json!({"name": "a", "selector": "app == 'a'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}]})).unwrap();
+    let h1 = lab.hosts[0].name.clone();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pl::policy_chain_lines(&lab, 0).unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true));
+    let good = kernel_state(&lab);
+
+    // A set member deleted by hand: b is refused until the next resync puts it back.
+    let set = pl::sets(&lab, 0).unwrap().into_iter().find(|(_, m)| m.contains(&b_ip)).unwrap().0;
+    sh::run_in(&h1, &["ipset", "del", &set, &b_ip]).unwrap();
+    assert!(!probe::reach(&b_ns, &a_ip, Probe::Tcp(80)), "the member is gone");
+    let started = Instant::now();
+    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true), "set member repaired");
+    println!("set member repaired after {:.0} ms (resync interval 2 s)", started.elapsed().as_secs_f64() * 1e3);
+
+    // A rule deleted by hand (the policy's allow): repaired within one resync interval.
+    let rule = pl::policy_chain_lines(&lab, 0).unwrap().into_iter().find(|l| l.starts_with("-A WEFT-PI-") && l.contains("MARK")).unwrap();
+    let mut args = vec!["iptables", "-w"];
+    let delete = rule.replacen("-A ", "-D ", 1);
+    let words = weft_tests::invariants::rule_words(&delete);
+    args.extend(words.iter().map(String::as_str));
+    sh::run_in(&h1, &args).unwrap();
+    let started = Instant::now();
+    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true), "rule repaired");
+    println!("deleted rule repaired after {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while kernel_state(&lab) != good && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(kernel_state(&lab), good, "everything back as it was");
+
+    // Leftovers of an earlier agent (a chain and a set of ours nothing wants) and a foreign set
+    // and chain: ours go at the next start, the foreign ones stay.
+    lab.stop_agent(0, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let restore = "*filter\n:WEFT-TW-weftdeadbeef00 - [0:0]\n:OTHER-CHAIN - [0:0]\n-A WEFT-TW-weftdeadbeef00 -j DROP\nCOMMIT\n";
+    let mut restore_cmd = sh::command_in_ns(&h1, "iptables-restore").unwrap();
+    restore_cmd.arg("--noflush").stdin(std::process::Stdio::piped());
+    let mut child = restore_cmd.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), restore.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    sh::run_in(&h1, &["ipset", "create", "weft-4s-0000000000000000", "hash:ip"]).unwrap();
+    sh::run_in(&h1, &["ipset", "create", "other-set", "hash:ip"]).unwrap();
+    lab.start_agent(0).unwrap();
+    lab.wait_agent(0, Duration::from_secs(30)).unwrap();
+    let rules = pl::filter_rules(&lab, 0).unwrap();
+    assert!(!rules.iter().any(|r| r.contains("weftdeadbeef00")), "leftover chain removed: {rules:#?}");
+    assert!(rules.iter().any(|r| r.contains("OTHER-CHAIN")), "foreign chain kept");
+    let sets = sh::run_in(&h1, &["ipset", "list", "-n"]).unwrap();
+    assert!(!sets.contains("weft-4s-0000000000000000"), "leftover set removed: {sets}");
+    assert!(sets.contains("other-set"), "foreign set kept");
+    sh::run_in(&h1, &["ipset", "destroy", "other-set"]).unwrap();
+    assert!(probe::reach(&b_ns, &a_ip, Probe::Tcp(80)), "policy kept across the restart");
+}
