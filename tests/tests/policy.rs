@@ -396,3 +396,58 @@ fn tampering_is_repaired_and_leftovers_are_removed_at_start() {
     sh::run_in(&h1, &["ipset", "destroy", "other-set"]).unwrap();
     assert!(probe::reach(&b_ns, &a_ip, Probe::Tcp(80)), "policy kept across the restart");
 }
+
+#[test]
+fn hostile_policies_are_refused_naming_the_field_and_change_nothing() {
+    let lab = Lab::new(LabOptions::default()).unwrap();
+    attach(&lab, 0, "a", &["app=a"], &[]).unwrap();
+    pl::apply(&lab, &json!({"name": "keep", "selector": "app == 'a'", "ingress": [{"action": "allow"}]})).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let etcd_before = lab.etcd_keys().unwrap();
+    let kernel_before = kernel_state(&lab);
+    let rule = |r: serde_json::Value| json!({"name": "bad", "selector": "all()", "ingress": [r]});
+    let huge = json!({"name": "huge", "selector": "all()", "ingress": vec![json!({"action": "allow"}); 10_000]});
+    let cases: Vec<(String, &str, &str)> = vec![
+        (json!({"name": "bad", "selector": "app == ", "ingress": []}).to_string(), "json", "selector"),
+        (json!({"name": "bad", "selector": "all()", "ingress": [], "priority": 1}).to_string(), "json", "priority"),
+        (rule(json!({"action": "permit"})).to_string(), "json", "ingress[0].action"),
+        (rule(json!({"action": "allow", "protocol": "tcp", "destination": {"ports": [0]}})).to_string(), "json", "ingress[0].destination.ports[0]"),
+        (rule(json!({"action": "allow", "protocol": "tcp", "destination": {"ports": [65536]}})).to_string(), "json", "ingress[0].destination.ports[0]"),
+        (rule(json!({"action": "allow", "protocol": "icmp", "destination": {"ports": [80]}})).to_string(), "json", "ingress[0].destination.ports"),
+        (rule(json!({"action": "allow", "destination": {"ports": [80]}})).to_string(), "json", "ingress[0].destination.ports"),
+        (rule(json!({"action": "deny", "source": {"nets": ["10.0.0.0/33"]}})).to_string(), "json", "ingress[0].source.nets[0]"),
+        (json!({"name": "a/b", "selector": "all()"}).to_string(), "json", "name"),
+        (huge.to_string(), "json", "ingress"),
+        // A list is all or nothing: the valid first policy is not written either.
+        (json!([{"name": "fine", "selector": "all()", "egress": []}, {"name": "worse", "selector": "x in {"}]).to_string(), "json", "[1].selector"),
+        ("name: bad\nselector: all()\negress:\n  - action: allow\n    protocl: tcp\n".to_string(), "yaml", "egress[0].protocl"),
+    ];
+    for (text, extension, field) in &cases {
+        let out = pl::apply_text(&lab, text, extension).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "refused as invalid: {stderr}");
+        assert!(stderr.contains(&format!("{field}:")), "the error names {field}: {stderr}");
+        println!("refused: {}", stderr.trim());
+    }
+    assert_eq!(lab.etcd_keys().unwrap(), etcd_before, "nothing changed in etcd");
+    assert_eq!(kernel_state(&lab), kernel_before, "nothing changed in any kernel");
+    // Hostile labels are refused by weftctl and, sent straight over the API, by the agent.
+    let out = lab.ctl(0, &["attach", "x", "--label", "a b=c"]).unwrap();
+    assert!(!out.status.success(), "a key with a space");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refused = runtime.block_on(async {
+        let mut client = lab.client(0).await.unwrap();
+        let request = weft_proto::v1::AttachRequest {
+            container_id: "x".into(),
+            labels: [("app".to_string(), "v".repeat(64))].into(),
+            ..Default::default()
+        };
+        client.attach(request).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("label \"app\""), "{}", refused.message());
+    assert_eq!(lab.etcd_keys().unwrap(), etcd_before, "nothing changed in etcd");
+    // The limit is documented and exact: 1,000 rules are accepted.
+    let limit = json!({"name": "big", "selector": "app == 'nobody'", "ingress": vec![json!({"action": "allow"}); 1000]});
+    pl::apply(&lab, &limit).unwrap();
+}
