@@ -74,7 +74,10 @@ mod tests {
         view.apply(FabricEvent::EndpointPut(Box::new(endpoint("h1", "a"))));
         view.apply(FabricEvent::EndpointPut(Box::new(endpoint("h2", "b"))));
         assert_eq!(view.remote_endpoints("h1").count(), 1);
-        assert_eq!(view.endpoints[&("h1".into(), "a".into())].labels["app"], "web");
+        assert_eq!(
+            view.endpoints[&("h1".into(), "a".into())].labels["app"],
+            "web"
+        );
         view.apply(FabricEvent::EndpointDeleted {
             host: "h2".into(),
             container_id: "b".into(),

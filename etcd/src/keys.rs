@@ -210,7 +210,10 @@ mod tests {
     fn endpoint_and_policy_keys_round_trip() {
         let keys = Keys::new("/weft/v1");
         let key = keys.endpoint("h1", "web-1");
-        assert_eq!(keys.parse_endpoint(&key), Some(("h1".into(), "web-1".into())));
+        assert_eq!(
+            keys.parse_endpoint(&key),
+            Some(("h1".into(), "web-1".into()))
+        );
         assert_eq!(keys.parse_endpoint("/weft/v1/endpoints/h1"), None);
         assert_eq!(keys.parse_endpoint("/weft/v1/endpoints/h1/a/b"), None);
         assert_eq!(keys.policy("web"), "/weft/v1/policies/web");

@@ -40,9 +40,10 @@ impl Datastore {
         let response = self
             .txn(Txn::new().and_then([TxnOp::delete(self.keys.policy(name), None)]))
             .await?;
-        Ok(response.op_responses().iter().any(|op| {
-            matches!(op, etcd_client::TxnOpResponse::Delete(d) if d.deleted() > 0)
-        }))
+        Ok(response
+            .op_responses()
+            .iter()
+            .any(|op| matches!(op, etcd_client::TxnOpResponse::Delete(d) if d.deleted() > 0)))
     }
 
     fn parse_policy(&self, kv: &KeyValue) -> Result<Policy> {

@@ -35,10 +35,9 @@ pub fn apply(lab: &Lab, doc: &Value) -> Result<()> {
 
 /// Runs `weftctl policy apply` on a file holding `text`.
 pub fn apply_text(lab: &Lab, text: &str, extension: &str) -> Result<Output> {
-    let path = lab.dir.join(format!(
-        "policy-{}.{extension}",
-        rand::random::<u32>()
-    ));
+    let path = lab
+        .dir
+        .join(format!("policy-{}.{extension}", rand::random::<u32>()));
     std::fs::write(&path, text)?;
     let out = weftctl_etcd(lab, &["policy", "apply", "-f", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
@@ -48,13 +47,22 @@ pub fn apply_text(lab: &Lab, text: &str, extension: &str) -> Result<Output> {
 pub fn delete(lab: &Lab, name: &str) -> Result<()> {
     let out = weftctl_etcd(lab, &["policy", "delete", name])?;
     if !out.status.success() {
-        bail!("weftctl policy delete {name}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "weftctl policy delete {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
 
 /// Attaches (or re-attaches) a container with labels (`k=v`); returns (netns name, ip).
-pub fn attach(lab: &Lab, host: usize, id: &str, labels: &[&str], extra: &[&str]) -> Result<(String, String)> {
+pub fn attach(
+    lab: &Lab,
+    host: usize,
+    id: &str,
+    labels: &[&str],
+    extra: &[&str],
+) -> Result<(String, String)> {
     let mut args = vec!["attach", id];
     for label in labels {
         args.extend(["--label", label]);

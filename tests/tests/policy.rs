@@ -91,7 +91,10 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
     let matrix = |lab: &Lab| {
         let mut cases = vec![];
         for from in ["frontend", "web", "db"] {
-            for to in ["frontend", "web", "db", "outside"].into_iter().filter(|t| *t != from) {
+            for to in ["frontend", "web", "db", "outside"]
+                .into_iter()
+                .filter(|t| *t != from)
+            {
                 for probe in PROBES {
                     cases.push((from, to, probe));
                 }
@@ -99,15 +102,27 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
         }
         let probes: Vec<_> = cases
             .iter()
-            .map(|(from, to, probe)| (endpoints[from].0.to_string(), endpoints[to].1.to_string(), *probe))
+            .map(|(from, to, probe)| {
+                (
+                    endpoints[from].0.to_string(),
+                    endpoints[to].1.to_string(),
+                    *probe,
+                )
+            })
             .collect();
         let _ = lab;
-        cases.into_iter().zip(probe::all(&probes)).collect::<Vec<_>>()
+        cases
+            .into_iter()
+            .zip(probe::all(&probes))
+            .collect::<Vec<_>>()
     };
     // Before any policy everything reaches everything (routes may still settle: retry once).
     let open = matrix(&lab);
     let closed: Vec<_> = open.iter().filter(|(_, ok)| !ok).collect();
-    assert!(closed.is_empty(), "default allow: blocked before any policy: {closed:?}");
+    assert!(
+        closed.is_empty(),
+        "default allow: blocked before any policy: {closed:?}"
+    );
 
     pl::apply(&lab, &table()).unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -116,7 +131,12 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
     let wrong: Vec<String> = results
         .iter()
         .filter(|((from, to, probe), ok)| expected(from, to, *probe) != *ok)
-        .map(|((from, to, probe), ok)| format!("{from} -> {to} {probe}: {}", if *ok { "passed" } else { "blocked" }))
+        .map(|((from, to, probe), ok)| {
+            format!(
+                "{from} -> {to} {probe}: {}",
+                if *ok { "passed" } else { "blocked" }
+            )
+        })
         .collect();
     println!(
         "isolation matrix: {} probes, {} allowed, checked in {:.1}s",
@@ -124,7 +144,11 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
         results.iter().filter(|(_, ok)| *ok).count(),
         started.elapsed().as_secs_f64()
     );
-    assert!(wrong.is_empty(), "the matrix differs from the policy table:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "the matrix differs from the policy table:\n{}",
+        wrong.join("\n")
+    );
 
     // Published ports: web's ingress sees the client's real address (DNAT happens before
     // FORWARD), so the outside network may use web's published port. A container of another
@@ -145,8 +169,14 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
         assert_eq!(got, *want, "{ns} -> {host2}:8080 (published)");
     }
     // The host of an endpoint always reaches it (health checks), whatever policy says.
-    assert!(probe::reach(&lab.hosts[2].name, &db_ip, Probe::Tcp(5432)), "db's own host reaches it");
-    assert!(!probe::reach(&lab.hosts[0].name, &db_ip, Probe::Tcp(5432)), "another host does not");
+    assert!(
+        probe::reach(&lab.hosts[2].name, &db_ip, Probe::Tcp(5432)),
+        "db's own host reaches it"
+    );
+    assert!(
+        !probe::reach(&lab.hosts[0].name, &db_ip, Probe::Tcp(5432)),
+        "another host does not"
+    );
 }
 
 /// Waits until `from` reaches (or stops reaching) `ip` with `probe`, up to 3 s; returns whether
@@ -172,16 +202,30 @@ fn defaults_order_and_first_match_decide() {
     let (c_ns, _) = attach(&lab, 2, "c", &["role=c"], &[]).unwrap();
     serve(&mut lab, &a_ns);
     let check = |what: &str, from: &str, probe: Probe, reached: bool| {
-        assert!(becomes(from, &a_ip, probe, reached), "{what}: {from} -> a {probe} should be {}", if reached { "allowed" } else { "blocked" });
+        assert!(
+            becomes(from, &a_ip, probe, reached),
+            "{what}: {from} -> a {probe} should be {}",
+            if reached { "allowed" } else { "blocked" }
+        );
     };
     // No policy selects a: everything is allowed, both directions.
     check("default allow", &b_ns, Probe::Tcp(80), true);
-    assert!(probe::reach(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp), "a's egress is open");
+    assert!(
+        probe::reach(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp),
+        "a's egress is open"
+    );
 
     // Selected for ingress only, with no rule: everything in is denied, egress stays open.
-    pl::apply(&lab, &json!({"name": "a-closed", "order": 100, "selector": "app == 'a'", "ingress": []})).unwrap();
+    pl::apply(
+        &lab,
+        &json!({"name": "a-closed", "order": 100, "selector": "app == 'a'", "ingress": []}),
+    )
+    .unwrap();
     check("default deny once selected", &b_ns, Probe::Tcp(80), false);
-    assert!(probe::reach(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp), "egress is not covered");
+    assert!(
+        probe::reach(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp),
+        "egress is not covered"
+    );
 
     // A deny before a broader allow, in one policy: b is refused TCP/80 but gets 5432; c gets both.
     pl::apply(&lab, &json!({"name": "a-rules", "order": 10, "selector": "app == 'a'", "ingress": [
@@ -194,19 +238,31 @@ fn defaults_order_and_first_match_decide() {
     check("no rule matches UDP: denied", &c_ns, Probe::Udp(80), false);
 
     // A policy of lower order applies first: its allow wins over a-rules' deny.
-    pl::apply(&lab, &json!({"name": "a-first", "order": 5, "selector": "app == 'a'", "ingress": [
-        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
-    ]})).unwrap();
+    pl::apply(
+        &lab,
+        &json!({"name": "a-first", "order": 5, "selector": "app == 'a'", "ingress": [
+            {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
+        ]}),
+    )
+    .unwrap();
     check("lower order first", &b_ns, Probe::Tcp(80), true);
     // The same policy with a higher order comes after the deny.
-    pl::apply(&lab, &json!({"name": "a-first", "order": 50, "selector": "app == 'a'", "ingress": [
-        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
-    ]})).unwrap();
+    pl::apply(
+        &lab,
+        &json!({"name": "a-first", "order": 50, "selector": "app == 'a'", "ingress": [
+            {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
+        ]}),
+    )
+    .unwrap();
     check("higher order later", &b_ns, Probe::Tcp(80), false);
     // Equal orders: by name. "a-first" (order 10) now sorts before "a-rules" (order 10).
-    pl::apply(&lab, &json!({"name": "a-first", "order": 10, "selector": "app == 'a'", "ingress": [
-        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
-    ]})).unwrap();
+    pl::apply(
+        &lab,
+        &json!({"name": "a-first", "order": 10, "selector": "app == 'a'", "ingress": [
+            {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}
+        ]}),
+    )
+    .unwrap();
     check("ties by name", &b_ns, Probe::Tcp(80), true);
 
     // Egress is enforced on the source's host: a may call c's host but nothing else once
@@ -214,8 +270,14 @@ fn defaults_order_and_first_match_decide() {
     pl::apply(&lab, &json!({"name": "a-out", "order": 1, "selector": "app == 'a'", "egress": [
         {"action": "allow", "protocol": "icmp", "destination": {"nets": [format!("{}/32", lab.hosts[2].ip)]}}
     ]})).unwrap();
-    assert!(becomes(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp, false), "egress denied");
-    assert!(becomes(&a_ns, &lab.hosts[2].ip.to_string(), Probe::Icmp, true), "egress allowed");
+    assert!(
+        becomes(&a_ns, &lab.hosts[1].ip.to_string(), Probe::Icmp, false),
+        "egress denied"
+    );
+    assert!(
+        becomes(&a_ns, &lab.hosts[2].ip.to_string(), Probe::Icmp, true),
+        "egress allowed"
+    );
     // Replies of allowed connections pass although a's egress allows no TCP.
     check("replies pass", &b_ns, Probe::Tcp(80), true);
 }
@@ -228,18 +290,35 @@ fn measure(what: &str, from: &str, ips: &[String], reached: bool, since: Instant
         .iter()
         .map(|ip| {
             let (from, addr) = (from.to_string(), format!("{ip}:9000").parse().unwrap());
-            std::thread::spawn(move || probe::tcp_becomes(&from, addr, reached, since, Duration::from_secs(5)))
+            std::thread::spawn(move || {
+                probe::tcp_becomes(&from, addr, reached, since, Duration::from_secs(5))
+            })
         })
         .collect();
     let times: Vec<Option<Duration>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let shown: Vec<String> = times
         .iter()
         .zip(ips)
-        .map(|(t, ip)| format!("{ip}: {}", t.map_or("never".into(), |t| format!("{:.0} ms", t.as_secs_f64() * 1e3))))
+        .map(|(t, ip)| {
+            format!(
+                "{ip}: {}",
+                t.map_or("never".into(), |t| format!(
+                    "{:.0} ms",
+                    t.as_secs_f64() * 1e3
+                ))
+            )
+        })
         .collect();
     println!("{what}: {}", shown.join(", "));
-    let slowest = times.iter().map(|t| t.unwrap_or(Duration::MAX)).max().unwrap();
-    assert!(slowest <= LIMIT, "{what} took longer than {LIMIT:?} on some host: {shown:?}");
+    let slowest = times
+        .iter()
+        .map(|t| t.unwrap_or(Duration::MAX))
+        .max()
+        .unwrap();
+    assert!(
+        slowest <= LIMIT,
+        "{what} took longer than {LIMIT:?} on some host: {shown:?}"
+    );
     slowest
 }
 
@@ -258,29 +337,57 @@ fn changes_reach_every_host_within_a_second_and_established_connections_survive(
     ]})).unwrap();
     let (front_ns, _) = attach(&lab, 2, "front", &["role=frontend"], &[]).unwrap();
     let (client_ns, _) = attach(&lab, 1, "client", &[], &[]).unwrap();
-    measure("a new frontend reaches every web", &front_ns, &ips, true, Instant::now());
+    measure(
+        "a new frontend reaches every web",
+        &front_ns,
+        &ips,
+        true,
+        Instant::now(),
+    );
     // Established connections from the frontend to every web, kept open throughout.
     let mut connections: Vec<probe::Connection> = ips
         .iter()
-        .map(|ip| probe::Connection::open(&front_ns, format!("{ip}:9000").parse().unwrap()).unwrap())
+        .map(|ip| {
+            probe::Connection::open(&front_ns, format!("{ip}:9000").parse().unwrap()).unwrap()
+        })
         .collect();
     let still_open = |connections: &mut Vec<probe::Connection>, after: &str| {
         for (i, c) in connections.iter_mut().enumerate() {
-            c.echo(&format!("{after} {i}")).unwrap_or_else(|e| panic!("established connection to web{i} dropped after {after}: {e:#}"));
+            c.echo(&format!("{after} {i}")).unwrap_or_else(|e| {
+                panic!("established connection to web{i} dropped after {after}: {e:#}")
+            });
         }
     };
-    measure("an unlabelled client is refused everywhere", &client_ns, &ips, false, Instant::now());
+    measure(
+        "an unlabelled client is refused everywhere",
+        &client_ns,
+        &ips,
+        false,
+        Instant::now(),
+    );
 
     // 1. A label change on h2 takes effect on h1, h2 and h3.
     let started = Instant::now();
     attach(&lab, 1, "client", &["role=frontend"], &[]).unwrap();
-    measure("label change (client on h2 becomes a frontend)", &client_ns, &ips, true, started);
+    measure(
+        "label change (client on h2 becomes a frontend)",
+        &client_ns,
+        &ips,
+        true,
+        started,
+    );
     still_open(&mut connections, "the label change");
 
     // 2. A new matching container on another host.
     let started = Instant::now();
     let (late_ns, _) = attach(&lab, 0, "late", &["role=frontend"], &[]).unwrap();
-    measure("new matching container on h1", &late_ns, &ips, true, started);
+    measure(
+        "new matching container on h1",
+        &late_ns,
+        &ips,
+        true,
+        started,
+    );
     still_open(&mut connections, "the new container");
 
     // 3. A policy change: frontends lose new connections, established ones stay (conntrack).
@@ -288,13 +395,31 @@ fn changes_reach_every_host_within_a_second_and_established_connections_survive(
     pl::apply(&lab, &json!({"name": "web", "selector": "app == 'web'", "ingress": [
         {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'admin'"}, "destination": {"ports": [9000]}}
     ]})).unwrap();
-    measure("policy change (frontends refused)", &client_ns, &ips, false, started);
-    measure("policy change seen for the late frontend", &late_ns, &ips, false, started);
+    measure(
+        "policy change (frontends refused)",
+        &client_ns,
+        &ips,
+        false,
+        started,
+    );
+    measure(
+        "policy change seen for the late frontend",
+        &late_ns,
+        &ips,
+        false,
+        started,
+    );
     still_open(&mut connections, "the policy change");
 }
 
-/// Every host's filter table (no counters) and `weft-` sets.
-fn kernel_state(lab: &Lab) -> Vec<(Vec<String>, BTreeMap<String, std::collections::BTreeSet<String>>)> {
+/// A host's filter table (no counters) and its `weft-` sets with their members.
+type HostPolicyState = (
+    Vec<String>,
+    BTreeMap<String, std::collections::BTreeSet<String>>,
+);
+
+/// Every host's filter table and sets.
+fn kernel_state(lab: &Lab) -> Vec<HostPolicyState> {
     (0..lab.hosts.len())
         .map(|i| (pl::filter_rules(lab, i).unwrap(), pl::sets(lab, i).unwrap()))
         .collect()
@@ -313,24 +438,43 @@ fn deleting_policies_restores_behaviour_and_leaves_nothing_behind() {
             {"action": "allow", "protocol": "udp", "source": {"selector": "role == 'b'", "nets": ["10.0.0.0/8"]}}]},
         {"name": "p2", "order": 1, "selector": "all()", "egress": [{"action": "deny", "destination": {"nets": ["203.0.113.0/24"]}}, {"action": "allow"}]}
     ])).unwrap();
-    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), false), "policy in force");
+    assert!(
+        becomes(&b_ns, &a_ip, Probe::Tcp(80), false),
+        "policy in force"
+    );
     let during = kernel_state(&lab);
     // h1 and h2 hold endpoints (h3 none: nothing to enforce there).
     for (i, (rules, sets)) in during.iter().take(2).enumerate() {
-        assert!(rules.iter().any(|r| r.contains("WEFT-PO-")), "h{}: p2 selects every endpoint: {rules:#?}", i + 1);
+        assert!(
+            rules.iter().any(|r| r.contains("WEFT-PO-")),
+            "h{}: p2 selects every endpoint: {rules:#?}",
+            i + 1
+        );
         assert!(!sets.is_empty(), "h{}: sets in use", i + 1);
     }
     pl::delete(&lab, "p1").unwrap();
     pl::delete(&lab, "p2").unwrap();
-    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true), "previous behaviour restored");
+    assert!(
+        becomes(&b_ns, &a_ip, Probe::Tcp(80), true),
+        "previous behaviour restored"
+    );
     let deadline = Instant::now() + Duration::from_secs(3);
     while kernel_state(&lab) != before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(kernel_state(&lab), before, "no chain, rule or set left after the policies went");
+    assert_eq!(
+        kernel_state(&lab),
+        before,
+        "no chain, rule or set left after the policies went"
+    );
     // Deleting what does not exist says so.
     let out = pl::weftctl_etcd(&lab, &["policy", "delete", "p1"]).unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -339,8 +483,12 @@ fn tampering_is_repaired_and_leftovers_are_removed_at_start() {
     let (a_ns, a_ip) = attach(&lab, 0, "a", &["app=a"], &[]).unwrap();
     let (b_ns, b_ip) = attach(&lab, 1, "b", &["role=b"], &[]).unwrap();
     serve(&mut lab, &a_ns);
-    pl::apply(&lab, &json!({"name": "a", "selector": "app == 'a'", "ingress": [
-        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}]})).unwrap();
+    pl::apply(
+        &lab,
+        &json!({"name": "a", "selector": "app == 'a'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'b'"}}]}),
+    )
+    .unwrap();
     let h1 = lab.hosts[0].name.clone();
     let deadline = Instant::now() + Duration::from_secs(3);
     while pl::policy_chain_lines(&lab, 0).unwrap().is_empty() && Instant::now() < deadline {
@@ -350,15 +498,33 @@ fn tampering_is_repaired_and_leftovers_are_removed_at_start() {
     let good = kernel_state(&lab);
 
     // A set member deleted by hand: b is refused until the next resync puts it back.
-    let set = pl::sets(&lab, 0).unwrap().into_iter().find(|(_, m)| m.contains(&b_ip)).unwrap().0;
+    let set = pl::sets(&lab, 0)
+        .unwrap()
+        .into_iter()
+        .find(|(_, m)| m.contains(&b_ip))
+        .unwrap()
+        .0;
     sh::run_in(&h1, &["ipset", "del", &set, &b_ip]).unwrap();
-    assert!(!probe::reach(&b_ns, &a_ip, Probe::Tcp(80)), "the member is gone");
+    assert!(
+        !probe::reach(&b_ns, &a_ip, Probe::Tcp(80)),
+        "the member is gone"
+    );
     let started = Instant::now();
-    assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true), "set member repaired");
-    println!("set member repaired after {:.0} ms (resync interval 2 s)", started.elapsed().as_secs_f64() * 1e3);
+    assert!(
+        becomes(&b_ns, &a_ip, Probe::Tcp(80), true),
+        "set member repaired"
+    );
+    println!(
+        "set member repaired after {:.0} ms (resync interval 2 s)",
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
     // A rule deleted by hand (the policy's allow): repaired within one resync interval.
-    let rule = pl::policy_chain_lines(&lab, 0).unwrap().into_iter().find(|l| l.starts_with("-A WEFT-PI-") && l.contains("MARK")).unwrap();
+    let rule = pl::policy_chain_lines(&lab, 0)
+        .unwrap()
+        .into_iter()
+        .find(|l| l.starts_with("-A WEFT-PI-") && l.contains("MARK"))
+        .unwrap();
     let mut args = vec!["iptables", "-w"];
     let delete = rule.replacen("-A ", "-D ", 1);
     let words = weft_tests::invariants::rule_words(&delete);
@@ -366,7 +532,10 @@ fn tampering_is_repaired_and_leftovers_are_removed_at_start() {
     sh::run_in(&h1, &args).unwrap();
     let started = Instant::now();
     assert!(becomes(&b_ns, &a_ip, Probe::Tcp(80), true), "rule repaired");
-    println!("deleted rule repaired after {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "deleted rule repaired after {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     let deadline = Instant::now() + Duration::from_secs(3);
     while kernel_state(&lab) != good && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -375,33 +544,56 @@ fn tampering_is_repaired_and_leftovers_are_removed_at_start() {
 
     // Leftovers of an earlier agent (a chain and a set of ours nothing wants) and a foreign set
     // and chain: ours go at the next start, the foreign ones stay.
-    lab.stop_agent(0, nix::sys::signal::Signal::SIGTERM).unwrap();
+    lab.stop_agent(0, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
     let restore = "*filter\n:WEFT-TW-weftdeadbeef00 - [0:0]\n:OTHER-CHAIN - [0:0]\n-A WEFT-TW-weftdeadbeef00 -j DROP\nCOMMIT\n";
     let mut restore_cmd = sh::command_in_ns(&h1, "iptables-restore").unwrap();
-    restore_cmd.arg("--noflush").stdin(std::process::Stdio::piped());
+    restore_cmd
+        .arg("--noflush")
+        .stdin(std::process::Stdio::piped());
     let mut child = restore_cmd.spawn().unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), restore.as_bytes()).unwrap();
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
-    sh::run_in(&h1, &["ipset", "create", "weft-4s-0000000000000000", "hash:ip"]).unwrap();
+    sh::run_in(
+        &h1,
+        &["ipset", "create", "weft-4s-0000000000000000", "hash:ip"],
+    )
+    .unwrap();
     sh::run_in(&h1, &["ipset", "create", "other-set", "hash:ip"]).unwrap();
     lab.start_agent(0).unwrap();
     lab.wait_agent(0, Duration::from_secs(30)).unwrap();
     let rules = pl::filter_rules(&lab, 0).unwrap();
-    assert!(!rules.iter().any(|r| r.contains("weftdeadbeef00")), "leftover chain removed: {rules:#?}");
-    assert!(rules.iter().any(|r| r.contains("OTHER-CHAIN")), "foreign chain kept");
+    assert!(
+        !rules.iter().any(|r| r.contains("weftdeadbeef00")),
+        "leftover chain removed: {rules:#?}"
+    );
+    assert!(
+        rules.iter().any(|r| r.contains("OTHER-CHAIN")),
+        "foreign chain kept"
+    );
     let sets = sh::run_in(&h1, &["ipset", "list", "-n"]).unwrap();
-    assert!(!sets.contains("weft-4s-0000000000000000"), "leftover set removed: {sets}");
+    assert!(
+        !sets.contains("weft-4s-0000000000000000"),
+        "leftover set removed: {sets}"
+    );
     assert!(sets.contains("other-set"), "foreign set kept");
     sh::run_in(&h1, &["ipset", "destroy", "other-set"]).unwrap();
-    assert!(probe::reach(&b_ns, &a_ip, Probe::Tcp(80)), "policy kept across the restart");
+    assert!(
+        probe::reach(&b_ns, &a_ip, Probe::Tcp(80)),
+        "policy kept across the restart"
+    );
 }
 
 #[test]
 fn hostile_policies_are_refused_naming_the_field_and_change_nothing() {
     let lab = Lab::new(LabOptions::default()).unwrap();
     attach(&lab, 0, "a", &["app=a"], &[]).unwrap();
-    pl::apply(&lab, &json!({"name": "keep", "selector": "app == 'a'", "ingress": [{"action": "allow"}]})).unwrap();
+    pl::apply(
+        &lab,
+        &json!({"name": "keep", "selector": "app == 'a'", "ingress": [{"action": "allow"}]}),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let etcd_before = lab.etcd_keys().unwrap();
     let kernel_before = kernel_state(&lab);
@@ -426,11 +618,22 @@ fn hostile_policies_are_refused_naming_the_field_and_change_nothing() {
         let out = pl::apply_text(&lab, text, extension).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "refused as invalid: {stderr}");
-        assert!(stderr.contains(&format!("{field}:")), "the error names {field}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{field}:")),
+            "the error names {field}: {stderr}"
+        );
         println!("refused: {}", stderr.trim());
     }
-    assert_eq!(lab.etcd_keys().unwrap(), etcd_before, "nothing changed in etcd");
-    assert_eq!(kernel_state(&lab), kernel_before, "nothing changed in any kernel");
+    assert_eq!(
+        lab.etcd_keys().unwrap(),
+        etcd_before,
+        "nothing changed in etcd"
+    );
+    assert_eq!(
+        kernel_state(&lab),
+        kernel_before,
+        "nothing changed in any kernel"
+    );
     // Hostile labels are refused by weftctl and, sent straight over the API, by the agent.
     let out = lab.ctl(0, &["attach", "x", "--label", "a b=c"]).unwrap();
     assert!(!out.status.success(), "a key with a space");
@@ -445,9 +648,87 @@ fn hostile_policies_are_refused_naming_the_field_and_change_nothing() {
         client.attach(request).await.unwrap_err()
     });
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("label \"app\""), "{}", refused.message());
-    assert_eq!(lab.etcd_keys().unwrap(), etcd_before, "nothing changed in etcd");
+    assert!(
+        refused.message().contains("label \"app\""),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        lab.etcd_keys().unwrap(),
+        etcd_before,
+        "nothing changed in etcd"
+    );
     // The limit is documented and exact: 1,000 rules are accepted.
     let limit = json!({"name": "big", "selector": "app == 'nobody'", "ingress": vec![json!({"action": "allow"}); 1000]});
     pl::apply(&lab, &limit).unwrap();
+}
+
+#[test]
+fn rendered_policy_chains_match_what_iptables_prints_so_resyncs_write_nothing() {
+    use weft_agent::firewall::iptables::Iptables;
+    use weft_agent::firewall::{Backend, FirewallSpec, SyncMode};
+    use weft_agent::policy::plan::{plan, Family};
+    use weft_agent::policy::render::render;
+    use weft_agent::policy::sets::{Ipset, SetBackend};
+    weft_tests::require_root();
+    let ns = format!("wpol{}", std::process::id());
+    sh::run("ip", &["netns", "add", &ns]).unwrap();
+    let web: weft_etcd::records::EndpointRecord = serde_json::from_value(json!({
+        "container_id": "web", "host": "h1", "ip": "10.65.0.2", "host_ifname": "weft0123456789a",
+        "ifname": "eth0", "mac": "02:00:00:00:00:01", "netns": "/x", "owns_netns": false,
+        "created": 0, "labels": {"app": "web"},
+    }))
+    .unwrap();
+    let ports: Vec<serde_json::Value> = (1..=20).map(|p| json!(p * 100)).collect();
+    let policy = weft_etcd::policy::policy_from_value(&json!({"name": "web", "selector": "all()",
+        "ingress": [
+            {"action": "allow", "protocol": "tcp", "source": {"selector": "has(app)", "nets": ["10.0.0.0/8", "203.0.113.7/32"]},
+             "destination": {"ports": ports}},
+            {"action": "deny", "protocol": "udp", "source": {"ports": ["1000:2000"]}},
+            {"action": "allow", "protocol": "icmp", "source": {"nets": ["0.0.0.0/0"]}}],
+        "egress": [{"action": "deny", "destination": {"nets": ["203.0.113.0/24"]}}, {"action": "allow"}]}), "").unwrap();
+    let planned = plan(Family::V4, &[&policy], &[&web], &[&web]);
+    let path = format!("/run/netns/{ns}");
+    let result = std::thread::spawn(move || {
+        let file = std::fs::File::open(path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let sets = Ipset::default();
+        sets.sync(&planned.sets, SyncMode::Verify).unwrap();
+        let spec = FirewallSpec {
+            policy: render(&planned),
+            ..Default::default()
+        };
+        let firewall = Iptables::default();
+        let first = firewall.sync(&spec, SyncMode::Verify).unwrap();
+        let again = firewall.sync(&spec, SyncMode::Verify).unwrap();
+        let sets_again = sets.sync(&planned.sets, SyncMode::Verify).unwrap();
+        // Nothing wanted any more: chains and sets go.
+        let empty = FirewallSpec::default();
+        firewall.sync(&empty, SyncMode::Verify).unwrap();
+        let destroyed = sets.prune(&Default::default()).unwrap();
+        let save = std::process::Command::new("iptables-save")
+            .output()
+            .unwrap();
+        (
+            first.tables_written,
+            again.tables_written,
+            sets_again,
+            destroyed,
+            String::from_utf8_lossy(&save.stdout).to_string(),
+        )
+    })
+    .join();
+    sh::run("ip", &["netns", "del", &ns]).unwrap();
+    let (first, again, sets_again, destroyed, save) = result.unwrap();
+    assert_eq!(first, 3);
+    assert_eq!(again, 0, "verified policy chains are not written again");
+    assert_eq!(sets_again, 0, "verified sets are not written again");
+    assert_eq!(
+        destroyed, 3,
+        "the selector's set and both rules' network sets"
+    );
+    assert!(
+        !save.contains("WEFT-PI-") && !save.contains("WEFT-TW-"),
+        "{save}"
+    );
 }

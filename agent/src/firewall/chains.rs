@@ -16,6 +16,9 @@ pub const OWNED_PREFIXES: &[&str] = &[
     "WEFT-PO-",
 ];
 
+/// The dispatch chains our FORWARD and INPUT chains jump to: they always exist.
+pub const DISPATCH_CHAINS: [&str; 2] = ["WEFT-TO-WL", "WEFT-FROM-WL"];
+
 pub fn is_owned(chain: &str) -> bool {
     OWNED_PREFIXES.iter().any(|p| chain.starts_with(p))
 }
@@ -79,10 +82,7 @@ pub fn restore_input(wanted: &Chains, held: &BTreeMap<String, Vec<String>>) -> O
             Some(rules) if !chain.ordered && unique(rules) => {
                 let have: BTreeSet<&String> = rules.iter().collect();
                 let want: BTreeSet<&String> = chain.rules.iter().collect();
-                deletes.extend(
-                    have.difference(&want)
-                        .map(|r| r.replacen("-A ", "-D ", 1)),
-                );
+                deletes.extend(have.difference(&want).map(|r| r.replacen("-A ", "-D ", 1)));
                 appends.extend(want.difference(&have).map(|r| r.to_string()));
             }
             _ => {
@@ -139,8 +139,14 @@ mod tests {
     #[test]
     fn only_differences_are_written() {
         let mut wanted = Chains::new();
-        wanted.insert("WEFT-TO-WL".into(), chain(false, &["-A WEFT-TO-WL b", "-A WEFT-TO-WL c"]));
-        wanted.insert("WEFT-PI-1".into(), chain(true, &["-A WEFT-PI-1 x", "-A WEFT-PI-1 y"]));
+        wanted.insert(
+            "WEFT-TO-WL".into(),
+            chain(false, &["-A WEFT-TO-WL b", "-A WEFT-TO-WL c"]),
+        );
+        wanted.insert(
+            "WEFT-PI-1".into(),
+            chain(true, &["-A WEFT-PI-1 x", "-A WEFT-PI-1 y"]),
+        );
         let held = parse_owned(
             "*filter\n:FORWARD ACCEPT [0:0]\n:WEFT-TO-WL - [0:0]\n:WEFT-PI-1 - [0:0]\n\
              :WEFT-TW-old - [0:0]\n:WEFT-FORWARD - [0:0]\n\
@@ -162,7 +168,10 @@ mod tests {
         let mut wanted = Chains::new();
         wanted.insert("WEFT-FROM-WL".into(), chain(false, &["-A WEFT-FROM-WL a"]));
         let input = restore_input(&wanted, &BTreeMap::new()).unwrap();
-        assert_eq!(input, "*filter\n:WEFT-FROM-WL - [0:0]\n-A WEFT-FROM-WL a\nCOMMIT\n");
+        assert_eq!(
+            input,
+            "*filter\n:WEFT-FROM-WL - [0:0]\n-A WEFT-FROM-WL a\nCOMMIT\n"
+        );
         let held = parse_owned(":WEFT-FROM-WL - [0:0]\n-A WEFT-FROM-WL a\n-A WEFT-FROM-WL a\n");
         let input = restore_input(&wanted, &held).unwrap();
         assert!(input.contains(":WEFT-FROM-WL - [0:0]"), "{input}");

@@ -79,10 +79,8 @@ impl Table {
             true => rules.to_vec(),
             false => normalize(rules),
         };
-        if mode == SyncMode::Fast && self.applied.verified {
-            if self.applied.rules == wanted {
-                return Ok(false);
-            }
+        if mode == SyncMode::Fast && self.applied.verified && self.applied.rules == wanted {
+            return Ok(false);
         }
         // Appending is right only where order does not matter.
         if mode == SyncMode::Fast && self.applied.verified && !self.ordered {
@@ -147,6 +145,12 @@ struct PolicyChains {
 impl PolicyChains {
     /// Brings the owned chains in line with `wanted`; returns whether anything was written.
     fn sync(&mut self, wanted: &Chains, mode: SyncMode) -> Result<bool, FirewallError> {
+        // Our FORWARD chain jumps to the dispatch chains, whatever policy holds.
+        let mut wanted = wanted.clone();
+        for name in chains::DISPATCH_CHAINS {
+            wanted.entry(name.to_string()).or_default();
+        }
+        let wanted = &wanted;
         if let (SyncMode::Fast, Some(held)) = (mode, &self.held) {
             let Some(input) = chains::restore_input(wanted, held) else {
                 return Ok(false);
@@ -172,7 +176,11 @@ impl PolicyChains {
     }
 
     fn rule_count(&self) -> usize {
-        self.held.iter().flat_map(|h| h.values()).map(Vec::len).sum()
+        self.held
+            .iter()
+            .flat_map(|h| h.values())
+            .map(Vec::len)
+            .sum()
     }
 }
 
@@ -209,8 +217,7 @@ impl Backend for Iptables {
         // Policy's chains first: our FORWARD chain jumps to its dispatch chains.
         report.tables_written += policy.sync(&spec.policy, mode)? as usize;
         report.tables_written += filter.sync(&render(&filter_rules(spec)), mode)? as usize;
-        report.rules =
-            nat.applied.rules.len() + filter.applied.rules.len() + policy.rule_count();
+        report.rules = nat.applied.rules.len() + filter.applied.rules.len() + policy.rule_count();
         Ok(report)
     }
 

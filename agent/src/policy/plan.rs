@@ -241,11 +241,10 @@ impl SetPlanner<'_> {
     /// The rule in this family, or None when it can match nothing here (ICMPv6 in IPv4, or
     /// networks all of the other family).
     fn rule(&mut self, index: usize, rule: &Rule) -> Option<MatchRule> {
-        let foreign = match (self.family, rule.protocol) {
-            (Family::V4, Some(RuleProtocol::Icmpv6)) => true,
-            (Family::V6, Some(RuleProtocol::Icmp)) => true,
-            _ => false,
-        };
+        let foreign = matches!(
+            (self.family, rule.protocol),
+            (Family::V4, Some(RuleProtocol::Icmpv6)) | (Family::V6, Some(RuleProtocol::Icmp))
+        );
         if foreign {
             return None;
         }

@@ -65,8 +65,16 @@ fn selected_endpoints_get_chains_and_selectors_get_fabric_wide_sets() {
     let indexes: Vec<usize> = p.policies[0].rules.iter().map(|r| r.index).collect();
     assert_eq!(indexes, [0, 1]);
     let frontends = selector_set_name(Family::V4, &Selector::parse("role == 'frontend'").unwrap());
-    let members: Vec<String> = p.sets[&frontends].members.iter().map(|m| m.ip().to_string()).collect();
-    assert_eq!(members, ["10.65.0.3", "10.65.1.2"], "frontends of every host");
+    let members: Vec<String> = p.sets[&frontends]
+        .members
+        .iter()
+        .map(|m| m.ip().to_string())
+        .collect();
+    assert_eq!(
+        members,
+        ["10.65.0.3", "10.65.1.2"],
+        "frontends of every host"
+    );
     let nets = p.policies[0].rules[1].source.nets_set.clone().unwrap();
     assert_eq!(p.sets[&nets].members.len(), 1, "only the IPv4 network");
     assert_eq!(p.sets.len(), 2);
@@ -75,16 +83,37 @@ fn selected_endpoints_get_chains_and_selectors_get_fabric_wide_sets() {
 #[test]
 fn policies_apply_in_order_and_unselected_endpoints_get_nothing() {
     let f = fabric();
-    let late = policy(json!({"name": "a-late", "order": 200, "selector": "all()", "ingress": [], "egress": []}));
-    let early = policy(json!({"name": "z-early", "order": 1, "selector": "has(app)", "egress": [{"action": "allow"}]}));
-    let p = plan(Family::V4, &[&late, &web_policy(), &early], &[&f.web, &f.front], &[&f.web, &f.front]);
-    let web_in: Vec<&str> = p.endpoints.iter()
-        .find(|e| e.veth == "weftweb" && e.direction == Direction::Ingress).unwrap()
-        .policies.iter().map(|(n, _)| n.as_str()).collect();
+    let late = policy(
+        json!({"name": "a-late", "order": 200, "selector": "all()", "ingress": [], "egress": []}),
+    );
+    let early = policy(
+        json!({"name": "z-early", "order": 1, "selector": "has(app)", "egress": [{"action": "allow"}]}),
+    );
+    let p = plan(
+        Family::V4,
+        &[&late, &web_policy(), &early],
+        &[&f.web, &f.front],
+        &[&f.web, &f.front],
+    );
+    let web_in: Vec<&str> = p
+        .endpoints
+        .iter()
+        .find(|e| e.veth == "weftweb" && e.direction == Direction::Ingress)
+        .unwrap()
+        .policies
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert_eq!(web_in, ["web", "a-late"]);
-    let web_out: Vec<&str> = p.endpoints.iter()
-        .find(|e| e.veth == "weftweb" && e.direction == Direction::Egress).unwrap()
-        .policies.iter().map(|(n, _)| n.as_str()).collect();
+    let web_out: Vec<&str> = p
+        .endpoints
+        .iter()
+        .find(|e| e.veth == "weftweb" && e.direction == Direction::Egress)
+        .unwrap()
+        .policies
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert_eq!(web_out, ["z-early", "a-late"]);
     let nothing = plan(Family::V4, &[&web_policy()], &[&f.front], &[&f.front]);
     assert_eq!(nothing, PolicyPlan::default());

@@ -12,14 +12,14 @@
 use weft_etcd::policy::{Action, PortRange};
 
 use super::plan::{Direction, EndpointChain, MatchRule, PolicyChain, PolicyPlan, SideMatch};
-use crate::firewall::chains::{Chains, OwnedChain};
+use crate::firewall::chains::{Chains, OwnedChain, DISPATCH_CHAINS};
 
 /// The packet mark bit that says "a policy allowed this packet" inside our chains.
 pub const ALLOW_MARK: u32 = 0x20000;
 /// Dispatch chain of traffic to workloads (ingress policy).
-pub const TO_WORKLOADS: &str = "WEFT-TO-WL";
+pub const TO_WORKLOADS: &str = DISPATCH_CHAINS[0];
 /// Dispatch chain of traffic from workloads (egress policy).
-pub const FROM_WORKLOADS: &str = "WEFT-FROM-WL";
+pub const FROM_WORKLOADS: &str = DISPATCH_CHAINS[1];
 /// Most port entries one multiport match takes (a range counts twice).
 const MULTIPORT_MAX: usize = 15;
 

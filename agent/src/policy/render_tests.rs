@@ -55,6 +55,15 @@ fn long_port_lists_are_split_across_multiport_matches() {
     let chunks = port_chunks(&ports, "--dports");
     assert_eq!(chunks.len(), 2);
     assert!(chunks[0].contains("1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 "));
-    let ranges: Vec<PortRange> = (0..8).map(|i| PortRange { lo: i * 10 + 1, hi: i * 10 + 5 }).collect();
-    assert_eq!(port_chunks(&ranges, "--sports").len(), 2, "a range counts twice");
+    let ranges: Vec<PortRange> = (0..8)
+        .map(|i| PortRange {
+            lo: i * 10 + 1,
+            hi: i * 10 + 5,
+        })
+        .collect();
+    assert_eq!(
+        port_chunks(&ranges, "--sports").len(),
+        2,
+        "a range counts twice"
+    );
 }

@@ -160,7 +160,11 @@ fn ipset(args: &[&str], input: Option<&str>) -> Result<String, SetError> {
     };
     let mut child = Command::new("ipset")
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -175,7 +179,9 @@ fn ipset(args: &[&str], input: Option<&str>) -> Result<String, SetError> {
     };
     let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     if !out.status.success() {
-        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     written.map_err(|e| fail(e.to_string()))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -207,10 +213,9 @@ impl SetBackend for Ipset {
             return Ok(0);
         };
         let changes = input.lines().count();
-        if let Err(e) = ipset(&["-exist", "restore"], Some(&input)) {
-            // Someone changed our sets meanwhile: read them again next time.
-            return Err(e);
-        }
+        // On failure (someone changed our sets meanwhile) the state stays unknown: the next
+        // sync reads it again.
+        ipset(&["-exist", "restore"], Some(&input))?;
         after.extend(as_held(wanted));
         *held = Some(after);
         Ok(changes)
@@ -252,7 +257,10 @@ pub struct FakeSets {
 impl SetBackend for FakeSets {
     fn sync(&self, wanted: &BTreeMap<String, SetSpec>, _: SyncMode) -> Result<usize, SetError> {
         let mut sets = self.sets.lock().unwrap();
-        let changed = wanted.iter().filter(|(n, s)| sets.get(*n) != Some(s)).count();
+        let changed = wanted
+            .iter()
+            .filter(|(n, s)| sets.get(*n) != Some(s))
+            .count();
         sets.extend(wanted.iter().map(|(n, s)| (n.clone(), s.clone())));
         Ok(changed)
     }
@@ -297,9 +305,18 @@ mod tests {
         assert_eq!(held.len(), 2, "foreign sets are not ours");
         assert_eq!(held["weft-4n-b"].kind, "hash:net");
         let mut wanted = BTreeMap::new();
-        wanted.insert("weft-4s-a".to_string(), spec(SetKind::Selector, &["10.65.0.3", "10.65.0.4"]));
-        wanted.insert("weft-4n-b".to_string(), spec(SetKind::Nets, &["10.1.0.0/16"]));
-        wanted.insert("weft-4n-c".to_string(), spec(SetKind::Nets, &["10.2.0.1/32"]));
+        wanted.insert(
+            "weft-4s-a".to_string(),
+            spec(SetKind::Selector, &["10.65.0.3", "10.65.0.4"]),
+        );
+        wanted.insert(
+            "weft-4n-b".to_string(),
+            spec(SetKind::Nets, &["10.1.0.0/16"]),
+        );
+        wanted.insert(
+            "weft-4n-c".to_string(),
+            spec(SetKind::Nets, &["10.2.0.1/32"]),
+        );
         assert_eq!(
             restore_input(&wanted, &held).unwrap(),
             "create weft-4n-c hash:net family inet\nadd weft-4n-c 10.2.0.1\n\
@@ -312,7 +329,10 @@ mod tests {
     fn a_set_of_the_wrong_type_is_swapped() {
         let held = parse_save("create weft-4s-a hash:net family inet\n");
         let mut wanted = BTreeMap::new();
-        wanted.insert("weft-4s-a".to_string(), spec(SetKind::Selector, &["10.65.0.2"]));
+        wanted.insert(
+            "weft-4s-a".to_string(),
+            spec(SetKind::Selector, &["10.65.0.2"]),
+        );
         let input = restore_input(&wanted, &held).unwrap();
         assert!(input.contains("swap weft-swap weft-4s-a"), "{input}");
     }

@@ -112,7 +112,11 @@ async fn ls(json_out: bool, etcd: &EtcdArgs) -> Result<(), Failure> {
     let store = etcd.connect().await?;
     let mut policies = store.list_policies().await.map_err(store_error)?;
     policies.sort_by(|a, b| a.apply_order(b));
-    let count = |rules: &Option<Vec<_>>| rules.as_ref().map_or("-".to_string(), |r| r.len().to_string());
+    let count = |rules: &Option<Vec<_>>| {
+        rules
+            .as_ref()
+            .map_or("-".to_string(), |r| r.len().to_string())
+    };
     let rows: Vec<Vec<String>> = policies
         .iter()
         .map(|p| {

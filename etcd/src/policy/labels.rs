@@ -75,10 +75,7 @@ mod tests {
         }
         assert!(valid_value("") && valid_value("web front") && valid_value(&"v".repeat(63)));
         assert!(!valid_value(&"v".repeat(64)) && !valid_value("a\nb"));
-        assert_eq!(
-            parse_label("app=web=1"),
-            Ok(("app".into(), "web=1".into()))
-        );
+        assert_eq!(parse_label("app=web=1"), Ok(("app".into(), "web=1".into())));
         assert!(matches!(parse_label("app"), Err(LabelError::Syntax(_))));
         assert!(matches!(parse_label("a b=c"), Err(LabelError::Key(_))));
         let many: BTreeMap<String, String> =

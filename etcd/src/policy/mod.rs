@@ -240,7 +240,10 @@ mod tests {
         assert_eq!(policy.order, Some(100.0));
         let ingress = policy.ingress.as_ref().unwrap();
         assert_eq!(ingress[0].destination.ports.len(), 2);
-        assert_eq!(ingress[0].destination.ports[1], PortRange { lo: 8000, hi: 8080 });
+        assert_eq!(
+            ingress[0].destination.ports[1],
+            PortRange { lo: 8000, hi: 8080 }
+        );
         assert_eq!(policy.egress.as_ref().unwrap()[1].protocol, None);
         let again = policy_from_value(&policy.to_json(), "").unwrap();
         assert_eq!(again, policy);

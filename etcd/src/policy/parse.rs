@@ -97,7 +97,9 @@ pub fn policy_from_value(value: &Value, path: &str) -> Result<Policy> {
     if !valid_name(name) {
         return Err(PolicyError::new(
             field("name"),
-            format!("{name:?} is not 1-63 characters of [A-Za-z0-9_.-] starting with a letter or digit"),
+            format!(
+                "{name:?} is not 1-63 characters of [A-Za-z0-9_.-] starting with a letter or digit"
+            ),
         ));
     }
     let order = match map.get("order") {
@@ -109,7 +111,12 @@ pub fn policy_from_value(value: &Value, path: &str) -> Result<Policy> {
         ),
     };
     let selector = match map.get("selector") {
-        None => return Err(PolicyError::new(field("selector"), "missing (all() selects every endpoint)")),
+        None => {
+            return Err(PolicyError::new(
+                field("selector"),
+                "missing (all() selects every endpoint)",
+            ))
+        }
         Some(v) => selector(v, &field("selector"))?,
     };
     let rules = |key: &str| -> Result<Option<Vec<Rule>>> {
@@ -126,7 +133,11 @@ pub fn policy_from_value(value: &Value, path: &str) -> Result<Policy> {
     };
     let count = |key: &str| map.get(key).and_then(Value::as_array).map_or(0, Vec::len);
     if count("ingress") + count("egress") > MAX_RULES {
-        let key = if count("ingress") > count("egress") { "ingress" } else { "egress" };
+        let key = if count("ingress") > count("egress") {
+            "ingress"
+        } else {
+            "egress"
+        };
         return Err(PolicyError::new(
             field(key),
             format!(
@@ -150,7 +161,11 @@ fn selector(value: &Value, path: &str) -> Result<Selector> {
 }
 
 fn rule(value: &Value, path: &str) -> Result<Rule> {
-    let map = object(value, path, &["action", "protocol", "source", "destination"])?;
+    let map = object(
+        value,
+        path,
+        &["action", "protocol", "source", "destination"],
+    )?;
     let field = |name: &str| join(path, name);
     let action = match map.get("action").map(|v| string(v, &field("action"))) {
         None => return Err(PolicyError::new(field("action"), "missing: allow or deny")),
@@ -257,13 +272,19 @@ fn port(value: &Value, path: &str) -> Result<PortRange> {
     match value {
         Value::Number(n) => {
             let single = number(&n.to_string())?;
-            Ok(PortRange { lo: single, hi: single })
+            Ok(PortRange {
+                lo: single,
+                hi: single,
+            })
         }
         Value::String(text) => {
             let (lo, hi) = text.split_once(':').unwrap_or((text, text));
             let (lo, hi) = (number(lo)?, number(hi)?);
             if lo > hi {
-                return Err(PolicyError::new(path, format!("range {text:?} runs backwards")));
+                return Err(PolicyError::new(
+                    path,
+                    format!("range {text:?} runs backwards"),
+                ));
             }
             Ok(PortRange { lo, hi })
         }
@@ -288,21 +309,35 @@ mod tests {
     fn hostile_policies_are_refused_naming_the_field() {
         let rule = |r: Value| json!({"name": "p", "selector": "all()", "ingress": [r]});
         let cases: Vec<(Value, &str)> = vec![
-            (json!({"name": "p", "selector": "app ==", "ingress": []}), "selector"),
-            (json!({"name": "p", "selector": "all()", "ingres": []}), "ingres"),
+            (
+                json!({"name": "p", "selector": "app ==", "ingress": []}),
+                "selector",
+            ),
+            (
+                json!({"name": "p", "selector": "all()", "ingres": []}),
+                "ingres",
+            ),
             (json!({"name": "a/b", "selector": "all()"}), "name"),
             (json!({"selector": "all()"}), "name"),
             (json!({"name": "p"}), "selector"),
             (rule(json!({"action": "permit"})), "ingress[0].action"),
             (rule(json!({})), "ingress[0].action"),
-            (rule(json!({"action": "allow", "colour": "red"})), "ingress[0].colour"),
-            (rule(json!({"action": "allow", "protocol": "sctp"})), "ingress[0].protocol"),
+            (
+                rule(json!({"action": "allow", "colour": "red"})),
+                "ingress[0].colour",
+            ),
+            (
+                rule(json!({"action": "allow", "protocol": "sctp"})),
+                "ingress[0].protocol",
+            ),
             (
                 rule(json!({"action": "allow", "protocol": "tcp", "destination": {"ports": [0]}})),
                 "ingress[0].destination.ports[0]",
             ),
             (
-                rule(json!({"action": "allow", "protocol": "tcp", "destination": {"ports": [80, 65536]}})),
+                rule(
+                    json!({"action": "allow", "protocol": "tcp", "destination": {"ports": [80, 65536]}}),
+                ),
                 "ingress[0].destination.ports[1]",
             ),
             (
@@ -314,7 +349,9 @@ mod tests {
                 "ingress[0].destination.ports",
             ),
             (
-                rule(json!({"action": "allow", "protocol": "icmp", "destination": {"ports": [80]}})),
+                rule(
+                    json!({"action": "allow", "protocol": "icmp", "destination": {"ports": [80]}}),
+                ),
                 "ingress[0].destination.ports",
             ),
             (
@@ -333,8 +370,14 @@ mod tests {
                 rule(json!({"action": "deny", "source": {"host": "x"}})),
                 "ingress[0].source.host",
             ),
-            (json!({"name": "p", "selector": "all()", "order": "first"}), "order"),
-            (json!({"name": "p", "selector": "all()", "egress": {}}), "egress"),
+            (
+                json!({"name": "p", "selector": "all()", "order": "first"}),
+                "order",
+            ),
+            (
+                json!({"name": "p", "selector": "all()", "egress": {}}),
+                "egress",
+            ),
         ];
         for (doc, field) in cases {
             assert_eq!(refused(doc.clone()).field, field, "{doc}");
@@ -370,7 +413,12 @@ mod tests {
         let doc = json!({"name": "p", "selector": "all()", "egress": [],
             "ingress": [{"action": "allow", "source": {"nets": ["10.1.2.3/16", "2001:db8::1/64"]}}]});
         let p = policy_from_value(&doc, "").unwrap();
-        let nets: Vec<String> = p.ingress.unwrap()[0].source.nets.iter().map(|n| n.to_string()).collect();
+        let nets: Vec<String> = p.ingress.unwrap()[0]
+            .source
+            .nets
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(nets, ["10.1.0.0/16", "2001:db8::/64"]);
         assert_eq!(p.egress, Some(vec![]));
     }

@@ -335,8 +335,14 @@ mod tests {
             ("!(app == 'web')", [false, true, true]),
             ("app == 'web' && tier == 'front'", [true, false, false]),
             ("app == 'db' || has(tier)", [true, true, false]),
-            ("app == 'db' || app == 'web' && tier == 'x'", [false, true, false]),
-            ("(app == 'db' || app == 'web') && !has(tier)", [false, true, false]),
+            (
+                "app == 'db' || app == 'web' && tier == 'x'",
+                [false, true, false],
+            ),
+            (
+                "(app == 'db' || app == 'web') && !has(tier)",
+                [false, true, false],
+            ),
             ("!!has(app)", [true, true, false]),
             ("app==\"web\"&&tier=='front'", [true, false, false]),
         ];
