@@ -8,7 +8,10 @@ use std::process::Output;
 use anyhow::{bail, Result};
 use serde_json::Value;
 
+use std::time::{Duration, Instant};
+
 use crate::lab::{bin, Lab};
+use crate::probe::{self, Probe};
 use crate::sh;
 
 /// Runs `weftctl ARGS --etcd-endpoints …` inside the first host's namespace.
@@ -127,4 +130,27 @@ pub fn policy_chain_lines(lab: &Lab, i: usize) -> Result<Vec<String>> {
                 .any(|p| l.contains(p))
         })
         .collect())
+}
+
+/// Starts weft-echo on ports 80 and 5432 (TCP and UDP) in `ns`.
+pub fn serve(lab: &mut Lab, ns: &str) {
+    let echo = bin("weft-echo");
+    for port in ["80", "5432"] {
+        lab.spawn_in(ns, echo.to_str().unwrap(), &[port]).unwrap();
+    }
+}
+
+/// Waits until `from` reaches (or stops reaching) `ip` with `probe`, up to 3 s; returns whether
+/// it ended as wanted.
+pub fn becomes(from: &str, ip: &str, probe: Probe, reached: bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if probe::reach(from, ip, probe) == reached {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
