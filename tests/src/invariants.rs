@@ -21,7 +21,8 @@
 //! keys (`ips/`, `ports/`) one to one with the endpoints, blocks owned by known hosts inside
 //! their pools with at most one spare per host and pool, liveness keys exactly for running
 //! agents, `weft-<host>-<id>` namespaces only for endpoints that own them, no address twice,
-//! and each agent's Status matching etcd with no `problems`.
+//! and each agent's Status matching etcd with no `problems`. Network policy's chains and
+//! address sets are compared with etcd's policies and endpoint labels by `policy_invariants`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -399,6 +400,8 @@ pub struct HostKernel {
     pub sysctls: BTreeMap<String, String>,
     pub nat: String,
     pub filter: String,
+    /// `ipset save`: network policy's address sets.
+    pub ipsets: String,
 }
 
 /// A container namespace's state.
@@ -613,12 +616,14 @@ pub fn read_host_kernel(ns: &str) -> Result<HostKernel> {
         }
         out
     };
+    let ipsets = in_netns(&path, "ipset", &["save"], None)?;
     Ok(HostKernel {
         links,
         routes,
         sysctls,
         nat: table("nat"),
         filter: table("filter"),
+        ipsets,
     })
 }
 
@@ -826,6 +831,7 @@ pub fn check(s: &Snapshot) -> Vec<Violation> {
     }
     check_namespaces(s, &mut v);
     check_addresses_unique(s, &mut v);
+    crate::policy_invariants::check(s, &mut v);
     v.sort();
     v.dedup();
     v

@@ -13,6 +13,7 @@ pub mod chaos;
 pub mod etcd;
 pub mod invariants;
 pub mod lab;
+pub mod policy_invariants;
 pub mod policy_lab;
 pub mod probe;
 pub mod sh;

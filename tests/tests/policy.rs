@@ -169,6 +169,9 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
         !probe::reach(&lab.hosts[0].name, &db_ip, Probe::Tcp(5432)),
         "another host does not"
     );
+    // Every host's chains and sets agree with etcd's policies and labels.
+    let covered = weft_tests::invariants::assert_quiet(&lab);
+    println!("invariants hold: {covered}");
 }
 
 #[test]
@@ -387,4 +390,5 @@ fn changes_reach_every_host_within_a_second_and_established_connections_survive(
         started,
     );
     still_open(&mut connections, "the policy change");
+    weft_tests::invariants::assert_quiet(&lab);
 }

@@ -108,6 +108,14 @@ fn tampering_is_repaired_and_leftovers_are_removed_at_start() {
         !probe::reach(&b_ns, &a_ip, Probe::Tcp(80)),
         "the member is gone"
     );
+    // The invariant checker names it.
+    let violations = weft_tests::invariants::check_now(&lab).unwrap();
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.object == format!("ipset {set}")),
+        "the checker sees the missing member: {violations:?}"
+    );
     let started = Instant::now();
     assert!(
         becomes(&b_ns, &a_ip, Probe::Tcp(80), true),
