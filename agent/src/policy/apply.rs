@@ -81,6 +81,7 @@ pub async fn sync_with(
         .await?;
     let sets = state.sets.clone();
     let wanted_sets = planned.sets;
+    let wanted_count = wanted_sets.len();
     let sets_destroyed = tokio::task::spawn_blocking(move || sets.prune(&wanted_sets))
         .await?
         .unwrap_or_else(|e| {
@@ -93,14 +94,16 @@ pub async fn sync_with(
         sets_destroyed,
         tables_written: report.tables_written,
     };
-    if set_changes + sets_destroyed + report.tables_written > 0 {
+    if set_changes + sets_destroyed + report.tables_written > 0 || !fast {
         tracing::debug!(
+            verified = !fast,
+            sets = wanted_count,
             set_changes,
             sets_destroyed,
             tables = report.tables_written,
             plan_ms = planned_in.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
-            "network policy applied"
+            "network policy synced"
         );
     }
     Ok(done)

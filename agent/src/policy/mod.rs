@@ -105,7 +105,8 @@ impl PolicyState {
 }
 
 /// Runs the policy loop: a quick sync soon after any change (fabric watch, attach, detach,
-/// relabel), and every `period` a sync that reads the address sets back and repairs them.
+/// relabel), and every `period` a full one that reads the address sets and chains back and
+/// repairs them.
 pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration) {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -118,11 +119,11 @@ pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration)
             // Let a burst of watch events settle into one sync.
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        let sets = match periodic {
+        let mode = match periodic {
             true => crate::firewall::SyncMode::Verify,
             false => crate::firewall::SyncMode::Fast,
         };
-        if let Err(e) = apply::sync_with(&ctx, sets, crate::firewall::SyncMode::Fast).await {
+        if let Err(e) = apply::sync(&ctx, mode).await {
             tracing::warn!(error = %e, "network policy sync failed; retrying at the next change or resync");
         }
     }

@@ -14,6 +14,8 @@ use nix::sys::signal::Signal;
 use weft_proto::v1 as pb;
 use weft_tests::{sh, Lab, LabOptions};
 
+mod policy;
+
 const CNI_PATH: &str = "/usr/lib/cni";
 const CONCURRENCY: usize = 8;
 
@@ -26,10 +28,11 @@ struct Cli {
     /// Smaller sizes (for a smoke run): N=50 instead of 100/500, fewer blocks and hosts.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (comma-separated): attach,ports,convergence,dataplane,restart,scale.
+    /// Sections to run (comma-separated):
+    /// attach,ports,convergence,dataplane,restart,scale,policy.
     #[arg(
         long,
-        default_value = "attach,ports,convergence,dataplane,restart,scale"
+        default_value = "attach,ports,convergence,dataplane,restart,scale,policy"
     )]
     only: String,
 }
@@ -119,6 +122,10 @@ fn main() -> Result<()> {
     }
     if sections.contains(&"scale") {
         scale(&mut report, if cli.quick { 100 } else { 500 })?;
+    }
+    if sections.contains(&"policy") {
+        let (endpoints, policies) = if cli.quick { (150, 40) } else { (1000, 200) };
+        policy::policy(&mut report, endpoints, policies)?;
     }
     report.print();
     Ok(())
