@@ -312,3 +312,81 @@ async fn the_second_interface_of_a_namespace_takes_the_default_route_when_the_fi
     assert_eq!(stored, promoted);
     assert_eq!(w.ctx.journal.load().unwrap(), vec![promoted]);
 }
+
+/// An endpoint a policy selects gets its chains and its selectors' sets as it attaches; new
+/// labels on a repeated attach are recorded and applied; a failing policy write rolls back.
+#[tokio::test]
+async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach() {
+    use weft_etcd::policy::policy_from_value;
+    let w = world();
+    let policy = policy_from_value(
+        &serde_json::json!({"name": "web", "selector": "app == 'web'", "ingress": [
+            {"action": "allow", "source": {"selector": "role == 'front'"}}]}),
+        "",
+    )
+    .unwrap();
+    w.ctx
+        .policy
+        .apply(vec![weft_etcd::FabricEvent::PolicyPut(Box::new(policy))], 1);
+    let labelled = |labels: &[(&str, &str)]| {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        request("web", CONTAINER_NS, &[])
+            .with_labels(labels)
+            .unwrap()
+    };
+    let record = attach(&w.ctx, labelled(&[("app", "web")])).await.unwrap();
+    assert_eq!(record.labels["app"], "web");
+    let chain = format!("WEFT-TW-{}", record.host_ifname);
+    assert!(w
+        .firewall
+        .applied
+        .lock()
+        .unwrap()
+        .policy
+        .contains_key(&chain));
+    let stored = w
+        .store
+        .state
+        .lock()
+        .unwrap()
+        .endpoints
+        .values()
+        .next()
+        .cloned()
+        .unwrap();
+    assert_eq!(stored.labels, record.labels);
+
+    // Relabelled out of the policy's selector: the record changes, the chain goes.
+    let record = attach(&w.ctx, labelled(&[("app", "db")])).await.unwrap();
+    assert_eq!(record.labels["app"], "db");
+    let stored = w
+        .store
+        .state
+        .lock()
+        .unwrap()
+        .endpoints
+        .values()
+        .next()
+        .cloned()
+        .unwrap();
+    assert_eq!(stored.labels["app"], "db");
+    assert!(!w
+        .firewall
+        .applied
+        .lock()
+        .unwrap()
+        .policy
+        .contains_key(&chain));
+
+    // A selected endpoint whose policy cannot be written is not attached.
+    detach(&w.ctx, &ContainerId::new("web").unwrap())
+        .await
+        .unwrap();
+    w.firewall.fail(true);
+    assert!(attach(&w.ctx, labelled(&[("app", "web")])).await.is_err());
+    w.firewall.fail(false);
+    w.assert_nothing_left();
+}
