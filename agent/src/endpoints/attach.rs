@@ -112,7 +112,7 @@ async fn attach_into(
     // An endpoint some policy selects is policed from its first packet: its chains exist before
     // its veth does (they match by interface name). Everyone else's sets follow at once.
     if ctx.policy.selects(&record) {
-        if let Err(err) = crate::policy::sync(ctx, SyncMode::Fast).await {
+        if let Err(err) = crate::policy::police_first(ctx).await {
             warn!(container = %id, error = %err, "applying network policy failed; rolling back");
             teardown::roll_back(ctx, &record).await;
             return Err(err.into());

@@ -1,7 +1,8 @@
 //! Carrying a policy plan out, one sync at a time: address sets first (created and filled, so no
 //! rule ever names a missing set), then the chains through the firewall seam (one atomic
 //! restore with the rest of our filter rules), then the sets no rule uses any more are
-//! destroyed. A sync that started after a caller's change covers it, so bursts share one.
+//! destroyed. A sync that started after a caller's change covers it, so bursts share one. An
+//! attach waits only for the chains (`police_first`); members follow from the policy loop.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -33,11 +34,6 @@ pub struct PolicyReport {
     pub tables_written: usize,
 }
 
-/// Applies policy for the current state now (sets and firewall in `mode`).
-pub async fn sync(ctx: &Context, mode: SyncMode) -> Result<PolicyReport, PolicySyncError> {
-    sync_with(ctx, mode, mode).await
-}
-
 /// The inputs of a plan: every policy, every endpoint of the fabric (this host's from its own
 /// table, which is ahead of the watch), and this host's endpoints.
 fn plan_now(ctx: &Context, family: Family) -> super::plan::PolicyPlan {
@@ -51,18 +47,39 @@ fn plan_now(ctx: &Context, family: Family) -> super::plan::PolicyPlan {
     })
 }
 
-/// Like [`sync`], with the sets and the firewall checked to different depths (the policy loop
-/// reads the sets back every resync; the reconciler verifies the chains).
-pub async fn sync_with(
+/// How much a sync does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Sets (members included), chains, then unused sets destroyed.
+    Full,
+    /// Chains, and only the sets they name that do not exist yet; set members and unused sets
+    /// are left to the policy loop's next sync (requested here). What an attach waits for.
+    ChainsFirst,
+}
+
+/// Puts the chains of this host's endpoints in place at once (an endpoint about to be wired);
+/// set members follow within milliseconds from the policy loop.
+pub async fn police_first(ctx: &Context) -> Result<PolicyReport, PolicySyncError> {
+    let report = scoped(ctx, SyncMode::Fast, Scope::ChainsFirst).await;
+    ctx.policy.request_sync();
+    report
+}
+
+/// Applies policy for the current state now (sets and firewall in `mode`).
+pub async fn sync(ctx: &Context, mode: SyncMode) -> Result<PolicyReport, PolicySyncError> {
+    scoped(ctx, mode, Scope::Full).await
+}
+
+async fn scoped(
     ctx: &Context,
-    sets_mode: SyncMode,
-    firewall_mode: SyncMode,
+    mode: SyncMode,
+    scope: Scope,
 ) -> Result<PolicyReport, PolicySyncError> {
     let state = &ctx.policy;
     let wanted = state.wanted.fetch_add(1, Ordering::SeqCst) + 1;
     let _one = state.one_at_a_time.lock().await;
-    let fast = sets_mode == SyncMode::Fast && firewall_mode == SyncMode::Fast;
-    if fast && state.applied.load(Ordering::SeqCst) >= wanted {
+    let fast = mode == SyncMode::Fast;
+    if fast && scope == Scope::Full && state.applied.load(Ordering::SeqCst) >= wanted {
         return Ok(PolicyReport::default());
     }
     let generation = state.wanted.load(Ordering::SeqCst);
@@ -70,36 +87,46 @@ pub async fn sync_with(
     // IPv4 only for now; the plan and the sets are per family.
     let planned = plan_now(ctx, Family::V4);
     let planned_in = started.elapsed();
-    let sets = state.sets.clone();
-    let wanted_sets = planned.sets.clone();
-    let set_changes =
-        tokio::task::spawn_blocking(move || sets.sync(&wanted_sets, sets_mode)).await??;
+    let mut wanted_sets = planned.sets.clone();
+    if scope == Scope::ChainsFirst {
+        let existing = state.set_names.lock().unwrap();
+        wanted_sets.retain(|name, _| !existing.contains(name));
+    }
+    let set_changes = match wanted_sets.is_empty() && scope == Scope::ChainsFirst {
+        true => 0,
+        false => {
+            let sets = state.sets.clone();
+            tokio::task::spawn_blocking(move || sets.sync(&wanted_sets, mode)).await??
+        }
+    };
     *state.chains.write().unwrap() = render(&planned);
     let report = ctx
         .firewall
-        .sync(|| ctx.firewall_spec(), firewall_mode, &ctx.metrics)
+        .sync(|| ctx.firewall_spec(), mode, &ctx.metrics)
         .await?;
-    let sets = state.sets.clone();
-    let wanted_sets = planned.sets;
-    let wanted_count = wanted_sets.len();
-    let sets_destroyed = tokio::task::spawn_blocking(move || sets.prune(&wanted_sets))
-        .await?
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot destroy unused address sets yet");
-            0
-        });
-    state.applied.store(generation, Ordering::SeqCst);
-    let done = PolicyReport {
+    let mut done = PolicyReport {
         set_changes,
-        sets_destroyed,
+        sets_destroyed: 0,
         tables_written: report.tables_written,
     };
-    if set_changes + sets_destroyed + report.tables_written > 0 || !fast {
+    if scope == Scope::Full {
+        let sets = state.sets.clone();
+        let wanted_sets = planned.sets;
+        *state.set_names.lock().unwrap() = wanted_sets.keys().cloned().collect();
+        done.sets_destroyed = tokio::task::spawn_blocking(move || sets.prune(&wanted_sets))
+            .await?
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot destroy unused address sets yet");
+                0
+            });
+        state.applied.store(generation, Ordering::SeqCst);
+    }
+    if set_changes + done.sets_destroyed + report.tables_written > 0 || !fast {
         tracing::debug!(
             verified = !fast,
-            sets = wanted_count,
+            ?scope,
             set_changes,
-            sets_destroyed,
+            sets_destroyed = done.sets_destroyed,
             tables = report.tables_written,
             plan_ms = planned_in.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use weft_etcd::records::EndpointRecord;
 use weft_etcd::FabricView;
 
-pub use apply::{sync, PolicySyncError};
+pub use apply::{police_first, sync, PolicySyncError};
 
 use crate::firewall::chains::Chains;
 use sets::SetBackend;
@@ -32,6 +32,8 @@ pub struct PolicyState {
     /// The chains of the last plan whose sets are in place: every firewall write uses them.
     chains: RwLock<Chains>,
     pub sets: Arc<dyn SetBackend>,
+    /// Names of the sets the last full sync put in place.
+    set_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Wakes the policy loop for a sync soon.
     wake: Notify,
     /// Generations of the inputs: a sync that read them at generation G covers changes up to G.
@@ -46,6 +48,7 @@ impl PolicyState {
             view: RwLock::new(view),
             chains: RwLock::new(render::render(&plan::PolicyPlan::default())),
             sets,
+            set_names: Default::default(),
             wake: Notify::new(),
             wanted: AtomicU64::new(0),
             applied: AtomicU64::new(0),

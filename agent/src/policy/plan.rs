@@ -4,13 +4,15 @@
 //! set and its members, taken from every endpoint of the fabric. Pure: the same inputs give the
 //! same plan, and nothing here touches the kernel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use weft_etcd::names::stable_hash;
 use weft_etcd::policy::{Action, Peer, Policy, PortRange, Rule, RuleProtocol, Selector};
 use weft_etcd::records::EndpointRecord;
+
+type Labels = BTreeMap<String, String>;
 
 /// An address family. Sets and rules are planned per family; only IPv4 is enforced today.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -181,13 +183,21 @@ pub fn plan(
     ordered.sort_by(|a, b| a.apply_order(b));
     let mut out = PolicyPlan::default();
     let mut used: BTreeSet<(Direction, &str)> = BTreeSet::new();
+    // Endpoints share label sets (replicas): each selector is evaluated once per distinct set.
+    let mut selecting_by_labels: HashMap<(Direction, &Labels), Vec<&Policy>> = HashMap::new();
     for endpoint in local.iter().filter(|e| Family::of(&e.ip) == family) {
         for direction in [Direction::Ingress, Direction::Egress] {
-            let selecting: Vec<&Policy> = ordered
-                .iter()
-                .filter(|p| direction.rules(p).is_some() && p.selector.matches(&endpoint.labels))
-                .copied()
-                .collect();
+            let selecting = selecting_by_labels
+                .entry((direction, &endpoint.labels))
+                .or_insert_with(|| {
+                    ordered
+                        .iter()
+                        .filter(|p| {
+                            direction.rules(p).is_some() && p.selector.matches(&endpoint.labels)
+                        })
+                        .copied()
+                        .collect()
+                });
             if selecting.is_empty() {
                 continue;
             }
@@ -204,9 +214,16 @@ pub fn plan(
             });
         }
     }
+    let mut groups: HashMap<&Labels, Vec<IpNetwork>> = HashMap::new();
+    for e in fabric.iter().filter(|e| Family::of(&e.ip) == family) {
+        groups
+            .entry(&e.labels)
+            .or_default()
+            .push(IpNetwork::from(e.ip));
+    }
     let mut sets = SetPlanner {
         family,
-        fabric,
+        groups: groups.into_iter().collect(),
         sets: BTreeMap::new(),
     };
     for policy in &ordered {
@@ -233,7 +250,8 @@ pub fn plan(
 
 struct SetPlanner<'a> {
     family: Family,
-    fabric: &'a [&'a EndpointRecord],
+    /// The fabric's endpoints of this family, grouped by their labels.
+    groups: Vec<(&'a Labels, Vec<IpNetwork>)>,
     sets: BTreeMap<String, SetSpec>,
 }
 
@@ -289,10 +307,10 @@ impl SetPlanner<'_> {
         let name = selector_set_name(self.family, selector);
         if !self.sets.contains_key(&name) {
             let members = self
-                .fabric
+                .groups
                 .iter()
-                .filter(|e| Family::of(&e.ip) == self.family && selector.matches(&e.labels))
-                .map(|e| IpNetwork::from(e.ip))
+                .filter(|(labels, _)| selector.matches(labels))
+                .flat_map(|(_, ips)| ips.iter().copied())
                 .collect();
             self.sets.insert(
                 name.clone(),
