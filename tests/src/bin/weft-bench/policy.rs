@@ -45,12 +45,22 @@ fn policies(count: usize) -> Vec<Value> {
 }
 
 fn attach(client: &Client, slot: usize, id: String, netns: String, i: usize) -> Result<()> {
+    attach_labelled(client, slot, id, netns, labels(i))
+}
+
+fn attach_labelled(
+    client: &Client,
+    slot: usize,
+    id: String,
+    netns: String,
+    labels: std::collections::HashMap<String, String>,
+) -> Result<()> {
     client.call(slot, move |mut c| {
         Box::pin(async move {
             c.attach(pb::AttachRequest {
                 container_id: id,
                 netns,
-                labels: labels(i),
+                labels,
                 ..Default::default()
             })
             .await
@@ -59,17 +69,24 @@ fn attach(client: &Client, slot: usize, id: String, netns: String, i: usize) -> 
     })
 }
 
-/// Attaches `n` endpoints into pre-made namespaces, one at a time; returns their latencies.
-fn attach_batch(lab: &Lab, client: &Client, tag: &str, n: usize) -> Result<(Run, Vec<String>)> {
+/// Attaches `n` endpoints into pre-made namespaces, one at a time, labelled like the fabric's
+/// (`selected`: each one some policy selects once the policies exist) or with a label no policy
+/// selects; returns their latencies.
+fn attach_batch(
+    lab: &Lab,
+    client: &Client,
+    tag: &str,
+    n: usize,
+    selected: bool,
+) -> Result<(Run, Vec<String>)> {
     let ns = namespaces(lab, tag, n)?;
     let run = timed(n, 1, |i| {
-        attach(
-            client,
-            0,
-            format!("{tag}{i}"),
-            format!("/run/netns/{}", ns[i]),
-            i,
-        )
+        let labels = match selected {
+            true => labels(i),
+            false => [("app".to_string(), "none".to_string())].into(),
+        };
+        let netns = format!("/run/netns/{}", ns[i]);
+        attach_labelled(client, 0, format!("{tag}{i}"), netns, labels)
     })?;
     for i in 0..n {
         client.call(0, move |mut c| {
@@ -121,22 +138,28 @@ pub fn policy(report: &mut Report, endpoints: usize, count: usize) -> Result<()>
         started.elapsed().as_secs_f64()
     );
 
-    let (without, ns) = attach_batch(&lab, &clients[0], "np", 100)?;
+    let (without, ns) = attach_batch(&lab, &clients[0], "np", 100, true)?;
     delete_namespaces(&ns)?;
     let docs = policies(count);
     for chunk in docs.chunks(100) {
         policy_lab::apply(&lab, &Value::Array(chunk.to_vec()))?;
     }
     settle(&lab)?;
-    let (with, ns) = attach_batch(&lab, &clients[0], "wp", 100)?;
+    let (with, ns) = attach_batch(&lab, &clients[0], "wp", 100, true)?;
+    delete_namespaces(&ns)?;
+    let (unselected, ns) = attach_batch(&lab, &clients[0], "up", 100, false)?;
     delete_namespaces(&ns)?;
     report.run("policy.attach.without_policy", &without);
     report.run("policy.attach.with_policy", &with);
+    let ratio = with.pct(0.5) / without.pct(0.5);
+    report.line("policy.attach.p50_ratio", ratio, "x", "target <= 1.5");
+    report.run("policy.attach.with_policy_unselected", &unselected);
+    let ratio = unselected.pct(0.5) / without.pct(0.5);
     report.line(
-        "policy.attach.p50_ratio",
-        with.pct(0.5) / without.pct(0.5),
+        "policy.attach.p50_ratio_unselected",
+        ratio,
         "x",
-        "target <= 1.5",
+        "no policy selects it",
     );
 
     membership(report, &lab, &clients[0], endpoints)?;
@@ -283,6 +306,36 @@ fn resync(report: &mut Report, lab: &Lab) -> Result<()> {
         "ms",
         "target <= 500",
     );
+    let plans: Vec<Duration> = (0..HOSTS)
+        .flat_map(|i| {
+            lab.agent_log(i)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| {
+            l.split("plan_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .map(|ms: f64| Duration::from_secs_f64(ms / 1e3))
+        .collect();
+    if !plans.is_empty() {
+        let run = Run {
+            wall: plans.iter().sum(),
+            samples: plans,
+        };
+        report.line(
+            "policy.plan.p50",
+            run.pct(0.5),
+            "ms",
+            "planning alone (pure)",
+        );
+        report.line("policy.plan.p99", run.pct(0.99), "ms", "");
+    }
     Ok(())
 }
 
@@ -294,7 +347,7 @@ fn dataplane(report: &mut Report, lab: &mut Lab) -> Result<()> {
     lab.spawn_in(&server_ns, "iperf3", &["-s"])?;
     std::thread::sleep(Duration::from_millis(500));
     let median = |ns: &str| -> Result<f64> {
-        let mut runs = vec![
+        let mut runs = [
             iperf(ns, &server_ip, 5)?,
             iperf(ns, &server_ip, 5)?,
             iperf(ns, &server_ip, 5)?,
