@@ -104,8 +104,16 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         // Policy before anything else: the first firewall write must already carry it, so a
         // restart never opens what policy closes. Leftover chains and sets go here too.
-        if let Err(e) = crate::policy::sync(&self.ctx, crate::firewall::SyncMode::Verify).await {
-            warn!(error = %e, "initial network policy sync failed; retrying in the background");
+        let started = std::time::Instant::now();
+        match crate::policy::sync(&self.ctx, crate::firewall::SyncMode::Verify).await {
+            Ok(_) => info!(
+                policies = self.ctx.policy.policy_count(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "network policy verified and applied"
+            ),
+            Err(e) => {
+                warn!(error = %e, "initial network policy sync failed; retrying in the background")
+            }
         }
         let first = self.reconciler.pass(Pass::Full).await;
         info!(

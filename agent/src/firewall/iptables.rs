@@ -53,6 +53,21 @@ fn restore(input: &str) -> Result<String, FirewallError> {
     run("iptables-restore", &["--noflush", "--wait"], Some(input))
 }
 
+/// One `iptables-save` of a table, read at most once per sync: the filter table's chains of ours
+/// and policy's are compared against the same reading (neither write touches the other's
+/// chains).
+#[derive(Default)]
+struct Save(Option<String>);
+
+impl Save {
+    fn of(&mut self, table: &str) -> Result<&str, FirewallError> {
+        if self.0.is_none() {
+            self.0 = Some(run("iptables-save", &["-t", table], None)?);
+        }
+        Ok(self.0.as_deref().unwrap_or_default())
+    }
+}
+
 /// One table's last write.
 #[derive(Debug, Default, Clone)]
 struct Applied {
@@ -74,7 +89,12 @@ struct Table {
 
 impl Table {
     /// Brings the table in line with `rules`; returns whether it was written.
-    fn sync(&mut self, rules: &[String], mode: SyncMode) -> Result<bool, FirewallError> {
+    fn sync(
+        &mut self,
+        rules: &[String],
+        mode: SyncMode,
+        save: &mut Save,
+    ) -> Result<bool, FirewallError> {
         let wanted = match self.ordered {
             true => rules.to_vec(),
             false => normalize(rules),
@@ -100,7 +120,7 @@ impl Table {
                 }
             }
         }
-        let state = parse_save(&run("iptables-save", &["-t", self.name], None)?);
+        let state = parse_save(save.of(self.name)?);
         let jumps_present = self.jumps.iter().all(|j| state.has_jump(j));
         // Only this table's own chains: the chains policy owns are compared by `PolicyChains`.
         let held: Vec<String> = state
@@ -144,7 +164,12 @@ struct PolicyChains {
 
 impl PolicyChains {
     /// Brings the owned chains in line with `wanted`; returns whether anything was written.
-    fn sync(&mut self, wanted: &Chains, mode: SyncMode) -> Result<bool, FirewallError> {
+    fn sync(
+        &mut self,
+        wanted: &Chains,
+        mode: SyncMode,
+        save: &mut Save,
+    ) -> Result<bool, FirewallError> {
         // Our FORWARD chain jumps to the dispatch chains, whatever policy holds.
         let mut wanted = wanted.clone();
         for name in chains::DISPATCH_CHAINS {
@@ -166,7 +191,7 @@ impl PolicyChains {
             }
         }
         self.held = None;
-        let held = chains::parse_owned(&run("iptables-save", &["-t", "filter"], None)?);
+        let held = chains::parse_owned(save.of("filter")?);
         let written = match chains::restore_input(wanted, &held) {
             Some(input) => restore(&input).map(|_| true)?,
             None => false,
@@ -213,10 +238,13 @@ impl Backend for Iptables {
         let mut tables = self.tables.lock().unwrap();
         let (nat, filter, policy) = &mut *tables;
         let mut report = FirewallReport::default();
-        report.tables_written += nat.sync(&render(&nat_rules(spec)), mode)? as usize;
+        let nat_rules = render(&nat_rules(spec));
+        report.tables_written += nat.sync(&nat_rules, mode, &mut Save::default())? as usize;
         // Policy's chains first: our FORWARD chain jumps to its dispatch chains.
-        report.tables_written += policy.sync(&spec.policy, mode)? as usize;
-        report.tables_written += filter.sync(&render(&filter_rules(spec)), mode)? as usize;
+        let mut filter_save = Save::default();
+        report.tables_written += policy.sync(&spec.policy, mode, &mut filter_save)? as usize;
+        let filter_rules = render(&filter_rules(spec));
+        report.tables_written += filter.sync(&filter_rules, mode, &mut filter_save)? as usize;
         report.rules = nat.applied.rules.len() + filter.applied.rules.len() + policy.rule_count();
         Ok(report)
     }

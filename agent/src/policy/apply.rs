@@ -60,25 +60,31 @@ enum Scope {
 /// Puts the chains of this host's endpoints in place at once (an endpoint about to be wired);
 /// set members follow within milliseconds from the policy loop.
 pub async fn police_first(ctx: &Context) -> Result<PolicyReport, PolicySyncError> {
-    let report = scoped(ctx, SyncMode::Fast, Scope::ChainsFirst).await;
+    let report = scoped(ctx, SyncMode::Fast, SyncMode::Fast, Scope::ChainsFirst).await;
     ctx.policy.request_sync();
     report
 }
 
 /// Applies policy for the current state now (sets and firewall in `mode`).
 pub async fn sync(ctx: &Context, mode: SyncMode) -> Result<PolicyReport, PolicySyncError> {
-    scoped(ctx, mode, Scope::Full).await
+    scoped(ctx, mode, mode, Scope::Full).await
+}
+
+/// Applies policy now, reading the sets back in `sets` mode and writing the chains fast.
+pub async fn sync_sets(ctx: &Context, sets: SyncMode) -> Result<PolicyReport, PolicySyncError> {
+    scoped(ctx, sets, SyncMode::Fast, Scope::Full).await
 }
 
 async fn scoped(
     ctx: &Context,
     mode: SyncMode,
+    firewall_mode: SyncMode,
     scope: Scope,
 ) -> Result<PolicyReport, PolicySyncError> {
     let state = &ctx.policy;
     let wanted = state.wanted.fetch_add(1, Ordering::SeqCst) + 1;
     let _one = state.one_at_a_time.lock().await;
-    let fast = mode == SyncMode::Fast;
+    let fast = mode == SyncMode::Fast && firewall_mode == SyncMode::Fast;
     if fast && scope == Scope::Full && state.applied.load(Ordering::SeqCst) >= wanted {
         return Ok(PolicyReport::default());
     }
@@ -99,11 +105,25 @@ async fn scoped(
             tokio::task::spawn_blocking(move || sets.sync(&wanted_sets, mode)).await??
         }
     };
-    *state.chains.write().unwrap() = render(&planned);
-    let report = ctx
-        .firewall
-        .sync(|| ctx.firewall_spec(), mode, &ctx.metrics)
-        .await?;
+    let rendered = render(&planned);
+    // A change of set members only (an endpoint joining or leaving a selector) leaves every
+    // chain as it is: no firewall work then.
+    let unchanged = firewall_mode == SyncMode::Fast
+        && state.chains_written.load(Ordering::SeqCst)
+        && *state.chains.read().unwrap() == rendered;
+    let report = match unchanged {
+        true => Default::default(),
+        false => {
+            state.chains_written.store(false, Ordering::SeqCst);
+            *state.chains.write().unwrap() = rendered;
+            let report = ctx
+                .firewall
+                .sync(|| ctx.firewall_spec(), firewall_mode, &ctx.metrics)
+                .await?;
+            state.chains_written.store(true, Ordering::SeqCst);
+            report
+        }
+    };
     let mut done = PolicyReport {
         set_changes,
         sets_destroyed: 0,
@@ -123,7 +143,8 @@ async fn scoped(
     }
     if set_changes + done.sets_destroyed + report.tables_written > 0 || !fast {
         tracing::debug!(
-            verified = !fast,
+            sets_verified = mode == SyncMode::Verify,
+            chains_verified = firewall_mode == SyncMode::Verify,
             ?scope,
             set_changes,
             sets_destroyed = done.sets_destroyed,

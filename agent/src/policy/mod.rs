@@ -32,6 +32,8 @@ pub struct PolicyState {
     /// The chains of the last plan whose sets are in place: every firewall write uses them.
     chains: RwLock<Chains>,
     pub sets: Arc<dyn SetBackend>,
+    /// Whether the chains above were written by the last firewall sync that carried them.
+    chains_written: std::sync::atomic::AtomicBool,
     /// Names of the sets the last full sync put in place.
     set_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Wakes the policy loop for a sync soon.
@@ -49,6 +51,7 @@ impl PolicyState {
             chains: RwLock::new(render::render(&plan::PolicyPlan::default())),
             sets,
             set_names: Default::default(),
+            chains_written: Default::default(),
             wake: Notify::new(),
             wanted: AtomicU64::new(0),
             applied: AtomicU64::new(0),
@@ -108,8 +111,7 @@ impl PolicyState {
 }
 
 /// Runs the policy loop: a quick sync soon after any change (fabric watch, attach, detach,
-/// relabel), and every `period` a full one that reads the address sets and chains back and
-/// repairs them.
+/// relabel), and every `period` one that reads the address sets back and repairs them.
 pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration) {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -122,11 +124,13 @@ pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration)
             // Let a burst of watch events settle into one sync.
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        let mode = match periodic {
+        let sets = match periodic {
             true => crate::firewall::SyncMode::Verify,
             false => crate::firewall::SyncMode::Fast,
         };
-        if let Err(e) = apply::sync(&ctx, mode).await {
+        // The chains are read back by the reconciler's full pass (with the rest of our rules)
+        // every resync interval; here the sets are.
+        if let Err(e) = apply::sync_sets(&ctx, sets).await {
             tracing::warn!(error = %e, "network policy sync failed; retrying at the next change or resync");
         }
     }
