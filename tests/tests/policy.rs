@@ -108,9 +108,16 @@ fn the_isolation_matrix_matches_the_policy_table_across_hosts() {
             .zip(probe::all(&probes))
             .collect::<Vec<_>>()
     };
-    // Before any policy everything reaches everything (routes may still settle: retry once).
-    let open = matrix(&lab);
-    let closed: Vec<_> = open.iter().filter(|(_, ok)| !ok).collect();
+    // Before any policy everything reaches everything (the services and routes may still be
+    // starting: a few tries).
+    let mut closed = vec![];
+    for _ in 0..5 {
+        closed = matrix(&lab).into_iter().filter(|(_, ok)| !ok).collect();
+        if closed.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
     assert!(
         closed.is_empty(),
         "default allow: blocked before any policy: {closed:?}"
