@@ -399,3 +399,83 @@ fn changes_reach_every_host_within_a_second_and_established_connections_survive(
     still_open(&mut connections, "the policy change");
     weft_tests::invariants::assert_quiet(&lab);
 }
+
+/// Runs weft-cni like a runtime does; returns (success, stdout as JSON).
+fn cni_add(container: &str, netns: &str, config: &serde_json::Value) -> (bool, serde_json::Value) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(weft_tests::lab::bin("weft-cni"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = config.to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), value)
+}
+
+#[test]
+fn cni_labels_come_from_args_and_policy_selects_by_them() {
+    let lab = Lab::new(LabOptions {
+        hosts: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    // Namespaces named after the lab go with it.
+    let (good, bad) = (
+        format!("{}-cni1", lab.prefix),
+        format!("{}-cni2", lab.prefix),
+    );
+    for ns in [&good, &bad] {
+        weft_tests::sh::run("ip", &["netns", "add", ns]).unwrap();
+    }
+    let config = |labels: serde_json::Value| {
+        json!({"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
+               "socket": lab.hosts[0].socket, "args": {"cni": {"labels": labels}}})
+    };
+    pl::apply(
+        &lab,
+        &json!({"name": "cni", "selector": "app == 'cni-web'", "ingress": []}),
+    )
+    .unwrap();
+    let (ok, result) = cni_add(
+        "pod1",
+        &format!("/run/netns/{good}"),
+        &config(json!([
+        {"key": "app", "value": "cni-web"}, {"key": "team", "value": "a"}])),
+    );
+    assert!(ok, "{result}");
+    let listed = lab.ctl_json(0, &["ls"]).unwrap();
+    let endpoint = &listed.as_array().unwrap()[0];
+    assert_eq!(endpoint["labels"], json!({"app": "cni-web", "team": "a"}));
+    let veth = endpoint["host_ifname"].as_str().unwrap();
+    let chains = pl::policy_chain_lines(&lab, 0).unwrap();
+    assert!(
+        chains
+            .iter()
+            .any(|l| l.contains(&format!("WEFT-TW-{veth}"))),
+        "{chains:#?}"
+    );
+    let (ok, error) = cni_add(
+        "pod2",
+        &format!("/run/netns/{bad}"),
+        &config(json!([{"key": "a b", "value": "x"}])),
+    );
+    assert!(!ok);
+    assert_eq!(error["code"], 7, "{error}");
+    assert!(
+        error["msg"].as_str().unwrap().contains("args.cni.labels"),
+        "{error}"
+    );
+}

@@ -117,7 +117,7 @@ async fn attach_into(
             teardown::roll_back(ctx, &record).await;
             return Err(err.into());
         }
-    } else {
+    } else if ctx.policy.in_some_set(&record.labels) {
         ctx.policy.request_sync();
     }
     let link = ContainerLink {

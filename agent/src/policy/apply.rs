@@ -4,12 +4,17 @@
 //! destroyed. A sync that started after a caller's change covers it, so bursts share one. An
 //! attach waits only for the chains (`police_first`); members follow from the policy loop.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use ipnetwork::IpNetwork;
+use weft_etcd::policy::Selector;
+
 use weft_etcd::records::EndpointRecord;
 
-use super::plan::{plan, Family};
+use super::plan::{plan, Family, SetSpec};
 use super::render::render;
 use super::sets::SetError;
 use crate::context::Context;
@@ -47,6 +52,77 @@ fn plan_now(ctx: &Context, family: Family) -> super::plan::PolicyPlan {
     })
 }
 
+/// An endpoint change seen by the watch: its address before (if it existed) and its address
+/// and labels after (if it still exists).
+#[derive(Debug, Clone)]
+pub struct Touched {
+    pub old: Option<IpAddr>,
+    pub new: Option<(IpAddr, BTreeMap<String, String>)>,
+}
+
+/// The selector sets of the last full sync, as applied.
+#[derive(Debug, Clone, Default)]
+pub struct LastSets {
+    pub sets: BTreeMap<String, SetSpec>,
+    pub selectors: BTreeMap<String, Selector>,
+}
+
+impl LastSets {
+    /// Moves members for these endpoint changes; returns the sets that changed.
+    fn apply(&mut self, touched: &[Touched]) -> BTreeMap<String, SetSpec> {
+        let mut changed = BTreeMap::new();
+        for (name, selector) in &self.selectors {
+            let Some(spec) = self.sets.get_mut(name) else {
+                continue;
+            };
+            let before = spec.members.clone();
+            for t in touched {
+                if let Some(old) = t.old.filter(|ip| Family::of(ip) == spec.family) {
+                    spec.members.remove(&IpNetwork::from(old));
+                }
+                if let Some((ip, labels)) = &t.new {
+                    if Family::of(ip) == spec.family && selector.matches(labels) {
+                        spec.members.insert(IpNetwork::from(*ip));
+                    }
+                }
+            }
+            if spec.members != before {
+                changed.insert(name.clone(), spec.clone());
+            }
+        }
+        changed
+    }
+}
+
+/// Moves set members for the endpoint changes the watch saw since the last call: no planning,
+/// no firewall work, one `ipset restore` when a member moved. Returns the sets changed.
+pub async fn sync_members(ctx: &Context) -> Result<usize, PolicySyncError> {
+    let state = &ctx.policy;
+    let touched = std::mem::take(&mut *state.touched.lock().unwrap());
+    if touched.is_empty() {
+        return Ok(0);
+    }
+    let _one = state.one_at_a_time.lock().await;
+    let changed = match state.last_sets.lock().unwrap().as_mut() {
+        Some(last) => last.apply(&touched),
+        // No full sync yet: it will see these changes.
+        None => return Ok(0),
+    };
+    if changed.is_empty() {
+        return Ok(0);
+    }
+    let count = changed.len();
+    let sets = state.sets.clone();
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || sets.sync(&changed, SyncMode::Fast)).await??;
+    tracing::debug!(
+        sets = count,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        "set members moved"
+    );
+    Ok(count)
+}
+
 /// How much a sync does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {
@@ -58,10 +134,13 @@ enum Scope {
 }
 
 /// Puts the chains of this host's endpoints in place at once (an endpoint about to be wired);
-/// set members follow within milliseconds from the policy loop.
+/// its address joins the sets it belongs to (on every host) when the watch brings its record.
 pub async fn police_first(ctx: &Context) -> Result<PolicyReport, PolicySyncError> {
     let report = scoped(ctx, SyncMode::Fast, SyncMode::Fast, Scope::ChainsFirst).await;
-    ctx.policy.request_sync();
+    // Sets made here are not yet among those whose members the watch's changes move.
+    if !matches!(&report, Ok(r) if r.set_changes == 0) {
+        ctx.policy.request_sync();
+    }
     report
 }
 
@@ -133,6 +212,10 @@ async fn scoped(
         let sets = state.sets.clone();
         let wanted_sets = planned.sets;
         *state.set_names.lock().unwrap() = wanted_sets.keys().cloned().collect();
+        *state.last_sets.lock().unwrap() = Some(LastSets {
+            sets: wanted_sets.clone(),
+            selectors: planned.selectors,
+        });
         done.sets_destroyed = tokio::task::spawn_blocking(move || sets.prune(&wanted_sets))
             .await?
             .unwrap_or_else(|e| {
@@ -155,4 +238,56 @@ async fn scoped(
         );
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::plan::SetKind;
+
+    #[test]
+    fn endpoint_changes_move_members_of_the_sets_their_labels_match() {
+        let selector = Selector::parse("role == 'front'").unwrap();
+        let mut last = LastSets::default();
+        last.selectors.insert("weft-4s-a".into(), selector);
+        last.sets.insert(
+            "weft-4s-a".into(),
+            SetSpec {
+                kind: SetKind::Selector,
+                family: Family::V4,
+                members: ["10.65.0.1/32".parse().unwrap()].into(),
+            },
+        );
+        let front: BTreeMap<String, String> = [("role".into(), "front".into())].into();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A new frontend joins; an unrelated endpoint changes nothing.
+        let changed = last.apply(&[
+            Touched {
+                old: None,
+                new: Some((ip("10.65.0.2"), front.clone())),
+            },
+            Touched {
+                old: None,
+                new: Some((ip("10.65.0.3"), BTreeMap::new())),
+            },
+        ]);
+        assert_eq!(changed["weft-4s-a"].members.len(), 2);
+        // Relabelled away, and deleted: both leave; the same labels again change nothing.
+        let changed = last.apply(&[
+            Touched {
+                old: Some(ip("10.65.0.2")),
+                new: Some((ip("10.65.0.2"), BTreeMap::new())),
+            },
+            Touched {
+                old: Some(ip("10.65.0.1")),
+                new: None,
+            },
+        ]);
+        assert!(changed["weft-4s-a"].members.is_empty());
+        let unchanged = last.apply(&[Touched {
+            old: Some(ip("10.65.0.3")),
+            new: Some((ip("10.65.0.3"), BTreeMap::new())),
+        }]);
+        assert!(unchanged.is_empty());
+    }
 }

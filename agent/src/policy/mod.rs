@@ -36,6 +36,11 @@ pub struct PolicyState {
     chains_written: std::sync::atomic::AtomicBool,
     /// Names of the sets the last full sync put in place.
     set_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The sets of the last full sync with their selectors: an endpoint's change moves members
+    /// of these without planning again.
+    last_sets: std::sync::Mutex<Option<apply::LastSets>>,
+    /// Endpoint changes seen by the watch and not yet applied to the sets.
+    touched: std::sync::Mutex<Vec<apply::Touched>>,
     /// Wakes the policy loop for a sync soon.
     wake: Notify,
     /// Generations of the inputs: a sync that read them at generation G covers changes up to G.
@@ -51,6 +56,8 @@ impl PolicyState {
             chains: RwLock::new(render::render(&plan::PolicyPlan::default())),
             sets,
             set_names: Default::default(),
+            last_sets: Default::default(),
+            touched: Default::default(),
             chains_written: Default::default(),
             wake: Notify::new(),
             wanted: AtomicU64::new(0),
@@ -75,16 +82,49 @@ impl PolicyState {
         self.request_sync();
     }
 
-    /// Applies watch events and asks for a sync.
+    /// Applies watch events. A policy change asks for a full sync; an endpoint change only
+    /// moves set members (the chains of this host's endpoints follow its own attaches, detaches
+    /// and relabels, and every resync).
     pub fn apply(&self, events: Vec<weft_etcd::FabricEvent>, revision: i64) {
+        use weft_etcd::FabricEvent as E;
+        let mut full = false;
         {
             let mut view = self.view.write().unwrap();
+            let mut touched = self.touched.lock().unwrap();
             for event in events {
+                let old = |host: &str, id: &str| {
+                    view.endpoints
+                        .get(&(host.to_string(), id.to_string()))
+                        .map(|e| e.ip)
+                };
+                match &event {
+                    E::EndpointPut(r) => touched.push(apply::Touched {
+                        old: old(&r.host, &r.container_id),
+                        new: Some((r.ip, r.labels.clone())),
+                    }),
+                    E::EndpointDeleted { host, container_id } => touched.push(apply::Touched {
+                        old: old(host, container_id),
+                        new: None,
+                    }),
+                    E::PolicyPut(_) | E::PolicyDeleted(_) => full = true,
+                }
                 view.apply(event);
             }
             view.revision = revision;
         }
-        self.request_sync();
+        match full {
+            true => self.request_sync(),
+            false => self.wake.notify_one(),
+        }
+    }
+
+    /// Whether an endpoint with these labels is in some set of the last plan (or there is no
+    /// plan yet): its arrival or departure changes set members.
+    pub fn in_some_set(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        match &*self.last_sets.lock().unwrap() {
+            None => true,
+            Some(last) => last.selectors.values().any(|s| s.matches(labels)),
+        }
     }
 
     /// Asks the policy loop for a sync soon.
@@ -128,6 +168,10 @@ pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration)
             true => crate::firewall::SyncMode::Verify,
             false => crate::firewall::SyncMode::Fast,
         };
+        if let Err(e) = apply::sync_members(&ctx).await {
+            tracing::warn!(error = %e, "moving address set members failed; a full sync follows");
+            ctx.policy.request_sync();
+        }
         // The chains are read back by the reconciler's full pass (with the rest of our rules)
         // every resync interval; here the sets are.
         if let Err(e) = apply::sync_sets(&ctx, sets).await {

@@ -169,6 +169,9 @@ pub struct PolicyPlan {
     pub endpoints: Vec<EndpointChain>,
     pub policies: Vec<PolicyChain>,
     pub sets: BTreeMap<String, SetSpec>,
+    /// The selector of each selector set (by set name): what an endpoint change is checked
+    /// against to move set members without planning again.
+    pub selectors: BTreeMap<String, Selector>,
 }
 
 /// Plans one family. `fabric` is every endpoint of every host (this host's included), `local`
@@ -225,6 +228,7 @@ pub fn plan(
         family,
         groups: groups.into_iter().collect(),
         sets: BTreeMap::new(),
+        selectors: BTreeMap::new(),
     };
     for policy in &ordered {
         for direction in [Direction::Ingress, Direction::Egress] {
@@ -245,6 +249,7 @@ pub fn plan(
         }
     }
     out.sets = sets.sets;
+    out.selectors = sets.selectors;
     out
 }
 
@@ -253,6 +258,7 @@ struct SetPlanner<'a> {
     /// The fabric's endpoints of this family, grouped by their labels.
     groups: Vec<(&'a Labels, Vec<IpNetwork>)>,
     sets: BTreeMap<String, SetSpec>,
+    selectors: BTreeMap<String, Selector>,
 }
 
 impl SetPlanner<'_> {
@@ -320,6 +326,7 @@ impl SetPlanner<'_> {
                     members,
                 },
             );
+            self.selectors.insert(name.clone(), selector.clone());
         }
         name
     }

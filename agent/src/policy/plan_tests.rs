@@ -131,3 +131,58 @@ fn a_label_change_moves_set_members_not_chains() {
     assert_eq!(before.policies, after.policies);
     assert_ne!(before.sets, after.sets);
 }
+
+/// The bench's scale (1,000 endpoints over 3 hosts, 200 policies): how long planning and
+/// rendering take. `cargo test --release -p weft-agent -- --ignored plan_at_scale --nocapture`
+#[test]
+#[ignore]
+fn plan_at_scale() {
+    let endpoints: Vec<EndpointRecord> = (0..1000)
+        .map(|i| {
+            let app = format!("app{}", i % 100);
+            let tier = format!("t{}", i % 5);
+            let ip = format!("10.65.{}.{}", i / 250, i % 250);
+            endpoint(
+                &format!("h{}", i % 3),
+                &format!("e{i}"),
+                &ip,
+                &[("app", &app), ("tier", &tier)],
+            )
+        })
+        .collect();
+    let policies: Vec<Policy> = (0..200)
+        .map(|k| {
+            policy(json!({
+                "name": format!("bench-{k}"), "order": k, "selector": format!("app == 'app{}'", k % 100),
+                "ingress": [
+                    {"action": "allow", "protocol": "tcp", "source": {"selector": format!("tier == 't{}'", k % 5)}, "destination": {"ports": [80, "8000:8080"]}},
+                    {"action": "allow", "source": {"selector": format!("app in {{'app{}', 'app{}'}}", (k + 1) % 100, (k + 2) % 100)}},
+                    {"action": "deny", "protocol": "icmp"}
+                ],
+                "egress": [{"action": "allow", "destination": {"nets": ["10.0.0.0/8"]}}]
+            }))
+        })
+        .collect();
+    let all: Vec<&EndpointRecord> = endpoints.iter().collect();
+    let local: Vec<&EndpointRecord> = endpoints.iter().filter(|e| e.host == "h0").collect();
+    let refs: Vec<&Policy> = policies.iter().collect();
+    let started = std::time::Instant::now();
+    let rounds = 20;
+    let mut rules = 0;
+    for _ in 0..rounds {
+        let p = plan(Family::V4, &refs, &all, &local);
+        rules = crate::policy::render::render(&p)
+            .values()
+            .map(|c| c.rules.len())
+            .sum();
+    }
+    let planned = started.elapsed() / rounds;
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(plan(Family::V4, &refs, &all, &local));
+    }
+    println!(
+        "plan {:?}, plan and render {planned:?} ({rules} rules)",
+        started.elapsed() / rounds
+    );
+}
