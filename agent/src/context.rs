@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
-use weft_etcd::records::{EndpointRecord, PoolRecord};
+use weft_etcd::records::{Encapsulation, EndpointRecord, HostRecord, PoolRecord};
 use weft_etcd::ClusterView;
 
 use crate::cluster::ClusterState;
@@ -28,6 +28,9 @@ pub struct Context {
     pub underlay: Underlay,
     /// This agent's pool as stored in etcd.
     pub pool: PoolRecord,
+    /// This host's registration (underlay address and subnet, VTEP MAC, tunnel address): the
+    /// tunnel fields are set once a peer needs the tunnel.
+    host: std::sync::RwLock<HostRecord>,
     pub kernel: Arc<dyn Kernel>,
     pub store: Arc<dyn Store>,
     pub endpoints: EndpointTable,
@@ -42,11 +45,15 @@ pub struct Context {
     pub resync: Notify,
     /// This host's memory of the endpoints it wired.
     pub journal: Journal,
+    /// The index of the tunnel device (0: none), for the kernel monitor.
+    pub tunnel_index: Arc<std::sync::atomic::AtomicU32>,
     /// Services containers must not reach (with --protect-datastore).
     protected: Vec<std::net::SocketAddr>,
     /// What keeps this host from being fine (records that could not be registered); empty when
     /// all is well. Shown by Status; /readyz fails while it is not empty.
     problems: Mutex<Vec<String>>,
+    /// This host's BGP speaker, with --bgp (set once at start).
+    pub bgp: std::sync::OnceLock<crate::bgp::Speaker>,
 }
 
 /// The parts a context is built from.
@@ -54,6 +61,7 @@ pub struct Parts {
     pub config: Config,
     pub underlay: Underlay,
     pub pool: PoolRecord,
+    pub host: HostRecord,
     pub kernel: Arc<dyn Kernel>,
     pub store: Arc<dyn Store>,
     pub firewall: Arc<dyn firewall::Backend>,
@@ -75,9 +83,11 @@ impl Context {
         };
         Self {
             protected,
+            tunnel_index: Default::default(),
             config: parts.config,
             underlay: parts.underlay,
             pool: parts.pool,
+            host: std::sync::RwLock::new(parts.host),
             kernel: parts.kernel,
             store: parts.store,
             endpoints: EndpointTable::new(parts.endpoints),
@@ -89,6 +99,7 @@ impl Context {
             resync: Notify::new(),
             journal: parts.journal,
             problems: Mutex::default(),
+            bgp: Default::default(),
         }
     }
 
@@ -102,6 +113,23 @@ impl Context {
         std::mem::replace(&mut *self.problems.lock().unwrap(), problems)
     }
 
+    /// This host's registration as it stands.
+    pub fn host(&self) -> HostRecord {
+        self.host.read().unwrap().clone()
+    }
+
+    /// This host's tunnel address, once it has one.
+    pub fn tunnel_ip(&self) -> Option<std::net::IpAddr> {
+        self.host.read().unwrap().tunnel_ip
+    }
+
+    /// Records the tunnel address (and the VTEP MAC that goes with it).
+    pub fn set_tunnel(&self, ip: std::net::IpAddr) {
+        let mut host = self.host.write().unwrap();
+        host.tunnel_ip = Some(ip);
+        host.vtep_mac = Some(crate::model::vtep_mac(self.config.host_name.as_str()).to_string());
+    }
+
     /// This host's name.
     pub fn me(&self) -> &str {
         self.config.host_name.as_str()
@@ -110,6 +138,48 @@ impl Context {
     /// Asks the reconciler for a pass soon.
     pub fn request_resync(&self) {
         self.resync.notify_one();
+    }
+
+    /// The MTU of container interfaces: set by hand, or the underlay's, less the VXLAN header
+    /// when the pool may encapsulate.
+    pub fn mtu(&self) -> u32 {
+        match (self.config.mtu, self.pool.encapsulation) {
+            (Some(mtu), _) => mtu,
+            (None, Encapsulation::None) => self.underlay.mtu,
+            (None, _) => self.underlay.mtu - crate::model::VXLAN_OVERHEAD,
+        }
+    }
+
+    /// This host's VXLAN device as it should be, when the host has a tunnel address.
+    pub fn vxlan_device(&self) -> Option<crate::kernel::VxlanDevice> {
+        Some(crate::kernel::VxlanDevice {
+            vni: crate::model::VXLAN_VNI,
+            port: crate::model::VXLAN_PORT,
+            local: self.underlay.ip,
+            underlay_index: self.underlay.index,
+            mtu: self.underlay.mtu - crate::model::VXLAN_OVERHEAD,
+            mac: self.host().vtep_mac.as_deref()?.parse().ok()?,
+            address: self.host().tunnel_ip?,
+        })
+    }
+
+    /// This host's underlay subnet: a peer in it is reached without a tunnel.
+    pub fn subnet(&self) -> ipnetwork::IpNetwork {
+        ipnetwork::IpNetwork::new(self.underlay.ip, self.underlay.prefix)
+            .expect("a prefix read from the interface")
+    }
+
+    /// How each peer is reached, from the cluster view.
+    pub fn peer_paths(
+        &self,
+        view: &ClusterView,
+    ) -> std::collections::BTreeMap<String, crate::reconcile::plan::peers::PeerPath> {
+        crate::reconcile::plan::peers::peer_paths(
+            self.me(),
+            self.subnet(),
+            self.pool.encapsulation,
+            &view.hosts,
+        )
     }
 
     /// The name of the namespace the agent makes for a container given none.
@@ -139,10 +209,24 @@ impl Context {
             })
             .collect();
         let ports = self.endpoints.list().iter().flat_map(port_rules).collect();
+        let vxlan_peers = (self.pool.encapsulation != Encapsulation::None).then(|| {
+            self.cluster.with_view(|view| {
+                let mut peers: Vec<std::net::IpAddr> = view
+                    .hosts
+                    .iter()
+                    .filter(|(name, _)| name.as_str() != self.me())
+                    .map(|(_, host)| host.underlay_ip)
+                    .collect();
+                peers.sort();
+                peers.dedup();
+                peers
+            })
+        });
         FirewallSpec {
             pools,
             ports,
             protected: self.protected.clone(),
+            vxlan_peers,
             policy: self.policy.chains(),
         }
     }

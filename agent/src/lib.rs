@@ -6,9 +6,12 @@
 //! the world only through seams: `kernel` (netlink, sysctls, namespaces), `firewall`
 //! (iptables) and `store` (etcd). `policy` enforces network policy (its address sets behind a
 //! seam of their own). `model` holds the typed domain values; `config` the settings;
-//! `telemetry` metrics, health and systemd notifications.
+//! `telemetry` metrics, health and systemd notifications; `bgp` announces this host's blocks
+//! to routers outside weft through bird2; `blocks` gives blocks that stay empty back.
 
 pub mod api;
+pub mod bgp;
+pub mod blocks;
 pub mod cluster;
 pub mod config;
 pub mod context;

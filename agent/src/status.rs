@@ -7,6 +7,7 @@ use weft_etcd::records::PoolRecord;
 
 use crate::context::Context;
 use crate::kernel::Underlay;
+use crate::reconcile::plan::peers::PeerPath;
 use crate::telemetry::metrics::Gauges;
 
 /// A peer as shown by `Status`.
@@ -16,6 +17,8 @@ pub struct PeerStatus {
     pub underlay_ip: IpAddr,
     pub blocks: Vec<IpNetwork>,
     pub alive: bool,
+    /// How its blocks are reached.
+    pub path: PeerPath,
 }
 
 /// The agent's answer to `Status`.
@@ -31,6 +34,11 @@ pub struct HostStatus {
     pub route_count: usize,
     pub rule_count: usize,
     pub problems: Vec<String>,
+    pub mtu: u32,
+    pub tunnel_ip: Option<IpAddr>,
+    pub vtep_mac: Option<String>,
+    /// With --bgp: bird's sessions and what it announces.
+    pub bgp: Option<crate::bgp::BgpStatus>,
 }
 
 pub async fn status(ctx: &Context) -> HostStatus {
@@ -40,6 +48,7 @@ pub async fn status(ctx: &Context) -> HostStatus {
         false => vec![(ctx.config.pool.name.clone(), ctx.pool.clone())],
     };
     let (peers, local_blocks) = ctx.cluster.with_view(|view| {
+        let paths = ctx.peer_paths(view);
         let peers = view
             .hosts
             .iter()
@@ -49,11 +58,16 @@ pub async fn status(ctx: &Context) -> HostStatus {
                 underlay_ip: host.underlay_ip,
                 blocks: view.blocks_of(name),
                 alive: view.alive.contains(name),
+                path: paths.get(name).copied().unwrap_or(PeerPath::Unrouted),
             })
             .collect();
         (peers, view.blocks_of(ctx.me()))
     });
     let route_count = ctx.kernel.routes().await.map(|r| r.len()).unwrap_or(0);
+    let bgp = match ctx.bgp.get() {
+        Some(speaker) => Some(speaker.status().await),
+        None => None,
+    };
     HostStatus {
         host: ctx.me().to_string(),
         underlay: ctx.underlay.clone(),
@@ -65,6 +79,10 @@ pub async fn status(ctx: &Context) -> HostStatus {
         route_count,
         rule_count: ctx.firewall.rule_count(),
         problems: ctx.problems(),
+        mtu: ctx.mtu(),
+        tunnel_ip: ctx.tunnel_ip(),
+        vtep_mac: ctx.host().vtep_mac,
+        bgp,
     }
 }
 
@@ -79,5 +97,9 @@ pub async fn gauges(ctx: &Context) -> Gauges {
         routes: status.route_count,
         rules: status.rule_count,
         etcd_connected: status.etcd_connected,
+        bgp_sessions: status
+            .bgp
+            .map(|bgp| crate::bgp::sessions_by_state(&bgp.sessions))
+            .unwrap_or_default(),
     }
 }

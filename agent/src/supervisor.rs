@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
-use weft_etcd::records::PoolRecord;
+use weft_etcd::records::{Encapsulation, HostRecord, PoolRecord};
 use weft_etcd::{Datastore, EtcdConfig, StoreError};
 
+use crate::bgp::control::ControlError;
 use crate::cluster::{liveness, watch};
 use crate::config::Config;
 use crate::context::{Context, Parts, VERSION};
@@ -19,6 +20,7 @@ use crate::firewall::iptables::Iptables;
 use crate::journal::Journal;
 use crate::kernel::netlink::Netlink;
 use crate::kernel::Kernel;
+use crate::model::vtep_mac;
 use crate::policy::sets::Ipset;
 use crate::reconcile::plan::registration::startup_endpoints;
 use crate::reconcile::{monitor, Pass, Reconciler};
@@ -35,6 +37,8 @@ pub struct Agent {
 /// What the agent loads from etcd before it starts.
 struct Loaded {
     pool: PoolRecord,
+    /// This host's registration.
+    host: HostRecord,
     endpoints: Vec<weft_etcd::records::EndpointRecord>,
     pools: Vec<(String, PoolRecord)>,
     cluster: weft_etcd::ClusterView,
@@ -45,6 +49,8 @@ impl Agent {
     /// Connects to etcd, checks the pool, finds the underlay, registers the host and loads this
     /// host's endpoints and the cluster view. Fails with a clear message on bad configuration.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        // Before etcd, which may keep us waiting: a missing bird is a mistake to name at once.
+        let bird = crate::bgp::Speaker::prepare(&config.bgp)?;
         let datastore = Datastore::connect(&EtcdConfig {
             endpoints: config.etcd.endpoints.clone(),
             prefix: config.etcd.prefix.clone(),
@@ -81,6 +87,7 @@ impl Agent {
             config,
             underlay,
             pool: loaded.pool,
+            host: loaded.host,
             kernel: Arc::new(kernel),
             store: Arc::new(Etcd::new(datastore.clone())),
             firewall: Arc::new(Iptables::default()),
@@ -92,6 +99,10 @@ impl Agent {
             sets: Arc::new(Ipset::default()),
         }));
         ctx.endpoints.set_unverified(unfinished);
+        if let Some(bird) = bird {
+            let speaker = crate::bgp::Speaker::new(&ctx.config.bgp, bird, ctx.underlay.ip)?;
+            let _ = ctx.bgp.set(speaker);
+        }
         let reconciler = Arc::new(Reconciler::new(ctx.clone()));
         Ok(Self {
             ctx,
@@ -100,10 +111,9 @@ impl Agent {
         })
     }
 
-    /// Runs the agent until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        // Policy before anything else: the first firewall write must already carry it, so a
-        // restart never opens what policy closes. Leftover chains and sets go here too.
+    /// Verifies and applies network policy, removing leftover chains and sets; a failure is
+    /// retried by the policy loop.
+    async fn initial_policy_sync(&self) {
         let started = std::time::Instant::now();
         match crate::policy::sync(&self.ctx, crate::firewall::SyncMode::Verify).await {
             Ok(_) => info!(
@@ -113,6 +123,24 @@ impl Agent {
             ),
             Err(e) => {
                 warn!(error = %e, "initial network policy sync failed; retrying in the background")
+            }
+        }
+    }
+
+    /// Runs the agent until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        // Policy before anything else: the first firewall write must already carry it, so a
+        // restart never opens what policy closes. Leftover chains and sets go here too.
+        self.initial_policy_sync().await;
+        if let Some(bgp) = self.ctx.bgp.get() {
+            let blocks = self.ctx.cluster.blocks_of(self.ctx.me());
+            let socket = bgp.files().socket.display().to_string();
+            match bgp.start(&blocks).await {
+                Ok(synced) => info!(?synced, %socket, "bird announces this host's blocks"),
+                Err(crate::bgp::BgpError::Control(e @ ControlError::Timeout { .. })) => {
+                    warn!(error = %e, "bird hangs; trying again at every pass")
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         let first = self.reconciler.pass(Pass::Full).await;
@@ -134,6 +162,7 @@ impl Agent {
                 self.datastore.clone(),
             )),
             tokio::spawn(crate::policy::run(ctx.clone(), ctx.config.resync_interval)),
+            tokio::spawn(crate::blocks::run_releaser(ctx.clone())),
         ];
         let socket = ctx.config.socket.clone();
         let listener = crate::api::bind_socket(&socket)
@@ -209,16 +238,32 @@ async fn load(
         cidr: config.pool.cidr,
         block_size: config.pool.block_size,
         nat_outgoing: config.pool.nat_outgoing,
+        encapsulation: config.pool.encapsulation,
     };
     let me = config.host_name.as_str();
     let mut waited = false;
     loop {
         let loaded = async {
             let pool = store.ensure_pool(&config.pool.name, &wanted).await?;
-            store.register_host(me, underlay.ip, VERSION).await?;
+            let endpoints = store.list_endpoints(me).await?;
+            // Kept across restarts; a first one is taken when a peer needs the tunnel.
+            let tunnel_ip = match pool.encapsulation {
+                Encapsulation::None => None,
+                _ => crate::cluster::tunnel::existing(store, me).await?,
+            };
+            let host = HostRecord {
+                underlay_ip: underlay.ip,
+                version: VERSION.to_string(),
+                first_seen: 0,
+                underlay_prefix: Some(underlay.prefix),
+                vtep_mac: tunnel_ip.map(|_| vtep_mac(me).to_string()),
+                tunnel_ip,
+            };
+            let (host, _) = store.register_host(me, &host).await?;
             Ok::<_, StoreError>(Loaded {
                 pool,
-                endpoints: store.list_endpoints(me).await?,
+                host,
+                endpoints,
                 pools: store.list_pools().await?,
                 cluster: store.snapshot().await?,
                 fabric: store.fabric_snapshot().await?,

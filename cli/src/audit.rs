@@ -14,6 +14,8 @@ use weft_etcd::{BlockOwner, PortReservation};
 pub struct Snapshot {
     pub pools: Vec<(String, PoolRecord)>,
     pub hosts: HashSet<String>,
+    /// Each host's tunnel address, where it has one.
+    pub tunnels: HashMap<String, IpAddr>,
     pub blocks: BTreeMap<IpNetwork, BlockOwner>,
     pub endpoints: Vec<EndpointRecord>,
     pub ips: Vec<(IpAddr, IpRecord)>,
@@ -74,6 +76,7 @@ fn check_endpoints(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Prob
                     weft_etcd::records::encode(&IpRecord {
                         host: e.host.clone(),
                         container_id: e.container_id.clone(),
+                        tunnel: false,
                     }),
                 ),
             }),
@@ -166,6 +169,18 @@ fn check_guards(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Problem
         .map(|e| ((e.host.as_str(), e.container_id.as_str()), e))
         .collect();
     for (ip, r) in &s.ips {
+        if r.tunnel {
+            if s.tunnels.get(&r.host) != Some(ip) {
+                problems.push(Problem {
+                    what: format!(
+                        "{ip} is held as the tunnel address of {}, which has another (leaked)",
+                        r.host
+                    ),
+                    fix: Fix::DeleteKey(keys.ip(*ip)),
+                });
+            }
+            continue;
+        }
         if !endpoints.contains_key(&(r.host.as_str(), r.container_id.as_str())) {
             problems.push(Problem {
                 what: format!(
@@ -348,9 +363,11 @@ mod tests {
                     cidr: "10.65.0.0/16".parse().unwrap(),
                     block_size: 26,
                     nat_outgoing: true,
+                    encapsulation: Default::default(),
                 },
             )],
             hosts: ["h1".to_string()].into(),
+            tunnels: HashMap::new(),
             blocks: [(
                 "10.65.0.0/26".parse().unwrap(),
                 BlockOwner {
@@ -364,6 +381,7 @@ mod tests {
                 IpRecord {
                     host: "h1".into(),
                     container_id: "a".into(),
+                    tunnel: false,
                 },
             )],
             ports: vec![reservation("h1", Protocol::Tcp, 80, "a")],
@@ -389,6 +407,7 @@ mod tests {
             IpRecord {
                 host: "h1".into(),
                 container_id: "gone".into(),
+                tunnel: false,
             },
         ));
         s.ports.push(reservation("h1", Protocol::Udp, 53, "gone"));

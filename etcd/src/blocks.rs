@@ -79,4 +79,27 @@ impl Datastore {
         });
         Ok(held.as_deref() == Some(value.as_bytes()))
     }
+
+    /// Gives a block of `host` back to its pool: deleted only while it is still `host`'s.
+    /// Returns whether it was. The caller makes sure no address of it is in use or being
+    /// allocated (only its owner allocates in a block).
+    pub async fn release_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool> {
+        let key = self.keys.block(pool_name, block);
+        let value = encode(&BlockRecord {
+            host: host.to_string(),
+        });
+        let response = self
+            .txn(
+                Txn::new()
+                    .when([Compare::value(key.as_str(), CompareOp::Equal, value)])
+                    .and_then([TxnOp::delete(key.as_str(), None)]),
+            )
+            .await?;
+        Ok(response.succeeded())
+    }
 }

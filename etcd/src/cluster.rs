@@ -108,6 +108,9 @@ mod tests {
             underlay_ip: ip.parse().unwrap(),
             version: "test".into(),
             first_seen: 0,
+            underlay_prefix: None,
+            vtep_mac: None,
+            tunnel_ip: None,
         }
     }
 

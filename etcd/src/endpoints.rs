@@ -38,6 +38,7 @@ impl Datastore {
         encode(&IpRecord {
             host: endpoint.host.clone(),
             container_id: endpoint.container_id.clone(),
+            tunnel: false,
         })
     }
 

@@ -7,6 +7,59 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+/// How traffic between hosts of a pool crosses the underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encapsulation {
+    /// Plain routes to peers on the local subnet, VXLAN to the others (Calico's recommended
+    /// mode).
+    #[default]
+    CrossSubnet,
+    /// VXLAN to every peer.
+    Vxlan,
+    /// Plain routes only: peers off the local subnet are left to the underlay's routing.
+    None,
+}
+
+impl Encapsulation {
+    /// Whether traffic to a peer goes through the tunnel, by whether the peer is on this host's
+    /// subnet. (Off the subnet without encapsulation, the underlay must carry it.)
+    pub fn tunnels(self, same_subnet: bool) -> bool {
+        match self {
+            Encapsulation::Vxlan => true,
+            Encapsulation::CrossSubnet => !same_subnet,
+            Encapsulation::None => false,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encapsulation::CrossSubnet => "cross-subnet",
+            Encapsulation::Vxlan => "vxlan",
+            Encapsulation::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for Encapsulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Encapsulation {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "cross-subnet" => Ok(Encapsulation::CrossSubnet),
+            "vxlan" => Ok(Encapsulation::Vxlan),
+            "none" => Ok(Encapsulation::None),
+            _ => Err(format!("{text:?}: use cross-subnet, vxlan or none")),
+        }
+    }
+}
+
 /// `pools/<name>`: cluster-wide pool configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolRecord {
@@ -14,6 +67,9 @@ pub struct PoolRecord {
     /// Prefix length of the blocks carved from the pool.
     pub block_size: u8,
     pub nat_outgoing: bool,
+    /// Pools stored before encapsulation existed read as the default.
+    #[serde(default)]
+    pub encapsulation: Encapsulation,
 }
 
 /// `hosts/<host>`: a host that joined the cluster; persistent until removed.
@@ -23,6 +79,28 @@ pub struct HostRecord {
     pub version: String,
     /// Unix seconds of the first registration.
     pub first_seen: u64,
+    /// Prefix length of the underlay address on its interface (the host's subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_prefix: Option<u8>,
+    /// MAC of the host's VXLAN device, when its pool may encapsulate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<String>,
+    /// Address of the host's VXLAN device (an address of the pool), idem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_ip: Option<IpAddr>,
+}
+
+impl HostRecord {
+    /// Whether `other`'s underlay address is on this host's subnet; hosts that did not record
+    /// their prefix (older agents) count as one subnet, as they were then.
+    pub fn shares_subnet_with(&self, other: &HostRecord) -> bool {
+        let Some(prefix) = self.underlay_prefix else {
+            return true;
+        };
+        ipnetwork::IpNetwork::new(self.underlay_ip, prefix)
+            .map(|net| net.contains(other.underlay_ip))
+            .unwrap_or(true)
+    }
 }
 
 /// `alive/<host>`: present while the host's agent keeps its lease alive.
@@ -43,7 +121,11 @@ pub struct BlockRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpRecord {
     pub host: String,
+    /// The endpoint holding it; empty for a host's tunnel address.
     pub container_id: String,
+    /// The address of the host's VXLAN device, not a container's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tunnel: bool,
 }
 
 /// The transport protocol of a published port.
@@ -143,10 +225,19 @@ mod tests {
         let record: EndpointRecord = serde_json::from_str(stored).unwrap();
         assert_eq!(record.ports[0].protocol, Protocol::Udp);
         assert_eq!(encode(&record), stored);
-        let pool = r#"{"cidr":"10.65.0.0/16","block_size":26,"nat_outgoing":true}"#;
+        let pool = r#"{"cidr":"10.65.0.0/16","block_size":26,"nat_outgoing":true,"encapsulation":"vxlan"}"#;
         assert_eq!(
             encode(&serde_json::from_str::<PoolRecord>(pool).unwrap()),
             pool
+        );
+        // Pools stored before encapsulation existed read as the default.
+        let older = r#"{"cidr":"10.65.0.0/16","block_size":26,"nat_outgoing":true}"#;
+        let older: PoolRecord = serde_json::from_str(older).unwrap();
+        assert_eq!(older.encapsulation, Encapsulation::CrossSubnet);
+        let host = r#"{"underlay_ip":"198.51.100.1","version":"0.1.0","first_seen":7}"#;
+        assert_eq!(
+            encode(&serde_json::from_str::<HostRecord>(host).unwrap()),
+            host
         );
     }
 

@@ -23,8 +23,8 @@ pub struct Released {
 
 fn describe_pool(pool: &PoolRecord) -> String {
     format!(
-        "{} with /{} blocks, nat_outgoing={}",
-        pool.cidr, pool.block_size, pool.nat_outgoing
+        "{} with /{} blocks, nat_outgoing={}, encapsulation={}",
+        pool.cidr, pool.block_size, pool.nat_outgoing, pool.encapsulation
     )
 }
 
@@ -72,13 +72,12 @@ impl Datastore {
             .collect())
     }
 
-    /// Writes `hosts/<host>`, keeping the first-seen time of an earlier registration. Returns the
-    /// record and whether it had to be written (absent or different).
+    /// Writes `hosts/<host>` as `wanted`, keeping the first-seen time of an earlier
+    /// registration. Returns the record and whether it had to be written (absent or different).
     pub async fn register_host(
         &self,
         host: &str,
-        underlay_ip: IpAddr,
-        version: &str,
+        wanted: &HostRecord,
     ) -> Result<(HostRecord, bool)> {
         let key = self.keys.host(host);
         let existing = self.get(&key, None).await?;
@@ -89,9 +88,8 @@ impl Datastore {
             .map(|r| r.first_seen)
             .unwrap_or_else(unix_now);
         let record = HostRecord {
-            underlay_ip,
-            version: version.to_string(),
             first_seen,
+            ..wanted.clone()
         };
         let value = encode(&record);
         let written = existing.kvs().first().map(|kv| kv.value()) != Some(value.as_bytes());
@@ -103,6 +101,55 @@ impl Datastore {
             .await?;
         }
         Ok((record, written))
+    }
+
+    /// The registration of `host`, if any.
+    pub async fn get_host(&self, host: &str) -> Result<Option<HostRecord>> {
+        let response = self.get(&self.keys.host(host), None).await?;
+        response.kvs().first().map(decode).transpose()
+    }
+
+    /// Who holds an address, if anyone.
+    pub async fn get_ip(&self, ip: IpAddr) -> Result<Option<crate::records::IpRecord>> {
+        let response = self.get(&self.keys.ip(ip), None).await?;
+        response.kvs().first().map(decode).transpose()
+    }
+
+    /// Takes `ip` as the tunnel address of `host`, in `block` (which must still be recorded):
+    /// guarded like an endpoint's address. Returns whether it is now (or already was) `host`'s.
+    pub async fn claim_tunnel_ip(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        pool: &str,
+        block: ipnetwork::IpNetwork,
+    ) -> Result<bool> {
+        let key = self.keys.ip(ip);
+        let value = encode(&crate::records::IpRecord {
+            host: host.to_string(),
+            container_id: String::new(),
+            tunnel: true,
+        });
+        let block_key = self.keys.block(pool, block);
+        let response = self
+            .txn(
+                Txn::new()
+                    .when([
+                        Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                        Compare::version(block_key.as_str(), CompareOp::Greater, 0),
+                    ])
+                    .and_then([TxnOp::put(key.as_str(), value.as_str(), None)])
+                    .or_else([TxnOp::get(key.as_str(), None)]),
+            )
+            .await?;
+        if response.succeeded() {
+            return Ok(true);
+        }
+        let held = response
+            .op_responses()
+            .first()
+            .and_then(|op| get_kvs(op).first().map(|kv| kv.value().to_vec()));
+        Ok(held.as_deref() == Some(value.as_bytes()))
     }
 
     /// Grants a lease of `ttl` seconds and writes `alive/<host>` on it. Returns the lease id.

@@ -9,12 +9,12 @@
 //! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
 //! side and nothing is ever routed towards the machine's real interfaces.
 
+pub mod bgp;
+pub mod capture;
 pub mod chaos;
 pub mod etcd;
 pub mod invariants;
 pub mod lab;
-pub mod policy_invariants;
-pub mod policy_lab;
 pub mod probe;
 pub mod sh;
 

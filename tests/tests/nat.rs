@@ -353,6 +353,7 @@ fn rendered_rules_match_what_iptables_prints_so_resyncs_write_nothing() {
                 "198.51.100.100:2379".parse().unwrap(),
                 "0.0.0.0:9099".parse().unwrap(),
             ],
+            vxlan_peers: Some(vec!["198.18.0.2".parse().unwrap()]),
             policy: Default::default(),
         };
         let firewall = Iptables::default();

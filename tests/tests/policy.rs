@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use weft_tests::lab::policy::{self as pl, attach, becomes, serve};
 use weft_tests::lab::OUTSIDE_IP;
-use weft_tests::policy_lab::{self as pl, attach, becomes, serve};
 use weft_tests::probe::{self, Probe};
 use weft_tests::{Lab, LabOptions};
 

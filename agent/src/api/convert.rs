@@ -5,6 +5,7 @@ use weft_proto::v1 as pb;
 
 use crate::context::VERSION;
 use crate::model::{port_mapping, AttachRequest, ContainerId, IfName, Invalid, GATEWAY_V4};
+use crate::reconcile::plan::peers::PeerPath;
 use crate::status::HostStatus;
 
 impl TryFrom<pb::AttachRequest> for AttachRequest {
@@ -67,6 +68,7 @@ pub fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
                 cidr: pool.cidr.to_string(),
                 block_size: pool.block_size.into(),
                 nat_outgoing: pool.nat_outgoing,
+                encapsulation: pool.encapsulation.to_string(),
             })
             .collect(),
         local_blocks: status.local_blocks.iter().map(|b| b.to_string()).collect(),
@@ -81,10 +83,40 @@ pub fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
                 underlay_ip: p.underlay_ip.to_string(),
                 blocks: p.blocks.iter().map(|b| b.to_string()).collect(),
                 alive: p.alive,
+                encapsulated: matches!(p.path, PeerPath::Tunnel { .. }),
+                mode: p.path.mode().to_string(),
             })
             .collect(),
         route_count: status.route_count as u32,
         rule_count: status.rule_count as u32,
         problems: status.problems,
+        mtu: status.mtu,
+        tunnel_ip: status
+            .tunnel_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
+        vtep_mac: status.vtep_mac.unwrap_or_default(),
+        bgp: status.bgp.map(bgp_to_pb),
+    }
+}
+
+fn bgp_to_pb(bgp: crate::bgp::BgpStatus) -> pb::BgpStatus {
+    pb::BgpStatus {
+        asn: bgp.asn.get(),
+        router_id: bgp.router_id.to_string(),
+        daemon_running: bgp.daemon.is_ok(),
+        daemon_error: bgp.daemon.err().unwrap_or_default(),
+        sessions: bgp
+            .sessions
+            .into_iter()
+            .map(|s| pb::BgpSession {
+                address: s.address.to_string(),
+                asn: s.asn.get(),
+                state: s.state,
+                info: s.info,
+                since: s.since.unwrap_or(0),
+            })
+            .collect(),
+        announced: bgp.announced.iter().map(|b| b.to_string()).collect(),
     }
 }

@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 use weft_etcd::records::AliveRecord;
 use weft_etcd::Datastore;
 
-use crate::context::{Context, VERSION};
+use crate::context::Context;
 
 pub async fn run_liveness(ctx: Arc<Context>, store: Datastore) {
     let ttl = ctx.config.alive_ttl.as_secs().max(2) as i64;
@@ -80,9 +80,7 @@ async fn announce(
     record: &AliveRecord,
     ttl: i64,
 ) -> Result<i64, weft_etcd::StoreError> {
-    store
-        .register_host(ctx.me(), ctx.underlay.ip, VERSION)
-        .await?;
+    store.register_host(ctx.me(), &ctx.host()).await?;
     store.announce_alive(ctx.me(), record, ttl).await
 }
 

@@ -2,6 +2,7 @@
 //! cluster's pools, and this host's liveness lease (`liveness`).
 
 pub mod liveness;
+pub mod tunnel;
 pub mod watch;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +104,17 @@ impl ClusterState {
             block,
             host: host.to_string(),
         });
+    }
+
+    /// Records a release of ours at once, before its watch event arrives.
+    pub fn released(&self, pool: &str, block: IpNetwork) {
+        self.view
+            .write()
+            .unwrap()
+            .apply(ClusterEvent::BlockDeleted {
+                pool: pool.to_string(),
+                block,
+            });
     }
 
     pub fn pools(&self) -> Vec<(String, PoolRecord)> {

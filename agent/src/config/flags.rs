@@ -57,6 +57,15 @@ pub struct Flags {
     /// Masquerade traffic from the pool to destinations outside every pool [default: true].
     #[arg(long, env = "WEFT_NAT_OUTGOING")]
     pub nat_outgoing: Option<bool>,
+    /// How traffic between hosts crosses the underlay: cross-subnet (VXLAN only to peers off
+    /// the local subnet), vxlan (always) or none (never). Part of the pool's record
+    /// [default: cross-subnet].
+    #[arg(long, env = "WEFT_ENCAPSULATION")]
+    pub encapsulation: Option<String>,
+    /// MTU of container interfaces [default: the underlay's, minus 50 when the pool may
+    /// encapsulate].
+    #[arg(long, env = "WEFT_MTU")]
+    pub mtu: Option<u32>,
     /// Interface whose address is this host's underlay IP [default: the default route's].
     #[arg(long, env = "WEFT_UNDERLAY_INTERFACE")]
     pub underlay_interface: Option<String>,
@@ -92,6 +101,28 @@ pub struct Flags {
     /// e.g. 24h; "off" disables [default: off].
     #[arg(long, env = "WEFT_REMOVE_DEAD_HOSTS_AFTER")]
     pub remove_dead_hosts_after: Option<String>,
+    /// Give back to the pool a block of this host that has held no address this long (never
+    /// the host's last block of a pool); "off" keeps blocks forever [default: 15m].
+    #[arg(long, env = "WEFT_BLOCK_RELEASE_AFTER")]
+    pub block_release_after: Option<String>,
+    /// Announce this host's blocks over BGP to the peers below, through bird2
+    /// [default: false].
+    #[arg(long, env = "WEFT_BGP", num_args = 0..=1, default_missing_value = "true")]
+    pub bgp: Option<bool>,
+    /// This host's BGP AS number [default: 64512].
+    #[arg(long, env = "WEFT_BGP_ASN")]
+    pub bgp_asn: Option<u32>,
+    /// A BGP peer, IP:ASN or [IPv6]:ASN; repeat for more (in the environment,
+    /// comma-separated).
+    #[arg(long, env = "WEFT_BGP_PEER", value_delimiter = ',')]
+    pub bgp_peer: Vec<String>,
+    /// BGP hold time offered to peers, whole seconds: 0 or 3s to 65535s [default: 9s].
+    #[arg(long, env = "WEFT_BGP_HOLD_TIME")]
+    pub bgp_hold_time: Option<String>,
+    /// Directory of bird's configuration, control socket and PID file
+    /// [default: /run/weft/bird].
+    #[arg(long, env = "WEFT_BGP_DIR")]
+    pub bgp_dir: Option<PathBuf>,
 }
 
 /// The same settings as read from the TOML file.
@@ -109,16 +140,24 @@ pub struct FileConfig {
     pub pool_name: Option<String>,
     pub block_size: Option<u8>,
     pub nat_outgoing: Option<bool>,
+    pub encapsulation: Option<String>,
+    pub mtu: Option<u32>,
     pub underlay_interface: Option<String>,
     pub socket: Option<PathBuf>,
     pub log_format: Option<String>,
     pub alive_ttl: Option<String>,
     pub resync_interval: Option<String>,
     pub remove_dead_hosts_after: Option<String>,
+    pub block_release_after: Option<String>,
     pub metrics_addr: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub allow_host_port_override: Option<bool>,
     pub protect_datastore: Option<bool>,
+    pub bgp: Option<bool>,
+    pub bgp_asn: Option<u32>,
+    pub bgp_peer: Option<Vec<String>>,
+    pub bgp_hold_time: Option<String>,
+    pub bgp_dir: Option<PathBuf>,
 }
 
 /// Parses durations such as `10s`, `500ms`, `2m` or a bare number of seconds.

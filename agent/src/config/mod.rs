@@ -2,6 +2,7 @@
 //! file given by `--config`, which wins over built-in defaults. Every value is checked here, once,
 //! and typed from then on.
 
+mod bgp;
 mod flags;
 
 use std::net::SocketAddr;
@@ -10,9 +11,11 @@ use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 
+pub use bgp::{Asn, BgpPeer, BgpSettings};
 pub use flags::{parse_duration, read_file, FileConfig, Flags};
 
 use crate::model::HostName;
+use weft_etcd::records::Encapsulation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -36,6 +39,7 @@ pub struct PoolSettings {
     pub cidr: IpNetwork,
     pub block_size: u8,
     pub nat_outgoing: bool,
+    pub encapsulation: Encapsulation,
 }
 
 /// The resolved configuration the agent runs with.
@@ -45,11 +49,15 @@ pub struct Config {
     pub etcd: EtcdSettings,
     pub pool: PoolSettings,
     pub underlay_interface: Option<String>,
+    /// MTU of container interfaces, when set by hand.
+    pub mtu: Option<u32>,
     pub socket: PathBuf,
     pub log_format: LogFormat,
     pub alive_ttl: Duration,
     pub resync_interval: Duration,
     pub remove_dead_hosts_after: Option<Duration>,
+    /// How long a block of this host stays empty before it is released; None: never.
+    pub block_release_after: Option<Duration>,
     pub metrics_addr: Option<SocketAddr>,
     /// The agent's local state (its journal of endpoints).
     pub state_dir: PathBuf,
@@ -57,6 +65,8 @@ pub struct Config {
     pub allow_host_port_override: bool,
     /// Keep containers away from etcd and the metrics listener.
     pub protect_datastore: bool,
+    /// Announcing this host's blocks over BGP.
+    pub bgp: BgpSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +121,7 @@ impl Config {
             HostName::new(&host_name).map_err(|e| invalid("host-name", e.to_string()))?;
         let etcd = etcd_settings(&flags, &file)?;
         let pool = pool_settings(&flags, &file)?;
+        let bgp = bgp::bgp_settings(&flags, &file)?;
         let alive_ttl = duration("alive-ttl", flags.alive_ttl.or(file.alive_ttl), "10s")?;
         if alive_ttl < Duration::from_secs(2) {
             return Err(invalid("alive-ttl", "must be at least 2s"));
@@ -129,11 +140,24 @@ impl Config {
                 .or(file.remove_dead_hosts_after),
             alive_ttl,
         )?;
+        let block_release_after = release_after(
+            flags.block_release_after.or(file.block_release_after),
+            etcd.timeout,
+        )?;
         Ok(Config {
             host_name: host_name.clone(),
             etcd,
             pool,
             underlay_interface: flags.underlay_interface.or(file.underlay_interface),
+            mtu: match flags.mtu.or(file.mtu) {
+                Some(mtu) if !(576..=65535).contains(&mtu) => {
+                    return Err(invalid(
+                        "mtu",
+                        format!("{mtu} is not an MTU between 576 and 65535"),
+                    ))
+                }
+                mtu => mtu,
+            },
             socket: flags
                 .socket
                 .or(file.socket)
@@ -142,6 +166,7 @@ impl Config {
             alive_ttl,
             resync_interval,
             remove_dead_hosts_after,
+            block_release_after,
             metrics_addr: metrics_addr(flags.metrics_addr.or(file.metrics_addr))?,
             // Named after the host: several agents of a lab share one machine's /run.
             state_dir: flags
@@ -156,6 +181,7 @@ impl Config {
                 .protect_datastore
                 .or(file.protect_datastore)
                 .unwrap_or(true),
+            bgp,
         })
     }
 }
@@ -234,11 +260,18 @@ fn pool_settings(flags: &Flags, file: &FileConfig) -> Result<PoolSettings, Confi
         .unwrap_or_else(|| "default".into());
     HostName::new(&name)
         .map_err(|_| invalid("pool-name", format!("{name:?} is not a valid name")))?;
+    let encapsulation = match flags.encapsulation.clone().or(file.encapsulation.clone()) {
+        Some(text) => text
+            .parse()
+            .map_err(|e: String| invalid("encapsulation", e))?,
+        None => Encapsulation::default(),
+    };
     Ok(PoolSettings {
         name,
         cidr,
         block_size,
         nat_outgoing: flags.nat_outgoing.or(file.nat_outgoing).unwrap_or(true),
+        encapsulation,
     })
 }
 
@@ -254,6 +287,27 @@ fn remove_after(
                 return Err(invalid(
                     "remove-dead-hosts-after",
                     "must be longer than alive-ttl",
+                ));
+            }
+            Ok(Some(after))
+        }
+    }
+}
+
+/// `--block-release-after`: longer than one etcd request, so that a write of an earlier agent
+/// still in flight when it was killed has landed (and is seen) before its block can go.
+fn release_after(
+    value: Option<String>,
+    etcd_timeout: Duration,
+) -> Result<Option<Duration>, ConfigError> {
+    match value.as_deref().unwrap_or("15m") {
+        "off" => Ok(None),
+        text => {
+            let after = parse_duration(text).map_err(|m| invalid("block-release-after", m))?;
+            if after <= etcd_timeout {
+                return Err(invalid(
+                    "block-release-after",
+                    format!("must be longer than etcd-timeout ({etcd_timeout:?}), or off"),
                 ));
             }
             Ok(Some(after))
@@ -307,6 +361,43 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/run/weft/h1"));
         assert!(!config.allow_host_port_override);
         assert!(config.protect_datastore);
+        assert_eq!(config.pool.encapsulation, Encapsulation::CrossSubnet);
+        assert_eq!(config.mtu, None);
+        assert!(!config.bgp.enabled);
+        assert_eq!(config.bgp.asn.get(), 64512);
+        assert_eq!(config.bgp.hold_time, Duration::from_secs(9));
+        assert_eq!(config.bgp.dir, PathBuf::from("/run/weft/bird"));
+        assert!(config.bgp.peers.is_empty());
+    }
+
+    #[test]
+    fn bgp_peers_repeat_and_come_from_the_file_too() {
+        let config = Config::resolve(
+            flags(&[
+                "--host-name",
+                "h1",
+                "--bgp",
+                "--bgp-peer",
+                "198.51.100.100:64513",
+                "--bgp-peer",
+                "[2001:db8::100]:64513",
+                "--bgp-hold-time",
+                "3s",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(config.bgp.enabled);
+        let peers: Vec<String> = config.bgp.peers.iter().map(|p| p.to_string()).collect();
+        assert_eq!(peers, ["198.51.100.100:64513", "[2001:db8::100]:64513"]);
+        assert_eq!(config.bgp.hold_time, Duration::from_secs(3));
+        let file: FileConfig =
+            toml::from_str("bgp = true\nbgp-asn = 65001\nbgp-peer = [\"198.51.100.100:64513\"]\n")
+                .unwrap();
+        let config = Config::resolve(flags(&["--host-name", "h1"]), file).unwrap();
+        assert!(config.bgp.enabled);
+        assert_eq!(config.bgp.asn.get(), 65001);
+        assert_eq!(config.bgp.peers[0].to_string(), "198.51.100.100:64513");
     }
 
     #[test]
@@ -319,6 +410,23 @@ mod tests {
         assert!(config(&["--allow-host-port-override"]).allow_host_port_override);
         assert!(!config(&["--protect-datastore=false"]).protect_datastore);
         assert!(config(&["--protect-datastore"]).protect_datastore);
+    }
+
+    #[test]
+    fn blocks_are_released_after_fifteen_minutes_unless_told_otherwise() {
+        let release = |args: &[&str]| {
+            let mut all = vec!["--host-name", "h1"];
+            all.extend_from_slice(args);
+            Config::resolve(flags(&all), FileConfig::default())
+                .unwrap()
+                .block_release_after
+        };
+        assert_eq!(release(&[]), Some(Duration::from_secs(900)));
+        assert_eq!(
+            release(&["--block-release-after", "3s"]),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(release(&["--block-release-after", "off"]), None);
     }
 
     #[test]
@@ -358,9 +466,29 @@ mod tests {
             &["--remove-dead-hosts-after", "1s"],
             "remove-dead-hosts-after:",
         );
+        refused(&["--block-release-after", "2s"], "block-release-after:");
+        refused(&["--block-release-after", "soon"], "block-release-after:");
         refused(&["--metrics-addr", "nowhere"], "metrics-addr:");
         refused(&["--log-format", "xml"], "log-format:");
         refused(&["--etcd-prefix", "weft"], "etcd-prefix:");
+        refused(&["--encapsulation", "ipip"], "encapsulation:");
+        refused(&["--mtu", "100"], "mtu:");
+        refused(&["--bgp"], "bgp-peer:");
+        refused(&["--bgp-peer", "198.51.100.100"], "bgp-peer:");
+        refused(&["--bgp-peer", "198.51.100.100:0"], "bgp-peer:");
+        refused(
+            &[
+                "--bgp-peer",
+                "198.51.100.1:1",
+                "--bgp-peer",
+                "198.51.100.1:2",
+            ],
+            "bgp-peer:",
+        );
+        refused(&["--bgp-asn", "0"], "bgp-asn:");
+        refused(&["--bgp-hold-time", "2s"], "bgp-hold-time:");
+        refused(&["--bgp-hold-time", "3500ms"], "bgp-hold-time:");
+        refused(&["--bgp-dir", "bird"], "bgp-dir:");
         let err =
             Config::resolve(flags(&["--host-name", "a/b"]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("host-name:"), "{err}");

@@ -5,12 +5,14 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use ipnetwork::IpNetwork;
+
 use tracing::{debug, info, warn};
 use weft_etcd::records::EndpointRecord;
 use weft_etcd::{alloc, BlockRef, CreateConflict};
 
 use super::error::EndpointError;
-use super::table::Settle;
+use super::table::{Settle, Taken};
 use crate::context::Context;
 use crate::model::{veth_name, ContainerId, Route, RouteTarget};
 
@@ -25,6 +27,15 @@ pub fn choose_veth_name(id: &ContainerId, taken: &HashSet<String>) -> String {
         .expect("a free name among unboundedly many")
 }
 
+/// The blocks an allocation may pick from: not those being released.
+fn open_blocks(blocks: &[IpNetwork], taken: &Taken) -> Vec<IpNetwork> {
+    blocks
+        .iter()
+        .filter(|b| !taken.retiring.contains(b))
+        .copied()
+        .collect()
+}
+
 /// Picks an address and a veth name, then writes the endpoint record guarded by the address.
 /// The record is in the table from the moment it is written, so the route the attach adds is
 /// never taken for stale by the reconciler.
@@ -36,9 +47,10 @@ pub async fn allocate(
     let pool = &ctx.config.pool.name;
     for _ in 0..ATTEMPTS {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
-        let picked = ctx.endpoints.reserve(|taken| {
-            let ip = alloc::first_free_ip(&blocks, &taken.ips)?;
-            let block = *blocks.iter().find(|b| b.contains(ip))?;
+        let picked = ctx.endpoints.reserve(ctx.tunnel_ip(), |taken| {
+            let open = open_blocks(&blocks, taken);
+            let ip = alloc::first_free_ip(&open, &taken.ips)?;
+            let block = *open.iter().find(|b| b.contains(ip))?;
             Some((ip, choose_veth_name(id, &taken.names), block))
         });
         let Some((ip, name, block)) = picked else {
@@ -65,6 +77,12 @@ pub async fn allocate(
                 ctx.endpoints.settle(ip, &name, Settle::Written(existing));
                 return Ok(record);
             }
+            // Released after the view was read (by another agent of this host's name, or an
+            // operator): try again on the view as it is now.
+            Err(CreateConflict::Store(weft_etcd::StoreError::BlockReleased { block })) => {
+                debug!(%block, "block released meanwhile; trying another");
+                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+            }
             Err(CreateConflict::EndpointExists(existing)) => {
                 ctx.endpoints.settle(ip, &name, Settle::Abandoned);
                 return Err(EndpointError::WrittenElsewhere {
@@ -78,6 +96,42 @@ pub async fn allocate(
                 if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
                     ctx.endpoints.undeliver(record);
                 }
+                return Err(e.into());
+            }
+        }
+    }
+    Err(EndpointError::Contention)
+}
+
+/// Takes a tunnel address for this host (the first free address of its blocks, a block claimed
+/// if need be) under the `ips/` guard, and registers it with the host's VTEP MAC.
+pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
+    let pool = &ctx.config.pool.name;
+    for _ in 0..ATTEMPTS {
+        let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
+        let picked = ctx.endpoints.reserve(None, |taken| {
+            let open = open_blocks(&blocks, taken);
+            let ip = alloc::first_free_ip(&open, &taken.ips)?;
+            let block = *open.iter().find(|b| b.contains(ip))?;
+            // No veth comes with it: an empty name reserves nothing.
+            Some((ip, String::new(), block))
+        });
+        let Some((ip, _, block)) = picked else {
+            claim_block(ctx, blocks.len()).await?;
+            continue;
+        };
+        let claimed = ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await;
+        match claimed {
+            Ok(true) => {
+                ctx.endpoints.settle(ip, "", Settle::Abandoned);
+                ctx.set_tunnel(ip);
+                ctx.store.register_host(ctx.me(), &ctx.host()).await?;
+                info!(%ip, "tunnel address taken");
+                return Ok(ip);
+            }
+            Ok(false) => ctx.endpoints.settle(ip, "", Settle::Foreign),
+            Err(e) => {
+                ctx.endpoints.settle(ip, "", Settle::Abandoned);
                 return Err(e.into());
             }
         }

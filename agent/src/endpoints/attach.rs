@@ -125,7 +125,7 @@ async fn attach_into(
         ifname: request.ifname.clone(),
         ip: record.ip,
         mac,
-        mtu: ctx.underlay.mtu,
+        mtu: ctx.mtu(),
         secondary,
     };
     if let Err(err) = wire(ctx, &record, &link).await {

@@ -34,7 +34,7 @@ pub(crate) fn link_of(
             .mac
             .parse()
             .unwrap_or_else(|_| crate::model::Mac::random()),
-        mtu: ctx.underlay.mtu,
+        mtu: ctx.mtu(),
         secondary: record.secondary,
     })
 }

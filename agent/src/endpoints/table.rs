@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use ipnetwork::IpNetwork;
 use weft_etcd::records::EndpointRecord;
 
 use crate::model::ContainerId;
@@ -20,12 +21,16 @@ struct Table {
     /// Addresses of our blocks found taken in etcd by a record we do not hold; forgotten at the
     /// next full reconciliation, so a mark cannot outlive the record that caused it.
     foreign: HashSet<IpAddr>,
+    /// Blocks being given back to the pool: nothing is allocated in them.
+    retiring: HashSet<IpNetwork>,
 }
 
 /// What an allocation may not hand out, read under one lock.
 pub struct Taken {
     pub ips: HashSet<IpAddr>,
     pub names: HashSet<String>,
+    /// Blocks being released: no address of them may be picked.
+    pub retiring: HashSet<IpNetwork>,
 }
 
 #[derive(Default)]
@@ -91,6 +96,18 @@ impl EndpointTable {
             locks.entry(id.to_string()).or_default().clone()
         };
         lock.lock_owned().await
+    }
+
+    /// Holds the container's lock if nobody holds or waits for it: background work (the
+    /// registration check) writes a container's records only under it, so it never races an
+    /// attach or detach of that container.
+    pub fn try_lock(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let mut locks = self.locks.lock().unwrap();
+        let lock = locks.entry(id.to_string()).or_default();
+        if Arc::strong_count(lock) > 1 {
+            return None;
+        }
+        lock.clone().try_lock_owned().ok()
     }
 
     /// Whether an attach or detach of this container is under way (or waiting).
@@ -162,13 +179,16 @@ impl EndpointTable {
     }
 
     /// Reserves an address and a veth name chosen by `pick` from what is not taken (endpoints,
-    /// other reservations, foreign marks). `pick` returns None when nothing is free.
+    /// other reservations, foreign marks, and `also`: the host's own tunnel address). `pick`
+    /// returns None when nothing is free.
     pub fn reserve<T>(
         &self,
+        also: Option<IpAddr>,
         pick: impl FnOnce(&Taken) -> Option<(IpAddr, String, T)>,
     ) -> Option<(IpAddr, String, T)> {
         let mut table = self.table.lock().unwrap();
         let mut ips: HashSet<IpAddr> = table.endpoints.values().map(|e| e.ip).collect();
+        ips.extend(also);
         ips.extend(table.reserved_ips.iter().copied());
         ips.extend(table.foreign.iter().copied());
         let mut names: HashSet<String> = table
@@ -177,7 +197,12 @@ impl EndpointTable {
             .map(|e| e.host_ifname.clone())
             .collect();
         names.extend(table.reserved_names.iter().cloned());
-        let picked = pick(&Taken { ips, names })?;
+        let retiring = table.retiring.clone();
+        let picked = pick(&Taken {
+            ips,
+            names,
+            retiring,
+        })?;
         table.reserved_ips.insert(picked.0);
         table.reserved_names.insert(picked.1.clone());
         Some(picked)
@@ -198,6 +223,31 @@ impl EndpointTable {
             }
             Settle::Abandoned => {}
         }
+    }
+
+    /// Marks `block` as being released if no endpoint, attach under way or foreign record holds
+    /// an address of it, nor `also` (the host's tunnel address); from then on no allocation
+    /// picks from it. Returns whether it was marked. Checked and marked under the lock
+    /// allocations reserve under, so an allocation is either seen here or kept out.
+    pub fn retire(&self, block: IpNetwork, also: Option<IpAddr>) -> bool {
+        let mut table = self.table.lock().unwrap();
+        let used = table
+            .endpoints
+            .values()
+            .map(|e| e.ip)
+            .chain(table.reserved_ips.iter().copied())
+            .chain(table.foreign.iter().copied())
+            .chain(also)
+            .any(|ip| block.contains(ip));
+        if used {
+            return false;
+        }
+        table.retiring.insert(block)
+    }
+
+    /// Ends a release (done or failed): the block is in the cluster view again or gone from it.
+    pub fn unretire(&self, block: IpNetwork) {
+        self.table.lock().unwrap().retiring.remove(&block);
     }
 
     /// Forgets every foreign mark (at each full reconciliation).

@@ -33,6 +33,7 @@ fn world() -> World {
         cidr: "10.65.0.0/16".parse().unwrap(),
         block_size: 30,
         nat_outgoing: true,
+        encapsulation: Default::default(),
     };
     let kernel = Arc::new(FakeKernel::with_namespaces(&[CONTAINER_NS]));
     let store = Arc::new(FakeStore::with_pool("default", pool.clone()));
@@ -42,8 +43,18 @@ fn world() -> World {
         config,
         underlay: Underlay {
             ifname: "eth0".into(),
+            index: 2,
             ip: "198.51.100.1".parse().unwrap(),
+            prefix: 24,
             mtu: 1500,
+        },
+        host: weft_etcd::records::HostRecord {
+            underlay_ip: "198.51.100.1".parse().unwrap(),
+            version: "test".into(),
+            first_seen: 0,
+            underlay_prefix: Some(24),
+            vtep_mac: None,
+            tunnel_ip: None,
         },
         pool,
         kernel: kernel.clone(),
@@ -389,4 +400,50 @@ async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach()
     assert!(attach(&w.ctx, labelled(&[("app", "web")])).await.is_err());
     w.firewall.fail(false);
     w.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_block_being_released_is_never_allocated_from_and_an_emptied_one_goes() {
+    let w = world();
+    let block = |text: &str| -> ipnetwork::IpNetwork { text.parse().unwrap() };
+    for i in 0..5 {
+        attach(&w.ctx, request(&format!("c{i}"), "", &[]))
+            .await
+            .unwrap();
+    }
+    detach(&w.ctx, &ContainerId::new("c4").unwrap())
+        .await
+        .unwrap();
+    // 10.65.0.4/30 is empty now; while it is marked retiring an attach claims a third block
+    // rather than pick from it, and a block in use cannot be marked.
+    assert!(!w.ctx.endpoints.retire(block("10.65.0.0/30"), None));
+    assert!(w.ctx.endpoints.retire(block("10.65.0.4/30"), None));
+    let record = attach(&w.ctx, request("c5", "", &[])).await.unwrap();
+    assert_eq!(record.ip.to_string(), "10.65.0.8");
+    w.ctx.endpoints.unretire(block("10.65.0.4/30"));
+
+    let mut empty = crate::blocks::plan::EmptySince::default();
+    crate::blocks::release_due(&w.ctx, &mut empty, std::time::Duration::ZERO).await;
+    let held: Vec<_> = w
+        .store
+        .state
+        .lock()
+        .unwrap()
+        .blocks
+        .keys()
+        .copied()
+        .collect();
+    assert_eq!(held, [block("10.65.0.0/30"), block("10.65.0.8/30")]);
+    assert_eq!(
+        w.ctx.cluster.blocks_of("h1"),
+        [block("10.65.0.0/30"), block("10.65.0.8/30")]
+    );
+    // Emptied entirely, the host keeps the pool's lowest block.
+    for i in [0, 1, 2, 3, 5] {
+        detach(&w.ctx, &ContainerId::new(&format!("c{i}")).unwrap())
+            .await
+            .unwrap();
+    }
+    crate::blocks::release_due(&w.ctx, &mut empty, std::time::Duration::ZERO).await;
+    assert_eq!(w.ctx.cluster.blocks_of("h1"), [block("10.65.0.0/30")]);
 }

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use super::chains::{self, Chains};
 use super::rules::{
-    self, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
+    self, by_chain, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
     FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
 };
 use super::{Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
@@ -82,7 +82,8 @@ struct Table {
     name: &'static str,
     chains: &'static [&'static str],
     jumps: &'static [Jump],
-    /// Whether rule order matters (filter); nat rules never overlap and compare as a set.
+    /// Whether rule order matters (filter, WEFT-VXLAN included: a change rewrites the table's
+    /// chains whole); nat rules never overlap, compare as a set and may be appended to.
     ordered: bool,
     applied: Applied,
 }
@@ -96,7 +97,7 @@ impl Table {
         save: &mut Save,
     ) -> Result<bool, FirewallError> {
         let wanted = match self.ordered {
-            true => rules.to_vec(),
+            true => by_chain(rules),
             false => normalize(rules),
         };
         if mode == SyncMode::Fast && self.applied.verified && self.applied.rules == wanted {
@@ -133,7 +134,7 @@ impl Table {
             .cloned()
             .collect();
         let held = match self.ordered {
-            true => held,
+            true => by_chain(&held),
             false => normalize(&held),
         };
         let written = if jumps_present && held == wanted {

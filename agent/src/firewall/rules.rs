@@ -38,6 +38,9 @@ pub struct FirewallSpec {
     /// TCP services containers must not reach: the etcd endpoints the agent uses and its
     /// metrics listener (an unspecified address: that port on every address of the host).
     pub protected: Vec<SocketAddr>,
+    /// When the pool may encapsulate: the underlay addresses VXLAN is accepted from (every
+    /// peer's, sorted). Containers may never send VXLAN.
+    pub vxlan_peers: Option<Vec<IpAddr>>,
     /// Network policy's chains (dispatch, per endpoint, per policy), as `policy` renders them.
     pub policy: Chains,
 }
@@ -75,6 +78,15 @@ pub enum FilterRule {
     ToWorkloads,
     /// New connections from containers to this host meet their egress policy too.
     InputFromWorkloads,
+    /// Containers never send VXLAN, through this host or to it.
+    ForwardContainerVxlan,
+    InputContainerVxlan,
+    /// VXLAN to this host is checked against the peers.
+    InputVxlan,
+    /// A peer's underlay address may send VXLAN (WEFT-VXLAN, in order before the drop).
+    VxlanPeer(IpAddr),
+    /// Anyone else may not.
+    VxlanOthers,
 }
 
 fn comment(text: impl fmt::Display) -> String {
@@ -148,6 +160,28 @@ impl fmt::Display for FilterRule {
                 destination(addr),
                 addr.port()
             ),
+            FilterRule::ForwardContainerVxlan => write!(
+                f,
+                "-A WEFT-FORWARD -i weft+ -p udp -m udp --dport {VXLAN} {} -j DROP",
+                comment("containers never send VXLAN")
+            ),
+            FilterRule::InputContainerVxlan => write!(
+                f,
+                "-A WEFT-INPUT -i weft+ -p udp -m udp --dport {VXLAN} {} -j DROP",
+                comment("containers never send VXLAN")
+            ),
+            FilterRule::InputVxlan => write!(
+                f,
+                "-A WEFT-INPUT -p udp -m udp --dport {VXLAN} {} -j WEFT-VXLAN",
+                comment("VXLAN only from peers")
+            ),
+            FilterRule::VxlanPeer(ip) => write!(
+                f,
+                "-A WEFT-VXLAN -s {ip}/{} {} -j RETURN",
+                if ip.is_ipv4() { 32 } else { 128 },
+                comment("a peer")
+            ),
+            FilterRule::VxlanOthers => write!(f, "-A WEFT-VXLAN {} -j DROP", comment("not a peer")),
             FilterRule::FromContainers => write!(
                 f,
                 "-A WEFT-FORWARD -i weft+ {} -j ACCEPT",
@@ -213,6 +247,11 @@ pub fn filter_rules(spec: &FirewallSpec) -> Vec<FilterRule> {
         .filter(|a| !a.ip().is_unspecified())
         .map(|a| FilterRule::ForwardProtected(*a))
         .collect();
+    // Containers never send VXLAN, whatever policy allows: dropped before anything accepts.
+    let vxlan = spec.vxlan_peers.as_ref();
+    if vxlan.is_some() {
+        rules.push(FilterRule::ForwardContainerVxlan);
+    }
     // Policy: established connections first, then each direction's dispatch, and what policy
     // let through (or no policy covers) is accepted.
     rules.extend([
@@ -224,9 +263,25 @@ pub fn filter_rules(spec: &FirewallSpec) -> Vec<FilterRule> {
         FilterRule::ToContainers,
     ]);
     rules.extend(protected.iter().map(|a| FilterRule::InputProtected(*a)));
+    if vxlan.is_some() {
+        rules.extend([FilterRule::InputContainerVxlan, FilterRule::InputVxlan]);
+    }
+    // After every drop of WEFT-INPUT: an egress policy's allow accepts.
     rules.push(FilterRule::InputFromWorkloads);
+    if let Some(peers) = vxlan {
+        rules.extend(
+            peers
+                .iter()
+                .filter(|p| p.is_ipv4())
+                .map(|p| FilterRule::VxlanPeer(*p)),
+        );
+        rules.push(FilterRule::VxlanOthers);
+    }
     rules
 }
+
+/// The UDP port of VXLAN.
+const VXLAN: u16 = crate::model::VXLAN_PORT;
 
 /// Renders rules, one `-A` line each.
 pub fn render<T: fmt::Display>(rules: &[T]) -> Vec<String> {
@@ -273,7 +328,7 @@ pub const FILTER_JUMPS: &[Jump] = &[
 ];
 
 pub const NAT_CHAINS: &[&str] = &["WEFT-POSTROUTING", "WEFT-NAT-OUTGOING", "WEFT-PORTS"];
-pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT"];
+pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT", "WEFT-VXLAN"];
 
 /// What `iptables-save` shows of our chains in one table, and which jumps exist.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -359,12 +414,24 @@ pub fn incremental_input(table: &str, applied: &[String], wanted: &[String]) -> 
 
 /// Our nat rules as a set, for comparison. No two of them overlap (each DNAT matches its own
 /// port, each hairpin its own address), so their order within a chain does not matter and
-/// incremental writes may append. (The filter table's order matters and is compared as is.)
+/// incremental writes may append. (The filter table's order matters: see [`by_chain`].)
 pub fn normalize(rules: &[String]) -> Vec<String> {
     let mut sorted = rules.to_vec();
     sorted.sort();
     sorted.dedup();
     sorted
+}
+
+/// Rules grouped by chain, each chain's rules in their order: the order that matters in the
+/// filter table, whatever order `iptables-save` lists the chains in.
+pub fn by_chain(rules: &[String]) -> Vec<String> {
+    let mut grouped = rules.to_vec();
+    grouped.sort_by(|a, b| chain_of(a).cmp(chain_of(b)));
+    grouped
+}
+
+fn chain_of(rule: &str) -> &str {
+    rule.split_whitespace().nth(1).unwrap_or("")
 }
 
 /// The rules a set of published ports needs in the nat table (hairpin and DNAT), rendered.
@@ -409,6 +476,7 @@ mod tests {
                 "198.51.100.100:2379".parse().unwrap(),
                 "0.0.0.0:9099".parse().unwrap(),
             ],
+            vxlan_peers: None,
             policy: Default::default(),
         }
     }
@@ -440,6 +508,31 @@ mod tests {
                 "-A WEFT-INPUT -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
                 "-A WEFT-INPUT -i weft+ -p tcp -m tcp --dport 9099 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
                 "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: egress policy to this host\" -j WEFT-FROM-WL",
+            ]
+        );
+    }
+
+    #[test]
+    fn vxlan_is_accepted_from_peers_only_and_never_from_containers_whatever_policy_allows() {
+        let spec = FirewallSpec {
+            vxlan_peers: Some(vec!["198.18.0.2".parse().unwrap()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            render(&filter_rules(&spec)),
+            vec![
+                "-A WEFT-FORWARD -i weft+ -p udp -m udp --dport 4789 -m comment --comment \"weft: containers never send VXLAN\" -j DROP",
+                "-A WEFT-FORWARD -i weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: egress policy\" -j WEFT-FROM-WL",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: ingress policy\" -j WEFT-TO-WL",
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
+                "-A WEFT-INPUT -i weft+ -p udp -m udp --dport 4789 -m comment --comment \"weft: containers never send VXLAN\" -j DROP",
+                "-A WEFT-INPUT -p udp -m udp --dport 4789 -m comment --comment \"weft: VXLAN only from peers\" -j WEFT-VXLAN",
+                "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: egress policy to this host\" -j WEFT-FROM-WL",
+                "-A WEFT-VXLAN -s 198.18.0.2/32 -m comment --comment \"weft: a peer\" -j RETURN",
+                "-A WEFT-VXLAN -m comment --comment \"weft: not a peer\" -j DROP",
             ]
         );
     }

@@ -8,15 +8,21 @@ use netlink_packet_route::route::RouteProtocol;
 use crate::kernel::netns::NetlinkHandle;
 use crate::model::{LINK_PREFIX, RT_PROTO_WEFT};
 
-/// Kernel changes that may need repair: one of our routes or links deleted.
+/// Kernel changes that may need repair: one of our routes, links or permanent neighbour (and
+/// FDB) entries deleted.
 pub enum KernelEvent {
     RouteDeleted,
     LinkDeleted,
+    NeighbourDeleted,
 }
 
 /// Subscribes to link and route notifications in the agent's namespace and forwards the
 /// ones that touch what we own.
-pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver<KernelEvent>)> {
+/// `tunnel` holds the index of the tunnel device (0 when there is none), kept current by the
+/// reconciler.
+pub fn kernel_events(
+    tunnel: std::sync::Arc<std::sync::atomic::AtomicU32>,
+) -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver<KernelEvent>)> {
     use futures::StreamExt;
     use netlink_packet_core::NetlinkPayload;
     use netlink_packet_route::RouteNetlinkMessage as M;
@@ -24,6 +30,7 @@ pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver
         rtnetlink::MulticastGroup::Link,
         rtnetlink::MulticastGroup::Ipv4Route,
         rtnetlink::MulticastGroup::Ipv6Route,
+        rtnetlink::MulticastGroup::Neigh,
     ])?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(async move {
@@ -37,6 +44,15 @@ pub fn kernel_events() -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver
                     }
                     NetlinkPayload::InnerMessage(M::DelLink(link)) if link_is_ours(&link) => {
                         KernelEvent::LinkDeleted
+                    }
+                    // Neighbour and FDB entries of the tunnel device only: the host's other
+                    // entries come and go all the time.
+                    NetlinkPayload::InnerMessage(M::DelNeighbour(neighbour))
+                        if neighbour.header.ifindex != 0
+                            && neighbour.header.ifindex
+                                == tunnel.load(std::sync::atomic::Ordering::Relaxed) =>
+                    {
+                        KernelEvent::NeighbourDeleted
                     }
                     _ => continue,
                 };

@@ -11,9 +11,10 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use crate::kernel::{
-    ContainerLink, InsideCheck, Kernel, KernelError, NetnsError, NetnsId, Result, Underlay,
+    ContainerLink, InsideCheck, Kernel, KernelError, NetnsError, NetnsId, Result, TunnelState,
+    Underlay, VxlanDevice,
 };
-use crate::model::{IfName, Protocol, Route, RouteTarget};
+use crate::model::{IfName, Mac, Protocol, Route, RouteTarget};
 
 /// A step that can be made to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,6 +51,8 @@ pub struct FakeState {
     pub owned: BTreeSet<String>,
     /// Host sockets listening, by protocol and port.
     pub listening: BTreeSet<(Protocol, u16)>,
+    /// The VXLAN device, as last made, with its entries.
+    pub tunnel: Option<(VxlanDevice, TunnelState)>,
 }
 
 #[derive(Debug, Default)]
@@ -134,7 +137,9 @@ impl Kernel for FakeKernel {
     async fn underlay(&self, ifname: Option<&str>) -> Result<Underlay, String> {
         Ok(Underlay {
             ifname: ifname.unwrap_or("eth0").to_string(),
+            index: 2,
             ip: "198.51.100.1".parse().unwrap(),
+            prefix: 24,
             mtu: 1500,
         })
     }
@@ -213,6 +218,71 @@ impl Kernel for FakeKernel {
     async fn delete_route(&self, route: &Route) -> Result<()> {
         self.check(Step::DeleteRoute)?;
         self.state.lock().unwrap().routes.remove(route);
+        Ok(())
+    }
+
+    async fn tunnel(&self, wanted: Option<&VxlanDevice>) -> Result<Option<TunnelState>> {
+        let state = self.state.lock().unwrap();
+        Ok(state.tunnel.as_ref().map(|(device, tunnel)| TunnelState {
+            matches: Some(device) == wanted,
+            ..tunnel.clone()
+        }))
+    }
+
+    async fn ensure_tunnel(&self, wanted: &VxlanDevice) -> Result<u32> {
+        let mut state = self.state.lock().unwrap();
+        if let Some((device, tunnel)) = &state.tunnel {
+            if device == wanted {
+                return Ok(tunnel.index);
+            }
+        }
+        state.next_index += 1;
+        let index = state.next_index + 100;
+        let tunnel = TunnelState {
+            index,
+            ..Default::default()
+        };
+        state.tunnel = Some((wanted.clone(), tunnel));
+        Ok(index)
+    }
+
+    async fn delete_tunnel(&self) -> Result<bool> {
+        let mut state = self.state.lock().unwrap();
+        let index = state.tunnel.take().map(|(_, t)| t.index);
+        state
+            .routes
+            .retain(|r| !matches!(r.target, RouteTarget::Onlink { dev, .. } if Some(dev) == index));
+        Ok(index.is_some())
+    }
+
+    async fn tunnel_neighbour(&self, index: u32, ip: IpAddr, mac: Mac, add: bool) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let tunnel = state.tunnel.as_mut().filter(|(_, t)| t.index == index);
+        let (_, tunnel) = tunnel.ok_or_else(|| injected(Step::ReplaceRoute))?;
+        match add {
+            true => {
+                tunnel.neighbours.retain(|(other, _)| *other != ip);
+                tunnel.neighbours.insert((ip, mac));
+            }
+            false => {
+                tunnel.neighbours.remove(&(ip, mac));
+            }
+        }
+        Ok(())
+    }
+
+    async fn tunnel_fdb(&self, index: u32, mac: Mac, dst: IpAddr, add: bool) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let tunnel = state.tunnel.as_mut().filter(|(_, t)| t.index == index);
+        let (_, tunnel) = tunnel.ok_or_else(|| injected(Step::ReplaceRoute))?;
+        match add {
+            true => {
+                tunnel.fdb.insert((mac, dst));
+            }
+            false => {
+                tunnel.fdb.remove(&(mac, dst));
+            }
+        }
         Ok(())
     }
 

@@ -9,7 +9,7 @@ pub mod netlink;
 pub mod netns;
 pub mod sysctl;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::IpAddr;
 
@@ -57,8 +57,37 @@ pub struct ContainerLink {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Underlay {
     pub ifname: String,
+    pub index: u32,
     pub ip: IpAddr,
+    /// Prefix length of `ip` on the interface: the host's subnet.
+    pub prefix: u8,
     pub mtu: u32,
+}
+
+/// The host's VXLAN device as wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanDevice {
+    pub vni: u32,
+    pub port: u16,
+    /// The underlay address packets leave from.
+    pub local: IpAddr,
+    pub underlay_index: u32,
+    pub mtu: u32,
+    pub mac: Mac,
+    /// The host's tunnel address (one of the pool's).
+    pub address: IpAddr,
+}
+
+/// What the kernel holds of the VXLAN device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelState {
+    pub index: u32,
+    /// Whether the device is up with the wanted settings and address.
+    pub matches: bool,
+    /// Its permanent neighbour entries: (peer tunnel address, peer VTEP MAC).
+    pub neighbours: BTreeSet<(IpAddr, Mac)>,
+    /// Its permanent FDB entries: (peer VTEP MAC, peer underlay address).
+    pub fdb: BTreeSet<(Mac, IpAddr)>,
 }
 
 /// What was found inside a container's namespace.
@@ -107,6 +136,17 @@ pub trait Kernel: Send + Sync + 'static {
     /// Whether a socket of the host (the agent's namespace) listens on this port: a TCP socket
     /// in LISTEN, or any bound UDP socket.
     fn listening(&self, protocol: Protocol, port: u16) -> io::Result<bool>;
+
+    /// The VXLAN device, if it exists (compared with `wanted` when given).
+    async fn tunnel(&self, wanted: Option<&VxlanDevice>) -> Result<Option<TunnelState>>;
+    /// Makes the VXLAN device as wanted; returns its index.
+    async fn ensure_tunnel(&self, wanted: &VxlanDevice) -> Result<u32>;
+    /// Removes the VXLAN device (its routes, neighbours and FDB entries go with it).
+    async fn delete_tunnel(&self) -> Result<bool>;
+    /// Adds (replacing) or deletes a permanent neighbour on the tunnel device.
+    async fn tunnel_neighbour(&self, index: u32, ip: IpAddr, mac: Mac, add: bool) -> Result<()>;
+    /// Adds (replacing) or deletes a permanent FDB entry on the tunnel device.
+    async fn tunnel_fdb(&self, index: u32, mac: Mac, dst: IpAddr, add: bool) -> Result<()>;
 
     /// Opens and vets a container namespace (a network namespace other than the agent's own or
     /// the machine's) and returns its identity.

@@ -15,6 +15,24 @@ pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 pub const RT_PROTO_WEFT: u8 = 119;
 /// Prefix of every link the agent creates.
 pub const LINK_PREFIX: &str = "weft";
+/// The host's VXLAN device. Its name has a '.', which no container veth name has.
+pub const TUNNEL_DEVICE: &str = "weft.vxlan";
+/// VXLAN network identifier and UDP port of the fabric's tunnels.
+pub const VXLAN_VNI: u32 = 4096;
+pub const VXLAN_PORT: u16 = 4789;
+/// Bytes VXLAN adds to a packet (outer IPv4, UDP, VXLAN and Ethernet headers).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// The MAC of a host's VXLAN device: derived from its name, so it is stable without being
+/// stored anywhere but the host's record.
+pub fn vtep_mac(host: &str) -> Mac {
+    let hash = weft_etcd::names::stable_hash(&["vtep", host]).to_be_bytes();
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&hash[..6]);
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    Mac(mac)
+}
+
 /// Link group of retired veths awaiting deletion. Deleting a link waits for an RCU grace period
 /// (~20 ms); deleting a whole group pays it once for all its links.
 pub const RETIRED_GROUP: u32 = 0x7765;
@@ -31,7 +49,7 @@ pub fn veth_name(id: &ContainerId, attempt: u32) -> String {
 }
 
 /// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
@@ -95,6 +113,13 @@ mod tests {
             "the clash the issue found"
         );
         assert_ne!(veth_name(&a, 0), veth_name(&b, 1));
+    }
+
+    #[test]
+    fn vtep_macs_are_stable_local_unicast_and_distinct() {
+        assert_eq!(vtep_mac("h1"), vtep_mac("h1"));
+        assert_ne!(vtep_mac("h1"), vtep_mac("h2"));
+        assert_eq!(vtep_mac("h1").0[0] & 0x03, 0x02);
     }
 
     #[test]

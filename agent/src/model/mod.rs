@@ -11,7 +11,8 @@ mod route;
 
 pub use attach::{AttachRequest, NetnsSpec};
 pub use fabric::{
-    veth_name, Mac, GATEWAY_V4, HOST_VETH_MAC, LINK_PREFIX, RETIRED_GROUP, RT_PROTO_WEFT,
+    veth_name, vtep_mac, Mac, GATEWAY_V4, HOST_VETH_MAC, LINK_PREFIX, RETIRED_GROUP, RT_PROTO_WEFT,
+    TUNNEL_DEVICE, VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_VNI,
 };
 pub use ids::{ContainerId, HostName, IfName, MAX_CONTAINER_ID};
 pub use invalid::Invalid;

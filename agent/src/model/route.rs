@@ -12,6 +12,8 @@ pub enum RouteTarget {
     Dev(u32),
     /// A peer's block: `via <underlay ip>`.
     Via(IpAddr),
+    /// A peer's block through the tunnel: `via <peer tunnel ip> dev <tunnel> onlink`.
+    Onlink { via: IpAddr, dev: u32 },
     /// A local block: drop what no container claims.
     Blackhole,
 }
@@ -39,6 +41,9 @@ impl fmt::Display for Route {
         match self.target {
             RouteTarget::Dev(index) => write!(f, "{} dev #{index}", self.dst),
             RouteTarget::Via(gateway) => write!(f, "{} via {gateway}", self.dst),
+            RouteTarget::Onlink { via, dev } => {
+                write!(f, "{} via {via} dev #{dev} onlink", self.dst)
+            }
             RouteTarget::Blackhole => write!(f, "blackhole {}", self.dst),
         }
     }

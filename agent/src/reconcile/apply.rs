@@ -239,9 +239,16 @@ async fn release(ctx: &Context, id: &str, report: &mut ReconcileReport) {
     }
 }
 
-pub async fn routes(ctx: &Context, kernel: &KernelState, report: &mut ReconcileReport) {
+pub async fn routes(
+    ctx: &Context,
+    kernel: &KernelState,
+    paths: &std::collections::BTreeMap<String, plan::peers::PeerPath>,
+    tunnel: Option<u32>,
+    report: &mut ReconcileReport,
+) {
     let desired = ctx.cluster.with_view(|view| {
-        plan::desired_routes(ctx.me(), view, &ctx.endpoints.list(), &kernel.links)
+        let endpoints = ctx.endpoints.list();
+        plan::desired_routes(ctx.me(), view, &endpoints, &kernel.links, paths, tunnel)
     });
     let diff = plan::route_diff(&desired, &kernel.routes);
     for route in &diff.replace {
@@ -272,6 +279,21 @@ pub async fn firewall(ctx: &Context, report: &mut ReconcileReport) {
     let synced = ctx
         .firewall
         .sync(|| ctx.firewall_spec(), SyncMode::Verify, &ctx.metrics)
+        .await;
+    match synced {
+        Ok(fw) => report.firewall_tables_written += fw.tables_written,
+        Err(e) => {
+            warn!(error = %e, "cannot program iptables");
+            report.errors += 1;
+        }
+    }
+}
+
+/// Writes the firewall if what it is made of changed (no read of the kernel).
+pub async fn firewall_fast(ctx: &Context, report: &mut ReconcileReport) {
+    let synced = ctx
+        .firewall
+        .sync(|| ctx.firewall_spec(), SyncMode::Fast, &ctx.metrics)
         .await;
     match synced {
         Ok(fw) => report.firewall_tables_written += fw.tables_written,

@@ -1,12 +1,14 @@
 //! The reconciler: at start, every resync interval and soon after any event, it compares what
 //! the kernel holds with what the cluster and this host's endpoints want, and applies only the
 //! difference. `plan` decides (pure); `apply` carries a plan out; `monitor` turns kernel
-//! notifications into passes and sysctl repairs.
+//! notifications into passes and sysctl repairs. Every pass also brings bird's BGP
+//! announcements up to date (`crate::bgp::sync`).
 
 pub mod apply;
 pub mod monitor;
 pub mod plan;
 pub mod registration;
+pub mod tunnel;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,8 @@ pub struct ReconcileReport {
     pub endpoints_released: usize,
     pub links_removed: usize,
     pub namespaces_removed: usize,
+    /// Changes to the tunnel device and its neighbour and FDB entries.
+    pub tunnel_changes: usize,
     pub errors: usize,
     pub duration: Duration,
 }
@@ -53,6 +57,7 @@ impl ReconcileReport {
             + self.endpoints_released
             + self.links_removed
             + self.namespaces_removed
+            + self.tunnel_changes
     }
 }
 
@@ -63,6 +68,8 @@ struct Trackers {
     dead_hosts: DeadHostTracker,
     /// Records of this host it does not hold, with how many checks saw them.
     unknown_records: std::collections::HashMap<String, u32>,
+    /// Peers said to get no route (said once each).
+    unrouted: std::collections::BTreeSet<String>,
 }
 
 pub struct Reconciler {
@@ -155,15 +162,78 @@ impl Reconciler {
                 false => Some(kernel),
             };
             if let Some(kernel) = kernel {
-                apply::routes(&self.ctx, &kernel, &mut report).await;
+                self.routes(&kernel, &mut report).await;
             }
         }
         if full {
             apply::firewall(&self.ctx, &mut report).await;
         }
+        crate::bgp::sync(&self.ctx, full);
         report.duration = started.elapsed();
         self.record(full, &report);
         report
+    }
+
+    /// The tunnel, then the routes (some go through the tunnel), then the tunnel's removal when
+    /// no peer needs it (its routes are gone by then).
+    async fn routes(&self, kernel: &apply::KernelState, report: &mut ReconcileReport) {
+        let (paths, needs_tunnel) = self.ctx.cluster.with_view(|view| {
+            let needs = plan::peers::needs_tunnel(
+                self.ctx.me(),
+                self.ctx.subnet(),
+                self.ctx.pool.encapsulation,
+                &view.hosts,
+            );
+            (self.ctx.peer_paths(view), needs)
+        });
+        if needs_tunnel && self.ctx.tunnel_ip().is_none() {
+            if let Err(e) = crate::endpoints::allocate::allocate_tunnel(&self.ctx).await {
+                tracing::warn!(error = %e, "cannot take a tunnel address; will retry");
+                report.errors += 1;
+            }
+        }
+        self.warn_unrouted(&paths);
+        let tunnel = tunnel::sync(&self.ctx, &paths, report).await;
+        self.ctx
+            .tunnel_index
+            .store(tunnel.unwrap_or(0), Ordering::Relaxed);
+        apply::routes(&self.ctx, kernel, &paths, tunnel, report).await;
+        tunnel::remove_unneeded(&self.ctx, &paths, tunnel.is_some(), report).await;
+        if self.ctx.pool.encapsulation != weft_etcd::records::Encapsulation::None {
+            // The peers allowed to send VXLAN follow the cluster.
+            apply::firewall_fast(&self.ctx, report).await;
+        }
+    }
+
+    /// Says once per peer that it gets no route from weft: a peer whose tunnel is pending, or
+    /// one left to the underlay without `--bgp` (with it, that is the design).
+    fn warn_unrouted(&self, paths: &std::collections::BTreeMap<String, plan::peers::PeerPath>) {
+        use plan::peers::PeerPath;
+        let bgp = self.ctx.config.bgp.enabled;
+        let mut trackers = self.trackers.lock().unwrap();
+        let unrouted: std::collections::BTreeMap<&String, PeerPath> = paths
+            .iter()
+            .filter(|(_, p)| match p {
+                PeerPath::Unrouted => true,
+                PeerPath::Underlay => !bgp,
+                _ => false,
+            })
+            .map(|(h, p)| (h, *p))
+            .collect();
+        trackers.unrouted.retain(|h| unrouted.contains_key(h));
+        for (host, path) in unrouted {
+            if !trackers.unrouted.insert(host.clone()) {
+                continue;
+            }
+            match path {
+                PeerPath::Underlay => {
+                    tracing::warn!(peer = %host, "peer is off this host's subnet and the pool's encapsulation is none: weft gives it no route, the underlay must carry the pool (use --bgp, or an encapsulation)")
+                }
+                _ => {
+                    tracing::warn!(peer = %host, "peer is to be reached through the tunnel but has published no tunnel address yet: no route until it does")
+                }
+            }
+        }
     }
 
     fn record(&self, full: bool, report: &ReconcileReport) {
@@ -188,6 +258,7 @@ impl Reconciler {
                 released = report.endpoints_released,
                 links_removed = report.links_removed,
                 namespaces_removed = report.namespaces_removed,
+                tunnel = report.tunnel_changes,
                 errors = report.errors,
                 ms = report.duration.as_secs_f64() * 1e3,
                 "reconciled"

@@ -12,7 +12,7 @@ use crate::kernel::events::{self, NetconfDrift};
 
 /// Asks for a repair pass whenever one of our routes or links is deleted.
 pub async fn run_kernel_monitor(ctx: Arc<Context>) {
-    let (_handle, mut events) = match events::kernel_events() {
+    let (_handle, mut events) = match events::kernel_events(ctx.tunnel_index.clone()) {
         Ok(events) => events,
         Err(e) => {
             warn!(error = %e, "cannot watch kernel events; relying on periodic resync");

@@ -11,19 +11,34 @@ use weft_etcd::records::EndpointRecord;
 use weft_etcd::ClusterView;
 
 use crate::model::{Route, RouteTarget};
+use peers::PeerPath;
 
 /// The routes this host should hold: a host route per local container whose veth exists, a
-/// blackhole per local block, and each peer block via its host's underlay address.
+/// blackhole per local block, and each peer block the way its host is reached (`paths`; through
+/// the tunnel only once the tunnel device exists, `tunnel` being its index).
 pub fn desired_routes(
     me: &str,
     cluster: &ClusterView,
     endpoints: &[EndpointRecord],
     links: &BTreeMap<String, u32>,
+    paths: &BTreeMap<String, PeerPath>,
+    tunnel: Option<u32>,
 ) -> BTreeMap<IpNetwork, RouteTarget> {
     let mut desired: BTreeMap<IpNetwork, RouteTarget> = cluster
-        .peer_routes(me)
-        .into_iter()
-        .map(|(block, via)| (block, RouteTarget::Via(via)))
+        .blocks
+        .iter()
+        .filter(|(_, owner)| owner.host != me)
+        .filter_map(|(block, owner)| {
+            let target = match paths.get(&owner.host)? {
+                PeerPath::Direct { via } => RouteTarget::Via(*via),
+                PeerPath::Tunnel { tunnel_ip, .. } => RouteTarget::Onlink {
+                    via: *tunnel_ip,
+                    dev: tunnel?,
+                },
+                PeerPath::Underlay | PeerPath::Unrouted => return None,
+            };
+            Some((*block, target))
+        })
         .collect();
     for block in cluster.blocks_of(me) {
         desired.insert(block, RouteTarget::Blackhole);
@@ -262,6 +277,7 @@ impl DeadHostTracker {
     }
 }
 
+pub mod peers;
 pub mod registration;
 
 #[cfg(test)]

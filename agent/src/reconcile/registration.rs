@@ -22,11 +22,13 @@ pub async fn apply(
     sightings: &mut HashMap<String, u32>,
 ) -> Vec<String> {
     settle_unknown(ctx, std::mem::take(&mut plan.unknown), sightings).await;
-    let busy = ctx.endpoints.busy_ids();
     for (stored, held) in std::mem::take(&mut plan.rewrite) {
         let id = &held.container_id;
-        // An operation under way writes its own record.
-        if busy.contains(id) || ctx.endpoints.get(id).as_ref() != Some(&held) {
+        // An operation under way writes its own record; none starts while the lock is held.
+        let Some(_lock) = ctx.endpoints.try_lock(id) else {
+            continue;
+        };
+        if ctx.endpoints.get(id).as_ref() != Some(&held) {
             continue;
         }
         match ctx.store.update_endpoint(&stored, &held).await {
@@ -38,7 +40,7 @@ pub async fn apply(
     }
     let pool = &ctx.config.pool.name;
     if plan.register_host {
-        match ctx.store.register_host(ctx.me(), ctx.underlay.ip).await {
+        match ctx.store.register_host(ctx.me(), &ctx.host()).await {
             Ok(()) => info!("host record was missing; registered again"),
             Err(e) => plan
                 .problems
@@ -59,11 +61,34 @@ pub async fn apply(
                 .push(format!("cannot claim block {block}: {e}")),
         }
     }
+    if let Some(ip) = ctx.tunnel_ip() {
+        let block = super::plan::registration::block_of(ip, ctx.pool.block_size);
+        if ctx.cluster.pool_blocks_of(pool, ctx.me()).contains(&block) {
+            match ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await {
+                Ok(true) => {}
+                Ok(false) => plan.problems.push(format!(
+                    "tunnel address {ip} is held by another record; peers cannot reach this \
+                     host's tunnel"
+                )),
+                Err(e) => plan
+                    .problems
+                    .push(format!("cannot register tunnel address {ip}: {e}")),
+            }
+        }
+    }
     for (record, block) in plan.create {
         if !ctx.cluster.pool_blocks_of(pool, ctx.me()).contains(&block) {
             continue;
         }
         let id = record.container_id.clone();
+        // The plan saw the endpoint held and its record missing; a detach since (which deletes
+        // the record first) must not see it written again, nor an attach see it written twice.
+        let Some(_lock) = ctx.endpoints.try_lock(&id) else {
+            continue;
+        };
+        if ctx.endpoints.get(&id).as_ref() != Some(&record) {
+            continue;
+        }
         let block = BlockRef {
             pool: pool.clone(),
             block,
@@ -96,14 +121,17 @@ async fn settle_unknown(
     unknown: Vec<EndpointRecord>,
     sightings: &mut HashMap<String, u32>,
 ) {
-    let busy = ctx.endpoints.busy_ids();
     let current: std::collections::HashSet<String> =
         unknown.iter().map(|e| e.container_id.clone()).collect();
     sightings.retain(|id, _| current.contains(id));
     let links = ctx.kernel.links().await.unwrap_or_default();
     for record in unknown {
         let id = record.container_id.clone();
-        if busy.contains(&id) || ctx.endpoints.get(&id).is_some() {
+        // Records of an attach under way are its own; none starts while the lock is held.
+        let Some(_lock) = ctx.endpoints.try_lock(&id) else {
+            continue;
+        };
+        if ctx.endpoints.get(&id).is_some() {
             continue;
         }
         let wired =
@@ -157,6 +185,7 @@ pub async fn check(ctx: &Context, sightings: &mut HashMap<String, u32>) {
             &local,
             &stored,
             ctx.pool.block_size,
+            ctx.tunnel_ip(),
         )
     });
     let problems = apply(ctx, plan, sightings).await;

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
-use weft_etcd::records::{EndpointRecord, PoolRecord, Protocol};
+use weft_etcd::records::{EndpointRecord, HostRecord, PoolRecord, Protocol};
 use weft_etcd::{alloc, BlockRef, CreateConflict, Released, StoreError};
 
 use super::Store;
@@ -223,6 +223,22 @@ impl Store for FakeStore {
         Ok(owner.1 == host)
     }
 
+    async fn release_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        self.check("release")?;
+        let mut state = self.state.lock().unwrap();
+        let ours = (pool_name.to_string(), host.to_string());
+        if state.blocks.get(&block) != Some(&ours) {
+            return Ok(false);
+        }
+        state.blocks.remove(&block);
+        Ok(true)
+    }
+
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError> {
         self.check("list")?;
         let state = self.state.lock().unwrap();
@@ -234,14 +250,30 @@ impl Store for FakeStore {
             .collect())
     }
 
-    async fn register_host(&self, host: &str, underlay_ip: IpAddr) -> Result<(), StoreError> {
+    async fn register_host(&self, host: &str, record: &HostRecord) -> Result<(), StoreError> {
         self.check("register")?;
         self.state
             .lock()
             .unwrap()
             .hosts
-            .insert(host.to_string(), underlay_ip);
+            .insert(host.to_string(), record.underlay_ip);
         Ok(())
+    }
+
+    async fn claim_tunnel_ip(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        _pool: &str,
+        _block: IpNetwork,
+    ) -> Result<bool, StoreError> {
+        self.check("claim")?;
+        let mut state = self.state.lock().unwrap();
+        let holder = state
+            .ips
+            .entry(ip)
+            .or_insert_with(|| (host.to_string(), String::new()));
+        Ok(*holder == (host.to_string(), String::new()))
     }
 
     async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError> {

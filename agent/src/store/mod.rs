@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
-use weft_etcd::records::{EndpointRecord, PoolRecord};
+use weft_etcd::records::{EndpointRecord, HostRecord, PoolRecord};
 use weft_etcd::{BlockRef, CreateConflict, Datastore, EndpointWriter, Released, StoreError};
 
 #[async_trait]
@@ -52,10 +52,25 @@ pub trait Store: Send + Sync + 'static {
         block: IpNetwork,
         host: &str,
     ) -> Result<bool, StoreError>;
+    /// Gives a block of `host` back to its pool if it still is `host`'s; true when it was.
+    async fn release_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError>;
     /// The endpoint records of a host.
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError>;
     /// Writes the host's registration if it is absent or different.
-    async fn register_host(&self, host: &str, underlay_ip: IpAddr) -> Result<(), StoreError>;
+    async fn register_host(&self, host: &str, record: &HostRecord) -> Result<(), StoreError>;
+    /// Takes `ip` as the host's tunnel address (see `Datastore::claim_tunnel_ip`).
+    async fn claim_tunnel_ip(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        pool: &str,
+        block: IpNetwork,
+    ) -> Result<bool, StoreError>;
     async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError>;
     /// Removes a host for good (its blocks, addresses and records).
     async fn remove_host(&self, host: &str) -> Result<Released, StoreError>;
@@ -134,16 +149,31 @@ impl Store for Etcd {
             .await
     }
 
+    async fn release_block(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        self.datastore.release_block(pool_name, block, host).await
+    }
+
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError> {
         self.datastore.list_endpoints(host).await
     }
 
-    async fn register_host(&self, host: &str, underlay_ip: IpAddr) -> Result<(), StoreError> {
-        let version = crate::context::VERSION;
-        self.datastore
-            .register_host(host, underlay_ip, version)
-            .await
-            .map(|_| ())
+    async fn register_host(&self, host: &str, record: &HostRecord) -> Result<(), StoreError> {
+        self.datastore.register_host(host, record).await.map(|_| ())
+    }
+
+    async fn claim_tunnel_ip(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        pool: &str,
+        block: IpNetwork,
+    ) -> Result<bool, StoreError> {
+        self.datastore.claim_tunnel_ip(host, ip, pool, block).await
     }
 
     async fn list_pools(&self) -> Result<Vec<(String, PoolRecord)>, StoreError> {

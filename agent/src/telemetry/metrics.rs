@@ -57,6 +57,8 @@ pub struct Metrics {
     pub detach_seconds: Histogram,
     pub reconcile_seconds: Histogram,
     pub repairs: AtomicU64,
+    /// Blocks given back to their pool after staying empty.
+    pub blocks_released: AtomicU64,
     pub etcd_errors: AtomicU64,
     pub iptables_restores: AtomicU64,
     pub iptables_errors: AtomicU64,
@@ -75,6 +77,8 @@ pub struct Gauges {
     pub routes: usize,
     pub rules: usize,
     pub etcd_connected: bool,
+    /// BGP sessions by state (empty without --bgp).
+    pub bgp_sessions: Vec<(String, usize)>,
 }
 
 pub fn now_ms() -> u64 {
@@ -154,6 +158,12 @@ impl Metrics {
         );
         counter(
             out,
+            "weft_blocks_released_total",
+            "Blocks of this host given back to their pool after staying empty.",
+            &[("", load(&self.blocks_released))],
+        );
+        counter(
+            out,
             "weft_etcd_errors_total",
             "Failed etcd requests.",
             &[("", load(&self.etcd_errors))],
@@ -212,6 +222,20 @@ impl Metrics {
             "Whether etcd answered the last request.",
             &[("", gauges.etcd_connected as usize)],
         );
+        if !gauges.bgp_sessions.is_empty() {
+            let labels: Vec<(String, usize)> = gauges
+                .bgp_sessions
+                .iter()
+                .map(|(state, n)| (format!("{{state=\"{state}\"}}"), *n))
+                .collect();
+            let values: Vec<(&str, usize)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+            gauge(
+                out,
+                "weft_bgp_sessions",
+                "BGP sessions of this host's bird by state.",
+                &values,
+            );
+        }
         gauge(
             out,
             "weft_ready",

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use ipnetwork::IpNetwork;
-use weft_etcd::records::EndpointRecord;
+use weft_etcd::records::{Encapsulation, EndpointRecord};
 use weft_etcd::ClusterView;
 
 use super::{EtcdArgs, Failure};
@@ -63,24 +63,32 @@ pub struct HostNode {
     pub loose_endpoints: Vec<EndpointNode>,
 }
 
-/// How one host reaches another's blocks. Every peer route today is `<block> via <underlay>`;
-/// encapsulation (VXLAN to peers on other subnets) will add a variant and its rule in
-/// [`link_mode`], and the rendering already styles by mode.
+/// How one host reaches another's blocks, by the pool's encapsulation and whether they share a
+/// subnet: the rule the agents route by (`Encapsulation::tunnels`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkMode {
+    /// `<block> via <underlay ip>`.
     Direct,
+    /// Through `weft.vxlan`.
+    Vxlan,
+    /// Off each other's subnet with encapsulation `none`: carried by the underlay's routing.
+    Underlay,
 }
 
 impl LinkMode {
     fn label(self) -> &'static str {
         match self {
             LinkMode::Direct => "direct",
+            LinkMode::Vxlan => "vxlan",
+            LinkMode::Underlay => "underlay",
         }
     }
 
     fn style(self) -> &'static str {
         match self {
             LinkMode::Direct => "solid",
+            LinkMode::Vxlan => "bold",
+            LinkMode::Underlay => "dotted",
         }
     }
 }
@@ -99,14 +107,28 @@ pub struct Fabric {
     pub links: Vec<PeerLink>,
 }
 
-/// How `a` reaches `b`'s blocks. Without encapsulation every peer is reached directly through
-/// its underlay address.
-fn link_mode(_a: &HostNode, _b: &HostNode) -> LinkMode {
-    LinkMode::Direct
+/// How `a` and `b` reach each other's blocks under `encapsulation`; hosts without a record
+/// (nothing known of their underlay) are drawn as reached directly.
+fn link_mode(view: &ClusterView, encapsulation: Encapsulation, a: &str, b: &str) -> LinkMode {
+    let same_subnet = match (view.hosts.get(a), view.hosts.get(b)) {
+        (Some(a), Some(b)) => a.shares_subnet_with(b),
+        _ => true,
+    };
+    match (encapsulation.tunnels(same_subnet), same_subnet) {
+        (true, _) => LinkMode::Vxlan,
+        (false, true) => LinkMode::Direct,
+        (false, false) => LinkMode::Underlay,
+    }
 }
 
-/// Builds the picture from what etcd holds; endpoints only when asked for.
-pub fn fabric(view: &ClusterView, endpoints: &[EndpointRecord], with_endpoints: bool) -> Fabric {
+/// Builds the picture from what etcd holds, with the pool's encapsulation; endpoints only when
+/// asked for.
+pub fn fabric(
+    view: &ClusterView,
+    encapsulation: Encapsulation,
+    endpoints: &[EndpointRecord],
+    with_endpoints: bool,
+) -> Fabric {
     let mut names: BTreeSet<&str> = view.hosts.keys().map(String::as_str).collect();
     names.extend(view.blocks.values().map(|owner| owner.host.as_str()));
     if with_endpoints {
@@ -128,7 +150,7 @@ pub fn fabric(view: &ClusterView, endpoints: &[EndpointRecord], with_endpoints: 
             links.push(PeerLink {
                 a: a.name.clone(),
                 b: b.name.clone(),
-                mode: link_mode(a, b),
+                mode: link_mode(view, encapsulation, &a.name, &b.name),
             });
         }
     }
@@ -315,7 +337,16 @@ pub(crate) async fn graph(
             .map_err(|e| e.to_string())?,
         false => vec![],
     };
-    let dot = render_dot(&fabric(&view, &endpoints, with_endpoints));
+    // Every pool of a cluster routes by one encapsulation today; the first pool's (or the
+    // default, cross-subnet, when none is recorded yet) is the picture's.
+    let encapsulation = store
+        .list_pools()
+        .await
+        .map_err(|e| e.to_string())?
+        .first()
+        .map(|(_, pool)| pool.encapsulation)
+        .unwrap_or_default();
+    let dot = render_dot(&fabric(&view, encapsulation, &endpoints, with_endpoints));
     match format {
         GraphFormat::Dot => print!("{dot}"),
         GraphFormat::Svg => print!("{}", render_svg(&dot)?),
@@ -368,7 +399,7 @@ mod tests {
             endpoint("h1", "web-1", "10.65.7.2"),
             endpoint("h2", "stray", "10.99.0.1"),
         ];
-        let f = fabric(&view(), &endpoints, true);
+        let f = fabric(&view(), Encapsulation::CrossSubnet, &endpoints, true);
         let names: Vec<_> = f.hosts.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, ["gone", "h1", "h2"]);
         let h1 = &f.hosts[1];
@@ -388,7 +419,7 @@ mod tests {
 
     #[test]
     fn every_pair_of_peers_is_linked_directly() {
-        let f = fabric(&view(), &[], false);
+        let f = fabric(&view(), Encapsulation::CrossSubnet, &[], false);
         assert_eq!(f.links.len(), 3, "3 hosts, 3 pairs");
         assert!(f.links.iter().all(|l| l.mode == LinkMode::Direct));
         let dot = render_dot(&f);
@@ -397,18 +428,66 @@ mod tests {
     }
 
     #[test]
+    fn peers_off_the_subnet_are_linked_by_the_pools_encapsulation() {
+        let mut view = view();
+        for (name, ip) in [
+            ("h1", "198.51.100.1"),
+            ("h2", "198.18.0.2"),
+            ("h3", "198.51.100.3"),
+        ] {
+            let record = serde_json::json!({"underlay_ip": ip, "underlay_prefix": 24,
+                "version": "0.1.0", "first_seen": 0});
+            view.hosts
+                .insert(name.into(), serde_json::from_value(record).unwrap());
+        }
+        let modes = |encapsulation| -> Vec<(String, String, LinkMode)> {
+            fabric(&view, encapsulation, &[], false)
+                .links
+                .into_iter()
+                .filter(|l| l.a != "gone" && l.b != "gone")
+                .map(|l| (l.a, l.b, l.mode))
+                .collect()
+        };
+        let link = |a: &str, b: &str, mode| (a.to_string(), b.to_string(), mode);
+        assert_eq!(
+            modes(Encapsulation::CrossSubnet),
+            [
+                link("h1", "h2", LinkMode::Vxlan),
+                link("h1", "h3", LinkMode::Direct),
+                link("h2", "h3", LinkMode::Vxlan),
+            ]
+        );
+        assert!(modes(Encapsulation::Vxlan)
+            .iter()
+            .all(|(_, _, m)| *m == LinkMode::Vxlan));
+        assert_eq!(modes(Encapsulation::None)[0].2, LinkMode::Underlay);
+        let dot = render_dot(&fabric(&view, Encapsulation::CrossSubnet, &[], false));
+        assert!(dot.contains("[label=\"vxlan\", style=bold"), "{dot}");
+    }
+
+    #[test]
     fn endpoints_only_when_asked() {
         let endpoints = [endpoint("h1", "web-1", "10.65.7.2")];
-        let without = render_dot(&fabric(&view(), &endpoints, false));
+        let without = render_dot(&fabric(
+            &view(),
+            Encapsulation::CrossSubnet,
+            &endpoints,
+            false,
+        ));
         assert!(!without.contains("web-1"));
-        let with = render_dot(&fabric(&view(), &endpoints, true));
+        let with = render_dot(&fabric(
+            &view(),
+            Encapsulation::CrossSubnet,
+            &endpoints,
+            true,
+        ));
         assert!(with.contains("label=\"web-1\\n10.65.7.2\""), "{with}");
         assert!(with.contains("\"block/10.65.7.0/26\" -- \"endpoint/h1/web-1\""));
     }
 
     #[test]
     fn dot_names_hosts_with_underlay_and_state_and_their_blocks() {
-        let dot = render_dot(&fabric(&view(), &[], false));
+        let dot = render_dot(&fabric(&view(), Encapsulation::CrossSubnet, &[], false));
         assert!(dot.starts_with("graph weft {") && dot.ends_with("}\n"));
         assert!(dot.contains("label=\"h1\\n198.51.100.1\\nalive\""), "{dot}");
         assert!(dot.contains("label=\"h2\\n198.51.100.2\\nDOWN\""));

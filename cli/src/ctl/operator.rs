@@ -154,6 +154,11 @@ pub async fn ipam_check(
     let snapshot = Snapshot {
         pools: store.list_pools().await.map_err(store_error)?,
         hosts: view.hosts.keys().cloned().collect(),
+        tunnels: view
+            .hosts
+            .iter()
+            .filter_map(|(name, h)| Some((name.clone(), h.tunnel_ip?)))
+            .collect(),
         blocks: view.blocks.clone(),
         endpoints: store.list_all_endpoints().await.map_err(store_error)?,
         ips: store.list_ips().await.map_err(store_error)?,

@@ -100,12 +100,17 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
     );
     for pool in &s.pools {
         out.push_str(&format!(
-            "pool:      {} {} (/{} blocks, nat-outgoing {})\n",
+            "pool:      {} {} (/{} blocks, nat-outgoing {}, encapsulation {})\n",
             pool.name,
             pool.cidr,
             pool.block_size,
-            if pool.nat_outgoing { "on" } else { "off" }
+            if pool.nat_outgoing { "on" } else { "off" },
+            pool.encapsulation
         ));
+    }
+    out.push_str(&format!("mtu:       {}\n", s.mtu));
+    if !s.tunnel_ip.is_empty() {
+        out.push_str(&format!("tunnel:    {} ({})\n", s.tunnel_ip, s.vtep_mac));
     }
     let blocks = if s.local_blocks.is_empty() {
         "-".to_string()
@@ -125,6 +130,7 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
                 p.host.clone(),
                 p.underlay_ip.clone(),
                 if p.alive { "alive" } else { "DOWN" }.to_string(),
+                p.mode.clone(),
                 if p.blocks.is_empty() {
                     "-".to_string()
                 } else {
@@ -133,7 +139,44 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(&["PEER", "UNDERLAY", "STATE", "BLOCKS"], &rows));
+    out.push_str(&table(
+        &["PEER", "UNDERLAY", "STATE", "MODE", "BLOCKS"],
+        &rows,
+    ));
+    if let Some(bgp) = &s.bgp {
+        out.push_str("\n\n");
+        out.push_str(&bgp_text(bgp));
+    }
+    out
+}
+
+/// The BGP part of `weftctl status`: bird, what it announces, one row per session.
+fn bgp_text(bgp: &pb::BgpStatus) -> String {
+    let daemon = match bgp.daemon_running {
+        true => "running".to_string(),
+        false => format!("NOT ANSWERING ({})", bgp.daemon_error),
+    };
+    let announced = match bgp.announced.is_empty() {
+        true => "-".to_string(),
+        false => bgp.announced.join(", "),
+    };
+    let mut out = format!(
+        "bgp:       AS {}, router id {}, bird {daemon}\nannounced: {announced}\n\n",
+        bgp.asn, bgp.router_id
+    );
+    let rows: Vec<Vec<String>> = bgp
+        .sessions
+        .iter()
+        .map(|p| {
+            vec![
+                p.address.clone(),
+                p.asn.to_string(),
+                p.state.clone(),
+                p.info.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["BGP PEER", "ASN", "SESSION", "INFO"], &rows));
     out
 }
 
@@ -149,13 +192,25 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "rule_count": s.rule_count,
         "pools": s.pools.iter().map(|p| json!({
             "name": p.name, "cidr": p.cidr, "block_size": p.block_size,
-            "nat_outgoing": p.nat_outgoing,
+            "nat_outgoing": p.nat_outgoing, "encapsulation": p.encapsulation,
         })).collect::<Vec<_>>(),
         "local_blocks": s.local_blocks,
         "problems": s.problems,
+        "mtu": s.mtu,
+        "tunnel_ip": s.tunnel_ip,
+        "vtep_mac": s.vtep_mac,
         "peers": s.peers.iter().map(|p| json!({
             "host": p.host, "underlay_ip": p.underlay_ip, "blocks": p.blocks, "alive": p.alive,
+            "encapsulated": p.encapsulated, "mode": p.mode,
         })).collect::<Vec<_>>(),
+        "bgp": s.bgp.as_ref().map(|b| json!({
+            "asn": b.asn, "router_id": b.router_id, "daemon_running": b.daemon_running,
+            "daemon_error": b.daemon_error, "announced": b.announced,
+            "sessions": b.sessions.iter().map(|p| json!({
+                "address": p.address, "asn": p.asn, "state": p.state, "info": p.info,
+                "since": p.since,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -170,6 +225,41 @@ pub fn print(json: bool, value: serde_json::Value, text: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_shows_bgp_sessions() {
+        let status = pb::StatusResponse {
+            bgp: Some(pb::BgpStatus {
+                asn: 64512,
+                router_id: "198.51.100.1".into(),
+                daemon_running: true,
+                daemon_error: String::new(),
+                sessions: vec![pb::BgpSession {
+                    address: "198.51.100.100".into(),
+                    asn: 64513,
+                    state: "Established".into(),
+                    info: String::new(),
+                    since: 1_700_000_000,
+                }],
+                announced: vec!["10.65.7.0/26".into()],
+            }),
+            ..Default::default()
+        };
+        let text = status_text(&status);
+        assert!(
+            text.ends_with(
+                "bgp:       AS 64512, router id 198.51.100.1, bird running\n\
+                 announced: 10.65.7.0/26\n\n\
+                 BGP PEER        ASN    SESSION      INFO\n\
+                 198.51.100.100  64513  Established"
+            ),
+            "{text}"
+        );
+        let json = status_json(&status);
+        assert_eq!(json["bgp"]["sessions"][0]["state"], "Established");
+        assert_eq!(json["bgp"]["sessions"][0]["asn"], 64513);
+        assert!(status_json(&pb::StatusResponse::default())["bgp"].is_null());
+    }
 
     #[test]
     fn tables_align() {

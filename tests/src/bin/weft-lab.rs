@@ -35,6 +35,14 @@ enum Command {
         /// Leave the lab running (remove it later with `weft-lab down PREFIX`).
         #[arg(long)]
         keep: bool,
+        /// Underlay segments: 2 puts even hosts on 198.18.0.0/24, behind the router, so that
+        /// they are reached through VXLAN.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        subnets: u8,
+        /// The router runs bird2 as top-of-rack router (AS 64513) and every agent announces its
+        /// blocks to it over BGP (AS 64512): the outside host reaches containers directly.
+        #[arg(long)]
+        bgp: bool,
     },
     /// Run the seeded randomized fault run: bursts of attaches, detaches, CNI operations, agent
     /// kills, etcd pauses and partitions, tampering; the invariant checker at every quiet point.
@@ -70,7 +78,9 @@ fn main() -> ExitCode {
             hosts,
             containers,
             keep,
-        } => match demo(hosts, containers, keep) {
+            subnets,
+            bgp,
+        } => match demo(hosts, containers, keep, subnets as usize, bgp) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -138,12 +148,23 @@ struct Container {
     ip: String,
 }
 
-fn demo(hosts: usize, per_host: usize, keep: bool) -> anyhow::Result<bool> {
+fn demo(
+    hosts: usize,
+    per_host: usize,
+    keep: bool,
+    subnets: usize,
+    bgp: bool,
+) -> anyhow::Result<bool> {
     anyhow::ensure!((1..=50).contains(&hosts), "--hosts must be 1 to 50");
     let started = Instant::now();
-    println!("== building a {hosts}-host lab (namespaces, router, outside host, etcd, agents)");
+    println!(
+        "== building a {hosts}-host lab on {subnets} underlay segment(s) (namespaces, router, \
+         outside host, etcd, agents)"
+    );
     let mut lab = Lab::new(LabOptions {
         hosts,
+        subnets,
+        bgp,
         ..Default::default()
     })?;
     println!(
@@ -230,6 +251,14 @@ fn demo(hosts: usize, per_host: usize, keep: bool) -> anyhow::Result<bool> {
         containers.len()
     );
     failures += containers.len() - outside_ok;
+
+    if bgp {
+        let shown: Vec<(&str, &str)> = containers
+            .iter()
+            .map(|c| (c.name.as_str(), c.ip.as_str()))
+            .collect();
+        failures += weft_tests::bgp::show_demo(&lab, &shown)?;
+    }
 
     println!("== weftctl status on {}", lab.hosts[0].name);
     let out = lab.ctl(0, &["status"])?;

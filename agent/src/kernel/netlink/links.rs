@@ -189,7 +189,8 @@ impl Netlink {
         let mut found = BTreeMap::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
             if let Some(name) = link_name(&msg) {
-                if name.starts_with(LINK_PREFIX) && !is_retired(&msg) {
+                // Container veths only: the tunnel device's name has a '.'.
+                if name.starts_with(LINK_PREFIX) && !name.contains('.') && !is_retired(&msg) {
                     found.insert(name, msg.header.index);
                 }
             }

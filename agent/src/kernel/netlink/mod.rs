@@ -5,6 +5,7 @@ mod container;
 mod links;
 mod routes;
 mod sockets;
+mod tunnel;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,8 +16,11 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 
 use crate::kernel::netns::{self, NetlinkHandle, Netns, NetnsError, NetnsId};
-use crate::kernel::{sysctl, ContainerLink, InsideCheck, Kernel, KernelError, Result, Underlay};
-use crate::model::{Protocol, Route, RouteTarget};
+use crate::kernel::{
+    sysctl, ContainerLink, InsideCheck, Kernel, KernelError, Result, TunnelState, Underlay,
+    VxlanDevice,
+};
+use crate::model::{Mac, Protocol, Route, RouteTarget};
 
 /// The errno of a netlink error, if it is one.
 pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
@@ -54,20 +58,20 @@ impl Netlink {
         &self.host.handle
     }
 
-    async fn first_address(&self, index: u32, v4: bool) -> Result<Option<IpAddr>> {
+    /// The first address of a family on an interface, with its prefix length.
+    async fn first_address(&self, index: u32, v4: bool) -> Result<Option<(IpAddr, u8)>> {
         let _turn = self.dumping.lock().await;
         let addrs = container::addresses_of(self.handle(), index, "").await?;
-        Ok(addrs
-            .iter()
-            .flat_map(|m| &m.attributes)
-            .find_map(|a| match a {
+        Ok(addrs.iter().find_map(|m| {
+            m.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(ip) | AddressAttribute::Address(ip)
                     if ip.is_ipv4() == v4 =>
                 {
-                    Some(*ip)
+                    Some((*ip, m.header.prefix_len))
                 }
                 _ => None,
-            }))
+            })
+        }))
     }
 
     async fn underlay_name(&self, ifname: Option<&str>) -> Result<String, String> {
@@ -108,14 +112,16 @@ impl Kernel for Netlink {
                 _ => None,
             })
             .unwrap_or(1500);
-        let ip = self
+        let (ip, prefix) = self
             .first_address(link.header.index, true)
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("underlay interface {name} has no IPv4 address"))?;
         Ok(Underlay {
             ifname: name,
+            index: link.header.index,
             ip,
+            prefix,
             mtu,
         })
     }
@@ -180,6 +186,26 @@ impl Kernel for Netlink {
 
     async fn delete_route(&self, route: &Route) -> Result<()> {
         self.delete(route).await
+    }
+
+    async fn tunnel(&self, wanted: Option<&VxlanDevice>) -> Result<Option<TunnelState>> {
+        self.read_tunnel(wanted).await
+    }
+
+    async fn ensure_tunnel(&self, wanted: &VxlanDevice) -> Result<u32> {
+        self.make_tunnel(wanted).await
+    }
+
+    async fn delete_tunnel(&self) -> Result<bool> {
+        self.remove_link(crate::model::TUNNEL_DEVICE).await
+    }
+
+    async fn tunnel_neighbour(&self, index: u32, ip: IpAddr, mac: Mac, add: bool) -> Result<()> {
+        self.neighbour(index, ip, mac, add).await
+    }
+
+    async fn tunnel_fdb(&self, index: u32, mac: Mac, dst: IpAddr, add: bool) -> Result<()> {
+        self.fdb(index, mac, dst, add).await
     }
 
     fn listening(&self, protocol: Protocol, port: u16) -> io::Result<bool> {

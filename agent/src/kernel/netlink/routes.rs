@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
@@ -25,6 +25,11 @@ pub(super) fn route_message(route: &Route) -> RouteMessage {
     let builder = match route.target {
         RouteTarget::Dev(index) => builder.output_interface(index).scope(RouteScope::Link),
         RouteTarget::Via(gateway) => builder.gateway(gateway).expect("a gateway of the family"),
+        RouteTarget::Onlink { via, dev } => builder
+            .gateway(via)
+            .expect("a gateway of the family")
+            .output_interface(dev)
+            .onlink(),
         RouteTarget::Blackhole => builder.kind(RouteType::BlackHole),
     };
     builder
@@ -62,8 +67,10 @@ pub(super) fn parse_weft_route(msg: &RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
+    let onlink = header.flags.contains(RouteFlags::Onlink);
     let target = match (header.kind, gateway, oif) {
         (RouteType::BlackHole, _, _) => RouteTarget::Blackhole,
+        (_, Some(via), Some(dev)) if onlink => RouteTarget::Onlink { via, dev },
         (_, Some(gateway), _) => RouteTarget::Via(gateway),
         (_, None, Some(index)) => RouteTarget::Dev(index),
         _ => return None,
@@ -162,6 +169,13 @@ mod tests {
             Route {
                 dst: "fd65::7/128".parse().unwrap(),
                 target: RouteTarget::Dev(3),
+            },
+            Route {
+                dst: "10.65.9.0/26".parse().unwrap(),
+                target: RouteTarget::Onlink {
+                    via: "10.65.9.0".parse().unwrap(),
+                    dev: 9,
+                },
             },
         ];
         for route in routes {

@@ -41,11 +41,24 @@ pub fn plan(
     local: &[EndpointRecord],
     stored: &HashMap<String, EndpointRecord>,
     block_size: u8,
+    tunnel: Option<IpAddr>,
 ) -> RegistrationPlan {
     let mut plan = RegistrationPlan {
         register_host: !host_registered,
         ..Default::default()
     };
+    // The tunnel address's block must stay ours too.
+    if let Some(ip) = tunnel {
+        let block = block_of(ip, block_size);
+        match blocks.get(&block) {
+            Some(owner) if owner.host != me => plan.problems.push(format!(
+                "tunnel address {ip} is not registered: its block {block} now belongs to {}",
+                owner.host
+            )),
+            Some(_) => {}
+            None => plan.claim.push(block),
+        }
+    }
     let held: std::collections::HashSet<&String> = local.iter().map(|e| &e.container_id).collect();
     let mut unknown: Vec<EndpointRecord> = stored
         .values()
@@ -160,13 +173,13 @@ mod tests {
         let differing = HashMap::from([("a".to_string(), changed.clone())]);
         let blocks_a = BTreeMap::from([("10.65.0.0/26".parse().unwrap(), owner("h1"))]);
         assert_eq!(
-            plan("h1", true, &blocks_a, &local, &differing, 26).rewrite,
+            plan("h1", true, &blocks_a, &local, &differing, 26, None).rewrite,
             vec![(changed, local[0].clone())],
             "a record that differs from what is wired is written back"
         );
         let blocks = BTreeMap::from([("10.65.0.0/26".parse().unwrap(), owner("h1"))]);
         assert_eq!(
-            plan("h1", true, &blocks, &local, &stored, 26),
+            plan("h1", true, &blocks, &local, &stored, 26, None),
             RegistrationPlan::default()
         );
     }
@@ -185,7 +198,8 @@ mod tests {
         ]);
         let stray = endpoint("z", "10.65.0.9");
         let stored = HashMap::from([("z".to_string(), stray.clone())]);
-        let plan = plan("h1", false, &blocks, &local, &stored, 26);
+        let tunnel = Some("10.65.0.63".parse().unwrap());
+        let plan = plan("h1", false, &blocks, &local, &stored, 26, tunnel);
         assert!(plan.register_host);
         assert_eq!(plan.unknown, vec![stray], "a record nobody here holds");
         assert_eq!(plan.claim, vec!["10.65.0.0/26".parse().unwrap()]);

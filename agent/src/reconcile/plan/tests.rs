@@ -39,6 +39,9 @@ fn cluster() -> ClusterView {
                 underlay_ip: ip.parse().unwrap(),
                 version: "test".into(),
                 first_seen: 0,
+                underlay_prefix: Some(24),
+                vtep_mac: None,
+                tunnel_ip: None,
             },
         ));
     }
@@ -64,7 +67,14 @@ fn desired_routes_are_containers_blackholes_and_peer_blocks() {
         endpoint("gone", "10.65.0.6", "weft2"),
     ];
     let links = BTreeMap::from([("weft1".to_string(), 4)]);
-    let desired = desired_routes("a", &cluster(), &endpoints, &links);
+    let view = cluster();
+    let paths = peers::peer_paths(
+        "a",
+        "198.51.100.1/24".parse().unwrap(),
+        weft_etcd::records::Encapsulation::CrossSubnet,
+        &view.hosts,
+    );
+    let desired = desired_routes("a", &view, &endpoints, &links, &paths, None);
     assert_eq!(
         desired,
         BTreeMap::from([

@@ -674,6 +674,7 @@ async fn simulate(endpoints: String, hosts: usize) -> Result<Duration> {
         cidr: "10.80.0.0/16".parse()?,
         block_size: 26,
         nat_outgoing: true,
+        encapsulation: Default::default(),
     };
     // Hosts share connections in groups of 10, as processes would share nothing but etcd.
     let mut stores = vec![];
@@ -691,7 +692,15 @@ async fn simulate(endpoints: String, hosts: usize) -> Result<Duration> {
         tasks.push(tokio::spawn(async move {
             let name = format!("sim{i}");
             let ip = std::net::Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250) as u8 + 1);
-            store.register_host(&name, ip.into(), "bench").await?;
+            let record = weft_etcd::records::HostRecord {
+                underlay_ip: ip.into(),
+                version: "bench".into(),
+                first_seen: 0,
+                underlay_prefix: Some(24),
+                vtep_mac: None,
+                tunnel_ip: None,
+            };
+            store.register_host(&name, &record).await?;
             store.claim_block("default", &pool, &name).await?;
             let view = std::sync::Mutex::new(weft_etcd::ClusterView::default());
             let reported = std::sync::atomic::AtomicBool::new(false);

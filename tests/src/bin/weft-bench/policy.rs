@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use weft_agent::policy::plan::{selector_set_name, Family};
 use weft_etcd::policy::Selector;
 use weft_proto::v1 as pb;
-use weft_tests::{policy_lab, probe, sh, Lab, LabOptions};
+use weft_tests::lab::policy as policy_lab;
+use weft_tests::{probe, sh, Lab, LabOptions};
 
 use super::{delete_namespaces, iperf, namespaces, timed, Client, Report, Run};
 

@@ -20,7 +20,7 @@ use weft_agent::policy::render::render;
 use weft_etcd::policy::{policy_from_value, Policy};
 use weft_etcd::records::EndpointRecord;
 
-use crate::invariants::{HostKernel, HostView, Snapshot, Violation, ETCD_PREFIX};
+use super::{HostKernel, HostView, Snapshot, Violation, ETCD_PREFIX};
 
 /// Policies and endpoint records as stored, parsed with the agent's own rules.
 struct Stored {
@@ -143,6 +143,8 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
         ));
     }
 
+    check_drops_first(name, k, v);
+
     // Sets ↔ selectors ↔ endpoints.
     let sets = parse_sets(&k.ipsets);
     for (set, spec) in &wanted.sets {
@@ -174,6 +176,45 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
             "no weft- set that no enforced rule names",
             "a set",
         ));
+    }
+}
+
+/// What policy allows never overrides our drops (protected services, VXLAN from containers):
+/// in `WEFT-FORWARD` every DROP comes before the accept of established connections, in
+/// `WEFT-INPUT` every DROP and the VXLAN check before the jump to egress policy.
+fn check_drops_first(name: &str, k: &HostKernel, v: &mut Vec<Violation>) {
+    let orders = [
+        ("WEFT-FORWARD", "--ctstate RELATED,ESTABLISHED"),
+        ("WEFT-INPUT", "-j WEFT-FROM-WL"),
+    ];
+    for (chain, policy) in orders {
+        let prefix = format!("-A {chain} ");
+        let lines: Vec<&str> = k
+            .filter
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .collect();
+        let Some(first_policy) = lines.iter().position(|l| l.contains(policy)) else {
+            v.push(Violation::new(
+                name,
+                format!("iptables filter {chain}"),
+                format!("a rule with {policy}"),
+                "none",
+            ));
+            continue;
+        };
+        let late = lines[first_policy..]
+            .iter()
+            .filter(|l| l.ends_with("-j DROP") || l.ends_with("-j WEFT-VXLAN"))
+            .count();
+        if late > 0 {
+            v.push(Violation::new(
+                name,
+                format!("iptables filter {chain}"),
+                "every drop before policy",
+                format!("{late} after it"),
+            ));
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use std::time::{Duration, Instant};
 
-use crate::lab::{bin, Lab};
+use super::{bin, Lab};
 use crate::probe::{self, Probe};
 use crate::sh;
 

@@ -1,0 +1,304 @@
+//! Reading a lab into a [`Snapshot`]: etcd, each agent's List and Status (through `weftctl
+//! --json`), each host's kernel (`ip -j`, sysctls, iptables-save) and every container namespace
+//! an endpoint names, hosts in parallel, every command bounded in time.
+
+use super::*;
+
+/// Runs a command with `stdin` as its input, killing it (by its PID: we started it) when it
+/// outlives `limit`.
+pub fn output_within(
+    command: &mut Command,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> Result<Output> {
+    let mut child = command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A child that exits without reading all of its input is judged by its exit, not by
+        // our broken pipe.
+        let _ = std::io::Write::write_all(&mut pipe, input);
+    }
+    // Readers on their own threads, so a chatty child never blocks on a full pipe.
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = vec![];
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = vec![];
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{command:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    })
+}
+
+/// Runs a command inside the network namespace at `path`; fails on a non-zero exit.
+pub fn in_netns(path: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net={path}")).arg(program).args(args);
+    let out = output_within(&mut command, stdin.map(str::as_bytes), READ_LIMIT)?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} in {path}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip -j` commands in one `ip -batch` inside a namespace; one JSON array per command.
+pub(super) fn ip_json(path: &str, detailed: bool, commands: &[&str]) -> Result<Vec<Vec<Value>>> {
+    let mut input = commands.join("\n");
+    input.push('\n');
+    let args: &[&str] = if detailed {
+        &["-j", "-d", "-batch", "-"]
+    } else {
+        &["-j", "-batch", "-"]
+    };
+    let text = in_netns(path, "ip", args, Some(&input))?;
+    let arrays: Vec<Vec<Value>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str::<Vec<Value>>(l)
+                .with_context(|| format!("ip -j output {l:?}"))
+                // `ip -j` prints empty objects for filtered-out entries; drop them.
+                .map(|v| {
+                    v.into_iter()
+                        .filter(|e| e.as_object().is_some_and(|o| !o.is_empty()))
+                        .collect()
+                })
+        })
+        .collect::<Result<_>>()?;
+    if arrays.len() != commands.len() {
+        bail!(
+            "ip -batch in {path} answered {} of {} commands: {text}",
+            arrays.len(),
+            commands.len()
+        );
+    }
+    Ok(arrays)
+}
+
+pub(super) fn netns_path(name: &str) -> String {
+    format!("/run/netns/{name}")
+}
+
+/// Reads a host's kernel state from inside its namespace.
+pub fn read_host_kernel(ns: &str) -> Result<HostKernel> {
+    let path = netns_path(ns);
+    let mut arrays = ip_json(
+        &path,
+        true,
+        &["link show", "route show table all proto 119"],
+    )?;
+    let routes = arrays.pop().unwrap_or_default();
+    let links = arrays.pop().unwrap_or_default();
+    let mut files = vec!["/proc/sys/net/ipv4/ip_forward".to_string()];
+    for link in &links {
+        let name = link["ifname"].as_str().unwrap_or("");
+        if name.starts_with("weft") && link["group"].as_str() != Some(RETIRED_GROUP) {
+            for knob in VETH_SYSCTLS {
+                files.push(knob.0.replace("{}", name));
+            }
+        }
+    }
+    let mut args = vec![
+        "-c",
+        "for f in \"$@\"; do v=$(cat \"$f\" 2>/dev/null) || v=MISSING; echo \"$f=$v\"; done",
+        "sh",
+    ];
+    args.extend(files.iter().map(String::as_str));
+    let text = in_netns(&path, "sh", &args, None)?;
+    let sysctls = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let save = in_netns(&path, "iptables-save", &[], None)?;
+    let table = |name: &str| -> String {
+        let mut inside = false;
+        let mut out = String::new();
+        for line in save.lines() {
+            if line.starts_with('*') {
+                inside = line == format!("*{name}");
+            } else if inside {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    };
+    Ok(HostKernel {
+        links,
+        routes,
+        sysctls,
+        nat: table("nat"),
+        filter: table("filter"),
+        ipsets: in_netns(&path, "ipset", &["save"], None)?,
+    })
+}
+
+/// Reads a container namespace (by path) the checker needs: addresses, routes, neighbours.
+pub fn read_container(path: &str) -> Result<ContainerKernel> {
+    if !Path::new(path).exists() {
+        bail!("no such namespace");
+    }
+    let mut arrays = ip_json(
+        path,
+        false,
+        &["addr show", "route show table all", "neigh show"],
+    )?;
+    let neighbours = arrays.pop().unwrap_or_default();
+    let routes = arrays.pop().unwrap_or_default();
+    let links = arrays.pop().unwrap_or_default();
+    Ok(ContainerKernel {
+        links,
+        routes,
+        neighbours,
+    })
+}
+
+/// The host-end sysctls of every endpoint veth and their wanted values (`{}` = the veth); a
+/// knob whose file is absent (IPv6 off) is not a violation.
+pub(super) const VETH_SYSCTLS: &[(&str, &str)] = &[
+    ("/proc/sys/net/ipv4/conf/{}/proxy_arp", "1"),
+    ("/proc/sys/net/ipv4/neigh/{}/proxy_delay", "0"),
+    ("/proc/sys/net/ipv4/conf/{}/forwarding", "1"),
+    ("/proc/sys/net/ipv4/conf/{}/rp_filter", "1"),
+    ("/proc/sys/net/ipv6/conf/{}/accept_ra", "0"),
+];
+
+/// What the snapshot needs of a lab host, so hosts can be read in parallel.
+pub(super) struct HostTarget {
+    name: String,
+    ip: Ipv4Addr,
+    socket: PathBuf,
+    running: bool,
+}
+
+pub(super) fn read_agent(target: &HostTarget) -> AgentView {
+    if !target.running {
+        return AgentView::NotRunning;
+    }
+    let ctl = |what: &str| -> Result<Value, String> {
+        let mut command = Command::new(bin("weftctl"));
+        command
+            .arg("--socket")
+            .arg(&target.socket)
+            .arg("--json")
+            .arg(what);
+        let out = output_within(&mut command, None, API_LIMIT).map_err(|e| format!("{e:#}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "weftctl {what} exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("weftctl {what}: {e}"))
+    };
+    // One silent answer is enough: a frozen agent would make the second wait out its limit too.
+    match ctl("ls").and_then(|list| Ok((list, ctl("status")?))) {
+        Ok((list, status)) => AgentView::Answered {
+            list: list.as_array().cloned().unwrap_or_default(),
+            status,
+        },
+        Err(e) => AgentView::Silent(e),
+    }
+}
+
+pub(super) fn read_host(target: &HostTarget, records: &Records) -> HostView {
+    let agent = read_agent(target);
+    let kernel = read_host_kernel(&target.name).map_err(|e| format!("{e:#}"));
+    let mut paths: BTreeSet<String> = records
+        .endpoints_of(&target.name)
+        .values()
+        .map(|e| e.netns.clone())
+        .collect();
+    if let AgentView::Answered { list, .. } = &agent {
+        paths.extend(
+            list.iter()
+                .filter_map(|v| v["netns"].as_str().map(String::from)),
+        );
+    }
+    let containers = paths
+        .into_iter()
+        .map(|p| {
+            let state = read_container(&p).map_err(|e| format!("{e:#}"));
+            (p, state)
+        })
+        .collect();
+    HostView {
+        name: target.name.clone(),
+        ip: target.ip,
+        agent,
+        kernel,
+        containers,
+    }
+}
+
+/// Reads the whole lab: etcd first, then every host (in parallel).
+pub fn snapshot(lab: &Lab) -> Result<Snapshot> {
+    let started = Instant::now();
+    let etcd = lab.etcd_keys().context("reading etcd")?;
+    let records = Records::parse(&etcd);
+    let targets: Vec<HostTarget> = lab
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| HostTarget {
+            name: h.name.clone(),
+            ip: h.ip,
+            socket: h.socket.clone(),
+            running: lab.agent_alive(i),
+        })
+        .collect();
+    let hosts = std::thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                let records = &records;
+                s.spawn(move || read_host(t, records))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("host reader panicked"))
+            .collect()
+    });
+    Ok(Snapshot {
+        etcd,
+        records,
+        namespaces: list_netns().into_iter().collect(),
+        hosts,
+        took: started.elapsed(),
+    })
+}
