@@ -132,7 +132,10 @@ fn an_emptied_block_is_released_after_the_grace_and_its_routes_vanish_on_peers()
         .filter(|(_, owner)| owner == &h1)
         .map(|(b, _)| b)
         .collect();
-    assert_eq!(left, [mine[0]], "the last block of the pool stays");
+    // Blocks are claimed at random places in the pool: the one left is the first claimed, not
+    // necessarily the lower one.
+    let first: Vec<IpNetwork> = mine.iter().copied().filter(|b| *b != second).collect();
+    assert_eq!(left, first, "the last block of the pool stays");
     assert_ipam_clean(&lab, 0);
     invariants::assert_quiet(&lab);
 }
