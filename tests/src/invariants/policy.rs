@@ -182,7 +182,7 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
 /// What policy allows never overrides our drops (protected services, VXLAN from containers):
 /// in `WEFT-FORWARD` every DROP comes before the accept of established connections, in
 /// `WEFT-INPUT` every DROP and the VXLAN check before the jump to egress policy.
-fn check_drops_first(name: &str, k: &HostKernel, v: &mut Vec<Violation>) {
+pub(super) fn check_drops_first(name: &str, k: &HostKernel, v: &mut Vec<Violation>) {
     let orders = [
         ("WEFT-FORWARD", "--ctstate RELATED,ESTABLISHED"),
         ("WEFT-INPUT", "-j WEFT-FROM-WL"),

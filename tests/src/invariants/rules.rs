@@ -242,7 +242,7 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
             ));
         }
     }
-    check_vxlan_rules(s, host, k, v);
+    check_vxlan_rules(r, name, k, v);
     let forward = rules_of(&k.filter, "WEFT-FORWARD");
     for flag in ["-i", "-o"] {
         if !forward
@@ -262,9 +262,7 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
 /// The VXLAN guard: where a pool may encapsulate, containers never send VXLAN (`WEFT-FORWARD`,
 /// `WEFT-INPUT`) and VXLAN to this host passes `WEFT-VXLAN`: a RETURN per other host's underlay
 /// address, in order, then a DROP. Where none may, `WEFT-VXLAN` holds nothing.
-fn check_vxlan_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut Vec<Violation>) {
-    let name = &host.name;
-    let r = &s.records;
+pub(super) fn check_vxlan_rules(r: &Records, name: &str, k: &HostKernel, v: &mut Vec<Violation>) {
     let encapsulates = r.pools.values().any(|p| p.encapsulation != "none");
     let found: Vec<String> = rules_of(&k.filter, "WEFT-VXLAN")
         .iter()
@@ -279,7 +277,7 @@ fn check_vxlan_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut Vec<
         let mut peers: Vec<Ipv4Addr> = r
             .hosts
             .iter()
-            .filter(|(h, _)| *h != name)
+            .filter(|(h, _)| h.as_str() != name)
             .map(|(_, ip)| *ip)
             .collect();
         peers.sort();
