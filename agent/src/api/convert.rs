@@ -23,7 +23,8 @@ impl TryFrom<pb::AttachRequest> for AttachRequest {
             .iter()
             .map(|p| port_mapping(&p.protocol, p.host_port, p.container_port))
             .collect::<Result<Vec<_>, _>>()?;
-        AttachRequest::new(&req.container_id, &req.netns, req.pid, &req.ifname, ports)
+        AttachRequest::new(&req.container_id, &req.netns, req.pid, &req.ifname, ports)?
+            .with_ips(&req.ips)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::context::Context;
 use crate::model::{veth_name, ContainerId, Route, RouteTarget};
 
 /// Tries before giving up when etcd keeps saying the picked address is taken.
-const ATTEMPTS: usize = 64;
+pub(super) const ATTEMPTS: usize = 64;
 
 /// The first veth name for `id` that no other endpoint (or pending attach) uses.
 pub fn choose_veth_name(id: &ContainerId, taken: &HashSet<String>) -> String {
@@ -58,49 +58,75 @@ pub async fn allocate(
             continue;
         };
         let record = make(ip, name.clone());
-        let block = BlockRef {
+        let block_ref = BlockRef {
             pool: pool.clone(),
             block,
         };
-        match ctx.store.create_endpoint(record.clone(), block).await {
-            Ok(()) => {
-                ctx.endpoints
-                    .settle(ip, &name, Settle::Written(Box::new(record.clone())));
-                return Ok(record);
-            }
-            Err(CreateConflict::IpTaken) => {
+        match write(ctx, record, block_ref).await? {
+            Written::Done(record) => return Ok(record),
+            Written::IpTaken => {
                 debug!(%ip, "address taken in etcd by a record unknown here; trying another");
-                ctx.endpoints.settle(ip, &name, Settle::Foreign);
-            }
-            // Our own write, retried on another endpoint after its answer was lost.
-            Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
-                ctx.endpoints.settle(ip, &name, Settle::Written(existing));
-                return Ok(record);
             }
             // Released after the view was read (by another agent of this host's name, or an
             // operator): try again on the view as it is now.
-            Err(CreateConflict::Store(weft_etcd::StoreError::BlockReleased { block })) => {
-                debug!(%block, "block released meanwhile; trying another");
-                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-            }
-            Err(CreateConflict::EndpointExists(existing)) => {
-                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-                return Err(EndpointError::WrittenElsewhere {
-                    container: existing.container_id,
-                    ip: existing.ip,
-                });
-            }
-            Err(CreateConflict::Store(e)) => {
-                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-                // An answer lost on the way back: etcd may still commit the write.
-                if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
-                    ctx.endpoints.undeliver(record);
-                }
-                return Err(e.into());
-            }
+            Written::BlockReleased => debug!(%block, "block released meanwhile; trying another"),
         }
     }
     Err(EndpointError::Contention)
+}
+
+/// How writing a reserved address's endpoint record ended, when it did not fail outright.
+pub(super) enum Written {
+    Done(EndpointRecord),
+    /// A record unknown here holds the address (it is marked foreign).
+    IpTaken,
+    /// The block was released after the view was read.
+    BlockReleased,
+}
+
+/// Writes the endpoint record of an address reserved in the table, and settles the
+/// reservation by the outcome.
+pub(super) async fn write(
+    ctx: &Context,
+    record: EndpointRecord,
+    block: BlockRef,
+) -> Result<Written, EndpointError> {
+    let (ip, name) = (record.ip, record.host_ifname.clone());
+    match ctx.store.create_endpoint(record.clone(), block).await {
+        Ok(()) => {
+            ctx.endpoints
+                .settle(ip, &name, Settle::Written(Box::new(record.clone())));
+            Ok(Written::Done(record))
+        }
+        Err(CreateConflict::IpTaken) => {
+            ctx.endpoints.settle(ip, &name, Settle::Foreign);
+            Ok(Written::IpTaken)
+        }
+        // Our own write, retried on another endpoint after its answer was lost.
+        Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
+            ctx.endpoints.settle(ip, &name, Settle::Written(existing));
+            Ok(Written::Done(record))
+        }
+        Err(CreateConflict::Store(weft_etcd::StoreError::BlockReleased { .. })) => {
+            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+            Ok(Written::BlockReleased)
+        }
+        Err(CreateConflict::EndpointExists(existing)) => {
+            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+            Err(EndpointError::WrittenElsewhere {
+                container: existing.container_id,
+                ip: existing.ip,
+            })
+        }
+        Err(CreateConflict::Store(e)) => {
+            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+            // An answer lost on the way back: etcd may still commit the write.
+            if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
+                ctx.endpoints.undeliver(record);
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// Takes a tunnel address for this host (the first free address of its blocks, a block claimed
@@ -147,6 +173,12 @@ async fn claim_block(ctx: &Context, blocks_seen: usize) -> Result<(), EndpointEr
         return Ok(());
     }
     let block = ctx.store.claim_block(pool, &ctx.pool, ctx.me()).await?;
+    adopt(ctx, pool, block).await;
+    Ok(())
+}
+
+/// Takes a block just claimed into the view, with its blackhole route.
+pub(super) async fn adopt(ctx: &Context, pool: &str, block: IpNetwork) {
     info!(%block, "claimed block");
     ctx.cluster.claimed(pool, block, ctx.me());
     // Unused addresses of the block must be dropped here, not sent to the default route.
@@ -157,7 +189,6 @@ async fn claim_block(ctx: &Context, blocks_seen: usize) -> Result<(), EndpointEr
     if let Err(e) = ctx.kernel.replace_route(&blackhole).await {
         warn!(%block, error = %e, "cannot add blackhole route; the reconciler will retry");
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -48,6 +48,19 @@ pub enum EndpointError {
     /// A repeated attach asks for what cannot be changed on a live attachment.
     #[error("{0}")]
     Differs(String),
+    #[error("requested address {ip} lies in no pool")]
+    OutsidePools { ip: std::net::IpAddr },
+    #[error("requested address {ip} is taken by {holder}")]
+    AddressTaken {
+        ip: std::net::IpAddr,
+        holder: String,
+    },
+    #[error("requested address {ip} lies in block {block} of host {host}; attach it on that host")]
+    AddressElsewhere {
+        ip: std::net::IpAddr,
+        block: ipnetwork::IpNetwork,
+        host: String,
+    },
     #[error("could not allocate an address: too many conflicts")]
     Contention,
     #[error("{what} of {container} went only partly: {}", .errors.join("; "))]

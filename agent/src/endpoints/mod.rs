@@ -9,6 +9,7 @@ pub mod detach;
 pub mod error;
 pub mod reattach;
 pub mod repair;
+pub mod requested;
 pub mod table;
 pub mod teardown;
 

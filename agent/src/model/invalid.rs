@@ -41,4 +41,12 @@ pub enum Invalid {
     NetnsNul,
     #[error("netns {0:?} must be an absolute path")]
     NetnsRelative(String),
+    #[error("requested address {0:?} is not an IP address")]
+    RequestedIp(String),
+    #[error("two {family} addresses requested ({first}, {second}); at most one per family")]
+    RequestedIpTwice {
+        family: &'static str,
+        first: std::net::IpAddr,
+        second: std::net::IpAddr,
+    },
 }

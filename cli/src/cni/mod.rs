@@ -97,6 +97,7 @@ async fn add(
             pid: None,
             ifname: env.ifname.clone(),
             ports,
+            ips: conf.runtime_config.ips.clone(),
         })
         .await?
         .into_inner()

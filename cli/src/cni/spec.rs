@@ -85,6 +85,9 @@ pub struct PortMapping {
 pub struct RuntimeConfig {
     #[serde(rename = "portMappings", default)]
     pub port_mappings: Vec<PortMapping>,
+    /// The `ips` capability: addresses the runtime asks for (`10.65.3.7/24`, one per family).
+    #[serde(default)]
+    pub ips: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

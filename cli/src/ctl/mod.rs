@@ -3,6 +3,7 @@
 
 mod etcd;
 pub mod graph;
+mod ipam;
 mod operator;
 pub mod output;
 
@@ -53,6 +54,10 @@ pub enum Command {
         /// Publish a port: HOSTPORT:PORT[/udp].
         #[arg(short = 'p', long = "publish")]
         publish: Vec<String>,
+        /// Ask for this address (one per family); it must lie in a pool, in a block of this
+        /// host or of no host.
+        #[arg(long = "ip")]
+        ips: Vec<String>,
     },
     /// Remove a container from the fabric.
     Detach { container_id: String },
@@ -107,8 +112,16 @@ pub enum HostCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum IpamCommand {
-    /// Pool use: blocks per host, used and free addresses.
+    /// Pool use: per host its blocks, used and free addresses, and the empty blocks its agent
+    /// gives back after --block-release-after (all but the last block a host holds).
     Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Free a leaked address record (ips/<ADDR>) once no endpoint and no host's tunnel holds
+    /// the address.
+    Release {
+        ip: std::net::IpAddr,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -203,7 +216,10 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         } => graph::graph(json, format, endpoints, &etcd).await,
         Command::Ipam {
             command: IpamCommand::Show { etcd },
-        } => operator::ipam_show(json, &etcd).await,
+        } => ipam::show(json, &etcd).await,
+        Command::Ipam {
+            command: IpamCommand::Release { ip, etcd },
+        } => ipam::release(json, ip, &etcd).await,
         Command::Ipam {
             command: IpamCommand::Check { etcd, fix },
         } => operator::ipam_check(json, &cli.socket, &etcd, fix).await,
@@ -227,6 +243,7 @@ async fn agent_command(
             pid,
             ifname,
             publish,
+            ips,
         } => {
             let ports = publish
                 .iter()
@@ -238,6 +255,7 @@ async fn agent_command(
                 pid,
                 ifname,
                 ports,
+                ips,
             };
             let endpoint = client
                 .attach(request)
