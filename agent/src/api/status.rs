@@ -26,7 +26,10 @@ pub fn code(err: &EndpointError) -> Code {
     match err {
         EndpointError::Invalid(_)
         | EndpointError::NoProcess(_)
-        | EndpointError::OutsidePools { .. } => Code::InvalidArgument,
+        | EndpointError::OutsidePools { .. }
+        | EndpointError::OutsideNamedPools { .. }
+        | EndpointError::UnknownPool(_) => Code::InvalidArgument,
+        EndpointError::PoolDisabled(_) | EndpointError::NoPool => Code::FailedPrecondition,
         EndpointError::AddressTaken { .. } => Code::AlreadyExists,
         EndpointError::AddressElsewhere { .. } => Code::FailedPrecondition,
         EndpointError::IfnameTaken { .. } => Code::InvalidArgument,

@@ -9,10 +9,11 @@ use ipnetwork::IpNetwork;
 
 use tracing::{debug, info, warn};
 use weft_etcd::records::EndpointRecord;
-use weft_etcd::{alloc, BlockRef, CreateConflict};
+use weft_etcd::{alloc, BlockRef, CreateConflict, StoreError};
 
 use super::error::EndpointError;
 use super::table::{Settle, Taken};
+use crate::config::PoolSettings;
 use crate::context::Context;
 use crate::model::{veth_name, ContainerId, Route, RouteTarget};
 
@@ -36,17 +37,37 @@ fn open_blocks(blocks: &[IpNetwork], taken: &Taken) -> Vec<IpNetwork> {
         .collect()
 }
 
-/// Picks an address and a veth name, then writes the endpoint record guarded by the address.
-/// The record is in the table from the moment it is written, so the route the attach adds is
-/// never taken for stale by the reconciler.
+/// Allocates from the first of `pools` (in order) that has a free address or block left.
 pub async fn allocate(
     ctx: &Context,
     id: &ContainerId,
+    pools: &[&PoolSettings],
     make: impl Fn(IpAddr, String) -> EndpointRecord,
 ) -> Result<EndpointRecord, EndpointError> {
-    let pool = &ctx.config.pool.name;
+    let (last, earlier) = pools.split_last().ok_or(EndpointError::NoPool)?;
+    for pool in earlier {
+        match allocate_in(ctx, id, pool, &make).await {
+            Err(EndpointError::Store(StoreError::PoolExhausted { .. })) => {
+                debug!(pool = %pool.name, "pool exhausted; trying the next one");
+            }
+            other => return other,
+        }
+    }
+    allocate_in(ctx, id, last, &make).await
+}
+
+/// Picks an address of `pool` and a veth name, then writes the endpoint record guarded by the
+/// address. The record is in the table from the moment it is written, so the route the attach
+/// adds is never taken for stale by the reconciler.
+async fn allocate_in(
+    ctx: &Context,
+    id: &ContainerId,
+    pool: &PoolSettings,
+    make: &impl Fn(IpAddr, String) -> EndpointRecord,
+) -> Result<EndpointRecord, EndpointError> {
+    let name_of_pool = &pool.name;
     for _ in 0..ATTEMPTS {
-        let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
+        let blocks = ctx.cluster.pool_blocks_of(name_of_pool, ctx.me());
         let picked = ctx.endpoints.reserve(ctx.tunnel_ip(), |taken| {
             let open = open_blocks(&blocks, taken);
             let ip = alloc::first_free_ip(&open, &taken.ips)?;
@@ -54,12 +75,12 @@ pub async fn allocate(
             Some((ip, choose_veth_name(id, &taken.names), block))
         });
         let Some((ip, name, block)) = picked else {
-            claim_block(ctx, blocks.len()).await?;
+            claim_block(ctx, pool, blocks.len()).await?;
             continue;
         };
         let record = make(ip, name.clone());
         let block_ref = BlockRef {
-            pool: pool.clone(),
+            pool: name_of_pool.clone(),
             block,
         };
         match write(ctx, record, block_ref).await? {
@@ -132,7 +153,8 @@ pub(super) async fn write(
 /// Takes a tunnel address for this host (the first free address of its blocks, a block claimed
 /// if need be) under the `ips/` guard, and registers it with the host's VTEP MAC.
 pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
-    let pool = &ctx.config.pool.name;
+    let settings = tunnel_pool(&ctx.config.pools).ok_or(EndpointError::NoPool)?;
+    let pool = &settings.name;
     for _ in 0..ATTEMPTS {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
         let picked = ctx.endpoints.reserve(None, |taken| {
@@ -143,7 +165,7 @@ pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
             Some((ip, String::new(), block))
         });
         let Some((ip, _, block)) = picked else {
-            claim_block(ctx, blocks.len()).await?;
+            claim_block(ctx, settings, blocks.len()).await?;
             continue;
         };
         let claimed = ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await;
@@ -165,15 +187,28 @@ pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
     Err(EndpointError::Contention)
 }
 
-/// Claims one more block unless another attach did so while we waited for the claim lock.
-async fn claim_block(ctx: &Context, blocks_seen: usize) -> Result<(), EndpointError> {
+/// The pool the host's tunnel address comes from: its first enabled IPv4 pool (the tunnel
+/// carries IPv4).
+pub fn tunnel_pool(pools: &[PoolSettings]) -> Option<&PoolSettings> {
+    pools.iter().find(|p| !p.disabled && p.cidr.is_ipv4())
+}
+
+/// Claims one more block of `pool` unless another attach did so while we waited for the claim
+/// lock.
+async fn claim_block(
+    ctx: &Context,
+    pool: &PoolSettings,
+    blocks_seen: usize,
+) -> Result<(), EndpointError> {
     let _claim = ctx.claim.lock().await;
-    let pool = &ctx.config.pool.name;
-    if ctx.cluster.pool_blocks_of(pool, ctx.me()).len() > blocks_seen {
+    if ctx.cluster.pool_blocks_of(&pool.name, ctx.me()).len() > blocks_seen {
         return Ok(());
     }
-    let block = ctx.store.claim_block(pool, &ctx.pool, ctx.me()).await?;
-    adopt(ctx, pool, block).await;
+    let block = ctx
+        .store
+        .claim_block(&pool.name, &pool.record(), ctx.me())
+        .await?;
+    adopt(ctx, &pool.name, block).await;
     Ok(())
 }
 

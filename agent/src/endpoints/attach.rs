@@ -9,7 +9,7 @@ use weft_etcd::records::{EndpointRecord, Protocol};
 
 use super::allocate::allocate;
 use super::error::EndpointError;
-use super::{reattach, requested, teardown};
+use super::{pools, reattach, requested, teardown};
 use crate::context::Context;
 use crate::firewall::SyncMode;
 use crate::kernel::{ContainerLink, KernelError, NetnsError};
@@ -97,8 +97,11 @@ async fn attach_into(
         secondary,
     };
     let record = match request.ips.as_slice() {
-        [] => allocate(ctx, id, make).await?,
-        ips => requested::allocate_requested(ctx, id, ips, make).await?,
+        [] => {
+            let pools = pools::choose(&ctx.config.pools, &request.pools)?;
+            allocate(ctx, id, &pools, make).await?
+        }
+        ips => requested::allocate_requested(ctx, id, ips, &request.pools, make).await?,
     };
     let allocated = started.elapsed();
     // Before the kernel is touched: whatever is wired from here on, the journal explains.

@@ -7,6 +7,7 @@ pub mod attach;
 pub mod check;
 pub mod detach;
 pub mod error;
+pub mod pools;
 pub mod reattach;
 pub mod repair;
 pub mod requested;

@@ -19,13 +19,15 @@ use crate::model::ContainerId;
 /// How long to wait for a release of the address's block under way before looking again.
 const RELEASE_WAIT: Duration = Duration::from_millis(20);
 
-/// The pool holding `ip` and the block of it that holds `ip`.
-fn place(ctx: &Context, ip: IpAddr) -> Result<(String, IpNetwork), EndpointError> {
-    if !ctx.pool.cidr.contains(ip) {
-        return Err(EndpointError::OutsidePools { ip });
-    }
-    let block = alloc::block_of(ip, ctx.pool.block_size);
-    Ok((ctx.config.pool.name.clone(), block))
+/// The pool holding `ip` (among those the attach names, if it names some) and the block of it
+/// that holds `ip`.
+fn place(
+    ctx: &Context,
+    pools: &[String],
+    ip: IpAddr,
+) -> Result<(String, IpNetwork), EndpointError> {
+    let pool = super::pools::for_address(&ctx.config.pools, pools, ip)?;
+    Ok((pool.name.clone(), alloc::block_of(ip, pool.block_size)))
 }
 
 /// Allocates the requested addresses (at most one per family, checked by the request) and
@@ -34,11 +36,12 @@ pub async fn allocate_requested(
     ctx: &Context,
     id: &ContainerId,
     ips: &[IpAddr],
+    pools: &[String],
     make: impl Fn(IpAddr, String) -> EndpointRecord,
 ) -> Result<EndpointRecord, EndpointError> {
     let mut placed = ips
         .iter()
-        .map(|ip| place(ctx, *ip).map(|(pool, block)| (*ip, pool, block)));
+        .map(|ip| place(ctx, pools, *ip).map(|(pool, block)| (*ip, pool, block)));
     // One family is served today, so one address is placed (a second one is outside every
     // pool, refused above); the caller passes at least one.
     let (ip, pool, block) = placed.next().ok_or(EndpointError::Contention)??;

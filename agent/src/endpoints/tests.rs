@@ -28,7 +28,8 @@ struct World {
 const CONTAINER_NS: &str = "/run/netns/runtime-made";
 
 fn world() -> World {
-    let config = Config::load(Flags::parse_from(["weft-agent", "--host-name", "h1"])).unwrap();
+    let flags = ["weft-agent", "--host-name", "h1", "--block-size", "30"];
+    let config = Config::load(Flags::parse_from(flags)).unwrap();
     let pool = PoolRecord {
         cidr: "10.65.0.0/16".parse().unwrap(),
         block_size: 30,
@@ -56,7 +57,6 @@ fn world() -> World {
             vtep_mac: None,
             tunnel_ip: None,
         },
-        pool,
         kernel: kernel.clone(),
         store: store.clone(),
         firewall: firewall.clone(),

@@ -23,6 +23,8 @@ pub struct AttachRequest {
     pub ports: Vec<PortMapping>,
     /// Addresses asked for, at most one per family; empty: any free address.
     pub ips: Vec<IpAddr>,
+    /// Pools to allocate from, in order of preference; empty: the host's default pools.
+    pub pools: Vec<String>,
 }
 
 impl AttachRequest {
@@ -58,7 +60,23 @@ impl AttachRequest {
             ifname,
             ports,
             ips: vec![],
+            pools: vec![],
         })
+    }
+
+    /// Adds the pools to allocate from, by name, each once.
+    pub fn with_pools<S: AsRef<str>>(mut self, pools: &[S]) -> Result<Self, Invalid> {
+        for name in pools {
+            let name = name.as_ref();
+            if crate::model::HostName::new(name).is_err() {
+                return Err(Invalid::PoolName(name.to_string()));
+            }
+            if self.pools.iter().any(|p| p == name) {
+                return Err(Invalid::PoolTwice(name.to_string()));
+            }
+            self.pools.push(name.to_string());
+        }
+        Ok(self)
     }
 
     /// Adds the requested addresses: IP addresses, each optionally with a prefix length (the

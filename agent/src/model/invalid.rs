@@ -41,6 +41,10 @@ pub enum Invalid {
     NetnsNul,
     #[error("netns {0:?} must be an absolute path")]
     NetnsRelative(String),
+    #[error("pool name {0:?} is invalid: letters, digits, '_', '.', '-', starting with a letter or digit")]
+    PoolName(String),
+    #[error("pool {0:?} is named twice")]
+    PoolTwice(String),
     #[error("requested address {0:?} is not an IP address")]
     RequestedIp(String),
     #[error("two {family} addresses requested ({first}, {second}); at most one per family")]

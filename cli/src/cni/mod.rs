@@ -98,6 +98,7 @@ async fn add(
             ifname: env.ifname.clone(),
             ports,
             ips: conf.runtime_config.ips.clone(),
+            pools: conf.args.cni.pools.clone(),
         })
         .await?
         .into_inner()

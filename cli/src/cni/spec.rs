@@ -90,6 +90,21 @@ pub struct RuntimeConfig {
     pub ips: Vec<String>,
 }
 
+/// `args` of the network configuration.
+#[derive(Debug, Default, Deserialize)]
+pub struct Args {
+    #[serde(default)]
+    pub cni: CniArgs,
+}
+
+/// `args.cni`: what weft reads there.
+#[derive(Debug, Default, Deserialize)]
+pub struct CniArgs {
+    /// Pools to allocate from, in order.
+    #[serde(default)]
+    pub pools: Vec<String>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Attachment {
     #[serde(rename = "containerID")]
@@ -114,6 +129,9 @@ pub struct NetConf {
     pub socket: Option<PathBuf>,
     #[serde(rename = "runtimeConfig", default)]
     pub runtime_config: RuntimeConfig,
+    /// `args.cni`: the CNI conventions' place for plugin-specific arguments.
+    #[serde(default)]
+    pub args: Args,
     #[serde(rename = "cni.dev/valid-attachments", default)]
     pub valid_attachments: Vec<Attachment>,
 }

@@ -58,6 +58,10 @@ pub enum Command {
         /// host or of no host.
         #[arg(long = "ip")]
         ips: Vec<String>,
+        /// Allocate from this pool (repeatable: tried in order); default: the host's default
+        /// pools.
+        #[arg(long = "pool")]
+        pools: Vec<String>,
     },
     /// Remove a container from the fabric.
     Detach { container_id: String },
@@ -244,6 +248,7 @@ async fn agent_command(
             ifname,
             publish,
             ips,
+            pools,
         } => {
             let ports = publish
                 .iter()
@@ -256,6 +261,7 @@ async fn agent_command(
                 ifname,
                 ports,
                 ips,
+                pools,
             };
             let endpoint = client
                 .attach(request)
