@@ -26,8 +26,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Context {
     pub config: Config,
     pub underlay: Underlay,
-    /// This agent's pool as stored in etcd.
-    pub pool: PoolRecord,
     /// This host's registration (underlay address and subnet, VTEP MAC, tunnel address): the
     /// tunnel fields are set once a peer needs the tunnel.
     host: std::sync::RwLock<HostRecord>,
@@ -60,7 +58,6 @@ pub struct Context {
 pub struct Parts {
     pub config: Config,
     pub underlay: Underlay,
-    pub pool: PoolRecord,
     pub host: HostRecord,
     pub kernel: Arc<dyn Kernel>,
     pub store: Arc<dyn Store>,
@@ -86,7 +83,6 @@ impl Context {
             tunnel_index: Default::default(),
             config: parts.config,
             underlay: parts.underlay,
-            pool: parts.pool,
             host: std::sync::RwLock::new(parts.host),
             kernel: parts.kernel,
             store: parts.store,
@@ -143,7 +139,7 @@ impl Context {
     /// The MTU of container interfaces: set by hand, or the underlay's, less the VXLAN header
     /// when the pool may encapsulate.
     pub fn mtu(&self) -> u32 {
-        match (self.config.mtu, self.pool.encapsulation) {
+        match (self.config.mtu, self.config.encapsulation()) {
             (Some(mtu), _) => mtu,
             (None, Encapsulation::None) => self.underlay.mtu,
             (None, _) => self.underlay.mtu - crate::model::VXLAN_OVERHEAD,
@@ -177,7 +173,7 @@ impl Context {
         crate::reconcile::plan::peers::peer_paths(
             self.me(),
             self.subnet(),
-            self.pool.encapsulation,
+            self.config.encapsulation(),
             &view.hosts,
         )
     }
@@ -209,7 +205,7 @@ impl Context {
             })
             .collect();
         let ports = self.endpoints.list().iter().flat_map(port_rules).collect();
-        let vxlan_peers = (self.pool.encapsulation != Encapsulation::None).then(|| {
+        let vxlan_peers = (self.config.encapsulation() != Encapsulation::None).then(|| {
             self.cluster.with_view(|view| {
                 let mut peers: Vec<std::net::IpAddr> = view
                     .hosts

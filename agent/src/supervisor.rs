@@ -36,7 +36,6 @@ pub struct Agent {
 
 /// What the agent loads from etcd before it starts.
 struct Loaded {
-    pool: PoolRecord,
     /// This host's registration.
     host: HostRecord,
     endpoints: Vec<weft_etcd::records::EndpointRecord>,
@@ -86,7 +85,6 @@ impl Agent {
         let ctx = Arc::new(Context::new(Parts {
             config,
             underlay,
-            pool: loaded.pool,
             host: loaded.host,
             kernel: Arc::new(kernel),
             store: Arc::new(Etcd::new(datastore.clone())),
@@ -234,20 +232,16 @@ async fn load(
     store: &Datastore,
     underlay: &crate::kernel::Underlay,
 ) -> anyhow::Result<Loaded> {
-    let wanted = PoolRecord {
-        cidr: config.pool.cidr,
-        block_size: config.pool.block_size,
-        nat_outgoing: config.pool.nat_outgoing,
-        encapsulation: config.pool.encapsulation,
-    };
     let me = config.host_name.as_str();
     let mut waited = false;
     loop {
         let loaded = async {
-            let pool = store.ensure_pool(&config.pool.name, &wanted).await?;
+            for pool in &config.pools {
+                store.ensure_pool(&pool.name, &pool.record()).await?;
+            }
             let endpoints = store.list_endpoints(me).await?;
             // Kept across restarts; a first one is taken when a peer needs the tunnel.
-            let tunnel_ip = match pool.encapsulation {
+            let tunnel_ip = match config.encapsulation() {
                 Encapsulation::None => None,
                 _ => crate::cluster::tunnel::existing(store, me).await?,
             };
@@ -261,7 +255,6 @@ async fn load(
             };
             let (host, _) = store.register_host(me, &host).await?;
             Ok::<_, StoreError>(Loaded {
-                pool,
                 host,
                 endpoints,
                 pools: store.list_pools().await?,

@@ -12,6 +12,7 @@
 pub mod bgp;
 pub mod capture;
 pub mod chaos;
+pub mod cni;
 pub mod etcd;
 pub mod invariants;
 pub mod lab;

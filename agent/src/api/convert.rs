@@ -24,7 +24,9 @@ impl TryFrom<pb::AttachRequest> for AttachRequest {
             .map(|p| port_mapping(&p.protocol, p.host_port, p.container_port))
             .collect::<Result<Vec<_>, _>>()?;
         AttachRequest::new(&req.container_id, &req.netns, req.pid, &req.ifname, ports)?
-            .with_labels(req.labels.into_iter().collect())
+            .with_labels(req.labels.into_iter().collect())?
+            .with_ips(&req.ips)?
+            .with_pools(&req.pools)
     }
 }
 

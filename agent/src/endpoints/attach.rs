@@ -9,7 +9,7 @@ use weft_etcd::records::{EndpointRecord, Protocol};
 
 use super::allocate::allocate;
 use super::error::EndpointError;
-use super::{reattach, teardown};
+use super::{pools, reattach, requested, teardown};
 use crate::context::Context;
 use crate::firewall::SyncMode;
 use crate::kernel::{ContainerLink, KernelError, NetnsError};
@@ -83,7 +83,7 @@ async fn attach_into(
     let mac = Mac::random();
     // Only the first weft interface of a namespace carries its default route.
     let secondary = ctx.endpoints.list().iter().any(|e| e.netns == netns.path);
-    let record = allocate(ctx, id, |ip, host_ifname| EndpointRecord {
+    let make = |ip, host_ifname| EndpointRecord {
         container_id: id.to_string(),
         host: ctx.me().to_string(),
         ip,
@@ -96,8 +96,14 @@ async fn attach_into(
         created: weft_etcd::unix_now(),
         secondary,
         labels: request.labels.clone(),
-    })
-    .await?;
+    };
+    let record = match request.ips.as_slice() {
+        [] => {
+            let pools = pools::choose(&ctx.config.pools, &request.pools)?;
+            allocate(ctx, id, &pools, make).await?
+        }
+        ips => requested::allocate_requested(ctx, id, ips, &request.pools, make).await?,
+    };
     let allocated = started.elapsed();
     // Before the kernel is touched: whatever is wired from here on, the journal explains.
     if let Err(e) = ctx

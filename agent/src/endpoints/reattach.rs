@@ -44,6 +44,15 @@ pub fn plan(existing: &EndpointRecord, request: &AttachRequest, namespace: &Name
             existing.ifname, request.ifname
         ));
     }
+    if let Some(wanted) = request.requested(existing.ip.is_ipv4()) {
+        if wanted != existing.ip {
+            return Reattach::Refuse(format!(
+                "container {id} is attached with address {}, not {wanted}; detach it first to \
+                 change its address",
+                existing.ip
+            ));
+        }
+    }
     let netns = match namespace {
         Namespace::Same => None,
         Namespace::Other {
@@ -239,6 +248,9 @@ mod tests {
             other => panic!("not refused: {other:?}"),
         };
         refused(plan(&e, &req, &alive), "netns");
+        let asked = |ip: &str| req.clone().with_ips(&[ip]).unwrap();
+        assert_eq!(plan(&e, &asked("10.65.0.5"), &same), Reattach::Same);
+        refused(plan(&e, &asked("10.65.0.6"), &same), "address");
         refused(
             plan(&e, &request("/run/netns/a", "net1", &[(8080, 80)]), &same),
             "ifname",

@@ -28,7 +28,8 @@ struct World {
 const CONTAINER_NS: &str = "/run/netns/runtime-made";
 
 fn world() -> World {
-    let config = Config::load(Flags::parse_from(["weft-agent", "--host-name", "h1"])).unwrap();
+    let flags = ["weft-agent", "--host-name", "h1", "--block-size", "30"];
+    let config = Config::load(Flags::parse_from(flags)).unwrap();
     let pool = PoolRecord {
         cidr: "10.65.0.0/16".parse().unwrap(),
         block_size: 30,
@@ -56,7 +57,6 @@ fn world() -> World {
             vtep_mac: None,
             tunnel_ip: None,
         },
-        pool,
         kernel: kernel.clone(),
         store: store.clone(),
         firewall: firewall.clone(),
@@ -446,4 +446,66 @@ async fn a_block_being_released_is_never_allocated_from_and_an_emptied_one_goes(
     }
     crate::blocks::release_due(&w.ctx, &mut empty, std::time::Duration::ZERO).await;
     assert_eq!(w.ctx.cluster.blocks_of("h1"), [block("10.65.0.0/30")]);
+}
+
+#[tokio::test]
+async fn a_requested_address_is_given_once_kept_across_containers_and_refused_by_cause() {
+    let w = world();
+    let asked = |id: &str, ip: &str| request(id, CONTAINER_NS, &[]).with_ips(&[ip]).unwrap();
+    let ip = |text: &str| -> std::net::IpAddr { text.parse().unwrap() };
+    // A block of nobody is claimed for it.
+    let a = attach(&w.ctx, asked("a", "10.65.7.2")).await.unwrap();
+    assert_eq!(a.ip, ip("10.65.7.2"));
+    assert_eq!(
+        w.ctx.cluster.blocks_of("h1"),
+        ["10.65.7.0/30".parse().unwrap()]
+    );
+    // The same request again is the same endpoint; another address for it is refused.
+    assert_eq!(attach(&w.ctx, asked("a", "10.65.7.2")).await.unwrap(), a);
+    let moved = attach(&w.ctx, asked("a", "10.65.7.3")).await.unwrap_err();
+    assert!(matches!(moved, EndpointError::Differs(_)), "{moved}");
+
+    let refused = |e: EndpointError| e.to_string();
+    let taken = attach(&w.ctx, asked("b", "10.65.7.2")).await.unwrap_err();
+    assert!(
+        matches!(taken, EndpointError::AddressTaken { .. }),
+        "{taken}"
+    );
+    assert!(refused(taken).contains("container a"));
+    // Held in etcd by a record this agent does not know.
+    w.store
+        .state
+        .lock()
+        .unwrap()
+        .ips
+        .insert(ip("10.65.7.1"), ("h1".into(), "ghost".into()));
+    let foreign = attach(&w.ctx, asked("b", "10.65.7.1")).await.unwrap_err();
+    assert!(refused(foreign).contains("container ghost on host h1"));
+    // Another host's block, known to the view or found on claiming it.
+    w.ctx
+        .cluster
+        .claimed("default", "10.65.9.0/30".parse().unwrap(), "h2");
+    let elsewhere = attach(&w.ctx, asked("b", "10.65.9.1")).await.unwrap_err();
+    assert!(matches!(&elsewhere, EndpointError::AddressElsewhere { host, .. } if host == "h2"));
+    w.store.state.lock().unwrap().blocks.insert(
+        "10.65.11.0/30".parse().unwrap(),
+        ("default".into(), "h3".into()),
+    );
+    let raced = attach(&w.ctx, asked("b", "10.65.11.1")).await.unwrap_err();
+    assert!(matches!(&raced, EndpointError::AddressElsewhere { host, .. } if host == "h3"));
+    for outside in ["10.66.0.1", "fd65::1"] {
+        let err = attach(&w.ctx, asked("b", outside)).await.unwrap_err();
+        assert!(matches!(err, EndpointError::OutsidePools { .. }), "{err}");
+    }
+    // Nothing of the refused attaches is left.
+    assert_eq!(w.store.state.lock().unwrap().endpoints.len(), 1);
+    assert_eq!(w.ctx.endpoints.len(), 1);
+    assert_eq!(w.kernel.state.lock().unwrap().links.len(), 1);
+
+    // Detached, the address goes to the next container that asks for it.
+    detach(&w.ctx, &ContainerId::new("a").unwrap())
+        .await
+        .unwrap();
+    let c = attach(&w.ctx, asked("c", "10.65.7.2")).await.unwrap();
+    assert_eq!(c.ip, ip("10.65.7.2"));
 }

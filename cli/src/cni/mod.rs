@@ -99,6 +99,8 @@ async fn add(
             ifname: env.ifname.clone(),
             ports,
             labels,
+            ips: conf.runtime_config.ips.clone(),
+            pools: conf.args.cni.pools.clone(),
         })
         .await?
         .into_inner()

@@ -85,6 +85,27 @@ pub struct PortMapping {
 pub struct RuntimeConfig {
     #[serde(rename = "portMappings", default)]
     pub port_mappings: Vec<PortMapping>,
+    /// The `ips` capability: addresses the runtime asks for (`10.65.3.7/24`, one per family).
+    #[serde(default)]
+    pub ips: Vec<String>,
+}
+
+/// `args` of the network configuration.
+#[derive(Debug, Default, Deserialize)]
+pub struct Args {
+    #[serde(default)]
+    pub cni: CniArgs,
+}
+
+/// `args.cni`: what weft reads there.
+#[derive(Debug, Default, Deserialize)]
+pub struct CniArgs {
+    /// Pools to allocate from, in order.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// The endpoint's labels, for network policy.
+    #[serde(default)]
+    pub labels: Vec<Label>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,19 +127,6 @@ pub struct Label {
     pub value: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct CniArgs {
-    #[serde(default)]
-    pub labels: Vec<Label>,
-}
-
-/// `args` of the network configuration (the CNI conventions); only `cni.labels` is read.
-#[derive(Debug, Default, Deserialize)]
-pub struct Args {
-    #[serde(default)]
-    pub cni: CniArgs,
-}
-
 /// The network configuration on stdin.
 #[derive(Debug, Deserialize)]
 pub struct NetConf {
@@ -131,10 +139,11 @@ pub struct NetConf {
     pub socket: Option<PathBuf>,
     #[serde(rename = "runtimeConfig", default)]
     pub runtime_config: RuntimeConfig,
-    #[serde(rename = "cni.dev/valid-attachments", default)]
-    pub valid_attachments: Vec<Attachment>,
+    /// `args.cni`: the CNI conventions' place for plugin-specific arguments.
     #[serde(default)]
     pub args: Args,
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    pub valid_attachments: Vec<Attachment>,
 }
 
 impl NetConf {

@@ -3,6 +3,7 @@
 
 mod etcd;
 pub mod graph;
+mod ipam;
 mod operator;
 pub mod output;
 pub mod policy;
@@ -58,6 +59,14 @@ pub enum Command {
         /// other labels replaces them.
         #[arg(short = 'l', long = "label")]
         label: Vec<String>,
+        /// Ask for this address (one per family); it must lie in a pool, in a block of this
+        /// host or of no host.
+        #[arg(long = "ip")]
+        ips: Vec<String>,
+        /// Allocate from this pool (repeatable: tried in order); default: the host's default
+        /// pools.
+        #[arg(long = "pool")]
+        pools: Vec<String>,
     },
     /// Remove a container from the fabric.
     Detach { container_id: String },
@@ -117,8 +126,16 @@ pub enum HostCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum IpamCommand {
-    /// Pool use: blocks per host, used and free addresses.
+    /// Pool use: per host its blocks, used and free addresses, and the empty blocks its agent
+    /// gives back after --block-release-after (all but the last block a host holds).
     Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Free a leaked address record (ips/<ADDR>) once no endpoint and no host's tunnel holds
+    /// the address.
+    Release {
+        ip: std::net::IpAddr,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -213,7 +230,10 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         } => graph::graph(json, format, endpoints, &etcd).await,
         Command::Ipam {
             command: IpamCommand::Show { etcd },
-        } => operator::ipam_show(json, &etcd).await,
+        } => ipam::show(json, &etcd).await,
+        Command::Ipam {
+            command: IpamCommand::Release { ip, etcd },
+        } => ipam::release(json, ip, &etcd).await,
         Command::Ipam {
             command: IpamCommand::Check { etcd, fix },
         } => operator::ipam_check(json, &cli.socket, &etcd, fix).await,
@@ -239,6 +259,8 @@ async fn agent_command(
             ifname,
             publish,
             label,
+            ips,
+            pools,
         } => {
             let ports = publish
                 .iter()
@@ -255,6 +277,8 @@ async fn agent_command(
                 ifname,
                 ports,
                 labels,
+                ips,
+                pools,
             };
             let endpoint = client
                 .attach(request)
