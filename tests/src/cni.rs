@@ -9,11 +9,22 @@ use crate::lab::bin;
 
 /// Runs weft-cni like a runtime does: environment variables and the config on stdin.
 pub fn run(command: &str, container: &str, netns: &str, config: &Value) -> (bool, Value) {
+    run_as(command, container, netns, "eth0", config)
+}
+
+/// Like [`run`], for an attachment on another interface (`CNI_IFNAME`).
+pub fn run_as(
+    command: &str,
+    container: &str,
+    netns: &str,
+    ifname: &str,
+    config: &Value,
+) -> (bool, Value) {
     let mut child = Command::new(bin("weft-cni"))
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
+        .env("CNI_IFNAME", ifname)
         .env("CNI_PATH", "/usr/lib/cni")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -400,31 +400,6 @@ fn changes_reach_every_host_within_a_second_and_established_connections_survive(
     weft_tests::invariants::assert_quiet(&lab);
 }
 
-/// Runs weft-cni like a runtime does; returns (success, stdout as JSON).
-fn cni_add(container: &str, netns: &str, config: &serde_json::Value) -> (bool, serde_json::Value) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(weft_tests::lab::bin("weft-cni"))
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let input = config.to_string();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.success(), value)
-}
-
 #[test]
 fn cni_labels_come_from_args_and_policy_selects_by_them() {
     let lab = Lab::new(LabOptions {
@@ -449,7 +424,8 @@ fn cni_labels_come_from_args_and_policy_selects_by_them() {
         &json!({"name": "cni", "selector": "app == 'cni-web'", "ingress": []}),
     )
     .unwrap();
-    let (ok, result) = cni_add(
+    let (ok, result) = weft_tests::cni::run(
+        "ADD",
         "pod1",
         &format!("/run/netns/{good}"),
         &config(json!([
@@ -467,7 +443,8 @@ fn cni_labels_come_from_args_and_policy_selects_by_them() {
             .any(|l| l.contains(&format!("WEFT-TW-{veth}"))),
         "{chains:#?}"
     );
-    let (ok, error) = cni_add(
+    let (ok, error) = weft_tests::cni::run(
+        "ADD",
         "pod2",
         &format!("/run/netns/{bad}"),
         &config(json!([{"key": "a b", "value": "x"}])),

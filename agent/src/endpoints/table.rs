@@ -25,6 +25,19 @@ struct Table {
     retiring: HashSet<IpNetwork>,
 }
 
+impl Table {
+    /// Veth names of endpoints and of attaches still writing their record.
+    fn taken_names(&self) -> HashSet<String> {
+        let mut names: HashSet<String> = self
+            .endpoints
+            .values()
+            .map(|e| e.host_ifname.clone())
+            .collect();
+        names.extend(self.reserved_names.iter().cloned());
+        names
+    }
+}
+
 /// What an allocation may not hand out, read under one lock.
 pub struct Taken {
     pub ips: HashSet<IpAddr>,
@@ -191,12 +204,7 @@ impl EndpointTable {
         ips.extend(also);
         ips.extend(table.reserved_ips.iter().copied());
         ips.extend(table.foreign.iter().copied());
-        let mut names: HashSet<String> = table
-            .endpoints
-            .values()
-            .map(|e| e.host_ifname.clone())
-            .collect();
-        names.extend(table.reserved_names.iter().cloned());
+        let names = table.taken_names();
         let retiring = table.retiring.clone();
         let picked = pick(&Taken {
             ips,
@@ -231,13 +239,7 @@ impl EndpointTable {
         if table.retiring.contains(&block) {
             return Err(Held::Retiring);
         }
-        let mut names: HashSet<String> = table
-            .endpoints
-            .values()
-            .map(|e| e.host_ifname.clone())
-            .collect();
-        names.extend(table.reserved_names.iter().cloned());
-        let name = name(&names);
+        let name = name(&table.taken_names());
         table.reserved_ips.insert(ip);
         table.reserved_names.insert(name.clone());
         Ok(name)
