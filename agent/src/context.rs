@@ -16,6 +16,8 @@ use crate::firewall::{self, FirewallSpec, FirewallSync, PoolRule, PortRule};
 use crate::journal::Journal;
 use crate::kernel::{Kernel, Underlay};
 use crate::model::ContainerId;
+use crate::policy::sets::SetBackend;
+use crate::policy::PolicyState;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
@@ -24,8 +26,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct Context {
     pub config: Config,
     pub underlay: Underlay,
-    /// This agent's pool as stored in etcd.
-    pub pool: PoolRecord,
     /// This host's registration (underlay address and subnet, VTEP MAC, tunnel address): the
     /// tunnel fields are set once a peer needs the tunnel.
     host: std::sync::RwLock<HostRecord>,
@@ -34,6 +34,8 @@ pub struct Context {
     pub endpoints: EndpointTable,
     pub cluster: ClusterState,
     pub firewall: FirewallSync,
+    /// Network policy: the fabric's endpoints and policies, and the chains and sets applied.
+    pub policy: PolicyState,
     pub metrics: Metrics,
     /// Block claims one at a time: concurrent attaches that find the blocks full wait for it.
     pub claim: tokio::sync::Mutex<()>,
@@ -56,7 +58,6 @@ pub struct Context {
 pub struct Parts {
     pub config: Config,
     pub underlay: Underlay,
-    pub pool: PoolRecord,
     pub host: HostRecord,
     pub kernel: Arc<dyn Kernel>,
     pub store: Arc<dyn Store>,
@@ -65,6 +66,9 @@ pub struct Parts {
     pub cluster: ClusterView,
     pub pools: Vec<(String, PoolRecord)>,
     pub journal: Journal,
+    /// Every endpoint and policy of the fabric, read at start.
+    pub fabric: weft_etcd::FabricView,
+    pub sets: Arc<dyn SetBackend>,
 }
 
 impl Context {
@@ -79,13 +83,13 @@ impl Context {
             tunnel_index: Default::default(),
             config: parts.config,
             underlay: parts.underlay,
-            pool: parts.pool,
             host: std::sync::RwLock::new(parts.host),
             kernel: parts.kernel,
             store: parts.store,
             endpoints: EndpointTable::new(parts.endpoints),
             cluster: ClusterState::new(me.as_str(), parts.cluster, parts.pools),
             firewall: FirewallSync::new(parts.firewall),
+            policy: PolicyState::new(parts.fabric, parts.sets),
             metrics: Metrics::default(),
             claim: Default::default(),
             resync: Notify::new(),
@@ -135,7 +139,7 @@ impl Context {
     /// The MTU of container interfaces: set by hand, or the underlay's, less the VXLAN header
     /// when the pool may encapsulate.
     pub fn mtu(&self) -> u32 {
-        match (self.config.mtu, self.pool.encapsulation) {
+        match (self.config.mtu, self.config.encapsulation()) {
             (Some(mtu), _) => mtu,
             (None, Encapsulation::None) => self.underlay.mtu,
             (None, _) => self.underlay.mtu - crate::model::VXLAN_OVERHEAD,
@@ -169,7 +173,7 @@ impl Context {
         crate::reconcile::plan::peers::peer_paths(
             self.me(),
             self.subnet(),
-            self.pool.encapsulation,
+            self.config.encapsulation(),
             &view.hosts,
         )
     }
@@ -201,7 +205,7 @@ impl Context {
             })
             .collect();
         let ports = self.endpoints.list().iter().flat_map(port_rules).collect();
-        let vxlan_peers = (self.pool.encapsulation != Encapsulation::None).then(|| {
+        let vxlan_peers = (self.config.encapsulation() != Encapsulation::None).then(|| {
             self.cluster.with_view(|view| {
                 let mut peers: Vec<std::net::IpAddr> = view
                     .hosts
@@ -219,6 +223,7 @@ impl Context {
             ports,
             protected: self.protected.clone(),
             vxlan_peers,
+            policy: self.policy.chains(),
         }
     }
 }

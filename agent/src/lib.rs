@@ -4,7 +4,8 @@
 //! loops) drive `endpoints` (attach, detach, repair, check), `reconcile` (the kernel against the
 //! wanted state) and `cluster` (the etcd watch and liveness). They share a `context` and reach
 //! the world only through seams: `kernel` (netlink, sysctls, namespaces), `firewall`
-//! (iptables) and `store` (etcd). `model` holds the typed domain values; `config` the settings;
+//! (iptables) and `store` (etcd). `policy` enforces network policy (its address sets behind a
+//! seam of their own). `model` holds the typed domain values; `config` the settings;
 //! `telemetry` metrics, health and systemd notifications; `bgp` announces this host's blocks
 //! to routers outside weft through bird2; `blocks` gives blocks that stay empty back.
 
@@ -19,6 +20,7 @@ pub mod firewall;
 pub mod journal;
 pub mod kernel;
 pub mod model;
+pub mod policy;
 pub mod reconcile;
 pub mod status;
 pub mod store;

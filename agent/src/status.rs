@@ -45,7 +45,12 @@ pub async fn status(ctx: &Context) -> HostStatus {
     let etcd_connected = ctx.store.ping().await.is_ok();
     let pools = match etcd_connected {
         true => ctx.store.list_pools().await.unwrap_or_default(),
-        false => vec![(ctx.config.pool.name.clone(), ctx.pool.clone())],
+        false => ctx
+            .config
+            .pools
+            .iter()
+            .map(|p| (p.name.clone(), p.record()))
+            .collect(),
     };
     let (peers, local_blocks) = ctx.cluster.with_view(|view| {
         let paths = ctx.peer_paths(view);

@@ -21,6 +21,7 @@ use crate::journal::Journal;
 use crate::kernel::netlink::Netlink;
 use crate::kernel::Kernel;
 use crate::model::vtep_mac;
+use crate::policy::sets::Ipset;
 use crate::reconcile::plan::registration::startup_endpoints;
 use crate::reconcile::{monitor, Pass, Reconciler};
 use crate::store::Etcd;
@@ -35,12 +36,12 @@ pub struct Agent {
 
 /// What the agent loads from etcd before it starts.
 struct Loaded {
-    pool: PoolRecord,
     /// This host's registration.
     host: HostRecord,
     endpoints: Vec<weft_etcd::records::EndpointRecord>,
     pools: Vec<(String, PoolRecord)>,
     cluster: weft_etcd::ClusterView,
+    fabric: weft_etcd::FabricView,
 }
 
 impl Agent {
@@ -84,7 +85,6 @@ impl Agent {
         let ctx = Arc::new(Context::new(Parts {
             config,
             underlay,
-            pool: loaded.pool,
             host: loaded.host,
             kernel: Arc::new(kernel),
             store: Arc::new(Etcd::new(datastore.clone())),
@@ -93,6 +93,8 @@ impl Agent {
             cluster: loaded.cluster,
             pools: loaded.pools,
             journal,
+            fabric: loaded.fabric,
+            sets: Arc::new(Ipset::default()),
         }));
         ctx.endpoints.set_unverified(unfinished);
         if let Some(bird) = bird {
@@ -107,8 +109,27 @@ impl Agent {
         })
     }
 
+    /// Verifies and applies network policy, removing leftover chains and sets; a failure is
+    /// retried by the policy loop.
+    async fn initial_policy_sync(&self) {
+        let started = std::time::Instant::now();
+        match crate::policy::sync(&self.ctx, crate::firewall::SyncMode::Verify).await {
+            Ok(_) => info!(
+                policies = self.ctx.policy.policy_count(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "network policy verified and applied"
+            ),
+            Err(e) => {
+                warn!(error = %e, "initial network policy sync failed; retrying in the background")
+            }
+        }
+    }
+
     /// Runs the agent until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        // Policy before anything else: the first firewall write must already carry it, so a
+        // restart never opens what policy closes. Leftover chains and sets go here too.
+        self.initial_policy_sync().await;
         if let Some(bgp) = self.ctx.bgp.get() {
             let blocks = self.ctx.cluster.blocks_of(self.ctx.me());
             let socket = bgp.files().socket.display().to_string();
@@ -134,6 +155,11 @@ impl Agent {
             tokio::spawn(liveness::run_liveness(ctx.clone(), self.datastore.clone())),
             tokio::spawn(monitor::run_kernel_monitor(ctx.clone())),
             tokio::spawn(monitor::run_netconf_monitor(ctx.clone())),
+            tokio::spawn(crate::policy::watch::run_fabric_watch(
+                ctx.clone(),
+                self.datastore.clone(),
+            )),
+            tokio::spawn(crate::policy::run(ctx.clone(), ctx.config.resync_interval)),
             tokio::spawn(crate::blocks::run_releaser(ctx.clone())),
         ];
         let socket = ctx.config.socket.clone();
@@ -206,20 +232,16 @@ async fn load(
     store: &Datastore,
     underlay: &crate::kernel::Underlay,
 ) -> anyhow::Result<Loaded> {
-    let wanted = PoolRecord {
-        cidr: config.pool.cidr,
-        block_size: config.pool.block_size,
-        nat_outgoing: config.pool.nat_outgoing,
-        encapsulation: config.pool.encapsulation,
-    };
     let me = config.host_name.as_str();
     let mut waited = false;
     loop {
         let loaded = async {
-            let pool = store.ensure_pool(&config.pool.name, &wanted).await?;
+            for pool in &config.pools {
+                store.ensure_pool(&pool.name, &pool.record()).await?;
+            }
             let endpoints = store.list_endpoints(me).await?;
             // Kept across restarts; a first one is taken when a peer needs the tunnel.
-            let tunnel_ip = match pool.encapsulation {
+            let tunnel_ip = match config.encapsulation() {
                 Encapsulation::None => None,
                 _ => crate::cluster::tunnel::existing(store, me).await?,
             };
@@ -233,11 +255,11 @@ async fn load(
             };
             let (host, _) = store.register_host(me, &host).await?;
             Ok::<_, StoreError>(Loaded {
-                pool,
                 host,
                 endpoints,
                 pools: store.list_pools().await?,
                 cluster: store.snapshot().await?,
+                fabric: store.fabric_snapshot().await?,
             })
         }
         .await;

@@ -45,6 +45,15 @@ impl Datastore {
             .collect())
     }
 
+    /// An address record with the revision it was read at (for a guarded release).
+    pub async fn get_ip_revision(&self, ip: IpAddr) -> Result<Option<(IpRecord, i64)>> {
+        let response = self.get(&self.keys.ip(ip), None).await?;
+        let Some(kv) = response.kvs().first() else {
+            return Ok(None);
+        };
+        Ok(Some((crate::client::decode(kv)?, kv.mod_revision())))
+    }
+
     /// Deletes a key if it still has the revision it was read at.
     pub async fn delete_if_unchanged(&self, key: &str, mod_revision: i64) -> Result<bool> {
         let response = self

@@ -49,6 +49,12 @@ pub fn pick_free_block(
         .find(|block| !taken.contains(block))
 }
 
+/// The block of prefix length `block_size` that holds `ip`.
+pub fn block_of(ip: IpAddr, block_size: u8) -> IpNetwork {
+    let net = IpNetwork::new(ip, block_size).expect("block size fits the address family");
+    IpNetwork::new(net.network(), block_size).expect("valid prefix length")
+}
+
 /// The lowest address of `blocks` (in order) that is neither used nor reserved.
 pub fn first_free_ip(blocks: &[IpNetwork], used: &HashSet<IpAddr>) -> Option<IpAddr> {
     blocks
@@ -60,6 +66,15 @@ pub fn first_free_ip(blocks: &[IpNetwork], used: &HashSet<IpAddr>) -> Option<IpA
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_lies_in_the_block_its_prefix_names() {
+        let block = |ip: &str, size| block_of(ip.parse().unwrap(), size).to_string();
+        assert_eq!(block("10.65.3.77", 26), "10.65.3.64/26");
+        assert_eq!(block("10.65.3.64", 26), "10.65.3.64/26");
+        assert_eq!(block("10.65.3.7", 32), "10.65.3.7/32");
+        assert_eq!(block("fd65::1:ff", 122), "fd65::1:c0/122");
+    }
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()

@@ -7,7 +7,7 @@ use ipnetwork::IpNetwork;
 use tracing::debug;
 
 use crate::alloc;
-use crate::client::{key_of, Datastore};
+use crate::client::{decode, key_of, Datastore};
 use crate::error::{Result, StoreError};
 use crate::records::{encode, BlockRecord, PoolRecord};
 
@@ -101,5 +101,12 @@ impl Datastore {
             )
             .await?;
         Ok(response.succeeded())
+    }
+
+    /// The host holding a block, if any.
+    pub async fn block_holder(&self, pool_name: &str, block: IpNetwork) -> Result<Option<String>> {
+        let response = self.get(&self.keys.block(pool_name, block), None).await?;
+        let record: Option<BlockRecord> = response.kvs().first().map(decode).transpose()?;
+        Ok(record.map(|r| r.host))
     }
 }

@@ -51,10 +51,15 @@ impl From<etcd_client::Error> for StoreError {
         use etcd_client::Error as E;
         let unavailable = match &err {
             E::TransportError(_) | E::IoError(_) => true,
-            E::GRpcStatus(status) => matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ),
+            E::GRpcStatus(status) => match status.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => true,
+                // The connection broke under the request (a member restarted): the request may
+                // or may not have been applied, exactly as when etcd cannot be reached.
+                tonic::Code::Unknown => status.message() == "transport error",
+                _ => false,
+            },
             _ => false,
         };
         if unavailable {
@@ -72,3 +77,22 @@ impl From<tokio::time::error::Elapsed> for StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_broken_under_a_request_is_unavailability() {
+        let reset = etcd_client::Error::GRpcStatus(tonic::Status::unknown("transport error"));
+        assert!(matches!(
+            StoreError::from(reset),
+            StoreError::Unavailable(_)
+        ));
+        let refused =
+            etcd_client::Error::GRpcStatus(tonic::Status::unknown("etcdserver: too many requests"));
+        assert!(matches!(StoreError::from(refused), StoreError::Etcd(_)));
+        let down = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("no leader"));
+        assert!(matches!(StoreError::from(down), StoreError::Unavailable(_)));
+    }
+}

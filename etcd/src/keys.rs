@@ -104,6 +104,27 @@ impl Keys {
         format!("{}/ports/{host}/", self.prefix)
     }
 
+    pub fn policy(&self, name: &str) -> String {
+        format!("{}/policies/{name}", self.prefix)
+    }
+
+    /// Every network policy.
+    pub fn policies(&self) -> String {
+        format!("{}/policies/", self.prefix)
+    }
+
+    /// Parses `<prefix>/endpoints/<host>/<container-id>`.
+    pub fn parse_endpoint(&self, key: &str) -> Option<(String, String)> {
+        let (host, id) = key.strip_prefix(&self.endpoints())?.split_once('/')?;
+        (!host.is_empty() && !id.is_empty() && !id.contains('/'))
+            .then(|| (host.to_string(), id.to_string()))
+    }
+
+    /// Parses `<prefix>/policies/<name>`.
+    pub fn parse_policy<'k>(&self, key: &'k str) -> Option<&'k str> {
+        self.name_in(&self.policies(), key)
+    }
+
     /// Parses `<prefix>/blocks/<pool>/<addr>-<len>` into the pool name and the block.
     pub fn parse_block(&self, key: &str) -> Option<(String, IpNetwork)> {
         let rest = key.strip_prefix(&self.blocks())?;
@@ -183,6 +204,21 @@ mod tests {
         assert_eq!(keys.parse_port("/weft/v1/ports/h1/tcp/53/x"), None);
         let ip: IpAddr = "10.65.0.7".parse().unwrap();
         assert_eq!(keys.parse_ip(&keys.ip(ip)), Some(ip));
+    }
+
+    #[test]
+    fn endpoint_and_policy_keys_round_trip() {
+        let keys = Keys::new("/weft/v1");
+        let key = keys.endpoint("h1", "web-1");
+        assert_eq!(
+            keys.parse_endpoint(&key),
+            Some(("h1".into(), "web-1".into()))
+        );
+        assert_eq!(keys.parse_endpoint("/weft/v1/endpoints/h1"), None);
+        assert_eq!(keys.parse_endpoint("/weft/v1/endpoints/h1/a/b"), None);
+        assert_eq!(keys.policy("web"), "/weft/v1/policies/web");
+        assert_eq!(keys.parse_policy(&keys.policy("web")), Some("web"));
+        assert_eq!(keys.parse_policy("/weft/v1/policies/a/b"), None);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! [`Datastore`] is one facade over etcd; its methods live with their job: `client` (connection,
 //! failover, TLS), `registry` (pools, hosts, liveness, host removal), `endpoints` (guarded
 //! create and delete, the batching writer), `blocks` (claims), `watch` (snapshot and follow) and
-//! `admin` (operator reads and guarded repairs). `cluster` and `alloc` are pure.
+//! `admin` (operator reads and guarded repairs), `policies` (network policies and the fabric
+//! watch). `cluster`, `fabric`, `policy` and `alloc` are pure.
 
 mod admin;
 pub mod alloc;
@@ -13,8 +14,11 @@ mod client;
 pub mod cluster;
 mod endpoints;
 mod error;
+pub mod fabric;
 pub mod keys;
 pub mod names;
+mod policies;
+pub mod policy;
 pub mod records;
 mod registry;
 mod watch;
@@ -24,5 +28,6 @@ pub use client::{unix_now, Datastore, EtcdConfig, TlsFiles};
 pub use cluster::{BlockOwner, ClusterEvent, ClusterView};
 pub use endpoints::{BlockRef, CreateConflict, EndpointWriter};
 pub use error::{Result, StoreError};
+pub use fabric::{FabricEvent, FabricView};
 pub use keys::Keys;
 pub use registry::Released;

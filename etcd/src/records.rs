@@ -1,6 +1,7 @@
 //! The JSON records stored under each key. Addresses are family-generic (`IpAddr`,
 //! `IpNetwork`); both serialize as the plain text form ("10.65.0.1", "10.65.0.0/16").
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -204,6 +205,10 @@ pub struct EndpointRecord {
     /// the traffic from its own address (source-based routing in the container).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub secondary: bool,
+    /// The endpoint's labels, which network policy selects by (absent when empty, so records
+    /// without labels keep their stored form).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 pub fn encode<T: Serialize>(record: &T) -> String {

@@ -3,7 +3,8 @@
 //!
 //! On top of it: [`invariants`], which reads a whole lab and names every disagreement between
 //! etcd, the agents and the kernels, and [`chaos`], the seeded randomized fault run that checks
-//! them at every quiet point (`weft-lab chaos`).
+//! them at every quiet point (`weft-lab chaos`), and [`soak`], continuous churn with faults
+//! ending with nothing leaked (`weft-lab soak`).
 //!
 //! Everything lives in namespaces named `<prefix>-*` (and the agents' container namespaces
 //! `weft-<prefix>-*`); the root namespace gets no address, route or link, so labs run side by
@@ -13,10 +14,13 @@ pub mod bench;
 pub mod bgp;
 pub mod capture;
 pub mod chaos;
+pub mod cni;
 pub mod etcd;
 pub mod invariants;
 pub mod lab;
+pub mod probe;
 pub mod sh;
+pub mod soak;
 
 pub use lab::{Lab, LabOptions};
 

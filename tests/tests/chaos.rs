@@ -2,39 +2,14 @@
 //! ordinary operations and names each violation injected by hand; the chaos run (seeded,
 //! `WEFT_CHAOS_SEED` replays, `WEFT_CHAOS_MINUTES` lengthens) keeps every invariant.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use weft_tests::chaos::{self, ChaosOptions};
+use weft_tests::cni::run as cni;
 use weft_tests::invariants::{self, Violation};
-use weft_tests::lab::bin;
 use weft_tests::{sh, Lab, LabOptions};
-
-/// Runs weft-cni like a runtime does; returns whether it succeeded and what it printed.
-fn cni(command: &str, container: &str, netns: &str, config: &Value) -> (bool, Value) {
-    let mut child = Command::new(bin("weft-cni"))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let written = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(config.to_string().as_bytes());
-    let out = child.wait_with_output().unwrap();
-    written.unwrap();
-    let value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.success(), value)
-}
 
 fn render(violations: &[Violation]) -> String {
     violations

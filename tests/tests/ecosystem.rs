@@ -8,36 +8,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
+use weft_tests::cni::run as cni;
 use weft_tests::lab::{bin, OUTSIDE_IP};
 use weft_tests::{sh, Lab, LabOptions};
-
-/// Runs weft-cni like a runtime does: environment variables and the config on stdin.
-fn cni(command: &str, container: &str, netns: &str, config: &Value) -> (bool, Value) {
-    let mut child = Command::new(bin("weft-cni"))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let written = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(config.to_string().as_bytes());
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
-    // The plugin reads all of stdin for every command, VERSION included, so the write must land.
-    written.unwrap_or_else(|e| {
-        panic!("writing the config to weft-cni {command}: {e}; it said {value}")
-    });
-    (out.status.success(), value)
-}
 
 #[test]
 fn the_cni_plugin_speaks_the_spec() {

@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -16,6 +15,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 use weft_proto::v1 as pb;
 use weft_proto::v1::agent_client::AgentClient;
+use weft_tests::cni::run_as as cni_as;
 use weft_tests::lab::{bin, OUTSIDE_IP, ROUTER_IP};
 use weft_tests::{sh, Lab, LabOptions};
 
@@ -1064,33 +1064,6 @@ fn containers_cannot_reach_etcd_or_a_non_loopback_metrics_listener() {
 
 // ---- 7. CNI: networks and a second interface --------------------------------------------------------
 
-/// Runs weft-cni like a runtime does; returns (success, parsed stdout).
-fn cni(command: &str, container: &str, netns: &str, ifname: &str, config: &Value) -> (bool, Value) {
-    let mut child = Command::new(bin("weft-cni"))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", ifname)
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let written = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(config.to_string().as_bytes());
-    let out = child.wait_with_output().unwrap();
-    written.unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    (
-        out.status.success(),
-        serde_json::from_str(text.trim()).unwrap_or(Value::Null),
-    )
-}
-
 /// Whether `id` has the shape `cni-<8 hex>-<16 hex>-<readable>`; returns the network part.
 fn cni_id_parts(id: &str) -> Option<(String, String, String)> {
     let rest = id.strip_prefix("cni-")?;
@@ -1120,9 +1093,9 @@ fn a_second_cni_network_adds_net1_beside_eth0_and_gc_is_per_network() {
         })
     };
     let (a, b) = (config("weft-a"), config("weft-b"));
-    let (ok, added_a) = cni("ADD", ctr, &path, "eth0", &a);
+    let (ok, added_a) = cni_as("ADD", ctr, &path, "eth0", &a);
     assert!(ok, "ADD weft-a eth0: {added_a}");
-    let (ok, added_b) = cni("ADD", ctr, &path, "net1", &b);
+    let (ok, added_b) = cni_as("ADD", ctr, &path, "net1", &b);
     assert!(ok, "ADD weft-b net1: {added_b}");
     assert_eq!(added_b["interfaces"][0]["name"], "net1", "{added_b}");
     let address = |r: &Value| {
@@ -1141,7 +1114,7 @@ fn a_second_cni_network_adds_net1_beside_eth0_and_gc_is_per_network() {
         "the default route stays on eth0: {}",
         sh::run("ip", &["-n", &ns, "route"]).unwrap()
     );
-    let (ok, err) = cni("CHECK", ctr, &path, "eth0", &a);
+    let (ok, err) = cni_as("CHECK", ctr, &path, "eth0", &a);
     assert!(ok, "CHECK of (weft-a, eth0) after adding net1: {err}");
 
     // From another host: replies leave through the interface of their source address.
@@ -1182,7 +1155,7 @@ fn a_second_cni_network_adds_net1_beside_eth0_and_gc_is_per_network() {
     // GC of weft-a keeps what weft-b made.
     let mut gc = a.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": ctr, "ifname": "eth0"}]);
-    let (ok, err) = cni("GC", "", "", "", &gc);
+    let (ok, err) = cni_as("GC", "", "", "", &gc);
     assert!(ok, "GC weft-a: {err}");
     assert_eq!(
         listed(&lab, 0).len(),
@@ -1193,7 +1166,7 @@ fn a_second_cni_network_adds_net1_beside_eth0_and_gc_is_per_network() {
     // GC of weft-b with nothing valid detaches net1 only.
     let mut gc = b.clone();
     gc["cni.dev/valid-attachments"] = json!([]);
-    let (ok, err) = cni("GC", "", "", "", &gc);
+    let (ok, err) = cni_as("GC", "", "", "", &gc);
     assert!(ok, "GC weft-b: {err}");
     let left = listed(&lab, 0);
     assert_eq!(left.len(), 1, "{left:?}");

@@ -354,6 +354,7 @@ fn rendered_rules_match_what_iptables_prints_so_resyncs_write_nothing() {
                 "0.0.0.0:9099".parse().unwrap(),
             ],
             vxlan_peers: Some(vec!["198.18.0.2".parse().unwrap()]),
+            policy: Default::default(),
         };
         let firewall = Iptables::default();
         let first = firewall.sync(&spec, SyncMode::Verify).unwrap();
@@ -363,6 +364,9 @@ fn rendered_rules_match_what_iptables_prints_so_resyncs_write_nothing() {
     .join();
     sh::run("ip", &["netns", "del", &ns]).unwrap();
     let (first, again) = result.unwrap();
-    assert_eq!(first, 2, "both tables written the first time");
+    assert_eq!(
+        first, 3,
+        "both tables (and policy's chains) written the first time"
+    );
     assert_eq!(again, 0, "a verified, unchanged state is not written again");
 }

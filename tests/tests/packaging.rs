@@ -97,7 +97,7 @@ fn the_package_is_lintian_clean_and_holds_what_an_operator_needs() {
 
     let field = |name: &str| run_ok(Command::new("dpkg-deb").args(["-f"]).arg(&deb).arg(name));
     let depends = field("Depends");
-    for needed in ["iptables", "iproute2", "conntrack", "libc6"] {
+    for needed in ["iptables", "iproute2", "conntrack", "ipset", "libc6"] {
         assert!(
             depends.contains(needed),
             "Depends lacks {needed}: {depends}"

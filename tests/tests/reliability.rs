@@ -847,7 +847,7 @@ async fn hostile_requests_get_the_right_code_and_leave_nothing() {
         netns: netns.into(),
         pid,
         ifname: ifname.into(),
-        ports: vec![],
+        ..Default::default()
     };
     let with_ports = |ports: Vec<(&str, u32, u32)>| pb::AttachRequest {
         container_id: "ported".into(),

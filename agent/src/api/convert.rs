@@ -23,7 +23,10 @@ impl TryFrom<pb::AttachRequest> for AttachRequest {
             .iter()
             .map(|p| port_mapping(&p.protocol, p.host_port, p.container_port))
             .collect::<Result<Vec<_>, _>>()?;
-        AttachRequest::new(&req.container_id, &req.netns, req.pid, &req.ifname, ports)
+        AttachRequest::new(&req.container_id, &req.netns, req.pid, &req.ifname, ports)?
+            .with_labels(req.labels.into_iter().collect())?
+            .with_ips(&req.ips)?
+            .with_pools(&req.pools)
     }
 }
 
@@ -38,6 +41,11 @@ pub fn endpoint_to_pb(record: &EndpointRecord) -> pb::Endpoint {
         netns: record.netns.clone(),
         ports: record.ports.iter().map(port_to_pb).collect(),
         ifname: record.ifname.clone(),
+        labels: record
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

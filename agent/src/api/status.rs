@@ -24,11 +24,20 @@ fn store_code(err: &StoreError) -> Code {
 
 pub fn code(err: &EndpointError) -> Code {
     match err {
-        EndpointError::Invalid(_) | EndpointError::NoProcess(_) => Code::InvalidArgument,
+        EndpointError::Invalid(_)
+        | EndpointError::NoProcess(_)
+        | EndpointError::OutsidePools { .. }
+        | EndpointError::OutsideNamedPools { .. }
+        | EndpointError::UnknownPool(_) => Code::InvalidArgument,
+        EndpointError::PoolDisabled(_) | EndpointError::NoPool => Code::FailedPrecondition,
+        EndpointError::AddressTaken { .. } => Code::AlreadyExists,
+        EndpointError::AddressElsewhere { .. } => Code::FailedPrecondition,
         EndpointError::IfnameTaken { .. } => Code::InvalidArgument,
         EndpointError::Netns(e) => netns_code(e),
         EndpointError::Kernel(KernelError::Netns(e)) => netns_code(e),
-        EndpointError::Kernel(_) | EndpointError::Firewall(_) => Code::Internal,
+        EndpointError::Kernel(_) | EndpointError::Firewall(_) | EndpointError::Policy(_) => {
+            Code::Internal
+        }
         EndpointError::Store(e) => store_code(e),
         EndpointError::NotAttached(_) => Code::NotFound,
         EndpointError::WrittenElsewhere { .. } => Code::AlreadyExists,
@@ -90,6 +99,27 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (EndpointError::Contention, Code::Unavailable),
+            (
+                EndpointError::OutsidePools {
+                    ip: "10.66.0.1".parse().unwrap(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                EndpointError::AddressTaken {
+                    ip: "10.65.0.1".parse().unwrap(),
+                    holder: "container a".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                EndpointError::AddressElsewhere {
+                    ip: "10.65.0.1".parse().unwrap(),
+                    block: "10.65.0.0/26".parse().unwrap(),
+                    host: "h2".into(),
+                },
+                Code::FailedPrecondition,
+            ),
         ];
         for (err, expected) in cases {
             assert_eq!(Status::from(err).code(), expected);

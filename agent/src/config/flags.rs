@@ -141,6 +141,8 @@ pub struct FileConfig {
     pub block_size: Option<u8>,
     pub nat_outgoing: Option<bool>,
     pub encapsulation: Option<String>,
+    /// Several pools, instead of pool, pool-name and block-size.
+    pub pools: Option<Vec<super::FilePool>>,
     pub mtu: Option<u32>,
     pub underlay_interface: Option<String>,
     pub socket: Option<PathBuf>,

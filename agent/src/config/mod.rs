@@ -4,15 +4,15 @@
 
 mod bgp;
 mod flags;
+mod pools;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ipnetwork::IpNetwork;
-
 pub use bgp::{Asn, BgpPeer, BgpSettings};
 pub use flags::{parse_duration, read_file, FileConfig, Flags};
+pub use pools::{FilePool, PoolSettings};
 
 use crate::model::HostName;
 use weft_etcd::records::Encapsulation;
@@ -32,22 +32,13 @@ pub struct EtcdSettings {
     pub tls: Option<weft_etcd::TlsFiles>,
 }
 
-/// The pool this agent allocates from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolSettings {
-    pub name: String,
-    pub cidr: IpNetwork,
-    pub block_size: u8,
-    pub nat_outgoing: bool,
-    pub encapsulation: Encapsulation,
-}
-
 /// The resolved configuration the agent runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub host_name: HostName,
     pub etcd: EtcdSettings,
-    pub pool: PoolSettings,
+    /// The pools this agent allocates from, in the order given (at least one).
+    pub pools: Vec<PoolSettings>,
     pub underlay_interface: Option<String>,
     /// MTU of container interfaces, when set by hand.
     pub mtu: Option<u32>,
@@ -101,6 +92,21 @@ fn duration(
 }
 
 impl Config {
+    /// The pool of this name, if the agent has it.
+    pub fn pool(&self, name: &str) -> Option<&PoolSettings> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The pool holding `ip`, if any.
+    pub fn pool_of(&self, ip: std::net::IpAddr) -> Option<&PoolSettings> {
+        self.pools.iter().find(|p| p.cidr.contains(ip))
+    }
+
+    /// The encapsulation of this host's pools (they share one).
+    pub fn encapsulation(&self) -> Encapsulation {
+        self.pools[0].encapsulation
+    }
+
     pub fn load(flags: Flags) -> Result<Self, ConfigError> {
         let file = match &flags.config {
             Some(path) => read_file(path)?,
@@ -120,7 +126,7 @@ impl Config {
         let host_name =
             HostName::new(&host_name).map_err(|e| invalid("host-name", e.to_string()))?;
         let etcd = etcd_settings(&flags, &file)?;
-        let pool = pool_settings(&flags, &file)?;
+        let pools = pools::pool_settings(&flags, &file)?;
         let bgp = bgp::bgp_settings(&flags, &file)?;
         let alive_ttl = duration("alive-ttl", flags.alive_ttl.or(file.alive_ttl), "10s")?;
         if alive_ttl < Duration::from_secs(2) {
@@ -147,7 +153,7 @@ impl Config {
         Ok(Config {
             host_name: host_name.clone(),
             etcd,
-            pool,
+            pools,
             underlay_interface: flags.underlay_interface.or(file.underlay_interface),
             mtu: match flags.mtu.or(file.mtu) {
                 Some(mtu) if !(576..=65535).contains(&mtu) => {
@@ -222,56 +228,6 @@ fn etcd_settings(flags: &Flags, file: &FileConfig) -> Result<EtcdSettings, Confi
         prefix,
         timeout,
         tls,
-    })
-}
-
-fn pool_settings(flags: &Flags, file: &FileConfig) -> Result<PoolSettings, ConfigError> {
-    let text = flags
-        .pool
-        .clone()
-        .or(file.pool.clone())
-        .unwrap_or_else(|| "10.65.0.0/16".into());
-    let cidr: IpNetwork = text
-        .parse()
-        .ok()
-        .filter(IpNetwork::is_ipv4)
-        .ok_or_else(|| invalid("pool", format!("{text:?} is not an IPv4 CIDR")))?;
-    if cidr.network() != cidr.ip() {
-        return Err(invalid(
-            "pool",
-            format!(
-                "{cidr} has host bits set; did you mean {}/{}?",
-                cidr.network(),
-                cidr.prefix()
-            ),
-        ));
-    }
-    let block_size = flags.block_size.or(file.block_size).unwrap_or(26);
-    if block_size < cidr.prefix() || block_size > 32 {
-        return Err(invalid(
-            "block-size",
-            format!("/{block_size} blocks do not fit in pool {cidr}"),
-        ));
-    }
-    let name = flags
-        .pool_name
-        .clone()
-        .or(file.pool_name.clone())
-        .unwrap_or_else(|| "default".into());
-    HostName::new(&name)
-        .map_err(|_| invalid("pool-name", format!("{name:?} is not a valid name")))?;
-    let encapsulation = match flags.encapsulation.clone().or(file.encapsulation.clone()) {
-        Some(text) => text
-            .parse()
-            .map_err(|e: String| invalid("encapsulation", e))?,
-        None => Encapsulation::default(),
-    };
-    Ok(PoolSettings {
-        name,
-        cidr,
-        block_size,
-        nat_outgoing: flags.nat_outgoing.or(file.nat_outgoing).unwrap_or(true),
-        encapsulation,
     })
 }
 
@@ -351,17 +307,17 @@ mod tests {
     #[test]
     fn defaults() {
         let config = Config::resolve(flags(&["--host-name", "h1"]), FileConfig::default()).unwrap();
-        assert_eq!(config.pool.cidr.to_string(), "10.65.0.0/16");
-        assert_eq!(config.pool.block_size, 26);
+        assert_eq!(config.pools[0].cidr.to_string(), "10.65.0.0/16");
+        assert_eq!(config.pools[0].block_size, 26);
         assert_eq!(config.etcd.prefix, "/weft/v1");
         assert_eq!(config.socket, PathBuf::from("/run/weft/agent.sock"));
-        assert!(config.pool.nat_outgoing);
+        assert!(config.pools[0].nat_outgoing);
         assert_eq!(config.remove_dead_hosts_after, None);
         assert_eq!(config.etcd.tls, None);
         assert_eq!(config.state_dir, PathBuf::from("/run/weft/h1"));
         assert!(!config.allow_host_port_override);
         assert!(config.protect_datastore);
-        assert_eq!(config.pool.encapsulation, Encapsulation::CrossSubnet);
+        assert_eq!(config.pools[0].encapsulation, Encapsulation::CrossSubnet);
         assert_eq!(config.mtu, None);
         assert!(!config.bgp.enabled);
         assert_eq!(config.bgp.asn.get(), 64512);
@@ -436,8 +392,8 @@ mod tests {
                 .unwrap();
         let config = Config::resolve(flags(&["--host-name", "flag"]), file).unwrap();
         assert_eq!(config.host_name.as_str(), "flag");
-        assert_eq!(config.pool.cidr.to_string(), "10.70.0.0/16");
-        assert_eq!(config.pool.block_size, 28);
+        assert_eq!(config.pools[0].cidr.to_string(), "10.70.0.0/16");
+        assert_eq!(config.pools[0].block_size, 28);
     }
 
     #[test]

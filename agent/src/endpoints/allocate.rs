@@ -9,15 +9,16 @@ use ipnetwork::IpNetwork;
 
 use tracing::{debug, info, warn};
 use weft_etcd::records::EndpointRecord;
-use weft_etcd::{alloc, BlockRef, CreateConflict};
+use weft_etcd::{alloc, BlockRef, CreateConflict, StoreError};
 
 use super::error::EndpointError;
 use super::table::{Settle, Taken};
+use crate::config::PoolSettings;
 use crate::context::Context;
 use crate::model::{veth_name, ContainerId, Route, RouteTarget};
 
 /// Tries before giving up when etcd keeps saying the picked address is taken.
-const ATTEMPTS: usize = 64;
+pub(super) const ATTEMPTS: usize = 64;
 
 /// The first veth name for `id` that no other endpoint (or pending attach) uses.
 pub fn choose_veth_name(id: &ContainerId, taken: &HashSet<String>) -> String {
@@ -36,17 +37,37 @@ fn open_blocks(blocks: &[IpNetwork], taken: &Taken) -> Vec<IpNetwork> {
         .collect()
 }
 
-/// Picks an address and a veth name, then writes the endpoint record guarded by the address.
-/// The record is in the table from the moment it is written, so the route the attach adds is
-/// never taken for stale by the reconciler.
+/// Allocates from the first of `pools` (in order) that has a free address or block left.
 pub async fn allocate(
     ctx: &Context,
     id: &ContainerId,
+    pools: &[&PoolSettings],
     make: impl Fn(IpAddr, String) -> EndpointRecord,
 ) -> Result<EndpointRecord, EndpointError> {
-    let pool = &ctx.config.pool.name;
+    let (last, earlier) = pools.split_last().ok_or(EndpointError::NoPool)?;
+    for pool in earlier {
+        match allocate_in(ctx, id, pool, &make).await {
+            Err(EndpointError::Store(StoreError::PoolExhausted { .. })) => {
+                debug!(pool = %pool.name, "pool exhausted; trying the next one");
+            }
+            other => return other,
+        }
+    }
+    allocate_in(ctx, id, last, &make).await
+}
+
+/// Picks an address of `pool` and a veth name, then writes the endpoint record guarded by the
+/// address. The record is in the table from the moment it is written, so the route the attach
+/// adds is never taken for stale by the reconciler.
+async fn allocate_in(
+    ctx: &Context,
+    id: &ContainerId,
+    pool: &PoolSettings,
+    make: &impl Fn(IpAddr, String) -> EndpointRecord,
+) -> Result<EndpointRecord, EndpointError> {
+    let name_of_pool = &pool.name;
     for _ in 0..ATTEMPTS {
-        let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
+        let blocks = ctx.cluster.pool_blocks_of(name_of_pool, ctx.me());
         let picked = ctx.endpoints.reserve(ctx.tunnel_ip(), |taken| {
             let open = open_blocks(&blocks, taken);
             let ip = alloc::first_free_ip(&open, &taken.ips)?;
@@ -54,59 +75,86 @@ pub async fn allocate(
             Some((ip, choose_veth_name(id, &taken.names), block))
         });
         let Some((ip, name, block)) = picked else {
-            claim_block(ctx, blocks.len()).await?;
+            claim_block(ctx, pool, blocks.len()).await?;
             continue;
         };
         let record = make(ip, name.clone());
-        let block = BlockRef {
-            pool: pool.clone(),
+        let block_ref = BlockRef {
+            pool: name_of_pool.clone(),
             block,
         };
-        match ctx.store.create_endpoint(record.clone(), block).await {
-            Ok(()) => {
-                ctx.endpoints
-                    .settle(ip, &name, Settle::Written(Box::new(record.clone())));
-                return Ok(record);
-            }
-            Err(CreateConflict::IpTaken) => {
+        match write(ctx, record, block_ref).await? {
+            Written::Done(record) => return Ok(*record),
+            Written::IpTaken => {
                 debug!(%ip, "address taken in etcd by a record unknown here; trying another");
-                ctx.endpoints.settle(ip, &name, Settle::Foreign);
-            }
-            // Our own write, retried on another endpoint after its answer was lost.
-            Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
-                ctx.endpoints.settle(ip, &name, Settle::Written(existing));
-                return Ok(record);
             }
             // Released after the view was read (by another agent of this host's name, or an
             // operator): try again on the view as it is now.
-            Err(CreateConflict::Store(weft_etcd::StoreError::BlockReleased { block })) => {
-                debug!(%block, "block released meanwhile; trying another");
-                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-            }
-            Err(CreateConflict::EndpointExists(existing)) => {
-                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-                return Err(EndpointError::WrittenElsewhere {
-                    container: existing.container_id,
-                    ip: existing.ip,
-                });
-            }
-            Err(CreateConflict::Store(e)) => {
-                ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-                // An answer lost on the way back: etcd may still commit the write.
-                if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
-                    ctx.endpoints.undeliver(record);
-                }
-                return Err(e.into());
-            }
+            Written::BlockReleased => debug!(%block, "block released meanwhile; trying another"),
         }
     }
     Err(EndpointError::Contention)
 }
 
+/// How writing a reserved address's endpoint record ended, when it did not fail outright.
+pub(super) enum Written {
+    Done(Box<EndpointRecord>),
+    /// A record unknown here holds the address (it is marked foreign).
+    IpTaken,
+    /// The block was released after the view was read.
+    BlockReleased,
+}
+
+/// Writes the endpoint record of an address reserved in the table, and settles the
+/// reservation by the outcome.
+pub(super) async fn write(
+    ctx: &Context,
+    record: EndpointRecord,
+    block: BlockRef,
+) -> Result<Written, EndpointError> {
+    let (ip, name) = (record.ip, record.host_ifname.clone());
+    match ctx.store.create_endpoint(record.clone(), block).await {
+        Ok(()) => {
+            ctx.endpoints
+                .settle(ip, &name, Settle::Written(Box::new(record.clone())));
+            Ok(Written::Done(Box::new(record)))
+        }
+        Err(CreateConflict::IpTaken) => {
+            ctx.endpoints.settle(ip, &name, Settle::Foreign);
+            Ok(Written::IpTaken)
+        }
+        // Our own write, retried on another endpoint after its answer was lost.
+        Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
+            ctx.endpoints.settle(ip, &name, Settle::Written(existing));
+            Ok(Written::Done(Box::new(record)))
+        }
+        Err(CreateConflict::Store(weft_etcd::StoreError::BlockReleased { .. })) => {
+            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+            Ok(Written::BlockReleased)
+        }
+        Err(CreateConflict::EndpointExists(existing)) => {
+            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+            Err(EndpointError::WrittenElsewhere {
+                container: existing.container_id,
+                ip: existing.ip,
+            })
+        }
+        Err(CreateConflict::Store(e)) => {
+            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+            // An answer lost on the way back: etcd may still commit the write.
+            if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
+                ctx.endpoints.undeliver(record);
+            }
+            Err(e.into())
+        }
+    }
+}
+
 /// Takes a tunnel address for this host (the first free address of its blocks, a block claimed
 /// if need be) under the `ips/` guard, and registers it with the host's VTEP MAC.
 pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
-    let pool = &ctx.config.pool.name;
+    let settings = tunnel_pool(&ctx.config.pools).ok_or(EndpointError::NoPool)?;
+    let pool = &settings.name;
     for _ in 0..ATTEMPTS {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
         let picked = ctx.endpoints.reserve(None, |taken| {
@@ -117,7 +165,7 @@ pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
             Some((ip, String::new(), block))
         });
         let Some((ip, _, block)) = picked else {
-            claim_block(ctx, blocks.len()).await?;
+            claim_block(ctx, settings, blocks.len()).await?;
             continue;
         };
         let claimed = ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await;
@@ -139,14 +187,33 @@ pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
     Err(EndpointError::Contention)
 }
 
-/// Claims one more block unless another attach did so while we waited for the claim lock.
-async fn claim_block(ctx: &Context, blocks_seen: usize) -> Result<(), EndpointError> {
+/// The pool the host's tunnel address comes from: its first enabled IPv4 pool (the tunnel
+/// carries IPv4).
+pub fn tunnel_pool(pools: &[PoolSettings]) -> Option<&PoolSettings> {
+    pools.iter().find(|p| !p.disabled && p.cidr.is_ipv4())
+}
+
+/// Claims one more block of `pool` unless another attach did so while we waited for the claim
+/// lock.
+async fn claim_block(
+    ctx: &Context,
+    pool: &PoolSettings,
+    blocks_seen: usize,
+) -> Result<(), EndpointError> {
     let _claim = ctx.claim.lock().await;
-    let pool = &ctx.config.pool.name;
-    if ctx.cluster.pool_blocks_of(pool, ctx.me()).len() > blocks_seen {
+    if ctx.cluster.pool_blocks_of(&pool.name, ctx.me()).len() > blocks_seen {
         return Ok(());
     }
-    let block = ctx.store.claim_block(pool, &ctx.pool, ctx.me()).await?;
+    let block = ctx
+        .store
+        .claim_block(&pool.name, &pool.record(), ctx.me())
+        .await?;
+    adopt(ctx, &pool.name, block).await;
+    Ok(())
+}
+
+/// Takes a block just claimed into the view, with its blackhole route.
+pub(super) async fn adopt(ctx: &Context, pool: &str, block: IpNetwork) {
     info!(%block, "claimed block");
     ctx.cluster.claimed(pool, block, ctx.me());
     // Unused addresses of the block must be dropped here, not sent to the default route.
@@ -157,7 +224,6 @@ async fn claim_block(ctx: &Context, blocks_seen: usize) -> Result<(), EndpointEr
     if let Err(e) = ctx.kernel.replace_route(&blackhole).await {
         warn!(%block, error = %e, "cannot add blackhole route; the reconciler will retry");
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use weft_etcd::records::{EndpointRecord, Protocol};
 
 use super::allocate::allocate;
 use super::error::EndpointError;
-use super::{reattach, teardown};
+use super::{pools, reattach, requested, teardown};
 use crate::context::Context;
 use crate::firewall::SyncMode;
 use crate::kernel::{ContainerLink, KernelError, NetnsError};
@@ -83,7 +83,7 @@ async fn attach_into(
     let mac = Mac::random();
     // Only the first weft interface of a namespace carries its default route.
     let secondary = ctx.endpoints.list().iter().any(|e| e.netns == netns.path);
-    let record = allocate(ctx, id, |ip, host_ifname| EndpointRecord {
+    let make = |ip, host_ifname| EndpointRecord {
         container_id: id.to_string(),
         host: ctx.me().to_string(),
         ip,
@@ -95,8 +95,15 @@ async fn attach_into(
         ports: request.ports.clone(),
         created: weft_etcd::unix_now(),
         secondary,
-    })
-    .await?;
+        labels: request.labels.clone(),
+    };
+    let record = match request.ips.as_slice() {
+        [] => {
+            let pools = pools::choose(&ctx.config.pools, &request.pools)?;
+            allocate(ctx, id, &pools, make).await?
+        }
+        ips => requested::allocate_requested(ctx, id, ips, &request.pools, make).await?,
+    };
     let allocated = started.elapsed();
     // Before the kernel is touched: whatever is wired from here on, the journal explains.
     if let Err(e) = ctx
@@ -107,6 +114,17 @@ async fn attach_into(
         warn!(container = %id, error = %e, "cannot write the journal entry; rolling back");
         teardown::roll_back(ctx, &record).await;
         return Err(EndpointError::Journal(e));
+    }
+    // An endpoint some policy selects is policed from its first packet: its chains exist before
+    // its veth does (they match by interface name). Everyone else's sets follow at once.
+    if ctx.policy.selects(&record) {
+        if let Err(err) = crate::policy::police_first(ctx).await {
+            warn!(container = %id, error = %err, "applying network policy failed; rolling back");
+            teardown::roll_back(ctx, &record).await;
+            return Err(err.into());
+        }
+    } else if ctx.policy.in_some_set(&record.labels) {
+        ctx.policy.request_sync();
     }
     let link = ContainerLink {
         host_ifname: record.host_ifname.clone(),

@@ -17,6 +17,8 @@ pub enum EndpointError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Firewall(#[from] SyncError),
+    #[error("network policy: {0}")]
+    Policy(#[from] crate::policy::PolicySyncError),
     #[error("container {0:?} is not attached here")]
     NotAttached(String),
     #[error("process {0} does not exist")]
@@ -48,6 +50,30 @@ pub enum EndpointError {
     /// A repeated attach asks for what cannot be changed on a live attachment.
     #[error("{0}")]
     Differs(String),
+    #[error("requested address {ip} lies in no pool of this host")]
+    OutsidePools { ip: std::net::IpAddr },
+    #[error("requested address {ip} lies in none of the pools named ({})", .pools.join(", "))]
+    OutsideNamedPools {
+        ip: std::net::IpAddr,
+        pools: Vec<String>,
+    },
+    #[error("this host has no pool named {0:?}")]
+    UnknownPool(String),
+    #[error("pool {0:?} is disabled: it gives no new addresses")]
+    PoolDisabled(String),
+    #[error("every pool of this host is disabled: there is no address to give")]
+    NoPool,
+    #[error("requested address {ip} is taken by {holder}")]
+    AddressTaken {
+        ip: std::net::IpAddr,
+        holder: String,
+    },
+    #[error("requested address {ip} lies in block {block} of host {host}; attach it on that host")]
+    AddressElsewhere {
+        ip: std::net::IpAddr,
+        block: ipnetwork::IpNetwork,
+        host: String,
+    },
     #[error("could not allocate an address: too many conflicts")]
     Contention,
     #[error("{what} of {container} went only partly: {}", .errors.join("; "))]

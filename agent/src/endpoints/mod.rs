@@ -7,8 +7,10 @@ pub mod attach;
 pub mod check;
 pub mod detach;
 pub mod error;
+pub mod pools;
 pub mod reattach;
 pub mod repair;
+pub mod requested;
 pub mod table;
 pub mod teardown;
 

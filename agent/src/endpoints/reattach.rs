@@ -1,5 +1,5 @@
 //! An attach of a container that is already attached: the same request repairs and returns the
-//! endpoint; other ports are applied; another namespace is wired into when the old one is gone;
+//! endpoint; other ports or labels are applied; another namespace is wired into when the old one is gone;
 //! anything else is refused with the difference named. Never success with nothing done.
 
 use std::collections::BTreeSet;
@@ -27,8 +27,12 @@ pub enum Reattach {
     Same,
     /// A difference that cannot be applied to a live attachment.
     Refuse(String),
-    /// New ports, and a new namespace to wire into when the recorded one is gone.
-    Change { ports: bool, netns: Option<String> },
+    /// New ports, new labels, and a new namespace to wire into when the recorded one is gone.
+    Change {
+        ports: bool,
+        labels: bool,
+        netns: Option<String>,
+    },
 }
 
 pub fn plan(existing: &EndpointRecord, request: &AttachRequest, namespace: &Namespace) -> Reattach {
@@ -39,6 +43,15 @@ pub fn plan(existing: &EndpointRecord, request: &AttachRequest, namespace: &Name
              interface",
             existing.ifname, request.ifname
         ));
+    }
+    if let Some(wanted) = request.requested(existing.ip.is_ipv4()) {
+        if wanted != existing.ip {
+            return Reattach::Refuse(format!(
+                "container {id} is attached with address {}, not {wanted}; detach it first to \
+                 change its address",
+                existing.ip
+            ));
+        }
     }
     let netns = match namespace {
         Namespace::Same => None,
@@ -57,9 +70,14 @@ pub fn plan(existing: &EndpointRecord, request: &AttachRequest, namespace: &Name
     let set =
         |ports: &[weft_etcd::records::PortRecord]| ports.iter().copied().collect::<BTreeSet<_>>();
     let ports = set(&existing.ports) != set(&request.ports);
-    match (ports, &netns) {
-        (false, None) => Reattach::Same,
-        _ => Reattach::Change { ports, netns },
+    let labels = existing.labels != request.labels;
+    match (ports, labels, &netns) {
+        (false, false, None) => Reattach::Same,
+        _ => Reattach::Change {
+            ports,
+            labels,
+            netns,
+        },
     }
 }
 
@@ -96,7 +114,11 @@ pub async fn reattach(
             Ok(existing)
         }
         Reattach::Refuse(difference) => Err(EndpointError::Differs(difference)),
-        Reattach::Change { ports, netns } => change(ctx, existing, request, ports, netns).await,
+        Reattach::Change {
+            ports,
+            labels,
+            netns,
+        } => change(ctx, existing, request, ports || labels, netns).await,
     }
 }
 
@@ -104,7 +126,7 @@ async fn change(
     ctx: &Context,
     existing: EndpointRecord,
     request: &AttachRequest,
-    ports: bool,
+    rules: bool,
     netns: Option<String>,
 ) -> Result<EndpointRecord, EndpointError> {
     let added: Vec<_> = request
@@ -121,6 +143,7 @@ async fn change(
     super::attach::refuse_host_listeners(ctx, &added)?;
     let mut record = existing.clone();
     record.ports = request.ports.clone();
+    record.labels = request.labels.clone();
     if let Some(path) = &netns {
         ctx.kernel.vet_netns(path)?;
         record.netns = path.clone();
@@ -136,15 +159,14 @@ async fn change(
         ctx.kernel.delete_link(&record.host_ifname).await?;
         wire(ctx, &record, &link).await?;
     }
-    if ports {
-        ctx.firewall
-            .sync(|| ctx.firewall_spec(), SyncMode::Fast, &ctx.metrics)
-            .await?;
+    if rules {
+        // Ports and labels both shape the firewall: published ports and policy rules and sets.
+        crate::policy::sync(ctx, SyncMode::Fast).await?;
         let mut udp = udp_ports(&existing);
         udp.extend(udp_ports(&record));
         ctx.firewall.flush_udp(udp).await;
     }
-    info!(container = %record.container_id, ports = ?record.ports, netns = %record.netns, "attachment changed");
+    info!(container = %record.container_id, ports = ?record.ports, labels = ?record.labels, netns = %record.netns, "attachment changed");
     repair::repair(ctx, &record).await?;
     Ok(record)
 }
@@ -167,6 +189,7 @@ mod tests {
             ports: vec![port_mapping("tcp", 8080, 80).unwrap()],
             created: 0,
             secondary: false,
+            labels: Default::default(),
         }
     }
 
@@ -196,6 +219,19 @@ mod tests {
             plan(&e, &request("/run/netns/a", "", &[(9090, 80)]), &same),
             Reattach::Change {
                 ports: true,
+                labels: false,
+                netns: None
+            }
+        );
+        let relabelled = req
+            .clone()
+            .with_labels([("app".to_string(), "db".to_string())].into())
+            .unwrap();
+        assert_eq!(
+            plan(&e, &relabelled, &same),
+            Reattach::Change {
+                ports: false,
+                labels: true,
                 netns: None
             }
         );
@@ -203,6 +239,7 @@ mod tests {
             plan(&e, &req, &gone),
             Reattach::Change {
                 ports: false,
+                labels: false,
                 netns: Some("/run/netns/b".into())
             }
         );
@@ -211,6 +248,9 @@ mod tests {
             other => panic!("not refused: {other:?}"),
         };
         refused(plan(&e, &req, &alive), "netns");
+        let asked = |ip: &str| req.clone().with_ips(&[ip]).unwrap();
+        assert_eq!(plan(&e, &asked("10.65.0.5"), &same), Reattach::Same);
+        refused(plan(&e, &asked("10.65.0.6"), &same), "address");
         refused(
             plan(&e, &request("/run/netns/a", "net1", &[(8080, 80)]), &same),
             "ifname",

@@ -25,6 +25,19 @@ struct Table {
     retiring: HashSet<IpNetwork>,
 }
 
+impl Table {
+    /// Veth names of endpoints and of attaches still writing their record.
+    fn taken_names(&self) -> HashSet<String> {
+        let mut names: HashSet<String> = self
+            .endpoints
+            .values()
+            .map(|e| e.host_ifname.clone())
+            .collect();
+        names.extend(self.reserved_names.iter().cloned());
+        names
+    }
+}
+
 /// What an allocation may not hand out, read under one lock.
 pub struct Taken {
     pub ips: HashSet<IpAddr>,
@@ -191,12 +204,7 @@ impl EndpointTable {
         ips.extend(also);
         ips.extend(table.reserved_ips.iter().copied());
         ips.extend(table.foreign.iter().copied());
-        let mut names: HashSet<String> = table
-            .endpoints
-            .values()
-            .map(|e| e.host_ifname.clone())
-            .collect();
-        names.extend(table.reserved_names.iter().cloned());
+        let names = table.taken_names();
         let retiring = table.retiring.clone();
         let picked = pick(&Taken {
             ips,
@@ -206,6 +214,35 @@ impl EndpointTable {
         table.reserved_ips.insert(picked.0);
         table.reserved_names.insert(picked.1.clone());
         Some(picked)
+    }
+
+    /// Reserves one given address of `block` (a requested one) with a veth name chosen by
+    /// `name` from those not taken, or says who holds it. Foreign marks do not count: etcd is
+    /// asked, and names the holder.
+    pub fn reserve_exact(
+        &self,
+        ip: IpAddr,
+        block: IpNetwork,
+        tunnel: Option<IpAddr>,
+        name: impl FnOnce(&HashSet<String>) -> String,
+    ) -> Result<String, Held> {
+        let mut table = self.table.lock().unwrap();
+        if let Some(holder) = table.endpoints.values().find(|e| e.ip == ip) {
+            return Err(Held::Endpoint(holder.container_id.clone()));
+        }
+        if tunnel == Some(ip) {
+            return Err(Held::Tunnel);
+        }
+        if table.reserved_ips.contains(&ip) {
+            return Err(Held::Pending);
+        }
+        if table.retiring.contains(&block) {
+            return Err(Held::Retiring);
+        }
+        let name = name(&table.taken_names());
+        table.reserved_ips.insert(ip);
+        table.reserved_names.insert(name.clone());
+        Ok(name)
     }
 
     /// Ends a reservation; with the record when it was written (it becomes an endpoint), or
@@ -265,6 +302,19 @@ impl EndpointTable {
 pub struct Undelivered {
     pub record: EndpointRecord,
     pub absent_since: Option<std::time::Instant>,
+}
+
+/// Why a requested address cannot be reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// An endpoint of this host holds it (its container id).
+    Endpoint(String),
+    /// This host's VXLAN tunnel address.
+    Tunnel,
+    /// An attach under way reserved it.
+    Pending,
+    /// Its block is being released; it is free to claim again once that is done.
+    Retiring,
 }
 
 /// How an address reservation ended.

@@ -26,6 +26,11 @@ pub async fn roll_back(ctx: &Context, record: &EndpointRecord) {
     if let Err(e) = ctx.journal.remove(&record.container_id) {
         errors.push(format!("removing journal entry: {e}"));
     }
+    // Its policy chains go with the next policy sync; its set memberships with the watch's
+    // news of its deleted record.
+    if ctx.policy.selects(record) {
+        ctx.policy.request_sync();
+    }
     if !record.ports.is_empty() {
         let synced = ctx
             .firewall
@@ -48,6 +53,9 @@ pub async fn roll_back(ctx: &Context, record: &EndpointRecord) {
 pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
     let mut errors = vec![];
     ctx.endpoints.remove(&record.container_id);
+    if ctx.policy.selects(record) {
+        ctx.policy.request_sync();
+    }
     if !record.ports.is_empty() {
         let synced = ctx
             .firewall

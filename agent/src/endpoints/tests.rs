@@ -28,7 +28,8 @@ struct World {
 const CONTAINER_NS: &str = "/run/netns/runtime-made";
 
 fn world() -> World {
-    let config = Config::load(Flags::parse_from(["weft-agent", "--host-name", "h1"])).unwrap();
+    let flags = ["weft-agent", "--host-name", "h1", "--block-size", "30"];
+    let config = Config::load(Flags::parse_from(flags)).unwrap();
     let pool = PoolRecord {
         cidr: "10.65.0.0/16".parse().unwrap(),
         block_size: 30,
@@ -56,7 +57,6 @@ fn world() -> World {
             vtep_mac: None,
             tunnel_ip: None,
         },
-        pool,
         kernel: kernel.clone(),
         store: store.clone(),
         firewall: firewall.clone(),
@@ -64,6 +64,8 @@ fn world() -> World {
         cluster: Default::default(),
         pools: vec![],
         journal: crate::journal::Journal::open(state.path()).unwrap(),
+        fabric: Default::default(),
+        sets: Arc::new(crate::policy::sets::FakeSets::default()),
     });
     World {
         ctx,
@@ -322,6 +324,84 @@ async fn the_second_interface_of_a_namespace_takes_the_default_route_when_the_fi
     assert_eq!(w.ctx.journal.load().unwrap(), vec![promoted]);
 }
 
+/// An endpoint a policy selects gets its chains and its selectors' sets as it attaches; new
+/// labels on a repeated attach are recorded and applied; a failing policy write rolls back.
+#[tokio::test]
+async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach() {
+    use weft_etcd::policy::policy_from_value;
+    let w = world();
+    let policy = policy_from_value(
+        &serde_json::json!({"name": "web", "selector": "app == 'web'", "ingress": [
+            {"action": "allow", "source": {"selector": "role == 'front'"}}]}),
+        "",
+    )
+    .unwrap();
+    w.ctx
+        .policy
+        .apply(vec![weft_etcd::FabricEvent::PolicyPut(Box::new(policy))], 1);
+    let labelled = |labels: &[(&str, &str)]| {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        request("web", CONTAINER_NS, &[])
+            .with_labels(labels)
+            .unwrap()
+    };
+    let record = attach(&w.ctx, labelled(&[("app", "web")])).await.unwrap();
+    assert_eq!(record.labels["app"], "web");
+    let chain = format!("WEFT-TW-{}", record.host_ifname);
+    assert!(w
+        .firewall
+        .applied
+        .lock()
+        .unwrap()
+        .policy
+        .contains_key(&chain));
+    let stored = w
+        .store
+        .state
+        .lock()
+        .unwrap()
+        .endpoints
+        .values()
+        .next()
+        .cloned()
+        .unwrap();
+    assert_eq!(stored.labels, record.labels);
+
+    // Relabelled out of the policy's selector: the record changes, the chain goes.
+    let record = attach(&w.ctx, labelled(&[("app", "db")])).await.unwrap();
+    assert_eq!(record.labels["app"], "db");
+    let stored = w
+        .store
+        .state
+        .lock()
+        .unwrap()
+        .endpoints
+        .values()
+        .next()
+        .cloned()
+        .unwrap();
+    assert_eq!(stored.labels["app"], "db");
+    assert!(!w
+        .firewall
+        .applied
+        .lock()
+        .unwrap()
+        .policy
+        .contains_key(&chain));
+
+    // A selected endpoint whose policy cannot be written is not attached.
+    detach(&w.ctx, &ContainerId::new("web").unwrap())
+        .await
+        .unwrap();
+    w.firewall.fail(true);
+    assert!(attach(&w.ctx, labelled(&[("app", "web")])).await.is_err());
+    w.firewall.fail(false);
+    w.assert_nothing_left();
+}
+
 #[tokio::test]
 async fn a_block_being_released_is_never_allocated_from_and_an_emptied_one_goes() {
     let w = world();
@@ -366,4 +446,66 @@ async fn a_block_being_released_is_never_allocated_from_and_an_emptied_one_goes(
     }
     crate::blocks::release_due(&w.ctx, &mut empty, std::time::Duration::ZERO).await;
     assert_eq!(w.ctx.cluster.blocks_of("h1"), [block("10.65.0.0/30")]);
+}
+
+#[tokio::test]
+async fn a_requested_address_is_given_once_kept_across_containers_and_refused_by_cause() {
+    let w = world();
+    let asked = |id: &str, ip: &str| request(id, CONTAINER_NS, &[]).with_ips(&[ip]).unwrap();
+    let ip = |text: &str| -> std::net::IpAddr { text.parse().unwrap() };
+    // A block of nobody is claimed for it.
+    let a = attach(&w.ctx, asked("a", "10.65.7.2")).await.unwrap();
+    assert_eq!(a.ip, ip("10.65.7.2"));
+    assert_eq!(
+        w.ctx.cluster.blocks_of("h1"),
+        ["10.65.7.0/30".parse().unwrap()]
+    );
+    // The same request again is the same endpoint; another address for it is refused.
+    assert_eq!(attach(&w.ctx, asked("a", "10.65.7.2")).await.unwrap(), a);
+    let moved = attach(&w.ctx, asked("a", "10.65.7.3")).await.unwrap_err();
+    assert!(matches!(moved, EndpointError::Differs(_)), "{moved}");
+
+    let refused = |e: EndpointError| e.to_string();
+    let taken = attach(&w.ctx, asked("b", "10.65.7.2")).await.unwrap_err();
+    assert!(
+        matches!(taken, EndpointError::AddressTaken { .. }),
+        "{taken}"
+    );
+    assert!(refused(taken).contains("container a"));
+    // Held in etcd by a record this agent does not know.
+    w.store
+        .state
+        .lock()
+        .unwrap()
+        .ips
+        .insert(ip("10.65.7.1"), ("h1".into(), "ghost".into()));
+    let foreign = attach(&w.ctx, asked("b", "10.65.7.1")).await.unwrap_err();
+    assert!(refused(foreign).contains("container ghost on host h1"));
+    // Another host's block, known to the view or found on claiming it.
+    w.ctx
+        .cluster
+        .claimed("default", "10.65.9.0/30".parse().unwrap(), "h2");
+    let elsewhere = attach(&w.ctx, asked("b", "10.65.9.1")).await.unwrap_err();
+    assert!(matches!(&elsewhere, EndpointError::AddressElsewhere { host, .. } if host == "h2"));
+    w.store.state.lock().unwrap().blocks.insert(
+        "10.65.11.0/30".parse().unwrap(),
+        ("default".into(), "h3".into()),
+    );
+    let raced = attach(&w.ctx, asked("b", "10.65.11.1")).await.unwrap_err();
+    assert!(matches!(&raced, EndpointError::AddressElsewhere { host, .. } if host == "h3"));
+    for outside in ["10.66.0.1", "fd65::1"] {
+        let err = attach(&w.ctx, asked("b", outside)).await.unwrap_err();
+        assert!(matches!(err, EndpointError::OutsidePools { .. }), "{err}");
+    }
+    // Nothing of the refused attaches is left.
+    assert_eq!(w.store.state.lock().unwrap().endpoints.len(), 1);
+    assert_eq!(w.ctx.endpoints.len(), 1);
+    assert_eq!(w.kernel.state.lock().unwrap().links.len(), 1);
+
+    // Detached, the address goes to the next container that asks for it.
+    detach(&w.ctx, &ContainerId::new("a").unwrap())
+        .await
+        .unwrap();
+    let c = attach(&w.ctx, asked("c", "10.65.7.2")).await.unwrap();
+    assert_eq!(c.ip, ip("10.65.7.2"));
 }

@@ -5,8 +5,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
+use super::chains::{self, Chains};
 use super::rules::{
-    self, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
+    self, by_chain, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
     FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
 };
 use super::{Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
@@ -52,6 +53,21 @@ fn restore(input: &str) -> Result<String, FirewallError> {
     run("iptables-restore", &["--noflush", "--wait"], Some(input))
 }
 
+/// One `iptables-save` of a table, read at most once per sync: the filter table's chains of ours
+/// and policy's are compared against the same reading (neither write touches the other's
+/// chains).
+#[derive(Default)]
+struct Save(Option<String>);
+
+impl Save {
+    fn of(&mut self, table: &str) -> Result<&str, FirewallError> {
+        if self.0.is_none() {
+            self.0 = Some(run("iptables-save", &["-t", table], None)?);
+        }
+        Ok(self.0.as_deref().unwrap_or_default())
+    }
+}
+
 /// One table's last write.
 #[derive(Debug, Default, Clone)]
 struct Applied {
@@ -66,36 +82,29 @@ struct Table {
     name: &'static str,
     chains: &'static [&'static str],
     jumps: &'static [Jump],
+    /// Whether rule order matters (filter, WEFT-VXLAN included: a change rewrites the table's
+    /// chains whole); nat rules never overlap, compare as a set and may be appended to.
+    ordered: bool,
     applied: Applied,
 }
 
 impl Table {
     /// Brings the table in line with `rules`; returns whether it was written.
-    fn sync(&mut self, rules: &[String], mode: SyncMode) -> Result<bool, FirewallError> {
-        let wanted = normalize(rules);
-        if mode == SyncMode::Fast && self.applied.verified {
-            if self.applied.rules == wanted {
-                return Ok(false);
-            }
-            // A change in a chain whose order matters is written whole (below).
-            let ordered = |r: &String| {
-                rules::ORDERED_CHAINS
-                    .iter()
-                    .any(|c| r.starts_with(&format!("-A {c} ")))
-            };
-            let changed = self
-                .applied
-                .rules
-                .iter()
-                .filter(|r| wanted.binary_search(r).is_err())
-                .chain(
-                    wanted
-                        .iter()
-                        .filter(|r| self.applied.rules.binary_search(r).is_err()),
-                );
-            if changed.clone().any(ordered) {
-                return self.rewrite(rules, wanted);
-            }
+    fn sync(
+        &mut self,
+        rules: &[String],
+        mode: SyncMode,
+        save: &mut Save,
+    ) -> Result<bool, FirewallError> {
+        let wanted = match self.ordered {
+            true => by_chain(rules),
+            false => normalize(rules),
+        };
+        if mode == SyncMode::Fast && self.applied.verified && self.applied.rules == wanted {
+            return Ok(false);
+        }
+        // Appending is right only where order does not matter.
+        if mode == SyncMode::Fast && self.applied.verified && !self.ordered {
             match restore(&rules::incremental_input(
                 self.name,
                 &self.applied.rules,
@@ -112,14 +121,23 @@ impl Table {
                 }
             }
         }
-        self.rewrite(rules, wanted)
-    }
-
-    /// Reads the table and writes our chains whole if they or the jumps differ.
-    fn rewrite(&mut self, rules: &[String], wanted: Vec<String>) -> Result<bool, FirewallError> {
-        let state = parse_save(&run("iptables-save", &["-t", self.name], None)?);
+        let state = parse_save(save.of(self.name)?);
         let jumps_present = self.jumps.iter().all(|j| state.has_jump(j));
-        let written = if jumps_present && normalize(&state.rules) == wanted {
+        // Only this table's own chains: the chains policy owns are compared by `PolicyChains`.
+        let held: Vec<String> = state
+            .rules
+            .iter()
+            .filter(|r| {
+                let chain = r.split_whitespace().nth(1).unwrap_or("");
+                self.chains.contains(&chain)
+            })
+            .cloned()
+            .collect();
+        let held = match self.ordered {
+            true => by_chain(&held),
+            false => normalize(&held),
+        };
+        let written = if jumps_present && held == wanted {
             false
         } else {
             restore(&restore_input(
@@ -139,23 +157,78 @@ impl Table {
     }
 }
 
+/// Network policy's chains in the filter table, as last written or read back (None: unknown).
+#[derive(Default)]
+struct PolicyChains {
+    held: Option<std::collections::BTreeMap<String, Vec<String>>>,
+}
+
+impl PolicyChains {
+    /// Brings the owned chains in line with `wanted`; returns whether anything was written.
+    fn sync(
+        &mut self,
+        wanted: &Chains,
+        mode: SyncMode,
+        save: &mut Save,
+    ) -> Result<bool, FirewallError> {
+        // Our FORWARD chain jumps to the dispatch chains, whatever policy holds.
+        let mut wanted = wanted.clone();
+        for name in chains::DISPATCH_CHAINS {
+            wanted.entry(name.to_string()).or_default();
+        }
+        let wanted = &wanted;
+        if let (SyncMode::Fast, Some(held)) = (mode, &self.held) {
+            let Some(input) = chains::restore_input(wanted, held) else {
+                return Ok(false);
+            };
+            match restore(&input) {
+                Ok(_) => {
+                    self.held = Some(chains::as_held(wanted));
+                    return Ok(true);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "incremental policy chain update failed; re-reading")
+                }
+            }
+        }
+        self.held = None;
+        let held = chains::parse_owned(save.of("filter")?);
+        let written = match chains::restore_input(wanted, &held) {
+            Some(input) => restore(&input).map(|_| true)?,
+            None => false,
+        };
+        self.held = Some(chains::as_held(wanted));
+        Ok(written)
+    }
+
+    fn rule_count(&self) -> usize {
+        self.held
+            .iter()
+            .flat_map(|h| h.values())
+            .map(Vec::len)
+            .sum()
+    }
+}
+
 /// The real firewall: both tables of the agent's namespace.
 pub struct Iptables {
-    tables: Mutex<(Table, Table)>,
+    tables: Mutex<(Table, Table, PolicyChains)>,
 }
 
 impl Default for Iptables {
     fn default() -> Self {
-        let table = |name, chains, jumps| Table {
+        let table = |name, chains, jumps, ordered| Table {
             name,
             chains,
             jumps,
+            ordered,
             applied: Applied::default(),
         };
         Self {
             tables: Mutex::new((
-                table("nat", NAT_CHAINS, NAT_JUMPS),
-                table("filter", FILTER_CHAINS, FILTER_JUMPS),
+                table("nat", NAT_CHAINS, NAT_JUMPS, false),
+                table("filter", FILTER_CHAINS, FILTER_JUMPS, true),
+                PolicyChains::default(),
             )),
         }
     }
@@ -164,11 +237,16 @@ impl Default for Iptables {
 impl Backend for Iptables {
     fn sync(&self, spec: &FirewallSpec, mode: SyncMode) -> Result<FirewallReport, FirewallError> {
         let mut tables = self.tables.lock().unwrap();
-        let (nat, filter) = &mut *tables;
+        let (nat, filter, policy) = &mut *tables;
         let mut report = FirewallReport::default();
-        report.tables_written += nat.sync(&render(&nat_rules(spec)), mode)? as usize;
-        report.tables_written += filter.sync(&render(&filter_rules(spec)), mode)? as usize;
-        report.rules = nat.applied.rules.len() + filter.applied.rules.len();
+        let nat_rules = render(&nat_rules(spec));
+        report.tables_written += nat.sync(&nat_rules, mode, &mut Save::default())? as usize;
+        // Policy's chains first: our FORWARD chain jumps to its dispatch chains.
+        let mut filter_save = Save::default();
+        report.tables_written += policy.sync(&spec.policy, mode, &mut filter_save)? as usize;
+        let filter_rules = render(&filter_rules(spec));
+        report.tables_written += filter.sync(&filter_rules, mode, &mut filter_save)? as usize;
+        report.rules = nat.applied.rules.len() + filter.applied.rules.len() + policy.rule_count();
         Ok(report)
     }
 
@@ -211,6 +289,6 @@ impl Backend for Iptables {
 
     fn rule_count(&self) -> usize {
         let tables = self.tables.lock().unwrap();
-        tables.0.applied.rules.len() + tables.1.applied.rules.len()
+        tables.0.applied.rules.len() + tables.1.applied.rules.len() + tables.2.rule_count()
     }
 }

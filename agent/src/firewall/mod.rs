@@ -3,9 +3,11 @@
 //! built-in chains. Each table is written in one `iptables-restore --noflush` call, which
 //! replaces the contents of our chains atomically and leaves every other chain untouched.
 //!
-//! `rules` decides and renders (pure); `iptables` runs the commands; `sync` shares writes
-//! between concurrent callers. [`Backend`] is the seam unit tests replace.
+//! `rules` decides and renders (pure); `chains` diffs the chains network policy owns whole
+//! (pure); `iptables` runs the commands; `sync` shares writes between concurrent callers.
+//! [`Backend`] is the seam unit tests replace.
 
+pub mod chains;
 pub mod fake;
 pub mod iptables;
 pub mod rules;

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 
+use super::chains::Chains;
 use crate::model::{ContainerId, Protocol};
 
 /// A published port of one container.
@@ -40,6 +41,8 @@ pub struct FirewallSpec {
     /// When the pool may encapsulate: the underlay addresses VXLAN is accepted from (every
     /// peer's, sorted). Containers may never send VXLAN.
     pub vxlan_peers: Option<Vec<IpAddr>>,
+    /// Network policy's chains (dispatch, per endpoint, per policy), as `policy` renders them.
+    pub policy: Chains,
 }
 
 /// One rule of our nat chains.
@@ -67,6 +70,14 @@ pub enum FilterRule {
     ToContainers,
     /// Containers may not reach a protected service on this host.
     InputProtected(SocketAddr),
+    /// Replies and packets of connections policy allowed pass before any policy (`-i` or `-o`).
+    Established(&'static str),
+    /// Traffic from containers meets their egress policy.
+    FromWorkloads,
+    /// Traffic to containers meets their ingress policy.
+    ToWorkloads,
+    /// New connections from containers to this host meet their egress policy too.
+    InputFromWorkloads,
     /// Containers never send VXLAN, through this host or to it.
     ForwardContainerVxlan,
     InputContainerVxlan,
@@ -181,6 +192,26 @@ impl fmt::Display for FilterRule {
                 "-A WEFT-FORWARD -o weft+ {} -j ACCEPT",
                 comment("to containers")
             ),
+            FilterRule::Established(flag) => write!(
+                f,
+                "-A WEFT-FORWARD {flag} weft+ -m conntrack --ctstate RELATED,ESTABLISHED {} -j ACCEPT",
+                comment("replies and allowed connections")
+            ),
+            FilterRule::FromWorkloads => write!(
+                f,
+                "-A WEFT-FORWARD -i weft+ {} -j WEFT-FROM-WL",
+                comment("egress policy")
+            ),
+            FilterRule::ToWorkloads => write!(
+                f,
+                "-A WEFT-FORWARD -o weft+ {} -j WEFT-TO-WL",
+                comment("ingress policy")
+            ),
+            FilterRule::InputFromWorkloads => write!(
+                f,
+                "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED {} -j WEFT-FROM-WL",
+                comment("egress policy to this host")
+            ),
         }
     }
 }
@@ -216,14 +247,28 @@ pub fn filter_rules(spec: &FirewallSpec) -> Vec<FilterRule> {
         .filter(|a| !a.ip().is_unspecified())
         .map(|a| FilterRule::ForwardProtected(*a))
         .collect();
+    // Containers never send VXLAN, whatever policy allows: dropped before anything accepts.
     let vxlan = spec.vxlan_peers.as_ref();
     if vxlan.is_some() {
         rules.push(FilterRule::ForwardContainerVxlan);
     }
-    rules.extend([FilterRule::FromContainers, FilterRule::ToContainers]);
+    // Policy: established connections first, then each direction's dispatch, and what policy
+    // let through (or no policy covers) is accepted.
+    rules.extend([
+        FilterRule::Established("-i"),
+        FilterRule::Established("-o"),
+        FilterRule::FromWorkloads,
+        FilterRule::ToWorkloads,
+        FilterRule::FromContainers,
+        FilterRule::ToContainers,
+    ]);
     rules.extend(protected.iter().map(|a| FilterRule::InputProtected(*a)));
-    if let Some(peers) = vxlan {
+    if vxlan.is_some() {
         rules.extend([FilterRule::InputContainerVxlan, FilterRule::InputVxlan]);
+    }
+    // After every drop of WEFT-INPUT: an egress policy's allow accepts.
+    rules.push(FilterRule::InputFromWorkloads);
+    if let Some(peers) = vxlan {
         rules.extend(
             peers
                 .iter()
@@ -237,10 +282,6 @@ pub fn filter_rules(spec: &FirewallSpec) -> Vec<FilterRule> {
 
 /// The UDP port of VXLAN.
 const VXLAN: u16 = crate::model::VXLAN_PORT;
-
-/// Chains whose rules overlap, so that their order matters: a change to one is written whole,
-/// never appended to.
-pub const ORDERED_CHAINS: &[&str] = &["WEFT-VXLAN"];
 
 /// Renders rules, one `-A` line each.
 pub fn render<T: fmt::Display>(rules: &[T]) -> Vec<String> {
@@ -371,14 +412,26 @@ pub fn incremental_input(table: &str, applied: &[String], wanted: &[String]) -> 
     input
 }
 
-/// Our rules as a set, for comparison. No two of our rules overlap (each DNAT matches its own
+/// Our nat rules as a set, for comparison. No two of them overlap (each DNAT matches its own
 /// port, each hairpin its own address), so their order within a chain does not matter and
-/// incremental writes may append.
+/// incremental writes may append. (The filter table's order matters: see [`by_chain`].)
 pub fn normalize(rules: &[String]) -> Vec<String> {
     let mut sorted = rules.to_vec();
     sorted.sort();
     sorted.dedup();
     sorted
+}
+
+/// Rules grouped by chain, each chain's rules in their order: the order that matters in the
+/// filter table, whatever order `iptables-save` lists the chains in.
+pub fn by_chain(rules: &[String]) -> Vec<String> {
+    let mut grouped = rules.to_vec();
+    grouped.sort_by(|a, b| chain_of(a).cmp(chain_of(b)));
+    grouped
+}
+
+fn chain_of(rule: &str) -> &str {
+    rule.split_whitespace().nth(1).unwrap_or("")
 }
 
 /// The rules a set of published ports needs in the nat table (hairpin and DNAT), rendered.
@@ -424,6 +477,7 @@ mod tests {
                 "0.0.0.0:9099".parse().unwrap(),
             ],
             vxlan_peers: None,
+            policy: Default::default(),
         }
     }
 
@@ -445,16 +499,21 @@ mod tests {
             render(&filter_rules(&spec)),
             vec![
                 "-A WEFT-FORWARD -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
+                "-A WEFT-FORWARD -i weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: egress policy\" -j WEFT-FROM-WL",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: ingress policy\" -j WEFT-TO-WL",
                 "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
                 "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
                 "-A WEFT-INPUT -d 198.51.100.100/32 -i weft+ -p tcp -m tcp --dport 2379 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
                 "-A WEFT-INPUT -i weft+ -p tcp -m tcp --dport 9099 -m comment --comment \"weft: the datastore and the agent are not for containers\" -j DROP",
+                "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: egress policy to this host\" -j WEFT-FROM-WL",
             ]
         );
     }
 
     #[test]
-    fn vxlan_is_accepted_from_peers_only_and_never_from_containers() {
+    fn vxlan_is_accepted_from_peers_only_and_never_from_containers_whatever_policy_allows() {
         let spec = FirewallSpec {
             vxlan_peers: Some(vec!["198.18.0.2".parse().unwrap()]),
             ..Default::default()
@@ -463,10 +522,15 @@ mod tests {
             render(&filter_rules(&spec)),
             vec![
                 "-A WEFT-FORWARD -i weft+ -p udp -m udp --dport 4789 -m comment --comment \"weft: containers never send VXLAN\" -j DROP",
+                "-A WEFT-FORWARD -i weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: egress policy\" -j WEFT-FROM-WL",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: ingress policy\" -j WEFT-TO-WL",
                 "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
                 "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
                 "-A WEFT-INPUT -i weft+ -p udp -m udp --dport 4789 -m comment --comment \"weft: containers never send VXLAN\" -j DROP",
                 "-A WEFT-INPUT -p udp -m udp --dport 4789 -m comment --comment \"weft: VXLAN only from peers\" -j WEFT-VXLAN",
+                "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: egress policy to this host\" -j WEFT-FROM-WL",
                 "-A WEFT-VXLAN -s 198.18.0.2/32 -m comment --comment \"weft: a peer\" -j RETURN",
                 "-A WEFT-VXLAN -m comment --comment \"weft: not a peer\" -j DROP",
             ]

@@ -1,5 +1,8 @@
 //! A validated attach request: what the API hands to the endpoint logic.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
 use crate::model::{validate_ports, ContainerId, IfName, Invalid, PortMapping};
 
 /// Where the container's network namespace comes from.
@@ -19,6 +22,12 @@ pub struct AttachRequest {
     pub netns: NetnsSpec,
     pub ifname: IfName,
     pub ports: Vec<PortMapping>,
+    /// Labels network policy selects by (checked by `with_labels`).
+    pub labels: BTreeMap<String, String>,
+    /// Addresses asked for, at most one per family; empty: any free address.
+    pub ips: Vec<IpAddr>,
+    /// Pools to allocate from, in order of preference; empty: the host's default pools.
+    pub pools: Vec<String>,
 }
 
 impl AttachRequest {
@@ -53,7 +62,59 @@ impl AttachRequest {
             netns,
             ifname,
             ports,
+            labels: BTreeMap::new(),
+            ips: vec![],
+            pools: vec![],
         })
+    }
+
+    /// The request with these labels, once they are checked.
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Result<Self, Invalid> {
+        weft_etcd::policy::validate_labels(&labels)?;
+        self.labels = labels;
+        Ok(self)
+    }
+
+    /// Adds the pools to allocate from, by name, each once.
+    pub fn with_pools<S: AsRef<str>>(mut self, pools: &[S]) -> Result<Self, Invalid> {
+        for name in pools {
+            let name = name.as_ref();
+            if crate::model::HostName::new(name).is_err() {
+                return Err(Invalid::PoolName(name.to_string()));
+            }
+            if self.pools.iter().any(|p| p == name) {
+                return Err(Invalid::PoolTwice(name.to_string()));
+            }
+            self.pools.push(name.to_string());
+        }
+        Ok(self)
+    }
+
+    /// Adds the requested addresses: IP addresses, each optionally with a prefix length (the
+    /// form CNI runtimes pass, `10.65.3.7/24`; the length is ignored: the pool decides), at most
+    /// one per family.
+    pub fn with_ips<S: AsRef<str>>(mut self, ips: &[S]) -> Result<Self, Invalid> {
+        for text in ips {
+            let text = text.as_ref();
+            let address = text.split_once('/').map_or(text, |(ip, _)| ip);
+            let ip: IpAddr = address
+                .parse()
+                .map_err(|_| Invalid::RequestedIp(text.to_string()))?;
+            if let Some(first) = self.ips.iter().find(|o| o.is_ipv4() == ip.is_ipv4()) {
+                return Err(Invalid::RequestedIpTwice {
+                    family: if ip.is_ipv4() { "IPv4" } else { "IPv6" },
+                    first: *first,
+                    second: ip,
+                });
+            }
+            self.ips.push(ip);
+        }
+        Ok(self)
+    }
+
+    /// The address requested of `ip`'s family.
+    pub fn requested(&self, v4: bool) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|ip| ip.is_ipv4() == v4)
     }
 }
 
@@ -77,6 +138,33 @@ mod tests {
         assert_eq!(
             ok("netns/x", None),
             Err(Invalid::NetnsRelative("netns/x".into()))
+        );
+    }
+
+    #[test]
+    fn requested_addresses_are_one_per_family_with_or_without_a_length() {
+        let ips = |list: &[&str]| {
+            AttachRequest::new("web", "", None, "", vec![])
+                .unwrap()
+                .with_ips(list)
+                .map(|r| r.ips)
+        };
+        let v4: IpAddr = "10.65.3.7".parse().unwrap();
+        let v6: IpAddr = "fd65::7".parse().unwrap();
+        assert_eq!(ips(&[]), Ok(vec![]));
+        assert_eq!(ips(&["10.65.3.7/24", "fd65::7"]), Ok(vec![v4, v6]));
+        assert_eq!(
+            ips(&["10.65.3.x"]),
+            Err(Invalid::RequestedIp("10.65.3.x".into()))
+        );
+        assert_eq!(ips(&[""]), Err(Invalid::RequestedIp("".into())));
+        assert_eq!(
+            ips(&["10.65.3.7", "10.65.3.8"]),
+            Err(Invalid::RequestedIpTwice {
+                family: "IPv4",
+                first: v4,
+                second: "10.65.3.8".parse().unwrap()
+            })
         );
     }
 

@@ -41,4 +41,18 @@ pub enum Invalid {
     NetnsNul,
     #[error("netns {0:?} must be an absolute path")]
     NetnsRelative(String),
+    #[error(transparent)]
+    Label(#[from] weft_etcd::policy::LabelError),
+    #[error("pool name {0:?} is invalid: letters, digits, '_', '.', '-', starting with a letter or digit")]
+    PoolName(String),
+    #[error("pool {0:?} is named twice")]
+    PoolTwice(String),
+    #[error("requested address {0:?} is not an IP address")]
+    RequestedIp(String),
+    #[error("two {family} addresses requested ({first}, {second}); at most one per family")]
+    RequestedIpTwice {
+        family: &'static str,
+        first: std::net::IpAddr,
+        second: std::net::IpAddr,
+    },
 }

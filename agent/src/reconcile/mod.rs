@@ -181,7 +181,7 @@ impl Reconciler {
             let needs = plan::peers::needs_tunnel(
                 self.ctx.me(),
                 self.ctx.subnet(),
-                self.ctx.pool.encapsulation,
+                self.ctx.config.encapsulation(),
                 &view.hosts,
             );
             (self.ctx.peer_paths(view), needs)
@@ -199,7 +199,7 @@ impl Reconciler {
             .store(tunnel.unwrap_or(0), Ordering::Relaxed);
         apply::routes(&self.ctx, kernel, &paths, tunnel, report).await;
         tunnel::remove_unneeded(&self.ctx, &paths, tunnel.is_some(), report).await;
-        if self.ctx.pool.encapsulation != weft_etcd::records::Encapsulation::None {
+        if self.ctx.config.encapsulation() != weft_etcd::records::Encapsulation::None {
             // The peers allowed to send VXLAN follow the cluster.
             apply::firewall_fast(&self.ctx, report).await;
         }

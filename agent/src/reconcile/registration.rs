@@ -38,7 +38,6 @@ pub async fn apply(
             )),
         }
     }
-    let pool = &ctx.config.pool.name;
     if plan.register_host {
         match ctx.store.register_host(ctx.me(), &ctx.host()).await {
             Ok(()) => info!("host record was missing; registered again"),
@@ -47,7 +46,7 @@ pub async fn apply(
                 .push(format!("cannot register this host: {e}")),
         }
     }
-    for block in &plan.claim {
+    for BlockRef { pool, block } in &plan.claim {
         match ctx.store.claim_exact_block(pool, *block, ctx.me()).await {
             Ok(true) => {
                 info!(%block, "block of our endpoints was released; claimed again");
@@ -61,10 +60,13 @@ pub async fn apply(
                 .push(format!("cannot claim block {block}: {e}")),
         }
     }
-    if let Some(ip) = ctx.tunnel_ip() {
-        let block = super::plan::registration::block_of(ip, ctx.pool.block_size);
-        if ctx.cluster.pool_blocks_of(pool, ctx.me()).contains(&block) {
-            match ctx.store.claim_tunnel_ip(ctx.me(), ip, pool, block).await {
+    let pools = ctx.cluster.pools();
+    let tunnel = ctx
+        .tunnel_ip()
+        .and_then(|ip| Some((ip, super::plan::registration::place(&pools, ip)?)));
+    if let Some((ip, BlockRef { pool, block })) = tunnel {
+        if ctx.cluster.pool_blocks_of(&pool, ctx.me()).contains(&block) {
+            match ctx.store.claim_tunnel_ip(ctx.me(), ip, &pool, block).await {
                 Ok(true) => {}
                 Ok(false) => plan.problems.push(format!(
                     "tunnel address {ip} is held by another record; peers cannot reach this \
@@ -77,7 +79,11 @@ pub async fn apply(
         }
     }
     for (record, block) in plan.create {
-        if !ctx.cluster.pool_blocks_of(pool, ctx.me()).contains(&block) {
+        if !ctx
+            .cluster
+            .pool_blocks_of(&block.pool, ctx.me())
+            .contains(&block.block)
+        {
             continue;
         }
         let id = record.container_id.clone();
@@ -89,10 +95,6 @@ pub async fn apply(
         if ctx.endpoints.get(&id).as_ref() != Some(&record) {
             continue;
         }
-        let block = BlockRef {
-            pool: pool.clone(),
-            block,
-        };
         match ctx.store.create_endpoint(record.clone(), block).await {
             Ok(()) => {
                 info!(container = %id, ip = %record.ip, "endpoint record was missing; registered again")
@@ -184,7 +186,7 @@ pub async fn check(ctx: &Context, sightings: &mut HashMap<String, u32>) {
             &view.blocks,
             &local,
             &stored,
-            ctx.pool.block_size,
+            &ctx.cluster.pools(),
             ctx.tunnel_ip(),
         )
     });

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
-use weft_etcd::records::{EndpointRecord, HostRecord, PoolRecord, Protocol};
+use weft_etcd::records::{EndpointRecord, HostRecord, IpRecord, PoolRecord, Protocol};
 use weft_etcd::{alloc, BlockRef, CreateConflict, Released, StoreError};
 
 use super::Store;
@@ -221,6 +221,26 @@ impl Store for FakeStore {
             .entry(block)
             .or_insert_with(|| (pool_name.to_string(), host.to_string()));
         Ok(owner.1 == host)
+    }
+
+    async fn block_holder(
+        &self,
+        _pool_name: &str,
+        block: IpNetwork,
+    ) -> Result<Option<String>, StoreError> {
+        self.check("get")?;
+        let state = self.state.lock().unwrap();
+        Ok(state.blocks.get(&block).map(|(_, host)| host.clone()))
+    }
+
+    async fn ip_holder(&self, ip: IpAddr) -> Result<Option<IpRecord>, StoreError> {
+        self.check("get")?;
+        let state = self.state.lock().unwrap();
+        Ok(state.ips.get(&ip).map(|(host, id)| IpRecord {
+            host: host.clone(),
+            container_id: id.clone(),
+            tunnel: id.is_empty(),
+        }))
     }
 
     async fn release_block(

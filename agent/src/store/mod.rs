@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
-use weft_etcd::records::{EndpointRecord, HostRecord, PoolRecord};
+use weft_etcd::records::{EndpointRecord, HostRecord, IpRecord, PoolRecord};
 use weft_etcd::{BlockRef, CreateConflict, Datastore, EndpointWriter, Released, StoreError};
 
 #[async_trait]
@@ -59,6 +59,14 @@ pub trait Store: Send + Sync + 'static {
         block: IpNetwork,
         host: &str,
     ) -> Result<bool, StoreError>;
+    /// The host holding a block, if any.
+    async fn block_holder(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+    ) -> Result<Option<String>, StoreError>;
+    /// Who holds an address, if anyone.
+    async fn ip_holder(&self, ip: IpAddr) -> Result<Option<IpRecord>, StoreError>;
     /// The endpoint records of a host.
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError>;
     /// Writes the host's registration if it is absent or different.
@@ -156,6 +164,18 @@ impl Store for Etcd {
         host: &str,
     ) -> Result<bool, StoreError> {
         self.datastore.release_block(pool_name, block, host).await
+    }
+
+    async fn block_holder(
+        &self,
+        pool_name: &str,
+        block: IpNetwork,
+    ) -> Result<Option<String>, StoreError> {
+        self.datastore.block_holder(pool_name, block).await
+    }
+
+    async fn ip_holder(&self, ip: IpAddr) -> Result<Option<IpRecord>, StoreError> {
+        self.datastore.get_ip(ip).await
     }
 
     async fn list_endpoints(&self, host: &str) -> Result<Vec<EndpointRecord>, StoreError> {

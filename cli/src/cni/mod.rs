@@ -90,6 +90,7 @@ async fn add(
             container_port: p.container_port,
         });
     }
+    let labels = conf.labels()?;
     let endpoint = client
         .attach(pb::AttachRequest {
             container_id: weft_id(&conf.name, &env.container_id, &env.ifname),
@@ -97,6 +98,9 @@ async fn add(
             pid: None,
             ifname: env.ifname.clone(),
             ports,
+            labels,
+            ips: conf.runtime_config.ips.clone(),
+            pools: conf.args.cni.pools.clone(),
         })
         .await?
         .into_inner()

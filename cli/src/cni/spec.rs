@@ -85,6 +85,27 @@ pub struct PortMapping {
 pub struct RuntimeConfig {
     #[serde(rename = "portMappings", default)]
     pub port_mappings: Vec<PortMapping>,
+    /// The `ips` capability: addresses the runtime asks for (`10.65.3.7/24`, one per family).
+    #[serde(default)]
+    pub ips: Vec<String>,
+}
+
+/// `args` of the network configuration.
+#[derive(Debug, Default, Deserialize)]
+pub struct Args {
+    #[serde(default)]
+    pub cni: CniArgs,
+}
+
+/// `args.cni`: what weft reads there.
+#[derive(Debug, Default, Deserialize)]
+pub struct CniArgs {
+    /// Pools to allocate from, in order.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// The endpoint's labels, for network policy.
+    #[serde(default)]
+    pub labels: Vec<Label>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +120,13 @@ fn default_ifname() -> String {
     "eth0".into()
 }
 
+/// A label as the CNI conventions pass it (`args.cni.labels`).
+#[derive(Debug, Deserialize)]
+pub struct Label {
+    pub key: String,
+    pub value: String,
+}
+
 /// The network configuration on stdin.
 #[derive(Debug, Deserialize)]
 pub struct NetConf {
@@ -111,8 +139,27 @@ pub struct NetConf {
     pub socket: Option<PathBuf>,
     #[serde(rename = "runtimeConfig", default)]
     pub runtime_config: RuntimeConfig,
+    /// `args.cni`: the CNI conventions' place for plugin-specific arguments.
+    #[serde(default)]
+    pub args: Args,
     #[serde(rename = "cni.dev/valid-attachments", default)]
     pub valid_attachments: Vec<Attachment>,
+}
+
+impl NetConf {
+    /// The endpoint's labels from `args.cni.labels`, checked (a later key wins).
+    pub fn labels(&self) -> Result<std::collections::HashMap<String, String>, CniError> {
+        let labels: std::collections::BTreeMap<String, String> = self
+            .args
+            .cni
+            .labels
+            .iter()
+            .map(|l| (l.key.clone(), l.value.clone()))
+            .collect();
+        weft_etcd::policy::validate_labels(&labels)
+            .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("args.cni.labels: {e}")))?;
+        Ok(labels.into_iter().collect())
+    }
 }
 
 /// The CNI_* environment.
@@ -203,6 +250,27 @@ mod tests {
         assert!(eth0.starts_with(&network_prefix("weft")));
         assert!(!eth0.starts_with(&network_prefix("other")));
         assert!(valid(&weft_id("n", "weird/id with spaces", "eth0")));
+    }
+
+    #[test]
+    fn labels_come_from_args_cni_labels() {
+        let conf: NetConf = serde_json::from_value(json!({
+            "cniVersion": "1.0.0", "name": "weft",
+            "args": {"cni": {"labels": [{"key": "app", "value": "web"}, {"key": "tier", "value": ""}]}},
+        }))
+        .unwrap();
+        let labels = conf.labels().unwrap();
+        assert_eq!(labels["app"], "web");
+        assert_eq!(labels.len(), 2);
+        let bad: NetConf = serde_json::from_value(json!({
+            "name": "weft", "args": {"cni": {"labels": [{"key": "a b", "value": "x"}]}},
+        }))
+        .unwrap();
+        let err = bad.labels().unwrap_err();
+        assert_eq!(err.code, code::INVALID_CONFIG);
+        assert!(err.msg.contains("args.cni.labels"), "{}", err.msg);
+        let none: NetConf = serde_json::from_value(json!({"name": "weft"})).unwrap();
+        assert!(none.labels().unwrap().is_empty());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 
 mod etcd;
 pub mod graph;
+mod ipam;
 mod operator;
 pub mod output;
+pub mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +55,18 @@ pub enum Command {
         /// Publish a port: HOSTPORT:PORT[/udp].
         #[arg(short = 'p', long = "publish")]
         publish: Vec<String>,
+        /// A label network policy selects by: KEY=VALUE (repeatable). Attaching again with
+        /// other labels replaces them.
+        #[arg(short = 'l', long = "label")]
+        label: Vec<String>,
+        /// Ask for this address (one per family); it must lie in a pool, in a block of this
+        /// host or of no host.
+        #[arg(long = "ip")]
+        ips: Vec<String>,
+        /// Allocate from this pool (repeatable: tried in order); default: the host's default
+        /// pools.
+        #[arg(long = "pool")]
+        pools: Vec<String>,
     },
     /// Remove a container from the fabric.
     Detach { container_id: String },
@@ -92,6 +106,11 @@ pub enum Command {
         #[command(subcommand)]
         command: IpamCommand,
     },
+    /// Network policies (in etcd): apply, ls, get, delete.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,8 +126,16 @@ pub enum HostCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum IpamCommand {
-    /// Pool use: blocks per host, used and free addresses.
+    /// Pool use: per host its blocks, used and free addresses, and the empty blocks its agent
+    /// gives back after --block-release-after (all but the last block a host holds).
     Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Free a leaked address record (ips/<ADDR>) once no endpoint and no host's tunnel holds
+    /// the address.
+    Release {
+        ip: std::net::IpAddr,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -203,10 +230,14 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         } => graph::graph(json, format, endpoints, &etcd).await,
         Command::Ipam {
             command: IpamCommand::Show { etcd },
-        } => operator::ipam_show(json, &etcd).await,
+        } => ipam::show(json, &etcd).await,
+        Command::Ipam {
+            command: IpamCommand::Release { ip, etcd },
+        } => ipam::release(json, ip, &etcd).await,
         Command::Ipam {
             command: IpamCommand::Check { etcd, fix },
         } => operator::ipam_check(json, &cli.socket, &etcd, fix).await,
+        Command::Policy { command } => policy::run(json, command).await,
         command => {
             let client = crate::client::connect(&cli.socket).await?;
             agent_command(client, json, command).await
@@ -227,17 +258,27 @@ async fn agent_command(
             pid,
             ifname,
             publish,
+            label,
+            ips,
+            pools,
         } => {
             let ports = publish
                 .iter()
                 .map(|p| parse_publish(p))
                 .collect::<Result<Vec<_>, _>>()?;
+            let labels = label
+                .iter()
+                .map(|l| weft_etcd::policy::parse_label(l).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?;
             let request = pb::AttachRequest {
                 container_id,
                 netns: netns.unwrap_or_default(),
                 pid,
                 ifname,
                 ports,
+                labels,
+                ips,
+                pools,
             };
             let endpoint = client
                 .attach(request)
@@ -272,7 +313,8 @@ async fn agent_command(
         Command::Host { .. }
         | Command::Hosts { .. }
         | Command::Graph { .. }
-        | Command::Ipam { .. } => {
+        | Command::Ipam { .. }
+        | Command::Policy { .. } => {
             unreachable!("operator commands are dispatched before connecting")
         }
     }

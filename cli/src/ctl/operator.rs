@@ -1,7 +1,7 @@
-//! Operator commands that read and repair etcd directly: remove a host, list hosts, show and
-//! check address management.
+//! Operator commands that read and repair etcd directly: remove a host, list hosts, check
+//! address management (`ipam` shows pool use and releases leaked addresses).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -86,60 +86,6 @@ pub async fn hosts(json_out: bool, etcd: &EtcdArgs) -> Result<(), Failure> {
         &cells,
     );
     print(json_out, json!(rows), text);
-    Ok(())
-}
-
-pub async fn ipam_show(json_out: bool, etcd: &EtcdArgs) -> Result<(), Failure> {
-    let store = etcd.connect().await?;
-    let pools = store.list_pools().await.map_err(store_error)?;
-    let view = store.snapshot().await.map_err(store_error)?;
-    let ips = store.list_ips().await.map_err(store_error)?;
-    let mut out = vec![];
-    let mut text = String::new();
-    for (name, pool) in &pools {
-        let bits = if pool.cidr.is_ipv4() { 32 } else { 128 };
-        let size = 1u128 << (bits - pool.cidr.prefix()).min(127);
-        let block_capacity = 1u128 << (bits - pool.block_size).min(127);
-        let blocks: Vec<_> = view
-            .blocks
-            .iter()
-            .filter(|(_, o)| &o.pool == name)
-            .collect();
-        let used = ips.iter().filter(|(ip, _)| pool.cidr.contains(*ip)).count() as u128;
-        let mut per_host: BTreeMap<&str, (usize, u128)> = BTreeMap::new();
-        for (block, owner) in &blocks {
-            let entry = per_host.entry(owner.host.as_str()).or_default();
-            entry.0 += 1;
-            entry.1 += ips.iter().filter(|(ip, _)| block.contains(*ip)).count() as u128;
-        }
-        let claimed = blocks.len() as u128 * block_capacity;
-        let total_blocks = size / block_capacity;
-        let free_in_claimed = claimed - used.min(claimed);
-        // Counts of an IPv6 pool can exceed u64: JSON gets them saturated.
-        let n = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
-        out.push(json!({
-            "pool": name, "cidr": pool.cidr.to_string(), "block_size": pool.block_size,
-            "nat_outgoing": pool.nat_outgoing, "addresses": n(size), "used": n(used),
-            "free": n(size - used), "free_in_claimed_blocks": n(free_in_claimed),
-            "blocks_claimed": blocks.len(), "blocks_total": n(total_blocks),
-            "hosts": per_host.iter().map(|(h, (b, u))| json!({"host": h, "blocks": b, "used": n(*u)}))
-                .collect::<Vec<_>>(),
-        }));
-        text.push_str(&format!(
-            "pool {name} {}: {used} of {size} addresses used, {} free; {} of {total_blocks} /{} blocks claimed ({free_in_claimed} free addresses in them)\n",
-            pool.cidr,
-            size - used,
-            blocks.len(),
-            pool.block_size,
-        ));
-        let rows: Vec<Vec<String>> = per_host
-            .iter()
-            .map(|(h, (b, u))| vec![h.to_string(), b.to_string(), u.to_string()])
-            .collect();
-        text.push_str(&table(&["HOST", "BLOCKS", "USED"], &rows));
-        text.push('\n');
-    }
-    print(json_out, json!(out), text.trim_end().to_string());
     Ok(())
 }
 

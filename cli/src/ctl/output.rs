@@ -16,6 +16,7 @@ pub fn endpoint_json(e: &pb::Endpoint) -> serde_json::Value {
         "ports": e.ports.iter().map(|p| json!({
             "protocol": p.protocol, "host_port": p.host_port, "container_port": p.container_port,
         })).collect::<Vec<_>>(),
+        "labels": e.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 
@@ -28,6 +29,15 @@ fn ports_text(ports: &[pb::PortMapping]) -> String {
         .map(|p| format!("{}:{}/{}", p.host_port, p.container_port, p.protocol))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    match pairs.is_empty() {
+        true => "-".into(),
+        false => pairs.join(","),
+    }
 }
 
 /// Renders rows as a table with aligned columns.
@@ -67,10 +77,14 @@ pub fn endpoint_rows(endpoints: &[pb::Endpoint]) -> String {
                 e.mac.clone(),
                 ports_text(&e.ports),
                 e.netns.clone(),
+                labels_text(&e.labels),
             ]
         })
         .collect();
-    table(&["CONTAINER", "IP", "VETH", "MAC", "PORTS", "NETNS"], &rows)
+    table(
+        &["CONTAINER", "IP", "VETH", "MAC", "PORTS", "NETNS", "LABELS"],
+        &rows,
+    )
 }
 
 pub fn status_text(s: &pb::StatusResponse) -> String {

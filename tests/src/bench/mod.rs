@@ -14,6 +14,7 @@ pub mod convergence;
 pub mod dataplane;
 pub mod endpoints;
 pub mod floor;
+pub mod policy;
 pub mod ports;
 pub mod report;
 pub mod restart;
@@ -82,6 +83,7 @@ pub const CASES: &[Case] = &[
     Case::new("dataplane-vxlan", dataplane::run_vxlan),
     Case::new("restart", restart::run),
     Case::new("scale", scale::run),
+    Case::new("policy", policy::run),
     Case::new("floor", floor::run),
     Case::new("endpoints", endpoints::run),
 ];

@@ -68,6 +68,18 @@ enum Command {
         #[arg(long, default_value = "")]
         skip: String,
     },
+    /// Run the soak: continuous attach/detach churn with published ports on 3 hosts and a
+    /// 3-member etcd, an agent killed every 2 minutes, an etcd member restarted every 5, a ping
+    /// mesh throughout; then lost pings, failed requests, leaks, memory and reconcile time.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Attaches and detaches per second.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Remove a lab left running by `demo --keep` or by a run that crashed.
     Down { prefix: String },
 }
@@ -122,6 +134,34 @@ fn main() -> ExitCode {
                 Ok(report) => {
                     println!("{}", report.render());
                     ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("weft-lab: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Soak {
+            minutes,
+            rate,
+            seed,
+        } => {
+            if !minutes.is_finite() || minutes <= 0.0 || !rate.is_finite() || rate <= 0.0 {
+                eprintln!("weft-lab: --minutes and --rate must be positive");
+                return ExitCode::FAILURE;
+            }
+            let seed = seed.unwrap_or_else(chaos::random_seed);
+            println!("soak seed: {seed}");
+            let mut options =
+                weft_tests::soak::SoakOptions::new(Duration::from_secs_f64(minutes * 60.0), seed);
+            options.rate = rate;
+            match weft_tests::soak::run(&options) {
+                Ok(report) => {
+                    print!("{}", report.print());
+                    match report.passed() {
+                        true => ExitCode::SUCCESS,
+                        false => ExitCode::FAILURE,
+                    }
                 }
                 Err(e) => {
                     eprintln!("weft-lab: {e:#}");

@@ -21,18 +21,20 @@
 //! keys (`ips/`, `ports/`) one to one with the endpoints, blocks owned by known hosts inside
 //! their pools with at most one spare per host and pool, liveness keys exactly for running
 //! agents, `weft-<host>-<id>` namespaces only for endpoints that own them, no address twice,
-//! and each agent's Status matching etcd with no `problems`.
+//! and each agent's Status matching etcd with no `problems`. Network policy's chains and
+//! address sets are compared with etcd's policies and endpoint labels by `policy`.
 
 //!
 //! `model` holds the compared data, `read` takes a snapshot; the comparisons live with their
-//! subject: `cluster`, `agents`, `kernel` (links, sysctls, routes), `rules` (iptables) and
-//! `containers`.
+//! subject: `cluster`, `agents`, `kernel` (links, sysctls, routes), `rules` (iptables),
+//! `policy` (network policy's chains and sets) and `containers`.
 
 mod agents;
 mod cluster;
 mod containers;
 mod kernel;
 mod model;
+mod policy;
 mod read;
 mod rules;
 #[cfg(test)]
@@ -177,6 +179,7 @@ pub fn check(s: &Snapshot) -> Vec<Violation> {
     }
     check_namespaces(s, &mut v);
     check_addresses_unique(s, &mut v);
+    policy::check(s, &mut v);
     v.sort();
     v.dedup();
     v

@@ -344,6 +344,8 @@ pub struct HostKernel {
     pub sysctls: BTreeMap<String, String>,
     pub nat: String,
     pub filter: String,
+    /// `ipset save`: network policy's address sets.
+    pub ipsets: String,
 }
 
 /// A container namespace's state.

@@ -162,6 +162,7 @@ pub fn read_host_kernel(ns: &str) -> Result<HostKernel> {
         sysctls,
         nat: table("nat"),
         filter: table("filter"),
+        ipsets: in_netns(&path, "ipset", &["save"], None)?,
     })
 }
 

@@ -242,6 +242,7 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
             ));
         }
     }
+    check_vxlan_rules(r, name, k, v);
     let forward = rules_of(&k.filter, "WEFT-FORWARD");
     for flag in ["-i", "-o"] {
         if !forward
@@ -255,5 +256,69 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
                 "none",
             ));
         }
+    }
+}
+
+/// The VXLAN guard: where a pool may encapsulate, containers never send VXLAN (`WEFT-FORWARD`,
+/// `WEFT-INPUT`) and VXLAN to this host passes `WEFT-VXLAN`: a RETURN per other host's underlay
+/// address, in order, then a DROP. Where none may, `WEFT-VXLAN` holds nothing.
+pub(super) fn check_vxlan_rules(r: &Records, name: &str, k: &HostKernel, v: &mut Vec<Violation>) {
+    let encapsulates = r.pools.values().any(|p| p.encapsulation != "none");
+    let found: Vec<String> = rules_of(&k.filter, "WEFT-VXLAN")
+        .iter()
+        .map(|(_, w)| match (after(w, "-s"), after(w, "-j")) {
+            (Some(src), Some(target)) => format!("{src} {target}"),
+            (None, Some(target)) => target.to_string(),
+            _ => w.join(" "),
+        })
+        .collect();
+    let mut wanted: Vec<String> = vec![];
+    if encapsulates {
+        let mut peers: Vec<Ipv4Addr> = r
+            .hosts
+            .iter()
+            .filter(|(h, _)| h.as_str() != name)
+            .map(|(_, ip)| *ip)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        wanted.extend(peers.iter().map(|ip| format!("{ip}/32 RETURN")));
+        wanted.push("DROP".into());
+    }
+    if found != wanted {
+        v.push(Violation::new(
+            name,
+            "iptables filter WEFT-VXLAN",
+            wanted.join(", "),
+            found.join(", "),
+        ));
+    }
+    let vxlan = |w: &[String]| after(w, "--dport") == Some("4789");
+    let from_containers = |w: &[String]| after(w, "-i") == Some("weft+");
+    for chain in ["WEFT-FORWARD", "WEFT-INPUT"] {
+        let drops = rules_of(&k.filter, chain)
+            .iter()
+            .filter(|(_, w)| vxlan(w) && from_containers(w) && after(w, "-j") == Some("DROP"))
+            .count();
+        if drops != usize::from(encapsulates) {
+            v.push(Violation::new(
+                name,
+                format!("iptables filter {chain} VXLAN from containers"),
+                format!("{} DROP", usize::from(encapsulates)),
+                drops.to_string(),
+            ));
+        }
+    }
+    let jumps = rules_of(&k.filter, "WEFT-INPUT")
+        .iter()
+        .filter(|(_, w)| vxlan(w) && !from_containers(w) && after(w, "-j") == Some("WEFT-VXLAN"))
+        .count();
+    if jumps != usize::from(encapsulates) {
+        v.push(Violation::new(
+            name,
+            "iptables filter WEFT-INPUT jump to WEFT-VXLAN",
+            usize::from(encapsulates).to_string(),
+            jumps.to_string(),
+        ));
     }
 }

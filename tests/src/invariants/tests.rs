@@ -70,3 +70,81 @@ fn records_parse_and_malformed_ones_are_named() {
         r.malformed
     );
 }
+
+/// A filter table as iptables-save prints it, from rule bodies.
+fn filter(rules: &[&str]) -> HostKernel {
+    HostKernel {
+        filter: rules.iter().map(|r| format!("-A {r}\n")).collect(),
+        ..Default::default()
+    }
+}
+
+const CONTAINER_VXLAN_DROP: &str =
+    "-i weft+ -p udp -m udp --dport 4789 -m comment --comment \"weft: containers never send VXLAN\" -j DROP";
+
+#[test]
+fn the_vxlan_guard_follows_the_pools_and_peers() {
+    let pool = |encapsulation: &str| {
+        format!(
+            r#"{{"cidr":"10.65.0.0/16","block_size":26,"nat_outgoing":true,"encapsulation":"{encapsulation}"}}"#
+        )
+    };
+    let host = |ip: &str| format!(r#"{{"underlay_ip":"{ip}","version":"x","first_seen":0}}"#);
+    let (h1, h2) = (host("198.51.100.1"), host("198.18.0.2"));
+    let cross = pool("cross-subnet");
+    let r = records(&[
+        ("pools/default", &cross),
+        ("hosts/h1", &h1),
+        ("hosts/h2", &h2),
+    ]);
+    let guarded = filter(&[
+        &format!("WEFT-FORWARD {CONTAINER_VXLAN_DROP}"),
+        &format!("WEFT-INPUT {CONTAINER_VXLAN_DROP}"),
+        "WEFT-INPUT -p udp -m udp --dport 4789 -j WEFT-VXLAN",
+        "WEFT-VXLAN -s 198.18.0.2/32 -j RETURN",
+        "WEFT-VXLAN -j DROP",
+    ]);
+    let mut v = vec![];
+    check_vxlan_rules(&r, "h1", &guarded, &mut v);
+    assert_eq!(v, vec![], "h1 accepts VXLAN from h2 only");
+    check_vxlan_rules(&r, "h2", &guarded, &mut v);
+    assert_eq!(v.len(), 1, "h2's peer is h1: {v:?}");
+    assert_eq!(v[0].object, "iptables filter WEFT-VXLAN");
+
+    let none = pool("none");
+    let r = records(&[("pools/default", &none), ("hosts/h1", &h1)]);
+    let mut v = vec![];
+    check_vxlan_rules(&r, "h1", &filter(&[]), &mut v);
+    assert_eq!(v, vec![], "no encapsulation, no guard");
+    check_vxlan_rules(&r, "h1", &guarded, &mut v);
+    let objects: Vec<&str> = v.iter().map(|v| v.object.as_str()).collect();
+    assert_eq!(objects.len(), 4, "{objects:?}");
+}
+
+#[test]
+fn every_drop_comes_before_policy() {
+    let established = "WEFT-FORWARD -i weft+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT";
+    let egress = "WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED -j WEFT-FROM-WL";
+    let forward_drop = format!("WEFT-FORWARD {CONTAINER_VXLAN_DROP}");
+    let input_drop = format!("WEFT-INPUT {CONTAINER_VXLAN_DROP}");
+    let mut v = vec![];
+    policy::check_drops_first(
+        "h1",
+        &filter(&[&forward_drop, established, &input_drop, egress]),
+        &mut v,
+    );
+    assert_eq!(v, vec![]);
+    policy::check_drops_first(
+        "h1",
+        &filter(&[established, &forward_drop, egress, &input_drop]),
+        &mut v,
+    );
+    let objects: Vec<&str> = v.iter().map(|v| v.object.as_str()).collect();
+    assert_eq!(
+        objects,
+        ["iptables filter WEFT-FORWARD", "iptables filter WEFT-INPUT"]
+    );
+    let mut v = vec![];
+    policy::check_drops_first("h1", &filter(&[]), &mut v);
+    assert_eq!(v.len(), 2, "no policy dispatch at all: {v:?}");
+}

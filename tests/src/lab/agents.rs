@@ -136,6 +136,32 @@ impl Lab {
         sh::output(bin("weftctl").to_str().unwrap(), &all)
     }
 
+    /// Runs an operator command of weftctl inside host `i` (where it reaches etcd and the
+    /// agent), with the lab's etcd flags after `args`.
+    pub fn ctl_operator(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        let weftctl = bin("weftctl");
+        let socket = self.hosts[i].socket.to_str().unwrap().to_string();
+        let mut all = vec![weftctl.to_str().unwrap(), "--socket", &socket];
+        all.extend_from_slice(args);
+        let etcd = self.etcd_client_args();
+        all.extend(etcd.iter().map(String::as_str));
+        sh::in_ns(&self.hosts[i].name, &all)
+    }
+
+    /// `weftctl ipam check` on host `i` (etcd, the agent and its kernel compared): an error
+    /// naming what it found unless all is clean.
+    pub fn ipam_check(&self, i: usize) -> Result<()> {
+        let out = self.ctl_operator(i, &["ipam", "check"])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ipam check on {}:\n{}{}",
+            self.hosts[i].name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// Runs weftctl with `--json` and parses the output; fails on a non-zero exit.
     pub fn ctl_json(&self, i: usize, args: &[&str]) -> Result<serde_json::Value> {
         let mut all = vec!["--json"];

@@ -10,12 +10,14 @@
 //!
 //! This module holds the lab's options, its making and its teardown; `network` builds the
 //! topology, `agents` runs the agents and talks to them, `faults` injects the faults the
-//! invariant checker and the chaos run need, `cleanup` removes labs (also those left behind).
+//! invariant checker and the chaos run need, `cleanup` removes labs (also those left behind),
+//! `policy` applies network policies and reads what the hosts hold of them.
 
 mod agents;
 mod cleanup;
 mod faults;
 mod network;
+pub mod policy;
 
 use cleanup::lab_dir;
 pub use cleanup::{list_netns, reap_orphans, teardown_leftovers, teardown_namespaces};

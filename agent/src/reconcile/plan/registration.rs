@@ -5,17 +5,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use weft_etcd::records::EndpointRecord;
-use weft_etcd::BlockOwner;
+use weft_etcd::records::{EndpointRecord, PoolRecord};
+use weft_etcd::{alloc, BlockOwner, BlockRef};
 
 /// What must be written again, and what cannot be.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RegistrationPlan {
     pub register_host: bool,
     /// Blocks holding our endpoints that nobody owns now.
-    pub claim: Vec<IpNetwork>,
+    pub claim: Vec<BlockRef>,
     /// Endpoints without a record, with their block.
-    pub create: Vec<(EndpointRecord, IpNetwork)>,
+    pub create: Vec<(EndpointRecord, BlockRef)>,
     /// What cannot be registered, one sentence each.
     pub problems: Vec<String>,
     /// Records that differ from what this host holds (an update whose answer was lost landed):
@@ -26,10 +26,13 @@ pub struct RegistrationPlan {
     pub unknown: Vec<EndpointRecord>,
 }
 
-/// The block of `ip` in a pool of `block_size` blocks.
-pub fn block_of(ip: IpAddr, block_size: u8) -> IpNetwork {
-    let net = IpNetwork::new(ip, block_size).expect("block size fits the family");
-    IpNetwork::new(net.network(), block_size).expect("same prefix")
+/// The pool and block holding `ip`, among the cluster's pools.
+pub fn place(pools: &[(String, PoolRecord)], ip: IpAddr) -> Option<BlockRef> {
+    let (name, pool) = pools.iter().find(|(_, p)| p.cidr.contains(ip))?;
+    Some(BlockRef {
+        pool: name.clone(),
+        block: alloc::block_of(ip, pool.block_size),
+    })
 }
 
 /// Plans registration from the cluster view's hosts and blocks, this host's endpoints and the
@@ -40,7 +43,7 @@ pub fn plan(
     blocks: &BTreeMap<IpNetwork, BlockOwner>,
     local: &[EndpointRecord],
     stored: &HashMap<String, EndpointRecord>,
-    block_size: u8,
+    pools: &[(String, PoolRecord)],
     tunnel: Option<IpAddr>,
 ) -> RegistrationPlan {
     let mut plan = RegistrationPlan {
@@ -49,14 +52,18 @@ pub fn plan(
     };
     // The tunnel address's block must stay ours too.
     if let Some(ip) = tunnel {
-        let block = block_of(ip, block_size);
-        match blocks.get(&block) {
-            Some(owner) if owner.host != me => plan.problems.push(format!(
-                "tunnel address {ip} is not registered: its block {block} now belongs to {}",
-                owner.host
-            )),
-            Some(_) => {}
-            None => plan.claim.push(block),
+        match place(pools, ip) {
+            None => plan
+                .problems
+                .push(format!("tunnel address {ip} lies in no pool")),
+            Some(block) => match blocks.get(&block.block) {
+                Some(owner) if owner.host != me => plan.problems.push(format!(
+                    "tunnel address {ip} is not registered: its block {} now belongs to {}",
+                    block.block, owner.host
+                )),
+                Some(_) => {}
+                None => plan.claim.push(block),
+            },
         }
     }
     let held: std::collections::HashSet<&String> = local.iter().map(|e| &e.container_id).collect();
@@ -74,15 +81,21 @@ pub fn plan(
             }
             continue;
         }
-        let block = block_of(endpoint.ip, block_size);
-        match blocks.get(&block) {
+        let Some(block) = place(pools, endpoint.ip) else {
+            plan.problems.push(format!(
+                "endpoint {} ({}) is not registered: its address lies in no pool",
+                endpoint.container_id, endpoint.ip
+            ));
+            continue;
+        };
+        match blocks.get(&block.block) {
             Some(owner) if owner.host != me => plan.problems.push(format!(
-                "endpoint {} ({}) is not registered: its block {block} now belongs to {}",
-                endpoint.container_id, endpoint.ip, owner.host
+                "endpoint {} ({}) is not registered: its block {} now belongs to {}",
+                endpoint.container_id, endpoint.ip, block.block, owner.host
             )),
             owned => {
                 if owned.is_none() && !plan.claim.contains(&block) {
-                    plan.claim.push(block);
+                    plan.claim.push(block.clone());
                 }
                 plan.create.push((endpoint.clone(), block));
             }
@@ -148,7 +161,21 @@ mod tests {
             ports: vec![],
             created: 0,
             secondary: false,
+            labels: Default::default(),
         }
+    }
+
+    fn pool(cidr: &str, block_size: u8) -> PoolRecord {
+        PoolRecord {
+            cidr: cidr.parse().unwrap(),
+            block_size,
+            nat_outgoing: true,
+            encapsulation: Default::default(),
+        }
+    }
+
+    fn pools() -> Vec<(String, PoolRecord)> {
+        vec![("default".into(), pool("10.65.0.0/16", 26))]
     }
 
     fn owner(host: &str) -> BlockOwner {
@@ -172,13 +199,13 @@ mod tests {
         let differing = HashMap::from([("a".to_string(), changed.clone())]);
         let blocks_a = BTreeMap::from([("10.65.0.0/26".parse().unwrap(), owner("h1"))]);
         assert_eq!(
-            plan("h1", true, &blocks_a, &local, &differing, 26, None).rewrite,
+            plan("h1", true, &blocks_a, &local, &differing, &pools(), None).rewrite,
             vec![(changed, local[0].clone())],
             "a record that differs from what is wired is written back"
         );
         let blocks = BTreeMap::from([("10.65.0.0/26".parse().unwrap(), owner("h1"))]);
         assert_eq!(
-            plan("h1", true, &blocks, &local, &stored, 26, None),
+            plan("h1", true, &blocks, &local, &stored, &pools(), None),
             RegistrationPlan::default()
         );
     }
@@ -198,14 +225,20 @@ mod tests {
         let stray = endpoint("z", "10.65.0.9");
         let stored = HashMap::from([("z".to_string(), stray.clone())]);
         let tunnel = Some("10.65.0.63".parse().unwrap());
-        let plan = plan("h1", false, &blocks, &local, &stored, 26, tunnel);
+        let plan = plan("h1", false, &blocks, &local, &stored, &pools(), tunnel);
         assert!(plan.register_host);
         assert_eq!(plan.unknown, vec![stray], "a record nobody here holds");
-        assert_eq!(plan.claim, vec!["10.65.0.0/26".parse().unwrap()]);
+        assert_eq!(
+            plan.claim,
+            vec![BlockRef {
+                pool: "default".into(),
+                block: "10.65.0.0/26".parse().unwrap()
+            }]
+        );
         let created: Vec<(&str, String)> = plan
             .create
             .iter()
-            .map(|(e, b)| (e.container_id.as_str(), b.to_string()))
+            .map(|(e, b)| (e.container_id.as_str(), b.block.to_string()))
             .collect();
         assert_eq!(
             created,
@@ -222,15 +255,22 @@ mod tests {
     }
 
     #[test]
-    fn blocks_are_found_in_both_families() {
+    fn an_address_is_placed_in_the_pool_holding_it() {
+        let pools = [
+            ("a".to_string(), pool("10.65.0.0/16", 26)),
+            ("b".to_string(), pool("10.66.0.0/16", 28)),
+        ];
+        let placed =
+            |ip: &str| place(&pools, ip.parse().unwrap()).map(|b| (b.pool, b.block.to_string()));
         assert_eq!(
-            block_of("10.65.3.77".parse().unwrap(), 26),
-            "10.65.3.64/26".parse().unwrap()
+            placed("10.65.3.77"),
+            Some(("a".into(), "10.65.3.64/26".into()))
         );
         assert_eq!(
-            block_of("fd65::47".parse().unwrap(), 122),
-            "fd65::40/122".parse().unwrap()
+            placed("10.66.3.77"),
+            Some(("b".into(), "10.66.3.64/28".into()))
         );
+        assert_eq!(placed("10.67.0.1"), None);
     }
 
     #[test]

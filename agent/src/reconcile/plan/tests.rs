@@ -26,6 +26,7 @@ fn endpoint(id: &str, ip: &str, veth: &str) -> EndpointRecord {
         ports: vec![],
         created: 0,
         secondary: false,
+        labels: Default::default(),
     }
 }
 

@@ -1,0 +1,293 @@
+//! Carrying a policy plan out, one sync at a time: address sets first (created and filled, so no
+//! rule ever names a missing set), then the chains through the firewall seam (one atomic
+//! restore with the rest of our filter rules), then the sets no rule uses any more are
+//! destroyed. A sync that started after a caller's change covers it, so bursts share one. An
+//! attach waits only for the chains (`police_first`); members follow from the policy loop.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use ipnetwork::IpNetwork;
+use weft_etcd::policy::Selector;
+
+use weft_etcd::records::EndpointRecord;
+
+use super::plan::{plan, Family, SetSpec};
+use super::render::render;
+use super::sets::SetError;
+use crate::context::Context;
+use crate::firewall::sync::SyncError;
+use crate::firewall::SyncMode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicySyncError {
+    #[error("programming address sets: {0}")]
+    Sets(#[from] SetError),
+    #[error(transparent)]
+    Firewall(#[from] SyncError),
+    #[error("policy task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyReport {
+    pub set_changes: usize,
+    pub sets_destroyed: usize,
+    pub tables_written: usize,
+}
+
+/// The inputs of a plan: every policy, every endpoint of the fabric (this host's from its own
+/// table, which is ahead of the watch), and this host's endpoints.
+fn plan_now(ctx: &Context, family: Family) -> super::plan::PolicyPlan {
+    let local: Vec<EndpointRecord> = ctx.endpoints.list();
+    ctx.policy.with_view(|view| {
+        let policies: Vec<_> = view.policies.values().collect();
+        let mut fabric: Vec<&EndpointRecord> = view.remote_endpoints(ctx.me()).collect();
+        fabric.extend(local.iter());
+        let local: Vec<&EndpointRecord> = local.iter().collect();
+        plan(family, &policies, &fabric, &local)
+    })
+}
+
+/// An endpoint change seen by the watch: its address before (if it existed) and its address
+/// and labels after (if it still exists).
+#[derive(Debug, Clone)]
+pub struct Touched {
+    pub old: Option<IpAddr>,
+    pub new: Option<(IpAddr, BTreeMap<String, String>)>,
+}
+
+/// The selector sets of the last full sync, as applied.
+#[derive(Debug, Clone, Default)]
+pub struct LastSets {
+    pub sets: BTreeMap<String, SetSpec>,
+    pub selectors: BTreeMap<String, Selector>,
+}
+
+impl LastSets {
+    /// Moves members for these endpoint changes; returns the sets that changed.
+    fn apply(&mut self, touched: &[Touched]) -> BTreeMap<String, SetSpec> {
+        let mut changed = BTreeMap::new();
+        for (name, selector) in &self.selectors {
+            let Some(spec) = self.sets.get_mut(name) else {
+                continue;
+            };
+            let before = spec.members.clone();
+            for t in touched {
+                if let Some(old) = t.old.filter(|ip| Family::of(ip) == spec.family) {
+                    spec.members.remove(&IpNetwork::from(old));
+                }
+                if let Some((ip, labels)) = &t.new {
+                    if Family::of(ip) == spec.family && selector.matches(labels) {
+                        spec.members.insert(IpNetwork::from(*ip));
+                    }
+                }
+            }
+            if spec.members != before {
+                changed.insert(name.clone(), spec.clone());
+            }
+        }
+        changed
+    }
+}
+
+/// Moves set members for the endpoint changes the watch saw since the last call: no planning,
+/// no firewall work, one `ipset restore` when a member moved. Returns the sets changed.
+pub async fn sync_members(ctx: &Context) -> Result<usize, PolicySyncError> {
+    let state = &ctx.policy;
+    let touched = std::mem::take(&mut *state.touched.lock().unwrap());
+    if touched.is_empty() {
+        return Ok(0);
+    }
+    let _one = state.one_at_a_time.lock().await;
+    let changed = match state.last_sets.lock().unwrap().as_mut() {
+        Some(last) => last.apply(&touched),
+        // No full sync yet: it will see these changes.
+        None => return Ok(0),
+    };
+    if changed.is_empty() {
+        return Ok(0);
+    }
+    let count = changed.len();
+    let sets = state.sets.clone();
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || sets.sync(&changed, SyncMode::Fast)).await??;
+    tracing::debug!(
+        sets = count,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        "set members moved"
+    );
+    Ok(count)
+}
+
+/// How much a sync does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Sets (members included), chains, then unused sets destroyed.
+    Full,
+    /// Chains, and only the sets they name that do not exist yet; set members and unused sets
+    /// are left to the policy loop's next sync (requested here). What an attach waits for.
+    ChainsFirst,
+}
+
+/// Puts the chains of this host's endpoints in place at once (an endpoint about to be wired);
+/// its address joins the sets it belongs to (on every host) when the watch brings its record.
+pub async fn police_first(ctx: &Context) -> Result<PolicyReport, PolicySyncError> {
+    let report = scoped(ctx, SyncMode::Fast, SyncMode::Fast, Scope::ChainsFirst).await;
+    // Sets made here are not yet among those whose members the watch's changes move.
+    if !matches!(&report, Ok(r) if r.set_changes == 0) {
+        ctx.policy.request_sync();
+    }
+    report
+}
+
+/// Applies policy for the current state now (sets and firewall in `mode`).
+pub async fn sync(ctx: &Context, mode: SyncMode) -> Result<PolicyReport, PolicySyncError> {
+    scoped(ctx, mode, mode, Scope::Full).await
+}
+
+/// Applies policy now, reading the sets back in `sets` mode and writing the chains fast.
+pub async fn sync_sets(ctx: &Context, sets: SyncMode) -> Result<PolicyReport, PolicySyncError> {
+    scoped(ctx, sets, SyncMode::Fast, Scope::Full).await
+}
+
+async fn scoped(
+    ctx: &Context,
+    mode: SyncMode,
+    firewall_mode: SyncMode,
+    scope: Scope,
+) -> Result<PolicyReport, PolicySyncError> {
+    let state = &ctx.policy;
+    let wanted = state.wanted.fetch_add(1, Ordering::SeqCst) + 1;
+    let _one = state.one_at_a_time.lock().await;
+    let fast = mode == SyncMode::Fast && firewall_mode == SyncMode::Fast;
+    if fast && scope == Scope::Full && state.applied.load(Ordering::SeqCst) >= wanted {
+        return Ok(PolicyReport::default());
+    }
+    let generation = state.wanted.load(Ordering::SeqCst);
+    let started = Instant::now();
+    // IPv4 only for now; the plan and the sets are per family.
+    let planned = plan_now(ctx, Family::V4);
+    let planned_in = started.elapsed();
+    let mut wanted_sets = planned.sets.clone();
+    if scope == Scope::ChainsFirst {
+        let existing = state.set_names.lock().unwrap();
+        wanted_sets.retain(|name, _| !existing.contains(name));
+    }
+    let set_changes = match wanted_sets.is_empty() && scope == Scope::ChainsFirst {
+        true => 0,
+        false => {
+            let sets = state.sets.clone();
+            tokio::task::spawn_blocking(move || sets.sync(&wanted_sets, mode)).await??
+        }
+    };
+    let rendered = render(&planned);
+    // A change of set members only (an endpoint joining or leaving a selector) leaves every
+    // chain as it is: no firewall work then.
+    let unchanged = firewall_mode == SyncMode::Fast
+        && state.chains_written.load(Ordering::SeqCst)
+        && *state.chains.read().unwrap() == rendered;
+    let report = match unchanged {
+        true => Default::default(),
+        false => {
+            state.chains_written.store(false, Ordering::SeqCst);
+            *state.chains.write().unwrap() = rendered;
+            let report = ctx
+                .firewall
+                .sync(|| ctx.firewall_spec(), firewall_mode, &ctx.metrics)
+                .await?;
+            state.chains_written.store(true, Ordering::SeqCst);
+            report
+        }
+    };
+    let mut done = PolicyReport {
+        set_changes,
+        sets_destroyed: 0,
+        tables_written: report.tables_written,
+    };
+    if scope == Scope::Full {
+        let sets = state.sets.clone();
+        let wanted_sets = planned.sets;
+        *state.set_names.lock().unwrap() = wanted_sets.keys().cloned().collect();
+        *state.last_sets.lock().unwrap() = Some(LastSets {
+            sets: wanted_sets.clone(),
+            selectors: planned.selectors,
+        });
+        done.sets_destroyed = tokio::task::spawn_blocking(move || sets.prune(&wanted_sets))
+            .await?
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot destroy unused address sets yet");
+                0
+            });
+        state.applied.store(generation, Ordering::SeqCst);
+    }
+    if set_changes + done.sets_destroyed + report.tables_written > 0 || !fast {
+        tracing::debug!(
+            sets_verified = mode == SyncMode::Verify,
+            chains_verified = firewall_mode == SyncMode::Verify,
+            ?scope,
+            set_changes,
+            sets_destroyed = done.sets_destroyed,
+            tables = report.tables_written,
+            plan_ms = planned_in.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "network policy synced"
+        );
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::plan::SetKind;
+
+    #[test]
+    fn endpoint_changes_move_members_of_the_sets_their_labels_match() {
+        let selector = Selector::parse("role == 'front'").unwrap();
+        let mut last = LastSets::default();
+        last.selectors.insert("weft-4s-a".into(), selector);
+        last.sets.insert(
+            "weft-4s-a".into(),
+            SetSpec {
+                kind: SetKind::Selector,
+                family: Family::V4,
+                members: ["10.65.0.1/32".parse().unwrap()].into(),
+            },
+        );
+        let front: BTreeMap<String, String> = [("role".into(), "front".into())].into();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A new frontend joins; an unrelated endpoint changes nothing.
+        let changed = last.apply(&[
+            Touched {
+                old: None,
+                new: Some((ip("10.65.0.2"), front.clone())),
+            },
+            Touched {
+                old: None,
+                new: Some((ip("10.65.0.3"), BTreeMap::new())),
+            },
+        ]);
+        assert_eq!(changed["weft-4s-a"].members.len(), 2);
+        // Relabelled away, and deleted: both leave; the same labels again change nothing.
+        let changed = last.apply(&[
+            Touched {
+                old: Some(ip("10.65.0.2")),
+                new: Some((ip("10.65.0.2"), BTreeMap::new())),
+            },
+            Touched {
+                old: Some(ip("10.65.0.1")),
+                new: None,
+            },
+        ]);
+        assert!(changed["weft-4s-a"].members.is_empty());
+        let unchanged = last.apply(&[Touched {
+            old: Some(ip("10.65.0.3")),
+            new: Some((ip("10.65.0.3"), BTreeMap::new())),
+        }]);
+        assert!(unchanged.is_empty());
+    }
+}

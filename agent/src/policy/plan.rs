@@ -1,0 +1,347 @@
+//! What policy wants of this host's firewall, decided from data alone: for each local endpoint
+//! and direction, the policies that select it (ascending `order`, ties by name); for each such
+//! policy, its rules once; for each selector or list of networks those rules name, an address
+//! set and its members, taken from every endpoint of the fabric. Pure: the same inputs give the
+//! same plan, and nothing here touches the kernel.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use weft_etcd::names::stable_hash;
+use weft_etcd::policy::{Action, Peer, Policy, PortRange, Rule, RuleProtocol, Selector};
+use weft_etcd::records::EndpointRecord;
+
+type Labels = BTreeMap<String, String>;
+
+/// An address family. Sets and rules are planned per family; only IPv4 is enforced today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    fn digit(self) -> char {
+        match self {
+            Family::V4 => '4',
+            Family::V6 => '6',
+        }
+    }
+
+    /// `inet` or `inet6`, as ipset names them.
+    pub fn ipset(self) -> &'static str {
+        match self {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        }
+    }
+
+    fn holds(self, net: &IpNetwork) -> bool {
+        Family::of(&net.ip()) == self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Traffic to the endpoint (enforced on its host).
+    Ingress,
+    /// Traffic from the endpoint.
+    Egress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
+    fn rules(self, policy: &Policy) -> Option<&Vec<Rule>> {
+        match self {
+            Direction::Ingress => policy.ingress.as_ref(),
+            Direction::Egress => policy.egress.as_ref(),
+        }
+    }
+}
+
+/// What an address set holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// The addresses of the endpoints a selector matches (`hash:ip`), anywhere in the fabric.
+    Selector,
+    /// A rule's networks (`hash:net`).
+    Nets,
+}
+
+/// One address set: its kind, family and members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    pub kind: SetKind,
+    pub family: Family,
+    pub members: BTreeSet<IpNetwork>,
+}
+
+/// The address set of a selector: named by a hash of its canonical text, so every host names it
+/// alike and two policies that use one selector share its set.
+pub fn selector_set_name(family: Family, selector: &Selector) -> String {
+    let hash = stable_hash(&["selector", &selector.to_string()]);
+    format!("weft-{}s-{hash:016x}", family.digit())
+}
+
+fn nets_set_name(family: Family, nets: &[IpNetwork]) -> String {
+    let texts: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    format!("weft-{}n-{:016x}", family.digit(), stable_hash(&refs))
+}
+
+/// A policy's chain for one direction: `WEFT-PI-`/`WEFT-PO-` and a hash of its name.
+pub fn policy_chain(direction: Direction, policy: &str) -> String {
+    let letter = match direction {
+        Direction::Ingress => 'I',
+        Direction::Egress => 'O',
+    };
+    format!("WEFT-P{letter}-{:016x}", stable_hash(&["policy", policy]))
+}
+
+/// An endpoint's chain for one direction: to the workload (`WEFT-TW-<veth>`) or from it
+/// (`WEFT-FW-<veth>`).
+pub fn endpoint_chain(direction: Direction, veth: &str) -> String {
+    match direction {
+        Direction::Ingress => format!("WEFT-TW-{veth}"),
+        Direction::Egress => format!("WEFT-FW-{veth}"),
+    }
+}
+
+/// How one side of a rule is matched in one family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SideMatch {
+    /// The selector's address set.
+    pub selector_set: Option<String>,
+    /// The networks' address set; None when the rule gives no networks, or one of them is the
+    /// whole family (`0.0.0.0/0`: any address).
+    pub nets_set: Option<String>,
+    pub ports: Vec<PortRange>,
+}
+
+/// One rule of a policy, as this family enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchRule {
+    /// Its place in the policy's list (for the comment that names it).
+    pub index: usize,
+    pub action: Action,
+    pub protocol: Option<RuleProtocol>,
+    pub source: SideMatch,
+    pub destination: SideMatch,
+}
+
+/// A policy's rules for one direction, rendered once per host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChain {
+    pub chain: String,
+    pub policy: String,
+    pub direction: Direction,
+    pub rules: Vec<MatchRule>,
+}
+
+/// The policies that apply to one local endpoint in one direction, in the order they apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointChain {
+    pub chain: String,
+    pub veth: String,
+    pub container_id: String,
+    pub direction: Direction,
+    /// (policy name, policy chain), in apply order.
+    pub policies: Vec<(String, String)>,
+}
+
+/// Everything policy wants of this host, for one family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyPlan {
+    pub endpoints: Vec<EndpointChain>,
+    pub policies: Vec<PolicyChain>,
+    pub sets: BTreeMap<String, SetSpec>,
+    /// The selector of each selector set (by set name): what an endpoint change is checked
+    /// against to move set members without planning again.
+    pub selectors: BTreeMap<String, Selector>,
+}
+
+/// Plans one family. `fabric` is every endpoint of every host (this host's included), `local`
+/// the endpoints of this host.
+pub fn plan(
+    family: Family,
+    policies: &[&Policy],
+    fabric: &[&EndpointRecord],
+    local: &[&EndpointRecord],
+) -> PolicyPlan {
+    let mut ordered: Vec<&Policy> = policies.to_vec();
+    ordered.sort_by(|a, b| a.apply_order(b));
+    let mut out = PolicyPlan::default();
+    let mut used: BTreeSet<(Direction, &str)> = BTreeSet::new();
+    // Endpoints share label sets (replicas): each selector is evaluated once per distinct set.
+    let mut selecting_by_labels: HashMap<(Direction, &Labels), Vec<&Policy>> = HashMap::new();
+    for endpoint in local.iter().filter(|e| Family::of(&e.ip) == family) {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let selecting = selecting_by_labels
+                .entry((direction, &endpoint.labels))
+                .or_insert_with(|| {
+                    ordered
+                        .iter()
+                        .filter(|p| {
+                            direction.rules(p).is_some() && p.selector.matches(&endpoint.labels)
+                        })
+                        .copied()
+                        .collect()
+                });
+            if selecting.is_empty() {
+                continue;
+            }
+            used.extend(selecting.iter().map(|p| (direction, p.name.as_str())));
+            out.endpoints.push(EndpointChain {
+                chain: endpoint_chain(direction, &endpoint.host_ifname),
+                veth: endpoint.host_ifname.clone(),
+                container_id: endpoint.container_id.clone(),
+                direction,
+                policies: selecting
+                    .iter()
+                    .map(|p| (p.name.clone(), policy_chain(direction, &p.name)))
+                    .collect(),
+            });
+        }
+    }
+    let mut groups: HashMap<&Labels, Vec<IpNetwork>> = HashMap::new();
+    for e in fabric.iter().filter(|e| Family::of(&e.ip) == family) {
+        groups
+            .entry(&e.labels)
+            .or_default()
+            .push(IpNetwork::from(e.ip));
+    }
+    let mut sets = SetPlanner {
+        family,
+        groups: groups.into_iter().collect(),
+        sets: BTreeMap::new(),
+        selectors: BTreeMap::new(),
+    };
+    for policy in &ordered {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            if !used.contains(&(direction, policy.name.as_str())) {
+                continue;
+            }
+            let rules = direction.rules(policy).map(Vec::as_slice).unwrap_or(&[]);
+            out.policies.push(PolicyChain {
+                chain: policy_chain(direction, &policy.name),
+                policy: policy.name.clone(),
+                direction,
+                rules: rules
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, rule)| sets.rule(index, rule))
+                    .collect(),
+            });
+        }
+    }
+    out.sets = sets.sets;
+    out.selectors = sets.selectors;
+    out
+}
+
+struct SetPlanner<'a> {
+    family: Family,
+    /// The fabric's endpoints of this family, grouped by their labels.
+    groups: Vec<(&'a Labels, Vec<IpNetwork>)>,
+    sets: BTreeMap<String, SetSpec>,
+    selectors: BTreeMap<String, Selector>,
+}
+
+impl SetPlanner<'_> {
+    /// The rule in this family, or None when it can match nothing here (ICMPv6 in IPv4, or
+    /// networks all of the other family).
+    fn rule(&mut self, index: usize, rule: &Rule) -> Option<MatchRule> {
+        let foreign = matches!(
+            (self.family, rule.protocol),
+            (Family::V4, Some(RuleProtocol::Icmpv6)) | (Family::V6, Some(RuleProtocol::Icmp))
+        );
+        if foreign {
+            return None;
+        }
+        Some(MatchRule {
+            index,
+            action: rule.action,
+            protocol: rule.protocol,
+            source: self.side(&rule.source)?,
+            destination: self.side(&rule.destination)?,
+        })
+    }
+
+    fn side(&mut self, peer: &Peer) -> Option<SideMatch> {
+        let selector_set = peer.selector.as_ref().map(|s| self.selector_set(s));
+        let nets_set = match peer.nets.is_empty() {
+            true => None,
+            false => {
+                let nets: Vec<IpNetwork> = peer
+                    .nets
+                    .iter()
+                    .filter(|n| self.family.holds(n))
+                    .copied()
+                    .collect();
+                if nets.is_empty() {
+                    // Only networks of the other family: this side matches nothing here.
+                    return None;
+                }
+                match nets.iter().any(|n| n.prefix() == 0) {
+                    true => None,
+                    false => Some(self.nets_set(nets)),
+                }
+            }
+        };
+        Some(SideMatch {
+            selector_set,
+            nets_set,
+            ports: peer.ports.clone(),
+        })
+    }
+
+    fn selector_set(&mut self, selector: &Selector) -> String {
+        let name = selector_set_name(self.family, selector);
+        if !self.sets.contains_key(&name) {
+            let members = self
+                .groups
+                .iter()
+                .filter(|(labels, _)| selector.matches(labels))
+                .flat_map(|(_, ips)| ips.iter().copied())
+                .collect();
+            self.sets.insert(
+                name.clone(),
+                SetSpec {
+                    kind: SetKind::Selector,
+                    family: self.family,
+                    members,
+                },
+            );
+            self.selectors.insert(name.clone(), selector.clone());
+        }
+        name
+    }
+
+    fn nets_set(&mut self, nets: Vec<IpNetwork>) -> String {
+        let name = nets_set_name(self.family, &nets);
+        self.sets.entry(name.clone()).or_insert_with(|| SetSpec {
+            kind: SetKind::Nets,
+            family: self.family,
+            members: nets.into_iter().collect(),
+        });
+        name
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,188 @@
+use super::*;
+use serde_json::json;
+use weft_etcd::policy::policy_from_value;
+
+fn endpoint(host: &str, id: &str, ip: &str, labels: &[(&str, &str)]) -> EndpointRecord {
+    let mut record: EndpointRecord = serde_json::from_value(json!({
+        "container_id": id, "host": host, "ip": ip, "host_ifname": format!("weft{id}"),
+        "ifname": "eth0", "mac": "02:00:00:00:00:01", "netns": "/x", "owns_netns": false,
+        "created": 0,
+    }))
+    .unwrap();
+    record.labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    record
+}
+
+fn policy(doc: serde_json::Value) -> Policy {
+    policy_from_value(&doc, "").unwrap()
+}
+
+struct Fabric {
+    web: EndpointRecord,
+    front: EndpointRecord,
+    remote_front: EndpointRecord,
+    db: EndpointRecord,
+}
+
+fn fabric() -> Fabric {
+    Fabric {
+        web: endpoint("h1", "web", "10.65.0.2", &[("app", "web")]),
+        front: endpoint("h1", "front", "10.65.0.3", &[("role", "frontend")]),
+        remote_front: endpoint("h2", "front2", "10.65.1.2", &[("role", "frontend")]),
+        db: endpoint("h2", "db", "10.65.1.3", &[("app", "db")]),
+    }
+}
+
+fn web_policy() -> Policy {
+    policy(json!({
+        "name": "web", "order": 100, "selector": "app == 'web'",
+        "ingress": [
+            {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'frontend'"},
+             "destination": {"ports": [80]}},
+            {"action": "allow", "source": {"nets": ["203.0.113.0/24", "2001:db8::/64"]}},
+            {"action": "allow", "protocol": "icmpv6"},
+            {"action": "allow", "source": {"nets": ["2001:db8::/64"]}}
+        ]
+    }))
+}
+
+#[test]
+fn selected_endpoints_get_chains_and_selectors_get_fabric_wide_sets() {
+    let f = fabric();
+    let web = web_policy();
+    let all = [&f.web, &f.front, &f.remote_front, &f.db];
+    let local = [&f.web, &f.front];
+    let p = plan(Family::V4, &[&web], &all, &local);
+    // Only web is selected, only for ingress (the policy has no egress key).
+    assert_eq!(p.endpoints.len(), 1);
+    assert_eq!(p.endpoints[0].chain, "WEFT-TW-weftweb");
+    assert_eq!(p.endpoints[0].direction, Direction::Ingress);
+    assert_eq!(p.policies.len(), 1);
+    // ICMPv6 and IPv6-only networks cannot match in IPv4: those rules are left out.
+    let indexes: Vec<usize> = p.policies[0].rules.iter().map(|r| r.index).collect();
+    assert_eq!(indexes, [0, 1]);
+    let frontends = selector_set_name(Family::V4, &Selector::parse("role == 'frontend'").unwrap());
+    let members: Vec<String> = p.sets[&frontends]
+        .members
+        .iter()
+        .map(|m| m.ip().to_string())
+        .collect();
+    assert_eq!(
+        members,
+        ["10.65.0.3", "10.65.1.2"],
+        "frontends of every host"
+    );
+    let nets = p.policies[0].rules[1].source.nets_set.clone().unwrap();
+    assert_eq!(p.sets[&nets].members.len(), 1, "only the IPv4 network");
+    assert_eq!(p.sets.len(), 2);
+}
+
+#[test]
+fn policies_apply_in_order_and_unselected_endpoints_get_nothing() {
+    let f = fabric();
+    let late = policy(
+        json!({"name": "a-late", "order": 200, "selector": "all()", "ingress": [], "egress": []}),
+    );
+    let early = policy(
+        json!({"name": "z-early", "order": 1, "selector": "has(app)", "egress": [{"action": "allow"}]}),
+    );
+    let p = plan(
+        Family::V4,
+        &[&late, &web_policy(), &early],
+        &[&f.web, &f.front],
+        &[&f.web, &f.front],
+    );
+    let web_in: Vec<&str> = p
+        .endpoints
+        .iter()
+        .find(|e| e.veth == "weftweb" && e.direction == Direction::Ingress)
+        .unwrap()
+        .policies
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(web_in, ["web", "a-late"]);
+    let web_out: Vec<&str> = p
+        .endpoints
+        .iter()
+        .find(|e| e.veth == "weftweb" && e.direction == Direction::Egress)
+        .unwrap()
+        .policies
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(web_out, ["z-early", "a-late"]);
+    let nothing = plan(Family::V4, &[&web_policy()], &[&f.front], &[&f.front]);
+    assert_eq!(nothing, PolicyPlan::default());
+}
+
+#[test]
+fn a_label_change_moves_set_members_not_chains() {
+    let f = fabric();
+    let web = web_policy();
+    let before = plan(Family::V4, &[&web], &[&f.web, &f.db], &[&f.web]);
+    let mut db = f.db.clone();
+    db.labels.insert("role".into(), "frontend".into());
+    let after = plan(Family::V4, &[&web], &[&f.web, &db], &[&f.web]);
+    assert_eq!(before.endpoints, after.endpoints);
+    assert_eq!(before.policies, after.policies);
+    assert_ne!(before.sets, after.sets);
+}
+
+/// The bench's scale (1,000 endpoints over 3 hosts, 200 policies): how long planning and
+/// rendering take. `cargo test --release -p weft-agent -- --ignored plan_at_scale --nocapture`
+#[test]
+#[ignore]
+fn plan_at_scale() {
+    let endpoints: Vec<EndpointRecord> = (0..1000)
+        .map(|i| {
+            let app = format!("app{}", i % 100);
+            let tier = format!("t{}", i % 5);
+            let ip = format!("10.65.{}.{}", i / 250, i % 250);
+            endpoint(
+                &format!("h{}", i % 3),
+                &format!("e{i}"),
+                &ip,
+                &[("app", &app), ("tier", &tier)],
+            )
+        })
+        .collect();
+    let policies: Vec<Policy> = (0..200)
+        .map(|k| {
+            policy(json!({
+                "name": format!("bench-{k}"), "order": k, "selector": format!("app == 'app{}'", k % 100),
+                "ingress": [
+                    {"action": "allow", "protocol": "tcp", "source": {"selector": format!("tier == 't{}'", k % 5)}, "destination": {"ports": [80, "8000:8080"]}},
+                    {"action": "allow", "source": {"selector": format!("app in {{'app{}', 'app{}'}}", (k + 1) % 100, (k + 2) % 100)}},
+                    {"action": "deny", "protocol": "icmp"}
+                ],
+                "egress": [{"action": "allow", "destination": {"nets": ["10.0.0.0/8"]}}]
+            }))
+        })
+        .collect();
+    let all: Vec<&EndpointRecord> = endpoints.iter().collect();
+    let local: Vec<&EndpointRecord> = endpoints.iter().filter(|e| e.host == "h0").collect();
+    let refs: Vec<&Policy> = policies.iter().collect();
+    let started = std::time::Instant::now();
+    let rounds = 20;
+    let mut rules = 0;
+    for _ in 0..rounds {
+        let p = plan(Family::V4, &refs, &all, &local);
+        rules = crate::policy::render::render(&p)
+            .values()
+            .map(|c| c.rules.len())
+            .sum();
+    }
+    let planned = started.elapsed() / rounds;
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(plan(Family::V4, &refs, &all, &local));
+    }
+    println!(
+        "plan {:?}, plan and render {planned:?} ({rules} rules)",
+        started.elapsed() / rounds
+    );
+}

@@ -1,0 +1,339 @@
+//! Address sets (ipset) for selectors and networks: the seam [`SetBackend`], the real one
+//! ([`Ipset`]: one `ipset restore` per change, members added and deleted one by one, never a
+//! set rebuilt while rules use it) and [`FakeSets`] for unit tests. Only sets named `weft-…`
+//! are ever touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use ipnetwork::IpNetwork;
+
+use super::plan::{Family, SetKind, SetSpec};
+use crate::firewall::SyncMode;
+
+/// Prefix of every set the agent owns.
+pub const SET_PREFIX: &str = "weft-";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{command}: {message}")]
+pub struct SetError {
+    pub command: String,
+    pub message: String,
+}
+
+/// A set as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSet {
+    /// `hash:ip` or `hash:net`.
+    pub kind: String,
+    /// `inet` or `inet6`.
+    pub family: String,
+    pub members: BTreeSet<IpNetwork>,
+}
+
+pub type HeldSets = BTreeMap<String, HeldSet>;
+
+/// The address-set operations policy needs. Blocking: callers run them off the async workers.
+pub trait SetBackend: Send + Sync + 'static {
+    /// Creates the wanted sets that are missing and adds and deletes members until each holds
+    /// exactly its members (Verify reads the kernel first; Fast trusts the last state). Never
+    /// destroys a set. Returns the number of changes made.
+    fn sync(&self, wanted: &BTreeMap<String, SetSpec>, mode: SyncMode) -> Result<usize, SetError>;
+    /// Destroys our sets that are not wanted (once no rule uses them); returns how many.
+    fn prune(&self, wanted: &BTreeMap<String, SetSpec>) -> Result<usize, SetError>;
+}
+
+fn kind_name(kind: SetKind) -> &'static str {
+    match kind {
+        SetKind::Selector => "hash:ip",
+        SetKind::Nets => "hash:net",
+    }
+}
+
+/// A member as `ipset save` prints it: a single address bare, a network with its length.
+pub fn member_text(net: &IpNetwork) -> String {
+    match net.prefix() == if net.is_ipv4() { 32 } else { 128 } {
+        true => net.ip().to_string(),
+        false => net.to_string(),
+    }
+}
+
+/// Our sets in `ipset save` output.
+pub fn parse_save(text: &str) -> HeldSets {
+    let mut sets = HeldSets::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["create", name, kind, rest @ ..] if name.starts_with(SET_PREFIX) => {
+                let family = rest
+                    .windows(2)
+                    .find(|w| w[0] == "family")
+                    .map_or("inet", |w| w[1]);
+                sets.insert(
+                    name.to_string(),
+                    HeldSet {
+                        kind: kind.to_string(),
+                        family: family.to_string(),
+                        members: BTreeSet::new(),
+                    },
+                );
+            }
+            ["add", name, member, ..] => {
+                if let (Some(set), Ok(net)) = (sets.get_mut(*name), member.parse()) {
+                    set.members.insert(net);
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
+/// The `ipset restore` input that brings `held` to `wanted` (None: nothing to do). A set of the
+/// wrong type or family is rebuilt beside it and swapped in, so rules that use it never see it
+/// missing.
+pub fn restore_input(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Option<String> {
+    let mut lines = vec![];
+    for (name, spec) in wanted {
+        let kind = kind_name(spec.kind);
+        let family = spec.family.ipset();
+        let create = |name: &str| format!("create {name} {kind} family {family}");
+        match held.get(name) {
+            Some(h) if h.kind == kind && h.family == family => {
+                for gone in h.members.difference(&spec.members) {
+                    lines.push(format!("del {name} {}", member_text(gone)));
+                }
+                for new in spec.members.difference(&h.members) {
+                    lines.push(format!("add {name} {}", member_text(new)));
+                }
+            }
+            Some(_) => {
+                let temporary = "weft-swap";
+                lines.push(create(temporary));
+                lines.push(format!("flush {temporary}"));
+                lines.extend(
+                    spec.members
+                        .iter()
+                        .map(|m| format!("add {temporary} {}", member_text(m))),
+                );
+                lines.push(format!("swap {temporary} {name}"));
+                lines.push(format!("destroy {temporary}"));
+            }
+            None => {
+                lines.push(create(name));
+                lines.extend(
+                    spec.members
+                        .iter()
+                        .map(|m| format!("add {name} {}", member_text(m))),
+                );
+            }
+        }
+    }
+    match lines.is_empty() {
+        true => None,
+        false => Some(lines.join("\n") + "\n"),
+    }
+}
+
+/// The held state after `wanted` was restored.
+fn as_held(wanted: &BTreeMap<String, SetSpec>) -> HeldSets {
+    wanted
+        .iter()
+        .map(|(name, spec)| {
+            let held = HeldSet {
+                kind: kind_name(spec.kind).to_string(),
+                family: spec.family.ipset().to_string(),
+                members: spec.members.clone(),
+            };
+            (name.clone(), held)
+        })
+        .collect()
+}
+
+fn ipset(args: &[&str], input: Option<&str>) -> Result<String, SetError> {
+    let command = format!("ipset {}", args.join(" "));
+    let fail = |message: String| SetError {
+        command: command.clone(),
+        message,
+    };
+    let mut child = Command::new("ipset")
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    let written = match input {
+        Some(text) => child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(text.as_bytes()),
+        None => Ok(()),
+    };
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    written.map_err(|e| fail(e.to_string()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The real sets of the agent's namespace, with what was last written.
+#[derive(Default)]
+pub struct Ipset {
+    held: Mutex<Option<HeldSets>>,
+}
+
+impl Ipset {
+    fn read(&self) -> Result<HeldSets, SetError> {
+        Ok(parse_save(&ipset(&["save"], None)?))
+    }
+}
+
+impl SetBackend for Ipset {
+    fn sync(&self, wanted: &BTreeMap<String, SetSpec>, mode: SyncMode) -> Result<usize, SetError> {
+        let mut held = self.held.lock().unwrap();
+        let current = match (mode, held.take()) {
+            (SyncMode::Fast, Some(known)) => known,
+            _ => self.read()?,
+        };
+        // Sets of ours not wanted stay until `prune`: rules may still use them.
+        let mut after = current.clone();
+        let Some(input) = restore_input(wanted, &current) else {
+            *held = Some(current);
+            return Ok(0);
+        };
+        let changes = input.lines().count();
+        // On failure (someone changed our sets meanwhile) the state stays unknown: the next
+        // sync reads it again.
+        ipset(&["-exist", "restore"], Some(&input))?;
+        after.extend(as_held(wanted));
+        *held = Some(after);
+        Ok(changes)
+    }
+
+    fn prune(&self, wanted: &BTreeMap<String, SetSpec>) -> Result<usize, SetError> {
+        let mut held = self.held.lock().unwrap();
+        let Some(known) = held.as_mut() else {
+            return Ok(0);
+        };
+        let doomed: Vec<String> = known
+            .keys()
+            .filter(|name| !wanted.contains_key(*name))
+            .cloned()
+            .collect();
+        let mut destroyed = 0;
+        for name in doomed {
+            match ipset(&["destroy", &name], None) {
+                Ok(_) => destroyed += 1,
+                Err(e) if e.message.contains("does not exist") => {}
+                // Still used by a rule (a firewall write that failed): next time.
+                Err(e) => {
+                    tracing::debug!(set = %name, error = %e, "cannot destroy set yet");
+                    continue;
+                }
+            }
+            known.remove(&name);
+        }
+        Ok(destroyed)
+    }
+}
+
+/// Sets in memory, for unit tests.
+#[derive(Debug, Default)]
+pub struct FakeSets {
+    pub sets: Mutex<BTreeMap<String, SetSpec>>,
+}
+
+impl SetBackend for FakeSets {
+    fn sync(&self, wanted: &BTreeMap<String, SetSpec>, _: SyncMode) -> Result<usize, SetError> {
+        let mut sets = self.sets.lock().unwrap();
+        let changed = wanted
+            .iter()
+            .filter(|(n, s)| sets.get(*n) != Some(s))
+            .count();
+        sets.extend(wanted.iter().map(|(n, s)| (n.clone(), s.clone())));
+        Ok(changed)
+    }
+
+    fn prune(&self, wanted: &BTreeMap<String, SetSpec>) -> Result<usize, SetError> {
+        let mut sets = self.sets.lock().unwrap();
+        let before = sets.len();
+        sets.retain(|name, _| wanted.contains_key(name));
+        Ok(before - sets.len())
+    }
+}
+
+impl Family {
+    /// The family of a set's `family` word.
+    pub fn from_ipset(word: &str) -> Self {
+        match word {
+            "inet6" => Family::V6,
+            _ => Family::V4,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: SetKind, members: &[&str]) -> SetSpec {
+        SetSpec {
+            kind,
+            family: Family::V4,
+            members: members.iter().map(|m| m.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn save_output_is_read_and_only_differences_are_restored() {
+        let save = "create weft-4s-a hash:ip family inet hashsize 1024 maxelem 65536\n\
+                    add weft-4s-a 10.65.0.2\nadd weft-4s-a 10.65.0.3\n\
+                    create weft-4n-b hash:net family inet hashsize 1024\nadd weft-4n-b 10.1.0.0/16\n\
+                    create other hash:ip family inet\nadd other 1.2.3.4\n";
+        let held = parse_save(save);
+        assert_eq!(held.len(), 2, "foreign sets are not ours");
+        assert_eq!(held["weft-4n-b"].kind, "hash:net");
+        let mut wanted = BTreeMap::new();
+        wanted.insert(
+            "weft-4s-a".to_string(),
+            spec(SetKind::Selector, &["10.65.0.3", "10.65.0.4"]),
+        );
+        wanted.insert(
+            "weft-4n-b".to_string(),
+            spec(SetKind::Nets, &["10.1.0.0/16"]),
+        );
+        wanted.insert(
+            "weft-4n-c".to_string(),
+            spec(SetKind::Nets, &["10.2.0.1/32"]),
+        );
+        assert_eq!(
+            restore_input(&wanted, &held).unwrap(),
+            "create weft-4n-c hash:net family inet\nadd weft-4n-c 10.2.0.1\n\
+             del weft-4s-a 10.65.0.2\nadd weft-4s-a 10.65.0.4\n"
+        );
+        assert_eq!(restore_input(&wanted, &as_held(&wanted)), None);
+    }
+
+    #[test]
+    fn a_set_of_the_wrong_type_is_swapped() {
+        let held = parse_save("create weft-4s-a hash:net family inet\n");
+        let mut wanted = BTreeMap::new();
+        wanted.insert(
+            "weft-4s-a".to_string(),
+            spec(SetKind::Selector, &["10.65.0.2"]),
+        );
+        let input = restore_input(&wanted, &held).unwrap();
+        assert!(input.contains("swap weft-swap weft-4s-a"), "{input}");
+    }
+}

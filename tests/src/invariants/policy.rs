@@ -1,0 +1,238 @@
+//! The invariant checker's part for network policy: on a quiet lab, each host's kernel holds
+//! exactly what etcd's policies and endpoints ask of it.
+//!
+//! - chains ↔ policies: the chains policy owns (`WEFT-TO-WL`, `WEFT-FROM-WL`, `WEFT-TW-*`,
+//!   `WEFT-FW-*`, `WEFT-PI-*`, `WEFT-PO-*`) are exactly those the policies and this host's
+//!   endpoints (with their labels) call for, rule for rule, and our FORWARD chain dispatches to
+//!   them after accepting established connections;
+//! - sets ↔ selectors ↔ endpoints: every `weft-` address set is one a rule of an enforced policy
+//!   names, and holds exactly the addresses of the endpoints (of every host) its selector
+//!   matches, or the rule's networks; no other `weft-` set exists.
+//!
+//! What "call for" means is the planner's (`weft_agent::policy::plan`, a pure function of
+//! records), fed from etcd here, not from the agent.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weft_agent::firewall::chains::{as_held, parse_owned};
+use weft_agent::policy::plan::{plan, Family};
+use weft_agent::policy::render::render;
+use weft_etcd::policy::{policy_from_value, Policy};
+use weft_etcd::records::EndpointRecord;
+
+use super::{HostKernel, HostView, Snapshot, Violation, ETCD_PREFIX};
+
+/// Policies and endpoint records as stored, parsed with the agent's own rules.
+struct Stored {
+    policies: Vec<Policy>,
+    endpoints: Vec<EndpointRecord>,
+}
+
+fn stored(s: &Snapshot, v: &mut Vec<Violation>) -> Stored {
+    let mut out = Stored {
+        policies: vec![],
+        endpoints: vec![],
+    };
+    for (key, value) in &s.etcd {
+        let Some(rest) = key.strip_prefix(ETCD_PREFIX) else {
+            continue;
+        };
+        if let Some(name) = rest.strip_prefix("policies/") {
+            let parsed = serde_json::from_str(value)
+                .map_err(|e| e.to_string())
+                .and_then(|doc| policy_from_value(&doc, "").map_err(|e| e.to_string()));
+            match parsed {
+                Ok(p) if p.name == name => out.policies.push(p),
+                Ok(p) => v.push(Violation::new(
+                    "cluster",
+                    format!("etcd {rest}"),
+                    format!("policy {name}"),
+                    format!("policy {}", p.name),
+                )),
+                Err(e) => v.push(Violation::new(
+                    "cluster",
+                    format!("etcd {rest}"),
+                    "a valid policy",
+                    e,
+                )),
+            }
+        } else if rest.starts_with("endpoints/") {
+            // Malformed endpoint records are the main checker's to report.
+            if let Ok(record) = serde_json::from_str::<EndpointRecord>(value) {
+                out.endpoints.push(record);
+            }
+        }
+    }
+    out
+}
+
+/// Checks every host whose kernel could be read.
+pub fn check(s: &Snapshot, v: &mut Vec<Violation>) {
+    let stored = stored(s, v);
+    for host in &s.hosts {
+        if let Ok(kernel) = &host.kernel {
+            check_host(&stored, host, kernel, v);
+        }
+    }
+}
+
+fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Violation>) {
+    let name = &host.name;
+    let policies: Vec<&Policy> = stored.policies.iter().collect();
+    let fabric: Vec<&EndpointRecord> = stored.endpoints.iter().collect();
+    let local: Vec<&EndpointRecord> = fabric.iter().copied().filter(|e| e.host == *name).collect();
+    let wanted = plan(Family::V4, &policies, &fabric, &local);
+
+    // Chains ↔ policies.
+    let held = parse_owned(&k.filter);
+    let want = as_held(&render(&wanted));
+    for (chain, rules) in &want {
+        match held.get(chain) {
+            None => v.push(Violation::new(
+                name,
+                format!("iptables filter {chain}"),
+                "a chain of network policy",
+                "none",
+            )),
+            Some(found) => {
+                let ordered = !chain.ends_with("-WL");
+                let same = match ordered {
+                    true => found == rules,
+                    false => {
+                        found.iter().collect::<BTreeSet<_>>()
+                            == rules.iter().collect::<BTreeSet<_>>()
+                            && found.len() == rules.len()
+                    }
+                };
+                if !same {
+                    v.push(Violation::new(
+                        name,
+                        format!("iptables filter {chain}"),
+                        format!("{} rules: {}", rules.len(), rules.join(" | ")),
+                        format!("{} rules: {}", found.len(), found.join(" | ")),
+                    ));
+                }
+            }
+        }
+    }
+    for chain in held.keys().filter(|c| !want.contains_key(*c)) {
+        v.push(Violation::new(
+            name,
+            format!("iptables filter {chain}"),
+            "no policy chain that no policy explains",
+            "a chain",
+        ));
+    }
+    let forward: Vec<&str> = k
+        .filter
+        .lines()
+        .filter(|l| l.starts_with("-A WEFT-FORWARD "))
+        .collect();
+    let position = |needle: &str| forward.iter().position(|l| l.contains(needle));
+    let (established, dispatch, accept) = (
+        position("--ctstate RELATED,ESTABLISHED"),
+        position("-j WEFT-TO-WL"),
+        position("-o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT"),
+    );
+    if !matches!((established, dispatch, accept), (Some(a), Some(b), Some(c)) if a < b && b < c) {
+        v.push(Violation::new(
+            name,
+            "iptables filter WEFT-FORWARD",
+            "established accepted, then policy dispatch, then the accepts",
+            format!("{established:?}, {dispatch:?}, {accept:?}"),
+        ));
+    }
+
+    check_drops_first(name, k, v);
+
+    // Sets ↔ selectors ↔ endpoints.
+    let sets = parse_sets(&k.ipsets);
+    for (set, spec) in &wanted.sets {
+        let members: BTreeSet<String> = spec
+            .members
+            .iter()
+            .map(weft_agent::policy::sets::member_text)
+            .collect();
+        match sets.get(set) {
+            None => v.push(Violation::new(
+                name,
+                format!("ipset {set}"),
+                format!("a set of {} members", members.len()),
+                "none",
+            )),
+            Some(found) if *found != members => v.push(Violation::new(
+                name,
+                format!("ipset {set}"),
+                format!("{members:?}"),
+                format!("{found:?}"),
+            )),
+            Some(_) => {}
+        }
+    }
+    for set in sets.keys().filter(|s| !wanted.sets.contains_key(*s)) {
+        v.push(Violation::new(
+            name,
+            format!("ipset {set}"),
+            "no weft- set that no enforced rule names",
+            "a set",
+        ));
+    }
+}
+
+/// What policy allows never overrides our drops (protected services, VXLAN from containers):
+/// in `WEFT-FORWARD` every DROP comes before the accept of established connections, in
+/// `WEFT-INPUT` every DROP and the VXLAN check before the jump to egress policy.
+pub(super) fn check_drops_first(name: &str, k: &HostKernel, v: &mut Vec<Violation>) {
+    let orders = [
+        ("WEFT-FORWARD", "--ctstate RELATED,ESTABLISHED"),
+        ("WEFT-INPUT", "-j WEFT-FROM-WL"),
+    ];
+    for (chain, policy) in orders {
+        let prefix = format!("-A {chain} ");
+        let lines: Vec<&str> = k
+            .filter
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .collect();
+        let Some(first_policy) = lines.iter().position(|l| l.contains(policy)) else {
+            v.push(Violation::new(
+                name,
+                format!("iptables filter {chain}"),
+                format!("a rule with {policy}"),
+                "none",
+            ));
+            continue;
+        };
+        let late = lines[first_policy..]
+            .iter()
+            .filter(|l| l.ends_with("-j DROP") || l.ends_with("-j WEFT-VXLAN"))
+            .count();
+        if late > 0 {
+            v.push(Violation::new(
+                name,
+                format!("iptables filter {chain}"),
+                "every drop before policy",
+                format!("{late} after it"),
+            ));
+        }
+    }
+}
+
+/// `weft-` sets of `ipset save` output with their members as printed.
+fn parse_sets(save: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut sets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in save.lines() {
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["create", set, ..] if set.starts_with("weft-") => {
+                sets.entry(set.to_string()).or_default();
+            }
+            ["add", set, member, ..] if set.starts_with("weft-") => {
+                sets.entry(set.to_string())
+                    .or_default()
+                    .insert(member.to_string());
+            }
+            _ => {}
+        }
+    }
+    sets
+}

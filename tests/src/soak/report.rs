@@ -1,0 +1,226 @@
+//! The soak's verdict: failed requests judged against the fault windows, ping losses, leaks,
+//! memory and reconcile times. Judging is pure; `print` shows it.
+
+use std::fmt::Write;
+
+use tonic::Code;
+
+use super::churn::Failed;
+
+/// A time during which requests may answer `UNAVAILABLE`: an agent down or an etcd member
+/// restarting (Unix seconds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub what: String,
+    /// The host whose requests it excuses; None: every host (etcd).
+    pub host: Option<usize>,
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Window {
+    fn covers(&self, failed: &Failed) -> bool {
+        self.host.is_none_or(|h| h == failed.host)
+            && failed.at >= self.start
+            && failed.at <= self.end
+    }
+}
+
+/// Failed requests no window excuses: anything but `UNAVAILABLE`, or `UNAVAILABLE` outside
+/// every window.
+pub fn unexcused<'a>(failed: &'a [Failed], windows: &[Window]) -> Vec<&'a Failed> {
+    failed
+        .iter()
+        .filter(|f| f.code != Code::Unavailable || !windows.iter().any(|w| w.covers(f)))
+        .collect()
+}
+
+/// Per host: (name, memory early, memory at the end) in KiB.
+pub type Memory = Vec<(String, u64, u64)>;
+/// Per host: (name, median reconcile ms in the first third, in the last third).
+pub type Reconcile = Vec<(String, f64, f64)>;
+
+#[derive(Debug, Default)]
+pub struct SoakReport {
+    /// Unix time the churn started (windows and failures are shown relative to it).
+    pub started: f64,
+    pub seconds: f64,
+    pub attaches: u64,
+    pub detaches: u64,
+    pub failed: Vec<Failed>,
+    pub windows: Vec<Window>,
+    /// (pair, replies, losses with their time).
+    pub pings: Vec<(String, usize, Vec<f64>)>,
+    pub leaks: Vec<String>,
+    pub memory: Memory,
+    pub reconcile: Reconcile,
+}
+
+/// The memory bound: the end within 1.2x of the early figure.
+pub const MEMORY_GROWTH: f64 = 1.2;
+/// Reconcile time is flat when the late median is within 2x of the early one (or under 5 ms:
+/// the machine's noise at that scale is larger than any trend).
+pub const RECONCILE_GROWTH: f64 = 2.0;
+const RECONCILE_FLOOR_MS: f64 = 5.0;
+
+impl SoakReport {
+    pub fn lost_pings(&self) -> usize {
+        self.pings.iter().map(|(_, _, lost)| lost.len()).sum()
+    }
+
+    /// Every reason the run fails, one sentence each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = vec![];
+        for f in unexcused(&self.failed, &self.windows) {
+            problems.push(format!(
+                "{} on host {} answered {:?} at +{:.1} s, outside every fault window: {}",
+                f.what,
+                f.host,
+                f.code,
+                f.at - self.started,
+                f.message
+            ));
+        }
+        if self.lost_pings() > 0 {
+            problems.push(format!("{} pings lost", self.lost_pings()));
+        }
+        problems.extend(self.leaks.iter().map(|l| format!("leak: {l}")));
+        for (host, early, end) in &self.memory {
+            if *end as f64 > *early as f64 * MEMORY_GROWTH {
+                problems.push(format!(
+                    "{host}: agent memory grew from {early} KiB to {end} KiB"
+                ));
+            }
+        }
+        for (host, early, late) in &self.reconcile {
+            if *late > RECONCILE_FLOOR_MS && *late > early * RECONCILE_GROWTH {
+                problems.push(format!(
+                    "{host}: reconcile median went from {early:.1} ms to {late:.1} ms"
+                ));
+            }
+        }
+        if self.attaches == 0 {
+            problems.push("no attach was made".into());
+        }
+        problems
+    }
+
+    pub fn passed(&self) -> bool {
+        self.problems().is_empty()
+    }
+
+    pub fn print(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "soak: {:.0} s, {} attaches, {} detaches ({:.1} operations/s), {} answers other than OK \
+             ({} excused by a fault window)",
+            self.seconds,
+            self.attaches,
+            self.detaches,
+            (self.attaches + self.detaches) as f64 / self.seconds.max(1.0),
+            self.failed.len(),
+            self.failed.len() - unexcused(&self.failed, &self.windows).len(),
+        );
+        for w in &self.windows {
+            let _ = writeln!(
+                out,
+                "  window: {} at +{:.1} s for {:.1} s",
+                w.what,
+                w.start - self.started,
+                w.end - w.start
+            );
+        }
+        let replies: usize = self.pings.iter().map(|(_, r, _)| r).sum();
+        let _ = writeln!(
+            out,
+            "pings: {} pairs, {replies} replies, {} lost",
+            self.pings.len(),
+            self.lost_pings()
+        );
+        for (host, early, end) in &self.memory {
+            let _ = writeln!(
+                out,
+                "  {host}: agent memory {early} KiB early, {end} KiB at the end"
+            );
+        }
+        for (host, early, late) in &self.reconcile {
+            let _ = writeln!(
+                out,
+                "  {host}: reconcile median {early:.1} ms in the first third of the churn, \
+                 {late:.1} ms in the last"
+            );
+        }
+        let problems = self.problems();
+        let _ = writeln!(out, "leaks: {}", self.leaks.len());
+        match problems.is_empty() {
+            true => out.push_str("PASSED\n"),
+            false => {
+                for p in problems {
+                    let _ = writeln!(out, "PROBLEM {p}");
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(at: f64, host: usize, code: Code) -> Failed {
+        Failed {
+            at,
+            host,
+            what: "attach",
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_unavailable_answers_inside_a_window_of_their_host_are_excused() {
+        let windows = [
+            Window {
+                what: "agent of host 1 killed".into(),
+                host: Some(1),
+                start: 10.0,
+                end: 20.0,
+            },
+            Window {
+                what: "etcd member 2 restarted".into(),
+                host: None,
+                start: 50.0,
+                end: 55.0,
+            },
+        ];
+        let all = [
+            failed(15.0, 1, Code::Unavailable),
+            failed(15.0, 0, Code::Unavailable),
+            failed(52.0, 2, Code::Unavailable),
+            failed(15.0, 1, Code::Internal),
+            failed(30.0, 1, Code::Unavailable),
+        ];
+        let left: Vec<(f64, usize)> = unexcused(&all, &windows)
+            .iter()
+            .map(|f| (f.at, f.host))
+            .collect();
+        assert_eq!(left, [(15.0, 0), (15.0, 1), (30.0, 1)]);
+    }
+
+    #[test]
+    fn memory_growth_and_slower_reconciles_fail_the_run() {
+        let report = SoakReport {
+            seconds: 60.0,
+            attaches: 10,
+            memory: vec![("h1".into(), 10_000, 11_000), ("h2".into(), 10_000, 13_000)],
+            reconcile: vec![("h1".into(), 2.0, 4.5), ("h2".into(), 10.0, 30.0)],
+            ..Default::default()
+        };
+        let problems = report.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("h2: agent memory"));
+        assert!(problems[1].starts_with("h2: reconcile"));
+    }
+}
