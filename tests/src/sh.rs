@@ -100,3 +100,46 @@ pub fn ping(ns: &str, target: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// GET `path` from 127.0.0.1:`port` inside namespace `ns` (an agent's health and metrics
+/// listener): the status code and the body.
+pub fn http_get(ns: &str, port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let (ns, path) = (ns.to_string(), path.to_string());
+    std::thread::spawn(move || -> Result<(u16, String)> {
+        let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no HTTP status")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the HTTP thread panicked"))?
+}
+
+/// The reconciler's totals from an agent's metrics (`weft_reconcile_duration_seconds` sum in
+/// seconds and count of passes) in namespace `ns`.
+pub fn reconcile_totals(ns: &str) -> Result<(f64, u64)> {
+    let (_, body) = http_get(ns, 9099, "/metrics")?;
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .with_context(|| format!("{name} in the metrics"))
+    };
+    Ok((
+        value("weft_reconcile_duration_seconds_sum ")?,
+        value("weft_reconcile_duration_seconds_count ")? as u64,
+    ))
+}

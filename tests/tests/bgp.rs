@@ -3,7 +3,6 @@
 //! its kernel; every agent runs its own bird under the lab's directory.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -463,19 +462,5 @@ fn a_wrong_peer_asn_is_shown_down_and_the_corrected_one_comes_up_without_restart
 
 /// GET `path` from the agent's metrics listener (127.0.0.1:9099 inside host namespace `ns`).
 fn http_get(ns: &str, path: &str) -> String {
-    let (ns, path) = (ns.to_string(), path.to_string());
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", 9099)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response
-    })
-    .join()
-    .unwrap()
+    sh::http_get(ns, 9099, path).unwrap().1
 }

@@ -1,7 +1,7 @@
 //! Where weft meets its users' tools: the CNI plugin (directly and under podman), systemd,
 //! health and metrics, operator commands, and the Vagrant lab.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -413,29 +413,8 @@ fn the_systemd_unit_verifies_and_ready_comes_after_reconciliation() {
     assert_eq!(&buf[..n], b"WATCHDOG=1");
 }
 
-/// GET over HTTP/1.0 from inside a namespace.
 fn http_get(ns: &str, port: u16, path: &str) -> (u16, String) {
-    let ns = ns.to_string();
-    let path = path.to_string();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    })
-    .join()
-    .unwrap()
+    sh::http_get(ns, port, path).unwrap()
 }
 
 #[test]

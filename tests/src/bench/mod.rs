@@ -13,6 +13,7 @@ pub mod cni;
 pub mod convergence;
 pub mod dataplane;
 pub mod endpoints;
+pub mod fleet;
 pub mod floor;
 pub mod policy;
 pub mod ports;
@@ -86,6 +87,7 @@ pub const CASES: &[Case] = &[
     Case::new("policy", policy::run),
     Case::new("floor", floor::run),
     Case::new("endpoints", endpoints::run),
+    Case::extra("fleet", fleet::run),
 ];
 
 /// The cases `only` names (comma-separated), or every default case when it is `None`.

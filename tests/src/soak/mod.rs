@@ -88,8 +88,6 @@ pub fn run(options: &SoakOptions) -> Result<SoakReport> {
         }
     }
     let pairs = mesh::start(&mut lab, &lived)?;
-    // Reconcile passes are judged from here on: before, the lab was still being built.
-    let log_offsets: Vec<usize> = (0..options.hosts).map(|i| lab.agent_log(i).len()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let churn = spawn_churn(&lab, options, stop.clone(), tally.clone())?;
@@ -98,9 +96,21 @@ pub fn run(options: &SoakOptions) -> Result<SoakReport> {
     let faults = inject_faults(&mut lab, options, started);
     stop.store(true, Ordering::Relaxed);
     let _ = churn.join();
-    let (windows, early_memory) = faults?;
+    let Faults {
+        windows,
+        early_memory,
+        reconcile_samples,
+    } = faults?;
     let seconds = started.elapsed().as_secs_f64();
-    let reconcile = reconcile_times(&lab, &log_offsets);
+    let reconcile = lab
+        .hosts
+        .iter()
+        .zip(&reconcile_samples)
+        .map(|(host, samples)| {
+            let (early, late) = reconcile_trend(samples);
+            (host.name.clone(), early, late)
+        })
+        .collect();
 
     let mut leaks = vec![];
     if let Err(unquiet) = invariants::wait_quiet(&lab, Duration::from_secs(30)) {
@@ -165,20 +175,39 @@ fn spawn_churn(
     }))
 }
 
+/// What the fault loop saw.
+struct Faults {
+    windows: Vec<Window>,
+    /// Each agent's memory at the early mark (KiB).
+    early_memory: Vec<u64>,
+    /// Per agent, its reconciler totals (seconds, passes) sampled through the run.
+    reconcile_samples: Vec<Vec<(f64, u64)>>,
+}
+
+/// How often the agents' reconcile totals are read.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
 /// Kills agents and restarts etcd members on the options' cadence until the run's time is up;
-/// returns the fault windows and each agent's memory at the early mark.
-fn inject_faults(
-    lab: &mut Lab,
-    options: &SoakOptions,
-    started: Instant,
-) -> Result<(Vec<Window>, Vec<u64>)> {
+/// samples memory at the early mark and the reconcilers' totals throughout.
+fn inject_faults(lab: &mut Lab, options: &SoakOptions, started: Instant) -> Result<Faults> {
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut windows = vec![];
     let mut early = vec![];
+    let mut samples = vec![vec![]; lab.hosts.len()];
+    let mut next_sample = Duration::ZERO;
     let (mut next_kill, mut next_etcd) = (options.kill_every, options.etcd_restart_every);
     while started.elapsed() < options.duration {
         std::thread::sleep(Duration::from_millis(200));
         let elapsed = started.elapsed();
+        if elapsed >= next_sample {
+            next_sample += SAMPLE_EVERY;
+            for (i, host) in lab.hosts.iter().enumerate() {
+                // An agent being restarted has no listener for a moment: no sample then.
+                if let Ok(totals) = sh::reconcile_totals(&host.name) {
+                    samples[i].push(totals);
+                }
+            }
+        }
         if early.is_empty() && elapsed >= options.early {
             early = (0..lab.hosts.len()).map(|i| agent_rss(lab, i)).collect();
         }
@@ -214,7 +243,11 @@ fn inject_faults(
     if early.is_empty() {
         early = (0..lab.hosts.len()).map(|i| agent_rss(lab, i)).collect();
     }
-    Ok((windows, early))
+    Ok(Faults {
+        windows,
+        early_memory: early,
+        reconcile_samples: samples,
+    })
 }
 
 /// The resident memory of host `i`'s agent, in KiB (0 when it is not running).
@@ -230,42 +263,29 @@ fn agent_rss(lab: &Lab, i: usize) -> u64 {
         .unwrap_or(0)
 }
 
-/// Per agent, the median time of its reconcile passes (`reconciled ... ms=`) in the first and
-/// in the last third of those logged during the churn (after `offsets` into each log).
-fn reconcile_times(lab: &Lab, offsets: &[usize]) -> report::Reconcile {
-    (0..lab.hosts.len())
-        .map(|i| {
-            let log = lab.agent_log(i);
-            let times = pass_times(log.get(offsets[i]..).unwrap_or_default());
-            let third = times.len() / 3;
-            (
-                lab.hosts[i].name.clone(),
-                median(&times[..third.max(1).min(times.len())]),
-                median(&times[times.len() - third.max(1).min(times.len())..]),
-            )
-        })
-        .collect()
-}
-
-/// The `ms=` of every `reconciled` line of an agent log, in order.
-pub fn pass_times(log: &str) -> Vec<f64> {
-    log.lines()
-        .filter(|l| l.contains(" reconciled "))
-        .filter_map(|l| {
-            l.split(" ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+/// The mean reconcile pass time (ms) over the first and over the last third of an agent's
+/// samples of its totals (seconds, passes). An interval over which the totals went down spans a
+/// restart of the agent and is left out.
+pub fn reconcile_trend(samples: &[(f64, u64)]) -> (f64, f64) {
+    let intervals: Vec<(f64, u64)> = samples
+        .windows(2)
+        .filter(|w| w[1].1 >= w[0].1 && w[1].0 >= w[0].0)
+        .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1))
+        .collect();
+    let third = (intervals.len() / 3).max(1).min(intervals.len());
+    let mean = |part: &[(f64, u64)]| {
+        let (seconds, passes) = part
+            .iter()
+            .fold((0.0, 0), |(s, p), (ds, dp)| (s + ds, p + dp));
+        match passes {
+            0 => 0.0,
+            n => seconds / n as f64 * 1e3,
+        }
+    };
+    (
+        mean(&intervals[..third]),
+        mean(&intervals[intervals.len() - third..]),
+    )
 }
 
 #[cfg(test)]
@@ -273,11 +293,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reconcile_times_are_read_from_the_log() {
-        let log = "2026-12-02T05:18:21Z INFO weft_agent::reconcile: reconciled replaced=0 ms=130.3\n\
-                   2026-12-02T05:18:22Z INFO weft_agent::supervisor: initial reconciliation done ms=130.3\n\
-                   2026-12-02T05:18:23Z INFO weft_agent::reconcile: reconciled replaced=1 ms=2.0 x=1\n";
-        assert_eq!(pass_times(log), [130.3, 2.0]);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    fn the_reconcile_trend_skips_restarts_and_compares_thirds() {
+        // (seconds, passes): 10 ms passes, a restart, then 20 ms passes.
+        let samples = [
+            (0.0, 0),
+            (0.1, 10),
+            (0.2, 20),
+            (0.01, 1),
+            (0.21, 11),
+            (0.41, 21),
+        ];
+        let (early, late) = reconcile_trend(&samples);
+        assert!((early - 10.0).abs() < 1e-9, "{early}");
+        assert!((late - 20.0).abs() < 1e-9, "{late}");
+        assert_eq!(reconcile_trend(&[]), (0.0, 0.0));
     }
 }

@@ -37,7 +37,7 @@ pub fn unexcused<'a>(failed: &'a [Failed], windows: &[Window]) -> Vec<&'a Failed
 
 /// Per host: (name, memory early, memory at the end) in KiB.
 pub type Memory = Vec<(String, u64, u64)>;
-/// Per host: (name, median reconcile ms in the first third, in the last third).
+/// Per host: (name, mean reconcile pass ms in the first third of the run, in the last third).
 pub type Reconcile = Vec<(String, f64, f64)>;
 
 #[derive(Debug, Default)]
@@ -58,8 +58,8 @@ pub struct SoakReport {
 
 /// The memory bound: the end within 1.2x of the early figure.
 pub const MEMORY_GROWTH: f64 = 1.2;
-/// Reconcile time is flat when the late median is within 2x of the early one (or under 5 ms:
-/// the machine's noise at that scale is larger than any trend).
+/// Reconcile time is flat when the late mean is within 2x of the early one (or under 5 ms: the
+/// machine's noise at that scale is larger than any trend).
 pub const RECONCILE_GROWTH: f64 = 2.0;
 const RECONCILE_FLOOR_MS: f64 = 5.0;
 
@@ -95,7 +95,7 @@ impl SoakReport {
         for (host, early, late) in &self.reconcile {
             if *late > RECONCILE_FLOOR_MS && *late > early * RECONCILE_GROWTH {
                 problems.push(format!(
-                    "{host}: reconcile median went from {early:.1} ms to {late:.1} ms"
+                    "{host}: mean reconcile pass went from {early:.1} ms to {late:.1} ms"
                 ));
             }
         }
@@ -147,7 +147,7 @@ impl SoakReport {
         for (host, early, late) in &self.reconcile {
             let _ = writeln!(
                 out,
-                "  {host}: reconcile median {early:.1} ms in the first third of the churn, \
+                "  {host}: mean reconcile pass {early:.1} ms in the first third of the churn, \
                  {late:.1} ms in the last"
             );
         }
@@ -221,6 +221,6 @@ mod tests {
         let problems = report.problems();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("h2: agent memory"));
-        assert!(problems[1].starts_with("h2: reconcile"));
+        assert!(problems[1].starts_with("h2: mean reconcile"));
     }
 }
