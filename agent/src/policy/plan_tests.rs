@@ -132,11 +132,11 @@ fn a_label_change_moves_set_members_not_chains() {
     assert_ne!(before.sets, after.sets);
 }
 
-/// The bench's scale (1,000 endpoints over 3 hosts, 200 policies): how long planning and
-/// rendering take. `cargo test --release -p weft-agent -- --ignored plan_at_scale --nocapture`
+/// The bench's scale (1,000 endpoints over 3 hosts, 200 policies) plans the same every time
+/// and renders chains for every local endpoint; its timing is the bench's (`deploy/bench/run
+/// --only policy` reports planning time from the agents' logs).
 #[test]
-#[ignore]
-fn plan_at_scale() {
+fn plan_at_scale_is_stable_and_renders_every_local_endpoint() {
     let endpoints: Vec<EndpointRecord> = (0..1000)
         .map(|i| {
             let app = format!("app{}", i % 100);
@@ -166,23 +166,14 @@ fn plan_at_scale() {
     let all: Vec<&EndpointRecord> = endpoints.iter().collect();
     let local: Vec<&EndpointRecord> = endpoints.iter().filter(|e| e.host == "h0").collect();
     let refs: Vec<&Policy> = policies.iter().collect();
-    let started = std::time::Instant::now();
-    let rounds = 20;
-    let mut rules = 0;
-    for _ in 0..rounds {
-        let p = plan(Family::V4, &refs, &all, &local);
-        rules = crate::policy::render::render(&p)
-            .values()
-            .map(|c| c.rules.len())
-            .sum();
-    }
-    let planned = started.elapsed() / rounds;
-    let started = std::time::Instant::now();
-    for _ in 0..rounds {
-        std::hint::black_box(plan(Family::V4, &refs, &all, &local));
-    }
-    println!(
-        "plan {:?}, plan and render {planned:?} ({rules} rules)",
-        started.elapsed() / rounds
-    );
+    let first = plan(Family::V4, &refs, &all, &local);
+    let again = plan(Family::V4, &refs, &all, &local);
+    assert_eq!(first, again);
+    // Every local endpoint is selected in both directions (each app has ingress and egress).
+    assert_eq!(first.endpoints.len(), 2 * local.len());
+    let rules: usize = crate::policy::render::render(&first)
+        .values()
+        .map(|c| c.rules.len())
+        .sum();
+    assert!(rules > 0);
 }
