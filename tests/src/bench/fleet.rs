@@ -21,6 +21,8 @@ use crate::{sh, Lab, LabOptions};
 
 /// Simulated hosts sharing one etcd connection.
 const PER_CONNECTION: usize = 25;
+/// Simulated hosts writing their records at once.
+const WRITERS: usize = 64;
 /// New blocks claimed while the agent runs, to time their routes.
 const PROBES: usize = 100;
 
@@ -135,11 +137,15 @@ async fn populate(endpoints: String, hosts: usize) -> Result<Duration> {
         started: 0,
     };
     let lease = stores[0].announce_alive("sim0", &alive, 3600).await?;
+    // etcd refuses proposals beyond a few thousand pending ("too many requests").
+    let writers = Arc::new(tokio::sync::Semaphore::new(WRITERS));
     let mut tasks = vec![];
     for i in 0..hosts {
         let store = stores[i / PER_CONNECTION].clone();
         let alive = alive.clone();
+        let writers = writers.clone();
         tasks.push(tokio::spawn(async move {
+            let _turn = writers.acquire().await?;
             let name = format!("sim{i}");
             store.register_host(&name, &host_record(i)).await?;
             store.announce_alive_on(&name, &alive, lease).await?;
@@ -287,8 +293,14 @@ async fn fan_out(endpoints: String, hosts: usize) -> Result<Run> {
                 .await;
         }));
     }
-    for _ in 0..hosts {
-        ready_rx.recv().await;
+    // Each watcher starts from a snapshot of the whole fleet (20,000 keys at 5,000 hosts): bounded,
+    // so a fleet too large for this machine fails with a reason instead of hanging.
+    let mut ready = 0;
+    while ready < hosts {
+        match tokio::time::timeout(Duration::from_secs(120), ready_rx.recv()).await {
+            Ok(Some(())) => ready += 1,
+            _ => bail!("only {ready} of {hosts} watchers had their snapshot within 120 s"),
+        }
     }
     // The watches start right after their snapshot: give the last ones a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
