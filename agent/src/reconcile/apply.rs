@@ -276,24 +276,18 @@ pub async fn firewall(ctx: &Context, report: &mut ReconcileReport) {
     if let Ok(pools) = ctx.store.list_pools().await {
         ctx.cluster.set_pools(pools);
     }
-    let synced = ctx
-        .firewall
-        .sync(|| ctx.firewall_spec(), SyncMode::Verify, &ctx.metrics)
-        .await;
-    match synced {
-        Ok(fw) => report.firewall_tables_written += fw.tables_written,
-        Err(e) => {
-            warn!(error = %e, "cannot program iptables");
-            report.errors += 1;
-        }
-    }
+    sync_firewall(ctx, SyncMode::Verify, report).await;
 }
 
 /// Writes the firewall if what it is made of changed (no read of the kernel).
 pub async fn firewall_fast(ctx: &Context, report: &mut ReconcileReport) {
+    sync_firewall(ctx, SyncMode::Fast, report).await;
+}
+
+async fn sync_firewall(ctx: &Context, mode: SyncMode, report: &mut ReconcileReport) {
     let synced = ctx
         .firewall
-        .sync(|| ctx.firewall_spec(), SyncMode::Fast, &ctx.metrics)
+        .sync(|| ctx.firewall_spec(), mode, &ctx.metrics)
         .await;
     match synced {
         Ok(fw) => report.firewall_tables_written += fw.tables_written,
