@@ -136,18 +136,13 @@ pub async fn show(json_out: bool, etcd: &EtcdArgs) -> Result<(), Failure> {
             .hosts
             .iter()
             .map(|h| {
-                [
-                    h.blocks,
-                    h.used as usize,
-                    h.free as usize,
-                    h.waiting_release,
+                vec![
+                    h.host.clone(),
+                    h.blocks.to_string(),
+                    h.used.to_string(),
+                    h.free.to_string(),
+                    h.waiting_release.to_string(),
                 ]
-                .iter()
-                .map(ToString::to_string)
-                .fold(vec![h.host.clone()], |mut row, cell| {
-                    row.push(cell);
-                    row
-                })
             })
             .collect();
         let headers = ["HOST", "BLOCKS", "USED", "FREE", "WAITING RELEASE"];
