@@ -154,8 +154,11 @@ where
     match tokio::time::timeout(CALL_LIMIT, request(client)).await {
         // The agent went away under the request (it was killed): for this client it is
         // unreachable, as a socket nobody listens on is.
+        // (hyper reports the broken connection as a transport error, or as the request's
+        // cancellation when the connection went while it was queued).
         Ok(Err(status))
-            if status.code() == Code::Unknown && status.message() == "transport error" =>
+            if (status.code() == Code::Unknown && status.message() == "transport error")
+                || status.code() == Code::Cancelled =>
         {
             Err(tonic::Status::unavailable(
                 "the connection to the agent broke under the request",
