@@ -436,13 +436,19 @@ fn cni_labels_come_from_args_and_policy_selects_by_them() {
     let endpoint = &listed.as_array().unwrap()[0];
     assert_eq!(endpoint["labels"], json!({"app": "cni-web", "team": "a"}));
     let veth = endpoint["host_ifname"].as_str().unwrap();
-    let chains = pl::policy_chain_lines(&lab, 0).unwrap();
-    assert!(
-        chains
-            .iter()
-            .any(|l| l.contains(&format!("WEFT-TW-{veth}"))),
-        "{chains:#?}"
+    // The policy reaches the agent through its watch, which may deliver it after the attach:
+    // the endpoint's chain follows within the second changes are promised in.
+    let chain = format!("WEFT-TW-{veth}");
+    let mut chains = Vec::new();
+    let waited = lab.eventually(
+        "the endpoint's policy chain",
+        Duration::from_secs(2),
+        || {
+            chains = pl::policy_chain_lines(&lab, 0).unwrap();
+            chains.iter().any(|l| l.contains(&chain))
+        },
     );
+    assert!(waited.is_ok(), "{waited:?}: {chains:#?}");
     let (ok, error) = weft_tests::cni::run(
         "ADD",
         "pod2",
