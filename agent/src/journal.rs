@@ -116,6 +116,7 @@ mod tests {
             ports: vec![],
             created: 1,
             secondary: false,
+            ipv6: None,
         }
     }
 

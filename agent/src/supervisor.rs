@@ -224,6 +224,7 @@ async fn load(
                 underlay_prefix: Some(underlay.prefix),
                 vtep_mac: tunnel_ip.map(|_| vtep_mac(me).to_string()),
                 tunnel_ip,
+                underlay_ipv6: underlay.ipv6,
             };
             let (host, _) = store.register_host(me, &host).await?;
             Ok::<_, StoreError>(Loaded {

@@ -345,6 +345,7 @@ mod tests {
             ports: vec![],
             created: 0,
             secondary: false,
+            ipv6: None,
         }
     }
 

@@ -95,6 +95,7 @@ async fn attach_into(
         ports: request.ports.clone(),
         created: weft_etcd::unix_now(),
         secondary,
+        ipv6: None,
     };
     let record = match request.ips.as_slice() {
         [] => {

@@ -176,6 +176,7 @@ mod tests {
             ports: vec![port_mapping("tcp", 8080, 80).unwrap()],
             created: 0,
             secondary: false,
+            ipv6: None,
         }
     }
 

@@ -47,6 +47,7 @@ fn world() -> World {
             index: 2,
             ip: "198.51.100.1".parse().unwrap(),
             prefix: 24,
+            ipv6: Some("2001:db8:100::1".parse().unwrap()),
             mtu: 1500,
         },
         host: weft_etcd::records::HostRecord {
@@ -56,6 +57,7 @@ fn world() -> World {
             underlay_prefix: Some(24),
             vtep_mac: None,
             tunnel_ip: None,
+            underlay_ipv6: None,
         },
         kernel: kernel.clone(),
         store: store.clone(),

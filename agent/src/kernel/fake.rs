@@ -140,6 +140,7 @@ impl Kernel for FakeKernel {
             index: 2,
             ip: "198.51.100.1".parse().unwrap(),
             prefix: 24,
+            ipv6: Some("2001:db8:100::1".parse().unwrap()),
             mtu: 1500,
         })
     }

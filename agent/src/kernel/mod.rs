@@ -61,6 +61,9 @@ pub struct Underlay {
     pub ip: IpAddr,
     /// Prefix length of `ip` on the interface: the host's subnet.
     pub prefix: u8,
+    /// The interface's first global IPv6 address, if it has one: peers route this host's IPv6
+    /// blocks via it.
+    pub ipv6: Option<IpAddr>,
     pub mtu: u32,
 }
 

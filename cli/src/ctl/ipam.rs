@@ -293,6 +293,7 @@ mod tests {
             ports: vec![],
             created: 0,
             secondary: false,
+            ipv6: None,
         };
         let host = HostRecord {
             underlay_ip: "198.51.100.2".parse().unwrap(),
@@ -301,6 +302,7 @@ mod tests {
             underlay_prefix: Some(24),
             vtep_mac: None,
             tunnel_ip: Some(ip),
+            underlay_ipv6: None,
         };
         let hosts: BTreeMap<String, HostRecord> = [("h2".to_string(), host)].into();
         let no_hosts = BTreeMap::new();

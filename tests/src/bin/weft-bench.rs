@@ -692,6 +692,7 @@ async fn simulate(endpoints: String, hosts: usize) -> Result<Duration> {
                 underlay_prefix: Some(24),
                 vtep_mac: None,
                 tunnel_ip: None,
+                underlay_ipv6: None,
             };
             store.register_host(&name, &record).await?;
             store.claim_block("default", &pool, &name).await?;

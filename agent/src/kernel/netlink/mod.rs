@@ -58,14 +58,15 @@ impl Netlink {
         &self.host.handle
     }
 
-    /// The first address of a family on an interface, with its prefix length.
+    /// The first address of a family (global, for IPv6) on an interface, with its prefix length.
     async fn first_address(&self, index: u32, v4: bool) -> Result<Option<(IpAddr, u8)>> {
         let _turn = self.dumping.lock().await;
         let addrs = container::addresses_of(self.handle(), index, "").await?;
         Ok(addrs.iter().find_map(|m| {
             m.attributes.iter().find_map(|a| match a {
+                // An IPv6 link-local address is no underlay address: peers cannot route to it.
                 AddressAttribute::Local(ip) | AddressAttribute::Address(ip)
-                    if ip.is_ipv4() == v4 =>
+                    if ip.is_ipv4() == v4 && !is_link_local(ip) =>
                 {
                     Some((*ip, m.header.prefix_len))
                 }
@@ -117,11 +118,17 @@ impl Kernel for Netlink {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("underlay interface {name} has no IPv4 address"))?;
+        let ipv6 = self
+            .first_address(link.header.index, false)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|(ip, _)| ip);
         Ok(Underlay {
             ifname: name,
             index: link.header.index,
             ip,
             prefix,
+            ipv6,
             mtu,
         })
     }
@@ -313,4 +320,9 @@ impl Kernel for Netlink {
         }
         Ok(problems)
     }
+}
+
+/// Whether `ip` is an IPv6 link-local address (fe80::/10).
+fn is_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }

@@ -161,6 +161,7 @@ mod tests {
             ports: vec![],
             created: 0,
             secondary: false,
+            ipv6: None,
         }
     }
 

@@ -26,6 +26,7 @@ fn endpoint(id: &str, ip: &str, veth: &str) -> EndpointRecord {
         ports: vec![],
         created: 0,
         secondary: false,
+        ipv6: None,
     }
 }
 
@@ -41,6 +42,7 @@ fn cluster() -> ClusterView {
                 underlay_prefix: Some(24),
                 vtep_mac: None,
                 tunnel_ip: None,
+                underlay_ipv6: None,
             },
         ));
     }
