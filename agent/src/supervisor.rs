@@ -62,7 +62,7 @@ impl Agent {
             .underlay(config.underlay_interface.as_deref())
             .await
             .map_err(anyhow::Error::msg)?;
-        kernel.configure_host()?;
+        kernel.configure_host(config.has_ipv6())?;
         let mut loaded = load(&config, &datastore, &underlay).await?;
         let journal = Journal::open(&config.state_dir).map_err(|e| {
             anyhow::anyhow!(

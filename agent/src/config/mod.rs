@@ -99,6 +99,11 @@ impl Config {
         self.pools.iter().find(|p| p.name == name)
     }
 
+    /// Whether the host has an IPv6 pool (then it forwards IPv6).
+    pub fn has_ipv6(&self) -> bool {
+        self.pools.iter().any(|p| p.cidr.is_ipv6())
+    }
+
     /// The pool holding `ip`, if any.
     pub fn pool_of(&self, ip: std::net::IpAddr) -> Option<&PoolSettings> {
         self.pools.iter().find(|p| p.cidr.contains(ip))

@@ -119,6 +119,7 @@ async fn attach_into(
         host_ifname: record.host_ifname.clone(),
         ifname: request.ifname.clone(),
         ip: record.ip,
+        ipv6: record.ipv6,
         mac,
         mtu: ctx.mtu(),
         secondary,

@@ -32,6 +32,7 @@ pub(crate) fn link_of(
         host_ifname: record.host_ifname.clone(),
         ifname: crate::model::IfName::new(&record.ifname)?,
         ip: record.ip,
+        ipv6: record.ipv6,
         mac: record
             .mac
             .parse()
