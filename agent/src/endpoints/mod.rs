@@ -15,6 +15,8 @@ pub mod table;
 pub mod teardown;
 
 #[cfg(test)]
+mod dual_tests;
+#[cfg(test)]
 mod tests;
 
 pub use attach::attach;
