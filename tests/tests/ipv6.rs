@@ -101,3 +101,189 @@ fn wait_exit(lab: &mut Lab) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A container: its namespace, its IPv4 and its IPv6 address (empty when it has none).
+struct Container {
+    netns: String,
+    ip: String,
+    ip6: String,
+}
+
+fn attach(lab: &Lab, host: usize, id: &str) -> Container {
+    let (netns, ip, ip6) = lab.attach_dual(host, id).unwrap();
+    assert!(!ip6.is_empty(), "{id} got no IPv6 address");
+    Container { netns, ip, ip6 }
+}
+
+/// Waits until every container reaches every other one over IPv6 (routes arrive through etcd).
+fn wait_ipv6_paths(lab: &Lab, containers: &[Container]) {
+    for a in containers {
+        for b in containers {
+            lab.eventually(
+                &format!("{} reaching {}", a.ip6, b.ip6),
+                Duration::from_secs(10),
+                || sh::ping(&a.netns, &b.ip6),
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// What a weft-echo service at [ip]:port saw a TCP connection from `ns` come from.
+fn source_seen(ns: &str, ip: &str, port: u16) -> Option<String> {
+    let out = sh::in_ns(ns, &["nc", "-n", "-w", "2", ip, &port.to_string()]).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let peer = text.strip_prefix("peer=")?;
+    let (address, _) = peer.rsplit_once(':')?;
+    Some(address.trim_matches(['[', ']']).to_string())
+}
+
+#[test]
+fn dual_stack_containers_reach_each_other_and_the_hosts_over_ipv6_with_their_own_source() {
+    let mut lab = Lab::new(LabOptions {
+        hosts: 3,
+        ipv6: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let containers: Vec<Container> = (0..6)
+        .map(|i| attach(&lab, i % 3, &format!("c{i}")))
+        .collect();
+    for c in &containers {
+        assert!(c.ip.starts_with("10.65."), "{}", c.ip);
+        assert!(c.ip6.starts_with("fd65:"), "{}", c.ip6);
+    }
+    wait_ipv6_paths(&lab, &containers);
+    // Every container reaches every host's IPv6 underlay address, and IPv4 still works.
+    for c in &containers {
+        for host in &lab.hosts {
+            let ip6 = host.ip6.unwrap().to_string();
+            assert!(sh::ping(&c.netns, &ip6), "{} -> {ip6}", c.ip6);
+        }
+        assert!(sh::ping(&c.netns, &containers[1].ip), "{} -> IPv4", c.ip);
+    }
+    // Across hosts, TCP over IPv6 arrives from the container's own address.
+    let echo = weft_tests::lab::bin("weft-echo");
+    let server = containers[1].netns.clone();
+    lab.spawn_in(&server, echo.to_str().unwrap(), &["7000", "::"])
+        .unwrap();
+    let (client, target) = (&containers[0], &containers[1].ip6);
+    lab.eventually("the echo answers", Duration::from_secs(5), || {
+        source_seen(&client.netns, target, 7000).is_some()
+    })
+    .unwrap();
+    assert_eq!(
+        source_seen(&client.netns, target, 7000).unwrap(),
+        client.ip6
+    );
+    // The API and weftctl show both families.
+    let status = lab.status(0).unwrap();
+    assert_eq!(status["underlay_ipv6"], "2001:db8:100::1");
+    let peers = status["peers"].as_array().unwrap();
+    assert!(peers
+        .iter()
+        .any(|p| p["underlay_ipv6"] == "2001:db8:100::2"));
+    let endpoint = lab.ctl_json(0, &["get", "c0"]).unwrap();
+    assert_eq!(endpoint["gateway_v6"], "fe80::ecee:eeff:feee:eeee");
+    assert_eq!(endpoint["ipv6"], containers[0].ip6.as_str());
+    let check = lab.ctl(0, &["check", "c0"]).unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn an_ipv6_only_lab_gives_containers_ipv6_only() {
+    let lab = Lab::new(LabOptions {
+        hosts: 2,
+        ipv6: true,
+        agent_args: vec!["--pool".into(), "fd66::/48".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    let (a_ns, a_ip, a_ip6) = lab.attach_dual(0, "a").unwrap();
+    let (_, b_ip, b_ip6) = lab.attach_dual(1, "b").unwrap();
+    assert_eq!((a_ip.as_str(), b_ip.as_str()), ("", ""));
+    assert!(a_ip6.starts_with("fd66:") && b_ip6.starts_with("fd66:"));
+    lab.eventually("a reaching b over IPv6", Duration::from_secs(10), || {
+        sh::ping(&a_ns, &b_ip6)
+    })
+    .unwrap();
+    let routes = sh::run("ip", &["-n", &lab.hosts[0].name, "-4", "route"]).unwrap();
+    assert!(
+        !routes.contains("proto 119"),
+        "IPv4 routes of weft:\n{routes}"
+    );
+}
+
+/// `count` pings every 10 ms from `ns`; returns (sent, received) once the last reply is due.
+fn ping_every_10ms(ns: &str, target: &str, count: u32) -> std::process::Child {
+    sh::command_in_ns(ns, "ping")
+        .unwrap()
+        .args([
+            "-i",
+            "0.01",
+            "-W",
+            "2",
+            "-q",
+            "-c",
+            &count.to_string(),
+            target,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sent_and_received(pinger: std::process::Child) -> (u64, u64) {
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn kill_9_and_restart_of_agents_loses_no_ipv6_ping() {
+    let mut lab = Lab::new(LabOptions {
+        hosts: 2,
+        ipv6: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let containers = [attach(&lab, 0, "a"), attach(&lab, 1, "b")];
+    wait_ipv6_paths(&lab, &containers);
+    // 600 pings: about 6 s, longer than the kills and restarts below.
+    let pinger = ping_every_10ms(&containers[0].netns, &containers[1].ip6, 600);
+    std::thread::sleep(Duration::from_millis(500));
+    for host in [0, 1] {
+        lab.stop_agent(host, nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
+        lab.start_agent(host).unwrap();
+        lab.wait_agent(host, Duration::from_secs(30)).unwrap();
+    }
+    let (sent, received) = sent_and_received(pinger);
+    assert_eq!(
+        (sent, received),
+        (600, 600),
+        "IPv6 pings lost across kill -9"
+    );
+    // The restarted agents kept every route: containers are still fully wired.
+    for (host, id) in [(0, "a"), (1, "b")] {
+        let check = lab.ctl(host, &["check", id]).unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+}
