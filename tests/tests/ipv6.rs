@@ -287,3 +287,115 @@ fn kill_9_and_restart_of_agents_loses_no_ipv6_ping() {
         );
     }
 }
+
+#[test]
+fn nat66_masquerades_to_the_outside_and_a_spoofed_ipv6_source_is_dropped() {
+    let mut lab = Lab::new(LabOptions {
+        hosts: 2,
+        ipv6: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let containers = [attach(&lab, 0, "a"), attach(&lab, 1, "b")];
+    wait_ipv6_paths(&lab, &containers);
+    // Leaving the fabric, a container's IPv6 traffic takes its host's IPv6 address.
+    let echo = weft_tests::lab::bin("weft-echo");
+    let outside = lab.outside.clone();
+    lab.spawn_in(&outside, echo.to_str().unwrap(), &["7000", "::"])
+        .unwrap();
+    lab.eventually("the outside echo answers", Duration::from_secs(5), || {
+        source_seen(&containers[0].netns, OUTSIDE_IP6, 7000).is_some()
+    })
+    .unwrap();
+    let seen = source_seen(&containers[0].netns, OUTSIDE_IP6, 7000).unwrap();
+    assert_eq!(seen, "2001:db8:100::1", "NAT66 to the host's address");
+    // Inside the fabric the source stays the container's own.
+    let server = containers[1].netns.clone();
+    lab.spawn_in(&server, echo.to_str().unwrap(), &["7001", "::"])
+        .unwrap();
+    lab.eventually("b's echo answers", Duration::from_secs(5), || {
+        source_seen(&containers[0].netns, &containers[1].ip6, 7001).is_some()
+    })
+    .unwrap();
+    // A container that gives itself another address of the pool and sends from it is dropped
+    // on its own host, before routing: nothing arrives at b.
+    let forged = "fd65::ffff";
+    let ns = &containers[0].netns;
+    sh::run(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{forged}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .unwrap();
+    let log = lab.dir.join("echo-b.log");
+    lab.spawn_logged(&server, echo.to_str().unwrap(), &["7002", "::"], Some(&log))
+        .unwrap();
+    // From its own address (given explicitly: the forged one may now be the preferred source).
+    let from = |source: &str| {
+        let out = sh::in_ns(
+            ns,
+            &[
+                "nc",
+                "-n",
+                "-w",
+                "1",
+                "-s",
+                source,
+                &containers[1].ip6,
+                "7002",
+            ],
+        )
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("peer=")
+    };
+    let own = containers[0].ip6.clone();
+    lab.eventually("b's second echo answers", Duration::from_secs(5), || {
+        from(&own)
+    })
+    .unwrap();
+    assert!(
+        !from(forged),
+        "a connection from the forged source was answered"
+    );
+    // UDP shows what arrives at all (TCP could not complete without a way back): a datagram
+    // from the container's own address arrives, one from the forged address does not.
+    let datagram = |source: &str| {
+        let send = format!(
+            "echo x | nc -u -n -w 1 -s {source} {} 7002",
+            containers[1].ip6
+        );
+        sh::in_ns(ns, &["sh", "-c", &send]).unwrap();
+    };
+    datagram(&own);
+    datagram(forged);
+    lab.eventually("the own datagram logged", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&format!("udp [{own}]")))
+    })
+    .unwrap();
+    let arrived = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !arrived.contains(forged),
+        "the forged source arrived:\n{arrived}"
+    );
+    let raw = sh::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.hosts[0].name,
+            "ip6tables-save",
+            "-t",
+            "raw",
+        ],
+    )
+    .unwrap();
+    assert!(raw.contains("-A PREROUTING -i weft+"), "{raw}");
+}

@@ -9,7 +9,7 @@ use super::rules::{
     self, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
     FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
 };
-use super::{Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
+use super::{ip6, Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
 
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
     let shown = format!("{program} {}", args.join(" "));
@@ -48,8 +48,24 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Fire
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn restore(input: &str) -> Result<String, FirewallError> {
-    run("iptables-restore", &["--noflush", "--wait"], Some(input))
+/// The commands of one address family.
+#[derive(Debug, Clone, Copy)]
+struct Family {
+    save: &'static str,
+    restore: &'static str,
+}
+
+const V4: Family = Family {
+    save: "iptables-save",
+    restore: "iptables-restore",
+};
+const V6: Family = Family {
+    save: "ip6tables-save",
+    restore: "ip6tables-restore",
+};
+
+fn restore(family: Family, input: &str) -> Result<String, FirewallError> {
+    run(family.restore, &["--noflush", "--wait"], Some(input))
 }
 
 /// One table's last write.
@@ -63,6 +79,7 @@ struct Applied {
 
 /// One table of ours: its name, chains, jumps, and what was last written to it.
 struct Table {
+    family: Family,
     name: &'static str,
     chains: &'static [&'static str],
     jumps: &'static [Jump],
@@ -96,11 +113,10 @@ impl Table {
             if changed.clone().any(ordered) {
                 return self.rewrite(rules, wanted);
             }
-            match restore(&rules::incremental_input(
-                self.name,
-                &self.applied.rules,
-                &wanted,
-            )) {
+            match restore(
+                self.family,
+                &rules::incremental_input(self.name, &self.applied.rules, &wanted),
+            ) {
                 Ok(_) => {
                     self.applied.rules = wanted;
                     return Ok(true);
@@ -117,18 +133,15 @@ impl Table {
 
     /// Reads the table and writes our chains whole if they or the jumps differ.
     fn rewrite(&mut self, rules: &[String], wanted: Vec<String>) -> Result<bool, FirewallError> {
-        let state = parse_save(&run("iptables-save", &["-t", self.name], None)?);
+        let state = parse_save(&run(self.family.save, &["-t", self.name], None)?);
         let jumps_present = self.jumps.iter().all(|j| state.has_jump(j));
         let written = if jumps_present && normalize(&state.rules) == wanted {
             false
         } else {
-            restore(&restore_input(
-                self.name,
-                self.chains,
-                rules,
-                self.jumps,
-                &state,
-            ))?;
+            restore(
+                self.family,
+                &restore_input(self.name, self.chains, rules, self.jumps, &state),
+            )?;
             true
         };
         self.applied = Applied {
@@ -139,14 +152,17 @@ impl Table {
     }
 }
 
-/// The real firewall: both tables of the agent's namespace.
+/// The real firewall: both IPv4 tables of the agent's namespace, and the IPv6 tables (raw, nat,
+/// filter) of a host with an IPv6 pool.
 pub struct Iptables {
     tables: Mutex<(Table, Table)>,
+    v6: Mutex<[Table; 3]>,
 }
 
 impl Default for Iptables {
     fn default() -> Self {
-        let table = |name, chains, jumps| Table {
+        let table = |family, name, chains, jumps| Table {
+            family,
             name,
             chains,
             jumps,
@@ -154,10 +170,38 @@ impl Default for Iptables {
         };
         Self {
             tables: Mutex::new((
-                table("nat", NAT_CHAINS, NAT_JUMPS),
-                table("filter", FILTER_CHAINS, FILTER_JUMPS),
+                table(V4, "nat", NAT_CHAINS, NAT_JUMPS),
+                table(V4, "filter", FILTER_CHAINS, FILTER_JUMPS),
             )),
+            v6: Mutex::new([
+                table(V6, "raw", ip6::RAW_CHAINS, ip6::RAW_JUMPS),
+                table(V6, "nat", ip6::NAT_CHAINS, ip6::NAT_JUMPS),
+                table(V6, "filter", ip6::FILTER_CHAINS, ip6::FILTER_JUMPS),
+            ]),
         }
+    }
+}
+
+impl Iptables {
+    /// Brings the IPv6 tables in line with `spec` (nothing on hosts without an IPv6 pool).
+    fn sync_v6(
+        &self,
+        spec: &FirewallSpec,
+        mode: SyncMode,
+    ) -> Result<(usize, usize), FirewallError> {
+        if !ip6::wanted(spec) {
+            return Ok((0, 0));
+        }
+        let mut tables = self.v6.lock().unwrap();
+        let [raw, nat, filter] = &mut *tables;
+        let mut written = raw.sync(&ip6::raw_rules(), mode)? as usize;
+        written += nat.sync(&render(&ip6::nat_rules(spec)), mode)? as usize;
+        written += filter.sync(&render(&ip6::filter_rules()), mode)? as usize;
+        let rules = [raw, nat, filter]
+            .iter()
+            .map(|t| t.applied.rules.len())
+            .sum();
+        Ok((written, rules))
     }
 }
 
@@ -169,6 +213,9 @@ impl Backend for Iptables {
         report.tables_written += nat.sync(&render(&nat_rules(spec)), mode)? as usize;
         report.tables_written += filter.sync(&render(&filter_rules(spec)), mode)? as usize;
         report.rules = nat.applied.rules.len() + filter.applied.rules.len();
+        let (written, rules) = self.sync_v6(spec, mode)?;
+        report.tables_written += written;
+        report.rules += rules;
         Ok(report)
     }
 
@@ -211,6 +258,13 @@ impl Backend for Iptables {
 
     fn rule_count(&self) -> usize {
         let tables = self.tables.lock().unwrap();
-        tables.0.applied.rules.len() + tables.1.applied.rules.len()
+        let v6: usize = self
+            .v6
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.applied.rules.len())
+            .sum();
+        tables.0.applied.rules.len() + tables.1.applied.rules.len() + v6
     }
 }

@@ -7,6 +7,7 @@
 //! between concurrent callers. [`Backend`] is the seam unit tests replace.
 
 pub mod fake;
+pub mod ip6;
 pub mod iptables;
 pub mod rules;
 pub mod sync;

@@ -78,7 +78,7 @@ pub enum FilterRule {
     VxlanOthers,
 }
 
-fn comment(text: impl fmt::Display) -> String {
+pub(super) fn comment(text: impl fmt::Display) -> String {
     // Container ids are validated to [A-Za-z0-9_.-], so no quoting issues arise.
     format!("-m comment --comment \"weft: {text}\"")
 }
