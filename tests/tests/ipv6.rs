@@ -399,3 +399,68 @@ fn nat66_masquerades_to_the_outside_and_a_spoofed_ipv6_source_is_dropped() {
     .unwrap();
     assert!(raw.contains("-A PREROUTING -i weft+"), "{raw}");
 }
+
+#[test]
+fn a_published_port_answers_on_the_hosts_ipv6_address() {
+    let mut lab = Lab::new(LabOptions {
+        hosts: 2,
+        ipv6: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let web = lab
+        .ctl_json(0, &["attach", "web", "-p", "8080:80"])
+        .unwrap();
+    let ns = web["netns"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let echo = weft_tests::lab::bin("weft-echo");
+    lab.spawn_in(&ns, echo.to_str().unwrap(), &["80", "::"])
+        .unwrap();
+    let host6 = lab.hosts[0].ip6.unwrap().to_string();
+    let outside = lab.outside.clone();
+    // From the outside host (its own address seen: DNAT only) and from a container on the other
+    // host, over IPv6; the IPv4 address keeps working.
+    lab.eventually(
+        "the port answers on the host's IPv6 address",
+        Duration::from_secs(5),
+        || source_seen(&outside, &host6, 8080).is_some(),
+    )
+    .unwrap();
+    assert_eq!(source_seen(&outside, &host6, 8080).unwrap(), OUTSIDE_IP6);
+    let other = attach(&lab, 1, "client");
+    lab.eventually("a container reaches it", Duration::from_secs(5), || {
+        source_seen(&other.netns, &host6, 8080).is_some()
+    })
+    .unwrap();
+    let host4 = lab.hosts[0].ip.to_string();
+    assert!(
+        source_seen(&outside, &host4, 8080).is_some(),
+        "IPv4 still published"
+    );
+    let check = lab.ctl(0, &["check", "web"]).unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    // Detach removes the IPv6 rules too.
+    lab.ctl(0, &["detach", "web"]).unwrap();
+    let nat = sh::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.hosts[0].name,
+            "ip6tables-save",
+            "-t",
+            "nat",
+        ],
+    )
+    .unwrap();
+    assert!(!nat.contains("--dport 8080"), "{nat}");
+}

@@ -51,15 +51,18 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Fire
 /// The commands of one address family.
 #[derive(Debug, Clone, Copy)]
 struct Family {
+    name: &'static str,
     save: &'static str,
     restore: &'static str,
 }
 
 const V4: Family = Family {
+    name: "iptables",
     save: "iptables-save",
     restore: "iptables-restore",
 };
 const V6: Family = Family {
+    name: "ip6tables",
     save: "ip6tables-save",
     restore: "ip6tables-restore",
 };
@@ -152,6 +155,32 @@ impl Table {
     }
 }
 
+/// What of `rules` (and the jumps to `WEFT-PORTS`) one family's nat table lacks, described.
+fn missing_ports(
+    family: Family,
+    rules: &[String],
+    jumps: &[Jump],
+) -> Result<Vec<String>, FirewallError> {
+    if rules.is_empty() {
+        return Ok(vec![]);
+    }
+    let state = parse_save(&run(family.save, &["-t", "nat"], None)?);
+    let mut problems: Vec<String> = rules
+        .iter()
+        .filter(|rule| !state.rules.contains(rule))
+        .map(|rule| format!("missing {} rule (nat): {rule}", family.name))
+        .collect();
+    for jump in jumps.iter().filter(|j| j.target == "WEFT-PORTS") {
+        if !state.has_jump(jump) {
+            problems.push(format!(
+                "missing {} jump (nat): -A {} {}",
+                family.name, jump.chain, jump.rule
+            ));
+        }
+    }
+    Ok(problems)
+}
+
 /// The real firewall: both IPv4 tables of the agent's namespace, and the IPv6 tables (raw, nat,
 /// filter) of a host with an IPv6 pool.
 pub struct Iptables {
@@ -220,23 +249,10 @@ impl Backend for Iptables {
     }
 
     fn check_ports(&self, ports: &[PortRule]) -> Result<Vec<String>, FirewallError> {
-        if ports.is_empty() {
-            return Ok(vec![]);
-        }
-        let state = parse_save(&run("iptables-save", &["-t", "nat"], None)?);
-        let mut problems: Vec<String> = rules::port_rules(ports)
-            .into_iter()
-            .filter(|rule| !state.rules.contains(rule))
-            .map(|rule| format!("missing iptables rule (nat): {rule}"))
-            .collect();
-        for jump in NAT_JUMPS.iter().filter(|j| j.target == "WEFT-PORTS") {
-            if !state.has_jump(jump) {
-                problems.push(format!(
-                    "missing iptables jump (nat): -A {} {}",
-                    jump.chain, jump.rule
-                ));
-            }
-        }
+        let (v4, v6): (Vec<PortRule>, Vec<PortRule>) =
+            ports.iter().cloned().partition(|p| p.ip.is_ipv4());
+        let mut problems = missing_ports(V4, &rules::port_rules(&v4), NAT_JUMPS)?;
+        problems.extend(missing_ports(V6, &ip6::port_rules(&v6), ip6::NAT_JUMPS)?);
         Ok(problems)
     }
 
