@@ -265,20 +265,23 @@ fn protected_services(config: &Config) -> Vec<std::net::SocketAddr> {
     services
 }
 
-/// The DNAT and hairpin rules an endpoint's published ports need.
+/// The DNAT and hairpin rules an endpoint's published ports need: one per port and address (a
+/// dual-stack container's ports answer on the host's addresses of both families).
 pub fn port_rules(e: &EndpointRecord) -> Vec<PortRule> {
     // Records of this host were validated when written; one that is not is skipped.
     let Ok(container_id) = ContainerId::new(&e.container_id) else {
         return vec![];
     };
-    e.ports
-        .iter()
-        .map(|p| PortRule {
-            container_id: container_id.clone(),
-            ip: e.ip,
-            protocol: p.protocol,
-            host_port: p.host_port,
-            container_port: p.container_port,
+    e.addresses()
+        .flat_map(|ip| {
+            let container_id = container_id.clone();
+            e.ports.iter().map(move |p| PortRule {
+                container_id: container_id.clone(),
+                ip,
+                protocol: p.protocol,
+                host_port: p.host_port,
+                container_port: p.container_port,
+            })
         })
         .collect()
 }

@@ -117,6 +117,7 @@ mod tests {
             created: 1,
             secondary: false,
             labels: Default::default(),
+            ipv6: None,
         }
     }
 

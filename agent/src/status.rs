@@ -15,6 +15,7 @@ use crate::telemetry::metrics::Gauges;
 pub struct PeerStatus {
     pub host: String,
     pub underlay_ip: IpAddr,
+    pub underlay_ipv6: Option<IpAddr>,
     pub blocks: Vec<IpNetwork>,
     pub alive: bool,
     /// How its blocks are reached.
@@ -61,6 +62,7 @@ pub async fn status(ctx: &Context) -> HostStatus {
             .map(|(name, host)| PeerStatus {
                 host: name.clone(),
                 underlay_ip: host.underlay_ip,
+                underlay_ipv6: host.underlay_ipv6,
                 blocks: view.blocks_of(name),
                 alive: view.alive.contains(name),
                 path: paths.get(name).copied().unwrap_or(PeerPath::Unrouted),

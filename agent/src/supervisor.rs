@@ -64,7 +64,7 @@ impl Agent {
             .underlay(config.underlay_interface.as_deref())
             .await
             .map_err(anyhow::Error::msg)?;
-        kernel.configure_host()?;
+        kernel.configure_host(config.has_ipv6())?;
         let mut loaded = load(&config, &datastore, &underlay).await?;
         let journal = Journal::open(&config.state_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -252,6 +252,7 @@ async fn load(
                 underlay_prefix: Some(underlay.prefix),
                 vtep_mac: tunnel_ip.map(|_| vtep_mac(me).to_string()),
                 tunnel_ip,
+                underlay_ipv6: underlay.ipv6,
             };
             let (host, _) = store.register_host(me, &host).await?;
             Ok::<_, StoreError>(Loaded {

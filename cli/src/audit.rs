@@ -64,15 +64,20 @@ pub fn check(s: &Snapshot, keys: &weft_etcd::Keys) -> Vec<Problem> {
 /// host, and belongs to a known host.
 fn check_endpoints(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Problem>) {
     let ips: HashMap<IpAddr, &IpRecord> = s.ips.iter().map(|(ip, r)| (*ip, r)).collect();
-    for e in &s.endpoints {
-        match ips.get(&e.ip) {
+    // Each address of the endpoint (one per family) has its guard.
+    let held = s
+        .endpoints
+        .iter()
+        .flat_map(|e| e.addresses().map(move |ip| (e, ip)));
+    for (e, ip) in held {
+        match ips.get(&ip) {
             None => problems.push(Problem {
                 what: format!(
-                    "endpoint {}/{} holds {} but ips/{} is missing",
-                    e.host, e.container_id, e.ip, e.ip
+                    "endpoint {}/{} holds {ip} but ips/{ip} is missing",
+                    e.host, e.container_id
                 ),
                 fix: Fix::CreateKey(
-                    keys.ip(e.ip),
+                    keys.ip(ip),
                     weft_etcd::records::encode(&IpRecord {
                         host: e.host.clone(),
                         container_id: e.container_id.clone(),
@@ -83,8 +88,8 @@ fn check_endpoints(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Prob
             Some(r) if r.host != e.host || r.container_id != e.container_id => {
                 problems.push(Problem {
                     what: format!(
-                        "{} is recorded for {}/{} but endpoint {}/{} also uses it",
-                        e.ip, r.host, r.container_id, e.host, e.container_id
+                        "{ip} is recorded for {}/{} but endpoint {}/{} also uses it",
+                        r.host, r.container_id, e.host, e.container_id
                     ),
                     fix: Fix::Manual(format!(
                         "detach one of them: weftctl detach {} (on {})",
@@ -94,7 +99,9 @@ fn check_endpoints(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Prob
             }
             Some(_) => {}
         }
-        check_block(s, e, problems);
+        check_block(s, e, ip, problems);
+    }
+    for e in &s.endpoints {
         check_reservations(s, keys, e, problems);
         if !s.hosts.contains(&e.host) {
             problems.push(Problem {
@@ -108,22 +115,22 @@ fn check_endpoints(s: &Snapshot, keys: &weft_etcd::Keys, problems: &mut Vec<Prob
     }
 }
 
-/// The endpoint's address lies in a block of its host.
-fn check_block(s: &Snapshot, e: &EndpointRecord, problems: &mut Vec<Problem>) {
-    let owner = s.blocks.iter().find(|(b, _)| b.contains(e.ip));
+/// The endpoint's address `ip` lies in a block of its host.
+fn check_block(s: &Snapshot, e: &EndpointRecord, ip: IpAddr, problems: &mut Vec<Problem>) {
+    let owner = s.blocks.iter().find(|(b, _)| b.contains(ip));
     match owner {
         Some((_, o)) if o.host == e.host => {}
         Some((block, o)) => problems.push(Problem {
             what: format!(
-                "endpoint {}/{} has {} in block {block} owned by {}",
-                e.host, e.container_id, e.ip, o.host
+                "endpoint {}/{} has {ip} in block {block} owned by {}",
+                e.host, e.container_id, o.host
             ),
             fix: Fix::Manual(format!("detach {} and attach it again", e.container_id)),
         }),
         None => problems.push(Problem {
             what: format!(
-                "endpoint {}/{} has {} outside every claimed block",
-                e.host, e.container_id, e.ip
+                "endpoint {}/{} has {ip} outside every claimed block",
+                e.host, e.container_id
             ),
             fix: Fix::Manual(format!("detach {} and attach it again", e.container_id)),
         }),
@@ -306,11 +313,12 @@ fn check_kernel(s: &Snapshot, kernel: &KernelView, problems: &mut Vec<Problem>) 
                     e.container_id, e.container_id
                 )),
             });
-        } else if !kernel.routes.contains(&e.ip) {
+        } else if let Some(ip) = e.addresses().find(|ip| !kernel.routes.contains(ip)) {
+            let bits = if ip.is_ipv4() { 32 } else { 128 };
             problems.push(Problem {
                 what: format!(
-                    "endpoint {} ({}) has no /32 route here",
-                    e.container_id, e.ip
+                    "endpoint {} ({ip}) has no /{bits} route here",
+                    e.container_id
                 ),
                 fix: Fix::Manual(format!("weftctl attach {} repairs it", e.container_id)),
             });
@@ -346,6 +354,7 @@ mod tests {
             created: 0,
             secondary: false,
             labels: Default::default(),
+            ipv6: None,
         }
     }
 
@@ -396,6 +405,39 @@ mod tests {
             check(&consistent(), &weft_etcd::Keys::new("/weft/v1")),
             vec![]
         );
+    }
+
+    #[test]
+    fn a_dual_stack_endpoint_needs_both_guards_and_both_blocks() {
+        let keys = weft_etcd::Keys::new("/weft/v1");
+        let mut s = consistent();
+        s.endpoints[0].ipv6 = Some("fd65::1".parse().unwrap());
+        let problems = check(&s, &keys);
+        let fixes: Vec<&Fix> = problems.iter().map(|p| &p.fix).collect();
+        assert!(
+            fixes
+                .iter()
+                .any(|f| matches!(f, Fix::CreateKey(k, _) if k == "/weft/v1/ips/fd65::1")),
+            "{problems:?}"
+        );
+        assert!(problems
+            .iter()
+            .any(|p| p.what.contains("fd65::1 outside every claimed block")));
+        let guard = s.ips[0].1.clone();
+        s.ips.push(("fd65::1".parse().unwrap(), guard));
+        let owner = BlockOwner {
+            pool: "default-v6".into(),
+            host: "h1".into(),
+        };
+        s.blocks.insert("fd65::/122".parse().unwrap(), owner);
+        let pool = PoolRecord {
+            cidr: "fd65::/48".parse().unwrap(),
+            block_size: 122,
+            nat_outgoing: true,
+            encapsulation: Default::default(),
+        };
+        s.pools.push(("default-v6".into(), pool));
+        assert_eq!(check(&s, &keys), vec![], "both guards and blocks in place");
     }
 
     #[test]

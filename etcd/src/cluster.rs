@@ -111,6 +111,7 @@ mod tests {
             underlay_prefix: None,
             vtep_mac: None,
             tunnel_ip: None,
+            underlay_ipv6: None,
         }
     }
 

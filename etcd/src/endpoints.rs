@@ -11,8 +11,9 @@ use crate::records::{encode, EndpointRecord, IpRecord, PortOwner};
 /// Why an endpoint could not be created.
 #[derive(Debug)]
 pub enum CreateConflict {
-    /// The address was taken meanwhile (by a record this agent did not know of): pick another.
-    IpTaken,
+    /// This address of the record was taken meanwhile (by a record this agent did not know of):
+    /// pick another.
+    IpTaken(std::net::IpAddr),
     /// The container already has an endpoint record.
     EndpointExists(Box<EndpointRecord>),
     /// A guarded write failed for a reason the caller must report.
@@ -48,25 +49,34 @@ impl Datastore {
         })
     }
 
-    /// The guards and writes of one endpoint: its address, its record and its host ports must be
-    /// free, and its block must still exist.
+    /// The guards and writes of one endpoint: its addresses (one per family), its record and its
+    /// host ports must be free, and the blocks of its addresses must still exist. A dual-stack
+    /// endpoint's two addresses are thus taken together or not at all.
     fn endpoint_writes(
         &self,
         endpoint: &EndpointRecord,
-        block: &BlockRef,
+        blocks: &[BlockRef],
     ) -> (Vec<Compare>, Vec<TxnOp>) {
-        let ip_key = self.keys.ip(endpoint.ip);
         let ep_key = self.keys.endpoint(&endpoint.host, &endpoint.container_id);
-        let block_key = self.keys.block(&block.pool, block.block);
-        let mut compares = vec![
-            Compare::create_revision(ip_key.as_str(), CompareOp::Equal, 0),
-            Compare::create_revision(ep_key.as_str(), CompareOp::Equal, 0),
-            Compare::version(block_key.as_str(), CompareOp::Greater, 0),
-        ];
-        let mut puts = vec![
-            TxnOp::put(ip_key.as_str(), Self::ip_record(endpoint), None),
-            TxnOp::put(ep_key.as_str(), encode(endpoint), None),
-        ];
+        let mut compares = vec![Compare::create_revision(
+            ep_key.as_str(),
+            CompareOp::Equal,
+            0,
+        )];
+        let mut puts = vec![TxnOp::put(ep_key.as_str(), encode(endpoint), None)];
+        for ip in endpoint.addresses() {
+            let ip_key = self.keys.ip(ip);
+            compares.push(Compare::create_revision(
+                ip_key.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
+            puts.push(TxnOp::put(ip_key.as_str(), Self::ip_record(endpoint), None));
+        }
+        for block in blocks {
+            let block_key = self.keys.block(&block.pool, block.block);
+            compares.push(Compare::version(block_key.as_str(), CompareOp::Greater, 0));
+        }
         let owner = Self::port_owner(endpoint);
         for port in &endpoint.ports {
             let key = self
@@ -81,11 +91,14 @@ impl Datastore {
     /// Writes several endpoints in one transaction, all guarded as `create_endpoint` guards one.
     /// Returns false, writing nothing, if any guard fails: the caller then writes them one by
     /// one to learn which. One transaction for many attaches is one raft round and one fsync.
-    pub async fn create_endpoints(&self, batch: &[(EndpointRecord, BlockRef)]) -> Result<bool> {
+    pub async fn create_endpoints(
+        &self,
+        batch: &[(EndpointRecord, Vec<BlockRef>)],
+    ) -> Result<bool> {
         let mut compares = vec![];
         let mut puts = vec![];
-        for (endpoint, block) in batch {
-            let (c, p) = self.endpoint_writes(endpoint, block);
+        for (endpoint, blocks) in batch {
+            let (c, p) = self.endpoint_writes(endpoint, blocks);
             compares.extend(c);
             puts.extend(p);
         }
@@ -94,28 +107,33 @@ impl Datastore {
     }
 
     /// Writes an endpoint with its `ips/` and `ports/` guards in one transaction. Fails without
-    /// writing anything if the address, the container id or a host port is already taken, or the
-    /// block holding the address is no longer recorded.
+    /// writing anything if an address, the container id or a host port is already taken, or a
+    /// block holding an address is no longer recorded.
     pub async fn create_endpoint(
         &self,
         endpoint: &EndpointRecord,
-        block: &BlockRef,
+        blocks: &[BlockRef],
     ) -> Result<(), CreateConflict> {
-        let (compares, puts) = self.endpoint_writes(endpoint, block);
-        let ip_key = self.keys.ip(endpoint.ip);
+        let (compares, puts) = self.endpoint_writes(endpoint, blocks);
         let ep_key = self.keys.endpoint(&endpoint.host, &endpoint.container_id);
-        let block_key = self.keys.block(&block.pool, block.block);
-        let mut reads = vec![
-            TxnOp::get(ip_key.as_str(), None),
-            TxnOp::get(ep_key.as_str(), None),
-            TxnOp::get(block_key.as_str(), None),
-        ];
+        // Read back on failure, in this order: the record, the blocks, the ports, the addresses.
+        let mut reads = vec![TxnOp::get(ep_key.as_str(), None)];
+        reads.extend(
+            blocks
+                .iter()
+                .map(|b| TxnOp::get(self.keys.block(&b.pool, b.block), None)),
+        );
         reads.extend(endpoint.ports.iter().map(|p| {
             TxnOp::get(
                 self.keys.port(&endpoint.host, p.protocol, p.host_port),
                 None,
             )
         }));
+        reads.extend(
+            endpoint
+                .addresses()
+                .map(|ip| TxnOp::get(self.keys.ip(ip), None)),
+        );
 
         let response = self
             .txn(Txn::new().when(compares).and_then(puts).or_else(reads))
@@ -124,16 +142,19 @@ impl Datastore {
             return Ok(());
         }
         let ops = response.op_responses();
-        if let Some(kv) = ops.get(1).and_then(|op| get_kvs(op).first()) {
+        if let Some(kv) = ops.first().and_then(|op| get_kvs(op).first()) {
             return Err(CreateConflict::EndpointExists(Box::new(decode(kv)?)));
         }
-        if ops.get(2).is_some_and(|op| get_kvs(op).is_empty()) {
-            return Err(CreateConflict::Store(StoreError::BlockReleased {
-                block: block.block,
-            }));
+        for (i, block) in blocks.iter().enumerate() {
+            if ops.get(1 + i).is_some_and(|op| get_kvs(op).is_empty()) {
+                return Err(CreateConflict::Store(StoreError::BlockReleased {
+                    block: block.block,
+                }));
+            }
         }
+        let ports_at = 1 + blocks.len();
         for (i, port) in endpoint.ports.iter().enumerate() {
-            if let Some(kv) = ops.get(3 + i).and_then(|op| get_kvs(op).first()) {
+            if let Some(kv) = ops.get(ports_at + i).and_then(|op| get_kvs(op).first()) {
                 let owner: PortOwner = decode(kv)?;
                 return Err(CreateConflict::Store(StoreError::PortTaken {
                     protocol: port.protocol,
@@ -142,7 +163,16 @@ impl Datastore {
                 }));
             }
         }
-        Err(CreateConflict::IpTaken)
+        let ips_at = ports_at + endpoint.ports.len();
+        let taken = endpoint
+            .addresses()
+            .enumerate()
+            .find(|(i, _)| {
+                ops.get(ips_at + i)
+                    .is_some_and(|op| !get_kvs(op).is_empty())
+            })
+            .map_or(endpoint.ip, |(_, ip)| ip);
+        Err(CreateConflict::IpTaken(taken))
     }
 
     /// Deletes an endpoint with its `ips/` and `ports/` keys in one transaction. Guard keys that
@@ -186,10 +216,9 @@ impl Datastore {
                     .and_then([TxnOp::delete(key, None)]),
             )
         };
-        ops.push(guarded(
-            self.keys.ip(endpoint.ip),
-            Self::ip_record(endpoint),
-        ));
+        for ip in endpoint.addresses() {
+            ops.push(guarded(self.keys.ip(ip), Self::ip_record(endpoint)));
+        }
         let owner = Self::port_owner(endpoint);
         for port in &endpoint.ports {
             ops.push(guarded(
@@ -308,7 +337,7 @@ impl Datastore {
 /// One endpoint record waiting to be written.
 struct CreateJob {
     record: EndpointRecord,
-    block: BlockRef,
+    blocks: Vec<BlockRef>,
     reply: tokio::sync::oneshot::Sender<Result<(), CreateConflict>>,
 }
 
@@ -346,14 +375,14 @@ impl EndpointWriter {
     pub async fn create(
         &self,
         record: EndpointRecord,
-        block: BlockRef,
+        blocks: Vec<BlockRef>,
     ) -> Result<(), CreateConflict> {
         let stopped =
             || CreateConflict::Store(StoreError::Unavailable("endpoint writer stopped".into()));
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = CreateJob {
             record,
-            block,
+            blocks,
             reply,
         };
         self.jobs.send(job).await.map_err(|_| stopped())?;
@@ -365,7 +394,7 @@ async fn write_batch(store: &Datastore, jobs: Vec<CreateJob>) {
     if jobs.len() > 1 {
         let batch: Vec<_> = jobs
             .iter()
-            .map(|j| (j.record.clone(), j.block.clone()))
+            .map(|j| (j.record.clone(), j.blocks.clone()))
             .collect();
         match store.create_endpoints(&batch).await {
             Ok(true) => {
@@ -386,7 +415,7 @@ async fn write_batch(store: &Datastore, jobs: Vec<CreateJob>) {
         }
     }
     for job in jobs {
-        let result = store.create_endpoint(&job.record, &job.block).await;
+        let result = store.create_endpoint(&job.record, &job.blocks).await;
         let _ = job.reply.send(result);
     }
 }

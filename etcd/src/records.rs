@@ -88,6 +88,9 @@ pub struct HostRecord {
     /// Address of the host's VXLAN device (an address of the pool), idem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_ip: Option<IpAddr>,
+    /// The host's IPv6 underlay address: its IPv6 blocks are routed via it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ipv6: Option<IpAddr>,
 }
 
 impl HostRecord {
@@ -209,6 +212,22 @@ pub struct EndpointRecord {
     /// without labels keep their stored form).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The second address of a dual-stack endpoint (IPv6; `ip` is then its IPv4 address),
+    /// written under its own `ips/` guard in the same transaction as `ip`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<IpAddr>,
+}
+
+impl EndpointRecord {
+    /// Every address of the endpoint: `ip`, then the IPv6 one of a dual-stack endpoint.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.ipv6)
+    }
+
+    /// The endpoint's address of one family, if it has one.
+    pub fn address_of(&self, v4: bool) -> Option<IpAddr> {
+        self.addresses().find(|ip| ip.is_ipv4() == v4)
+    }
 }
 
 pub fn encode<T: Serialize>(record: &T) -> String {
@@ -225,6 +244,22 @@ mod tests {
         let record: EndpointRecord = serde_json::from_str(stored).unwrap();
         assert_eq!(record.ports[0].protocol, Protocol::Udp);
         assert_eq!(encode(&record), stored);
+        assert_eq!(
+            record.ipv6, None,
+            "a record of before dual-stack has one address"
+        );
+        let dual = EndpointRecord {
+            ipv6: Some("fd65::1".parse().unwrap()),
+            ..record.clone()
+        };
+        let text = encode(&dual);
+        assert!(text.ends_with(r#""created":7,"ipv6":"fd65::1"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<EndpointRecord>(&text).unwrap(), dual);
+        assert_eq!(
+            dual.addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["10.65.0.1", "fd65::1"]
+        );
+        assert_eq!(dual.address_of(false), dual.ipv6);
         let pool = r#"{"cidr":"10.65.0.0/16","block_size":26,"nat_outgoing":true,"encapsulation":"vxlan"}"#;
         assert_eq!(
             encode(&serde_json::from_str::<PoolRecord>(pool).unwrap()),

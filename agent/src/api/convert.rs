@@ -4,7 +4,9 @@ use weft_etcd::records::{EndpointRecord, PortRecord};
 use weft_proto::v1 as pb;
 
 use crate::context::VERSION;
-use crate::model::{port_mapping, AttachRequest, ContainerId, IfName, Invalid, GATEWAY_V4};
+use crate::model::{
+    port_mapping, AttachRequest, ContainerId, IfName, Invalid, GATEWAY_V4, GATEWAY_V6,
+};
 use crate::reconcile::plan::peers::PeerPath;
 use crate::status::HostStatus;
 
@@ -34,8 +36,16 @@ pub fn endpoint_to_pb(record: &EndpointRecord) -> pb::Endpoint {
     pb::Endpoint {
         container_id: record.container_id.clone(),
         host: record.host.clone(),
-        ip: record.ip.to_string(),
-        gateway: GATEWAY_V4.to_string(),
+        ip: shown(record.address_of(true)),
+        gateway: match record.address_of(true) {
+            Some(_) => GATEWAY_V4.to_string(),
+            None => String::new(),
+        },
+        ipv6: shown(record.address_of(false)),
+        gateway_v6: match record.address_of(false) {
+            Some(_) => GATEWAY_V6.to_string(),
+            None => String::new(),
+        },
         mac: record.mac.clone(),
         host_ifname: record.host_ifname.clone(),
         netns: record.netns.clone(),
@@ -47,6 +57,11 @@ pub fn endpoint_to_pb(record: &EndpointRecord) -> pb::Endpoint {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     }
+}
+
+/// An optional address as the API shows it: empty when absent.
+fn shown(ip: Option<std::net::IpAddr>) -> String {
+    ip.map(|ip| ip.to_string()).unwrap_or_default()
 }
 
 fn port_to_pb(port: &PortRecord) -> pb::PortMapping {
@@ -62,6 +77,7 @@ pub fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
         host: status.host,
         underlay_ip: status.underlay.ip.to_string(),
         underlay_interface: status.underlay.ifname,
+        underlay_ipv6: shown(status.underlay.ipv6),
         pools: status
             .pools
             .into_iter()
@@ -83,6 +99,7 @@ pub fn status_to_pb(status: HostStatus) -> pb::StatusResponse {
             .map(|p| pb::Peer {
                 host: p.host,
                 underlay_ip: p.underlay_ip.to_string(),
+                underlay_ipv6: shown(p.underlay_ipv6),
                 blocks: p.blocks.iter().map(|b| b.to_string()).collect(),
                 alive: p.alive,
                 encapsulated: matches!(p.path, PeerPath::Tunnel { .. }),
@@ -120,5 +137,63 @@ fn bgp_to_pb(bgp: crate::bgp::BgpStatus) -> pb::BgpStatus {
             })
             .collect(),
         announced: bgp.announced.iter().map(|b| b.to_string()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(ip: &str, ipv6: Option<&str>) -> EndpointRecord {
+        EndpointRecord {
+            container_id: "web".into(),
+            host: "h1".into(),
+            ip: ip.parse().unwrap(),
+            host_ifname: "weft1".into(),
+            ifname: "eth0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            netns: "/run/netns/a".into(),
+            owns_netns: false,
+            ports: vec![],
+            created: 0,
+            secondary: false,
+            labels: Default::default(),
+            ipv6: ipv6.map(|ip| ip.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn an_endpoint_shows_each_family_in_its_own_fields() {
+        let dual = endpoint_to_pb(&record("10.65.0.5", Some("fd65::5")));
+        let fields = |e: &pb::Endpoint| {
+            (
+                e.ip.clone(),
+                e.gateway.clone(),
+                e.ipv6.clone(),
+                e.gateway_v6.clone(),
+            )
+        };
+        assert_eq!(
+            fields(&dual),
+            (
+                "10.65.0.5".into(),
+                "169.254.1.1".into(),
+                "fd65::5".into(),
+                "fe80::ecee:eeff:feee:eeee".into()
+            )
+        );
+        let v4 = endpoint_to_pb(&record("10.65.0.5", None));
+        assert_eq!(fields(&v4).2, "");
+        assert_eq!(fields(&v4).3, "");
+        let v6 = endpoint_to_pb(&record("fd65::7", None));
+        assert_eq!(
+            fields(&v6),
+            (
+                String::new(),
+                String::new(),
+                "fd65::7".into(),
+                "fe80::ecee:eeff:feee:eeee".into()
+            )
+        );
     }
 }

@@ -27,6 +27,7 @@ pub fn code(err: &EndpointError) -> Code {
         EndpointError::Invalid(_)
         | EndpointError::NoProcess(_)
         | EndpointError::OutsidePools { .. }
+        | EndpointError::BothFamiliesRequested(..)
         | EndpointError::OutsideNamedPools { .. }
         | EndpointError::UnknownPool(_) => Code::InvalidArgument,
         EndpointError::PoolDisabled(_) | EndpointError::NoPool => Code::FailedPrecondition,

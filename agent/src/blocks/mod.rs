@@ -51,7 +51,12 @@ pub async fn release_due(ctx: &Context, empty: &mut EmptySince, after: Duration)
             .map(|(block, owner)| (*block, owner.pool.clone()))
             .collect()
     });
-    let mut used: BTreeSet<IpAddr> = ctx.endpoints.list().iter().map(|e| e.ip).collect();
+    let mut used: BTreeSet<IpAddr> = ctx
+        .endpoints
+        .list()
+        .iter()
+        .flat_map(|e| e.addresses().collect::<Vec<_>>())
+        .collect();
     used.extend(ctx.tunnel_ip());
     for (pool, block) in empty.due(&blocks, &used, Instant::now(), after) {
         empty.forget(block);

@@ -45,15 +45,19 @@ pub struct Flags {
     /// Upper bound of one etcd request, e.g. 2s or 500ms [default: 2s].
     #[arg(long, env = "WEFT_ETCD_TIMEOUT")]
     pub etcd_timeout: Option<String>,
-    /// The address pool, a CIDR [default: 10.65.0.0/16].
-    #[arg(long, env = "WEFT_POOL")]
-    pub pool: Option<String>,
-    /// Name of the pool in etcd [default: default].
+    /// The address pools, CIDRs: at most one IPv4 and one IPv6; repeat or separate with commas
+    /// [default: 10.65.0.0/16].
+    #[arg(long, env = "WEFT_POOL", value_delimiter = ',')]
+    pub pool: Vec<String>,
+    /// Name of the pool in etcd; the IPv6 pool's name gets `-v6` appended [default: default].
     #[arg(long, env = "WEFT_POOL_NAME")]
     pub pool_name: Option<String>,
-    /// Prefix length of the blocks hosts claim from the pool [default: 26].
+    /// Prefix length of the blocks hosts claim from the IPv4 pool [default: 26].
     #[arg(long, env = "WEFT_BLOCK_SIZE")]
     pub block_size: Option<u8>,
+    /// Prefix length of the blocks hosts claim from the IPv6 pool, 116 to 128 [default: 122].
+    #[arg(long, env = "WEFT_BLOCK_SIZE_V6")]
+    pub block_size_v6: Option<u8>,
     /// Masquerade traffic from the pool to destinations outside every pool [default: true].
     #[arg(long, env = "WEFT_NAT_OUTGOING")]
     pub nat_outgoing: Option<bool>,
@@ -136,9 +140,11 @@ pub struct FileConfig {
     pub etcd_cert: Option<String>,
     pub etcd_key: Option<String>,
     pub etcd_timeout: Option<String>,
-    pub pool: Option<String>,
+    /// One CIDR, a comma-separated list, or an array (at most one per family).
+    pub pool: Option<super::PoolCidrs>,
     pub pool_name: Option<String>,
     pub block_size: Option<u8>,
+    pub block_size_v6: Option<u8>,
     pub nat_outgoing: Option<bool>,
     pub encapsulation: Option<String>,
     /// Several pools, instead of pool, pool-name and block-size.

@@ -4,6 +4,7 @@
 
 mod bgp;
 mod flags;
+mod pool_flags;
 mod pools;
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 pub use bgp::{Asn, BgpPeer, BgpSettings};
 pub use flags::{parse_duration, read_file, FileConfig, Flags};
+pub use pool_flags::PoolCidrs;
 pub use pools::{FilePool, PoolSettings};
 
 use crate::model::HostName;
@@ -95,6 +97,11 @@ impl Config {
     /// The pool of this name, if the agent has it.
     pub fn pool(&self, name: &str) -> Option<&PoolSettings> {
         self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Whether the host has an IPv6 pool (then it forwards IPv6).
+    pub fn has_ipv6(&self) -> bool {
+        self.pools.iter().any(|p| p.cidr.is_ipv6())
     }
 
     /// The pool holding `ip`, if any.
@@ -415,7 +422,6 @@ mod tests {
             assert!(err.to_string().starts_with(setting), "{err}");
         };
         refused(&["--pool", "10.65.0.1/16"], "pool:");
-        refused(&["--pool", "fd65::/48"], "pool:");
         refused(&["--block-size", "8"], "block-size:");
         refused(&["--alive-ttl", "1s"], "alive-ttl:");
         refused(

@@ -1,11 +1,13 @@
-//! The pools an agent allocates from: one from `--pool`, `--pool-name` and `--block-size` (the
-//! single-pool settings), or a `[[pools]]` list in the file. Names unique, CIDRs not
-//! overlapping, one encapsulation for all of them (the host has one tunnel and one MTU).
+//! The pools an agent allocates from: at most one per family from `--pool`, `--pool-name`,
+//! `--block-size` and `--block-size-v6` (the flag settings, `pool_flags`), or a `[[pools]]` list
+//! in the file. Names unique, CIDRs not overlapping, one encapsulation for all of them (the host
+//! has one tunnel and one MTU).
 
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 use weft_etcd::records::{Encapsulation, PoolRecord};
 
+use super::pool_flags::{flag_pools, given};
 use super::{invalid, ConfigError, FileConfig, Flags};
 use crate::model::HostName;
 
@@ -50,7 +52,18 @@ pub struct FilePool {
     pub default: bool,
 }
 
-const DEFAULT_BLOCK_SIZE: u8 = 26;
+pub(super) const DEFAULT_BLOCK_SIZE: u8 = 26;
+pub(super) const DEFAULT_BLOCK_SIZE_V6: u8 = 122;
+/// IPv6 block sizes allowed: a /116 holds 4096 addresses, a /128 one.
+const BLOCK_SIZES_V6: std::ops::RangeInclusive<u8> = 116..=128;
+
+/// The default block size of a pool of `cidr`'s family.
+pub(super) fn default_block_size(cidr: IpNetwork) -> u8 {
+    match cidr.is_ipv4() {
+        true => DEFAULT_BLOCK_SIZE,
+        false => DEFAULT_BLOCK_SIZE_V6,
+    }
+}
 
 pub fn pool_settings(flags: &Flags, file: &FileConfig) -> Result<Vec<PoolSettings>, ConfigError> {
     let encapsulation = match flags.encapsulation.clone().or(file.encapsulation.clone()) {
@@ -61,17 +74,13 @@ pub fn pool_settings(flags: &Flags, file: &FileConfig) -> Result<Vec<PoolSetting
     };
     let nat_outgoing = flags.nat_outgoing.or(file.nat_outgoing).unwrap_or(true);
     let pools = match file.pools.as_deref() {
-        None | Some([]) => vec![single_pool(flags, file, nat_outgoing, encapsulation)?],
+        None | Some([]) => flag_pools(flags, file, nat_outgoing, encapsulation)?,
         Some(list) => {
-            let single = [
-                flags.pool.is_some() || file.pool.is_some(),
-                flags.pool_name.is_some() || file.pool_name.is_some(),
-                flags.block_size.is_some() || file.block_size.is_some(),
-            ];
-            if single.contains(&true) {
+            if given(flags, file) {
                 return Err(invalid(
                     "pools",
-                    "give either a [[pools]] list or pool, pool-name and block-size, not both",
+                    "give either a [[pools]] list or pool, pool-name, block-size and \
+                     block-size-v6, not both",
                 ));
             }
             list.iter()
@@ -83,40 +92,6 @@ pub fn pool_settings(flags: &Flags, file: &FileConfig) -> Result<Vec<PoolSetting
     Ok(pools)
 }
 
-fn single_pool(
-    flags: &Flags,
-    file: &FileConfig,
-    nat_outgoing: bool,
-    encapsulation: Encapsulation,
-) -> Result<PoolSettings, ConfigError> {
-    let text = flags
-        .pool
-        .clone()
-        .or(file.pool.clone())
-        .unwrap_or_else(|| "10.65.0.0/16".into());
-    let cidr = cidr("pool", &text)?;
-    let block_size = flags
-        .block_size
-        .or(file.block_size)
-        .unwrap_or(DEFAULT_BLOCK_SIZE);
-    check_block_size("block-size", cidr, block_size)?;
-    let name = flags
-        .pool_name
-        .clone()
-        .or(file.pool_name.clone())
-        .unwrap_or_else(|| "default".into());
-    check_name("pool-name", &name)?;
-    Ok(PoolSettings {
-        name,
-        cidr,
-        block_size,
-        nat_outgoing,
-        encapsulation,
-        disabled: false,
-        default: true,
-    })
-}
-
 fn listed_pool(
     pool: &FilePool,
     nat_outgoing: bool,
@@ -125,7 +100,7 @@ fn listed_pool(
     let fail = |message: String| invalid("pools", format!("pool {:?}: {message}", pool.name));
     check_name("pools", &pool.name)?;
     let cidr = cidr("pools", &pool.cidr).map_err(|e| fail(reason(e)))?;
-    let block_size = pool.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    let block_size = pool.block_size.unwrap_or(default_block_size(cidr));
     check_block_size("pools", cidr, block_size).map_err(|e| fail(reason(e)))?;
     let encapsulation = match &pool.encapsulation {
         Some(text) => text.parse().map_err(fail)?,
@@ -150,18 +125,20 @@ fn reason(err: ConfigError) -> String {
     }
 }
 
-fn check_name(setting: &'static str, name: &str) -> Result<(), ConfigError> {
+pub(super) fn check_name(setting: &'static str, name: &str) -> Result<(), ConfigError> {
     HostName::new(name)
         .map(|_| ())
         .map_err(|_| invalid(setting, format!("{name:?} is not a valid pool name")))
 }
 
-fn cidr(setting: &'static str, text: &str) -> Result<IpNetwork, ConfigError> {
+/// A pool's CIDR, of either family, without host bits.
+pub(super) fn cidr(setting: &'static str, text: &str) -> Result<IpNetwork, ConfigError> {
+    let text = text.trim();
     let cidr: IpNetwork = text
         .parse()
         .ok()
-        .filter(IpNetwork::is_ipv4)
-        .ok_or_else(|| invalid(setting, format!("{text:?} is not an IPv4 CIDR")))?;
+        .filter(|_| text.contains('/'))
+        .ok_or_else(|| invalid(setting, format!("{text:?} is not an IPv4 or IPv6 CIDR")))?;
     if cidr.network() != cidr.ip() {
         return Err(invalid(
             setting,
@@ -175,12 +152,19 @@ fn cidr(setting: &'static str, text: &str) -> Result<IpNetwork, ConfigError> {
     Ok(cidr)
 }
 
-fn check_block_size(
+/// A block size that fits the pool (and, for IPv6, lies in 116–128).
+pub(super) fn check_block_size(
     setting: &'static str,
     cidr: IpNetwork,
     block_size: u8,
 ) -> Result<(), ConfigError> {
-    if block_size < cidr.prefix() || block_size > 32 {
+    if cidr.is_ipv6() && !BLOCK_SIZES_V6.contains(&block_size) {
+        return Err(invalid(
+            setting,
+            format!("/{block_size} is not an IPv6 block size (116 to 128)"),
+        ));
+    }
+    if block_size < cidr.prefix() || (cidr.is_ipv4() && block_size > 32) {
         return Err(invalid(
             setting,
             format!("/{block_size} blocks do not fit in pool {cidr}"),
@@ -304,8 +288,12 @@ mod tests {
         refused(&[], &modes, &["pools:", "encapsulation"]);
         let small = pool("a", "10.65.0.0/24", "block-size = 20");
         refused(&[], &small, &["pools:", "\"a\"", "/20 blocks do not fit"]);
-        let v6 = pool("a", "fd65::/48", "");
-        refused(&[], &v6, &["pools:", "IPv4 CIDR"]);
+        let v6 = pool("a", "fd65::/48", "block-size = 112");
+        refused(&[], &v6, &["pools:", "\"a\"", "/112", "116 to 128"]);
+        let small_v6 = pool("a", "fd65::/124", "");
+        refused(&[], &small_v6, &["pools:", "/122 blocks do not fit"]);
+        let overlap_v6 = pool("a", "fd65::/48", "") + &pool("b", "fd65:0:0:1::/64", "");
+        refused(&[], &overlap_v6, &["pools:", "overlap"]);
         let named = pool("a b", "10.65.0.0/16", "");
         refused(&[], &named, &["pools:", "not a valid pool name"]);
         let list = pool("a", "10.65.0.0/16", "");

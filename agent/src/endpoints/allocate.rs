@@ -37,60 +37,116 @@ fn open_blocks(blocks: &[IpNetwork], taken: &Taken) -> Vec<IpNetwork> {
         .collect()
 }
 
-/// Allocates from the first of `pools` (in order) that has a free address or block left.
+/// An address reserved in the table for an attach, with the block it lies in; settled by
+/// `write` (or abandoned).
+pub(super) struct Reserved {
+    ip: IpAddr,
+    /// The veth name reserved with it (empty for the second address of a dual-stack endpoint).
+    name: String,
+    block: BlockRef,
+}
+
+/// Allocates one address per family of `pools`: each from the first of that family's pools
+/// (in order) with a free address or block left. A dual-stack endpoint's two addresses are
+/// written in one transaction: both or neither.
 pub async fn allocate(
     ctx: &Context,
     id: &ContainerId,
     pools: &[&PoolSettings],
     make: impl Fn(IpAddr, String) -> EndpointRecord,
 ) -> Result<EndpointRecord, EndpointError> {
+    let (primary, secondary) = by_family(pools);
+    for _ in 0..ATTEMPTS {
+        let first = reserve_from(ctx, id, &primary, true).await?;
+        let second = match secondary.is_empty() {
+            true => None,
+            false => match reserve_from(ctx, id, &secondary, false).await {
+                Ok(reserved) => Some(reserved),
+                Err(e) => {
+                    ctx.endpoints
+                        .settle(first.ip, &first.name, Settle::Abandoned);
+                    return Err(e);
+                }
+            },
+        };
+        let mut record = make(first.ip, first.name.clone());
+        record.ipv6 = second.as_ref().map(|r| r.ip);
+        let blocks = std::iter::once(first.block)
+            .chain(second.map(|r| r.block))
+            .collect();
+        match write(ctx, record, blocks).await? {
+            Written::Done(record) => return Ok(*record),
+            Written::IpTaken => {
+                debug!("address taken in etcd by a record unknown here; trying another");
+            }
+            // Released after the view was read (by another agent of this host's name, or an
+            // operator): try again on the view as it is now.
+            Written::BlockReleased => debug!("block released meanwhile; trying another"),
+        }
+    }
+    Err(EndpointError::Contention)
+}
+
+/// The pools of the endpoint's first address (IPv4 when there is an IPv4 pool), and those of
+/// its IPv6 address when it has both families.
+fn by_family<'a>(pools: &[&'a PoolSettings]) -> (Vec<&'a PoolSettings>, Vec<&'a PoolSettings>) {
+    let (v4, v6): (Vec<&PoolSettings>, Vec<&PoolSettings>) =
+        pools.iter().partition(|p| p.cidr.is_ipv4());
+    match v4.is_empty() {
+        true => (v6, vec![]),
+        false => (v4, v6),
+    }
+}
+
+/// Reserves an address of the first of `pools` (in order) that has one free or a block left.
+async fn reserve_from(
+    ctx: &Context,
+    id: &ContainerId,
+    pools: &[&PoolSettings],
+    named: bool,
+) -> Result<Reserved, EndpointError> {
     let (last, earlier) = pools.split_last().ok_or(EndpointError::NoPool)?;
     for pool in earlier {
-        match allocate_in(ctx, id, pool, &make).await {
+        match reserve_in(ctx, id, pool, named).await {
             Err(EndpointError::Store(StoreError::PoolExhausted { .. })) => {
                 debug!(pool = %pool.name, "pool exhausted; trying the next one");
             }
             other => return other,
         }
     }
-    allocate_in(ctx, id, last, &make).await
+    reserve_in(ctx, id, last, named).await
 }
 
-/// Picks an address of `pool` and a veth name, then writes the endpoint record guarded by the
-/// address. The record is in the table from the moment it is written, so the route the attach
-/// adds is never taken for stale by the reconciler.
-async fn allocate_in(
+/// Reserves an address of `pool`'s blocks of this host (and a veth name when `named`),
+/// claiming a block when they are full.
+async fn reserve_in(
     ctx: &Context,
     id: &ContainerId,
     pool: &PoolSettings,
-    make: &impl Fn(IpAddr, String) -> EndpointRecord,
-) -> Result<EndpointRecord, EndpointError> {
-    let name_of_pool = &pool.name;
+    named: bool,
+) -> Result<Reserved, EndpointError> {
     for _ in 0..ATTEMPTS {
-        let blocks = ctx.cluster.pool_blocks_of(name_of_pool, ctx.me());
+        let blocks = ctx.cluster.pool_blocks_of(&pool.name, ctx.me());
         let picked = ctx.endpoints.reserve(ctx.tunnel_ip(), |taken| {
             let open = open_blocks(&blocks, taken);
             let ip = alloc::first_free_ip(&open, &taken.ips)?;
             let block = *open.iter().find(|b| b.contains(ip))?;
-            Some((ip, choose_veth_name(id, &taken.names), block))
+            // The second address comes with no veth: an empty name reserves nothing.
+            let name = match named {
+                true => choose_veth_name(id, &taken.names),
+                false => String::new(),
+            };
+            Some((ip, name, block))
         });
-        let Some((ip, name, block)) = picked else {
-            claim_block(ctx, pool, blocks.len()).await?;
-            continue;
-        };
-        let record = make(ip, name.clone());
-        let block_ref = BlockRef {
-            pool: name_of_pool.clone(),
-            block,
-        };
-        match write(ctx, record, block_ref).await? {
-            Written::Done(record) => return Ok(*record),
-            Written::IpTaken => {
-                debug!(%ip, "address taken in etcd by a record unknown here; trying another");
+        match picked {
+            Some((ip, name, block)) => {
+                let block = BlockRef {
+                    pool: pool.name.clone(),
+                    block,
+                };
+                return Ok(Reserved { ip, name, block });
             }
-            // Released after the view was read (by another agent of this host's name, or an
-            // operator): try again on the view as it is now.
-            Written::BlockReleased => debug!(%block, "block released meanwhile; trying another"),
+            None => claim_block(ctx, pool, blocks.len()).await?,
         }
     }
     Err(EndpointError::Contention)
@@ -99,54 +155,76 @@ async fn allocate_in(
 /// How writing a reserved address's endpoint record ended, when it did not fail outright.
 pub(super) enum Written {
     Done(Box<EndpointRecord>),
-    /// A record unknown here holds the address (it is marked foreign).
+    /// A record unknown here holds an address (it is marked foreign).
     IpTaken,
-    /// The block was released after the view was read.
+    /// A block was released after the view was read.
     BlockReleased,
 }
 
-/// Writes the endpoint record of an address reserved in the table, and settles the
-/// reservation by the outcome.
+/// Writes the endpoint record of addresses reserved in the table (its veth name reserved with
+/// `record.ip`), and settles the reservations by the outcome.
 pub(super) async fn write(
     ctx: &Context,
     record: EndpointRecord,
-    block: BlockRef,
+    blocks: Vec<BlockRef>,
 ) -> Result<Written, EndpointError> {
     let (ip, name) = (record.ip, record.host_ifname.clone());
-    match ctx.store.create_endpoint(record.clone(), block).await {
+    // The second address's reservation ends once the first one's says what became of both.
+    let settle_second = |outcome: &dyn Fn(IpAddr) -> Settle| {
+        if let Some(ipv6) = record.ipv6 {
+            ctx.endpoints.settle(ipv6, "", outcome(ipv6));
+        }
+    };
+    match ctx.store.create_endpoint(record.clone(), blocks).await {
         Ok(()) => {
             ctx.endpoints
                 .settle(ip, &name, Settle::Written(Box::new(record.clone())));
+            settle_second(&|_| Settle::Abandoned);
             Ok(Written::Done(Box::new(record)))
         }
-        Err(CreateConflict::IpTaken) => {
-            ctx.endpoints.settle(ip, &name, Settle::Foreign);
+        Err(CreateConflict::IpTaken(taken)) => {
+            let outcome = |a: IpAddr| match a == taken {
+                true => Settle::Foreign,
+                false => Settle::Abandoned,
+            };
+            ctx.endpoints.settle(ip, &name, outcome(ip));
+            settle_second(&outcome);
             Ok(Written::IpTaken)
         }
         // Our own write, retried on another endpoint after its answer was lost.
         Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
             ctx.endpoints.settle(ip, &name, Settle::Written(existing));
+            settle_second(&|_| Settle::Abandoned);
             Ok(Written::Done(Box::new(record)))
         }
-        Err(CreateConflict::Store(weft_etcd::StoreError::BlockReleased { .. })) => {
+        Err(conflict) => {
             ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-            Ok(Written::BlockReleased)
+            settle_second(&|_| Settle::Abandoned);
+            failed(ctx, record, conflict)
         }
-        Err(CreateConflict::EndpointExists(existing)) => {
-            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
-            Err(EndpointError::WrittenElsewhere {
-                container: existing.container_id,
-                ip: existing.ip,
-            })
-        }
-        Err(CreateConflict::Store(e)) => {
-            ctx.endpoints.settle(ip, &name, Settle::Abandoned);
+    }
+}
+
+/// The answer to a write that left nothing reserved.
+fn failed(
+    ctx: &Context,
+    record: EndpointRecord,
+    conflict: CreateConflict,
+) -> Result<Written, EndpointError> {
+    match conflict {
+        CreateConflict::Store(StoreError::BlockReleased { .. }) => Ok(Written::BlockReleased),
+        CreateConflict::EndpointExists(existing) => Err(EndpointError::WrittenElsewhere {
+            container: existing.container_id,
+            ip: existing.ip,
+        }),
+        CreateConflict::Store(e) => {
             // An answer lost on the way back: etcd may still commit the write.
-            if matches!(e, weft_etcd::StoreError::Unavailable(_)) {
+            if matches!(e, StoreError::Unavailable(_)) {
                 ctx.endpoints.undeliver(record);
             }
             Err(e.into())
         }
+        CreateConflict::IpTaken(_) => Ok(Written::IpTaken),
     }
 }
 

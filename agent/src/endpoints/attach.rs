@@ -96,6 +96,7 @@ async fn attach_into(
         created: weft_etcd::unix_now(),
         secondary,
         labels: request.labels.clone(),
+        ipv6: None,
     };
     let record = match request.ips.as_slice() {
         [] => {
@@ -130,6 +131,7 @@ async fn attach_into(
         host_ifname: record.host_ifname.clone(),
         ifname: request.ifname.clone(),
         ip: record.ip,
+        ipv6: record.ipv6,
         mac,
         mtu: ctx.mtu(),
         secondary,

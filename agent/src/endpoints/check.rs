@@ -20,7 +20,7 @@ pub async fn check(
         .ok_or_else(|| EndpointError::NotAttached(id.to_string()))?;
     let mut problems = ctx
         .kernel
-        .check_host_side(&record.host_ifname, record.ip)
+        .check_host_side(&record.host_ifname, &record.addresses().collect::<Vec<_>>())
         .await?;
     let link = super::link_of(ctx, &record)?;
     match ctx.kernel.vet_netns(&record.netns) {

@@ -15,6 +15,8 @@ pub mod table;
 pub mod teardown;
 
 #[cfg(test)]
+mod dual_tests;
+#[cfg(test)]
 mod tests;
 
 pub use attach::attach;
@@ -32,6 +34,7 @@ pub(crate) fn link_of(
         host_ifname: record.host_ifname.clone(),
         ifname: crate::model::IfName::new(&record.ifname)?,
         ip: record.ip,
+        ipv6: record.ipv6,
         mac: record
             .mac
             .parse()

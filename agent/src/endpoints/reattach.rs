@@ -190,6 +190,7 @@ mod tests {
             created: 0,
             secondary: false,
             labels: Default::default(),
+            ipv6: None,
         }
     }
 

@@ -131,9 +131,11 @@ async fn repair_host_side(
             what: format!("sysctls of {}", record.host_ifname),
             source,
         })?;
-    ctx.kernel
-        .replace_route(&Route::host(record.ip, RouteTarget::Dev(index)))
-        .await?;
+    for ip in record.addresses() {
+        ctx.kernel
+            .replace_route(&Route::host(ip, RouteTarget::Dev(index)))
+            .await?;
+    }
     if !record.ports.is_empty() {
         ctx.firewall
             .sync(|| ctx.firewall_spec(), SyncMode::Verify, &ctx.metrics)

@@ -42,11 +42,12 @@ pub async fn allocate_requested(
     let mut placed = ips
         .iter()
         .map(|ip| place(ctx, pools, *ip).map(|(pool, block)| (*ip, pool, block)));
-    // One family is served today, so one address is placed (a second one is outside every
-    // pool, refused above); the caller passes at least one.
+    // The caller passes at least one address, at most one per family; a requested address is
+    // allocated alone (a dual-stack pair is not requested in one write yet).
     let (ip, pool, block) = placed.next().ok_or(EndpointError::Contention)??;
     if let Some(other) = placed.next() {
-        other?;
+        let (other, _, _) = other?;
+        return Err(EndpointError::BothFamiliesRequested(ip, other));
     }
     allocate_exact(ctx, id, ip, &pool, block, make).await
 }
@@ -95,7 +96,7 @@ async fn allocate_exact(
             pool: pool.to_string(),
             block,
         };
-        match write(ctx, make(ip, name), block_ref).await? {
+        match write(ctx, make(ip, name), vec![block_ref]).await? {
             Written::Done(record) => return Ok(*record),
             Written::IpTaken => match ctx.store.ip_holder(ip).await? {
                 Some(holder) => {

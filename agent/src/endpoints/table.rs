@@ -200,7 +200,11 @@ impl EndpointTable {
         pick: impl FnOnce(&Taken) -> Option<(IpAddr, String, T)>,
     ) -> Option<(IpAddr, String, T)> {
         let mut table = self.table.lock().unwrap();
-        let mut ips: HashSet<IpAddr> = table.endpoints.values().map(|e| e.ip).collect();
+        let mut ips: HashSet<IpAddr> = table
+            .endpoints
+            .values()
+            .flat_map(|e| e.addresses())
+            .collect();
         ips.extend(also);
         ips.extend(table.reserved_ips.iter().copied());
         ips.extend(table.foreign.iter().copied());
@@ -227,7 +231,11 @@ impl EndpointTable {
         name: impl FnOnce(&HashSet<String>) -> String,
     ) -> Result<String, Held> {
         let mut table = self.table.lock().unwrap();
-        if let Some(holder) = table.endpoints.values().find(|e| e.ip == ip) {
+        if let Some(holder) = table
+            .endpoints
+            .values()
+            .find(|e| e.addresses().any(|a| a == ip))
+        {
             return Err(Held::Endpoint(holder.container_id.clone()));
         }
         if tunnel == Some(ip) {
@@ -271,7 +279,7 @@ impl EndpointTable {
         let used = table
             .endpoints
             .values()
-            .map(|e| e.ip)
+            .flat_map(|e| e.addresses())
             .chain(table.reserved_ips.iter().copied())
             .chain(table.foreign.iter().copied())
             .chain(also)

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use weft_etcd::records::PoolRecord;
 use weft_etcd::StoreError;
 
 use super::error::EndpointError;
@@ -17,27 +16,33 @@ use crate::kernel::{Kernel, Underlay};
 use crate::model::{port_mapping, AttachRequest, ContainerId, Route, RouteTarget};
 use crate::store::fake::FakeStore;
 
-struct World {
-    ctx: Context,
+pub(super) struct World {
+    pub(super) ctx: Context,
     _state: tempfile::TempDir,
-    kernel: Arc<FakeKernel>,
-    store: Arc<FakeStore>,
+    pub(super) kernel: Arc<FakeKernel>,
+    pub(super) store: Arc<FakeStore>,
     firewall: Arc<FakeFirewall>,
 }
 
-const CONTAINER_NS: &str = "/run/netns/runtime-made";
+pub(super) const CONTAINER_NS: &str = "/run/netns/runtime-made";
 
 fn world() -> World {
-    let flags = ["weft-agent", "--host-name", "h1", "--block-size", "30"];
+    world_with(&["--block-size", "30"])
+}
+
+/// A host configured by `args` (its pools recorded in the fake store as the agent would).
+pub(super) fn world_with(args: &[&str]) -> World {
+    let flags = ["weft-agent", "--host-name", "h1"]
+        .iter()
+        .chain(args)
+        .copied();
     let config = Config::load(Flags::parse_from(flags)).unwrap();
-    let pool = PoolRecord {
-        cidr: "10.65.0.0/16".parse().unwrap(),
-        block_size: 30,
-        nat_outgoing: true,
-        encapsulation: Default::default(),
-    };
     let kernel = Arc::new(FakeKernel::with_namespaces(&[CONTAINER_NS]));
-    let store = Arc::new(FakeStore::with_pool("default", pool.clone()));
+    let store = Arc::new(FakeStore::default());
+    for pool in &config.pools {
+        let record = (pool.name.clone(), pool.record());
+        store.state.lock().unwrap().pools.push(record);
+    }
     let firewall = Arc::new(FakeFirewall::default());
     let state = tempfile::tempdir().unwrap();
     let ctx = Context::new(Parts {
@@ -47,6 +52,7 @@ fn world() -> World {
             index: 2,
             ip: "198.51.100.1".parse().unwrap(),
             prefix: 24,
+            ipv6: Some("2001:db8:100::1".parse().unwrap()),
             mtu: 1500,
         },
         host: weft_etcd::records::HostRecord {
@@ -56,6 +62,7 @@ fn world() -> World {
             underlay_prefix: Some(24),
             vtep_mac: None,
             tunnel_ip: None,
+            underlay_ipv6: None,
         },
         kernel: kernel.clone(),
         store: store.clone(),
@@ -76,7 +83,7 @@ fn world() -> World {
     }
 }
 
-fn request(id: &str, netns: &str, ports: &[(u32, u32)]) -> AttachRequest {
+pub(super) fn request(id: &str, netns: &str, ports: &[(u32, u32)]) -> AttachRequest {
     let ports = ports
         .iter()
         .map(|(h, c)| port_mapping("tcp", *h, *c).unwrap())
@@ -87,7 +94,7 @@ fn request(id: &str, netns: &str, ports: &[(u32, u32)]) -> AttachRequest {
 impl World {
     /// Asserts that nothing of any endpoint is left: no record, guard, link, host route,
     /// namespace of ours, port rule or local entry. Blocks and their blackholes may stay.
-    fn assert_nothing_left(&self) {
+    pub(super) fn assert_nothing_left(&self) {
         let store = self.store.state.lock().unwrap();
         assert!(store.endpoints.is_empty(), "records: {:?}", store.endpoints);
         assert!(store.ips.is_empty(), "address guards: {:?}", store.ips);

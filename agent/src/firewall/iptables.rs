@@ -1,5 +1,6 @@
-//! The iptables runner: `iptables-save` and `iptables-restore --noflush` per table, the last
-//! written state that lets attach and detach write only the difference, and conntrack flushes.
+//! The iptables runner: `iptables-save` and `iptables-restore --noflush` per table (and their
+//! ip6tables twins on hosts with an IPv6 pool), the last written state that lets attach and
+//! detach write only the difference, and conntrack flushes.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -10,7 +11,7 @@ use super::rules::{
     self, by_chain, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
     FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
 };
-use super::{Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
+use super::{ip6, Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
 
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
     let shown = format!("{program} {}", args.join(" "));
@@ -49,8 +50,27 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Fire
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn restore(input: &str) -> Result<String, FirewallError> {
-    run("iptables-restore", &["--noflush", "--wait"], Some(input))
+/// The commands of one address family.
+#[derive(Debug, Clone, Copy)]
+struct Family {
+    name: &'static str,
+    save: &'static str,
+    restore: &'static str,
+}
+
+const V4: Family = Family {
+    name: "iptables",
+    save: "iptables-save",
+    restore: "iptables-restore",
+};
+const V6: Family = Family {
+    name: "ip6tables",
+    save: "ip6tables-save",
+    restore: "ip6tables-restore",
+};
+
+fn restore(family: Family, input: &str) -> Result<String, FirewallError> {
+    run(family.restore, &["--noflush", "--wait"], Some(input))
 }
 
 /// One `iptables-save` of a table, read at most once per sync: the filter table's chains of ours
@@ -60,9 +80,9 @@ fn restore(input: &str) -> Result<String, FirewallError> {
 struct Save(Option<String>);
 
 impl Save {
-    fn of(&mut self, table: &str) -> Result<&str, FirewallError> {
+    fn of(&mut self, family: Family, table: &str) -> Result<&str, FirewallError> {
         if self.0.is_none() {
-            self.0 = Some(run("iptables-save", &["-t", table], None)?);
+            self.0 = Some(run(family.save, &["-t", table], None)?);
         }
         Ok(self.0.as_deref().unwrap_or_default())
     }
@@ -79,6 +99,7 @@ struct Applied {
 
 /// One table of ours: its name, chains, jumps, and what was last written to it.
 struct Table {
+    family: Family,
     name: &'static str,
     chains: &'static [&'static str],
     jumps: &'static [Jump],
@@ -105,11 +126,10 @@ impl Table {
         }
         // Appending is right only where order does not matter.
         if mode == SyncMode::Fast && self.applied.verified && !self.ordered {
-            match restore(&rules::incremental_input(
-                self.name,
-                &self.applied.rules,
-                &wanted,
-            )) {
+            match restore(
+                self.family,
+                &rules::incremental_input(self.name, &self.applied.rules, &wanted),
+            ) {
                 Ok(_) => {
                     self.applied.rules = wanted;
                     return Ok(true);
@@ -121,7 +141,7 @@ impl Table {
                 }
             }
         }
-        let state = parse_save(save.of(self.name)?);
+        let state = parse_save(save.of(self.family, self.name)?);
         let jumps_present = self.jumps.iter().all(|j| state.has_jump(j));
         // Only this table's own chains: the chains policy owns are compared by `PolicyChains`.
         let held: Vec<String> = state
@@ -140,13 +160,10 @@ impl Table {
         let written = if jumps_present && held == wanted {
             false
         } else {
-            restore(&restore_input(
-                self.name,
-                self.chains,
-                rules,
-                self.jumps,
-                &state,
-            ))?;
+            restore(
+                self.family,
+                &restore_input(self.name, self.chains, rules, self.jumps, &state),
+            )?;
             true
         };
         self.applied = Applied {
@@ -181,7 +198,7 @@ impl PolicyChains {
             let Some(input) = chains::restore_input(wanted, held) else {
                 return Ok(false);
             };
-            match restore(&input) {
+            match restore(V4, &input) {
                 Ok(_) => {
                     self.held = Some(chains::as_held(wanted));
                     return Ok(true);
@@ -192,9 +209,9 @@ impl PolicyChains {
             }
         }
         self.held = None;
-        let held = chains::parse_owned(save.of("filter")?);
+        let held = chains::parse_owned(save.of(V4, "filter")?);
         let written = match chains::restore_input(wanted, &held) {
-            Some(input) => restore(&input).map(|_| true)?,
+            Some(input) => restore(V4, &input).map(|_| true)?,
             None => false,
         };
         self.held = Some(chains::as_held(wanted));
@@ -210,14 +227,43 @@ impl PolicyChains {
     }
 }
 
-/// The real firewall: both tables of the agent's namespace.
+/// What of `rules` (and the jumps to `WEFT-PORTS`) one family's nat table lacks, described.
+fn missing_ports(
+    family: Family,
+    rules: &[String],
+    jumps: &[Jump],
+) -> Result<Vec<String>, FirewallError> {
+    if rules.is_empty() {
+        return Ok(vec![]);
+    }
+    let state = parse_save(&run(family.save, &["-t", "nat"], None)?);
+    let mut problems: Vec<String> = rules
+        .iter()
+        .filter(|rule| !state.rules.contains(rule))
+        .map(|rule| format!("missing {} rule (nat): {rule}", family.name))
+        .collect();
+    for jump in jumps.iter().filter(|j| j.target == "WEFT-PORTS") {
+        if !state.has_jump(jump) {
+            problems.push(format!(
+                "missing {} jump (nat): -A {} {}",
+                family.name, jump.chain, jump.rule
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// The real firewall: the IPv4 tables of the agent's namespace with policy's chains, and the
+/// IPv6 tables (raw, nat, filter) of a host with an IPv6 pool.
 pub struct Iptables {
     tables: Mutex<(Table, Table, PolicyChains)>,
+    v6: Mutex<[Table; 3]>,
 }
 
 impl Default for Iptables {
     fn default() -> Self {
-        let table = |name, chains, jumps, ordered| Table {
+        let table = |family, name, chains, jumps, ordered| Table {
+            family,
             name,
             chains,
             jumps,
@@ -226,11 +272,40 @@ impl Default for Iptables {
         };
         Self {
             tables: Mutex::new((
-                table("nat", NAT_CHAINS, NAT_JUMPS, false),
-                table("filter", FILTER_CHAINS, FILTER_JUMPS, true),
+                table(V4, "nat", NAT_CHAINS, NAT_JUMPS, false),
+                table(V4, "filter", FILTER_CHAINS, FILTER_JUMPS, true),
                 PolicyChains::default(),
             )),
+            v6: Mutex::new([
+                table(V6, "raw", ip6::RAW_CHAINS, ip6::RAW_JUMPS, false),
+                table(V6, "nat", ip6::NAT_CHAINS, ip6::NAT_JUMPS, false),
+                table(V6, "filter", ip6::FILTER_CHAINS, ip6::FILTER_JUMPS, true),
+            ]),
         }
+    }
+}
+
+impl Iptables {
+    /// Brings the IPv6 tables in line with `spec` (nothing on hosts without an IPv6 pool).
+    fn sync_v6(
+        &self,
+        spec: &FirewallSpec,
+        mode: SyncMode,
+    ) -> Result<(usize, usize), FirewallError> {
+        if !ip6::wanted(spec) {
+            return Ok((0, 0));
+        }
+        let mut tables = self.v6.lock().unwrap();
+        let [raw, nat, filter] = &mut *tables;
+        let mut written = raw.sync(&ip6::raw_rules(), mode, &mut Save::default())? as usize;
+        written += nat.sync(&render(&ip6::nat_rules(spec)), mode, &mut Save::default())? as usize;
+        written +=
+            filter.sync(&render(&ip6::filter_rules()), mode, &mut Save::default())? as usize;
+        let rules = [raw, nat, filter]
+            .iter()
+            .map(|t| t.applied.rules.len())
+            .sum();
+        Ok((written, rules))
     }
 }
 
@@ -247,27 +322,17 @@ impl Backend for Iptables {
         let filter_rules = render(&filter_rules(spec));
         report.tables_written += filter.sync(&filter_rules, mode, &mut filter_save)? as usize;
         report.rules = nat.applied.rules.len() + filter.applied.rules.len() + policy.rule_count();
+        let (written, rules) = self.sync_v6(spec, mode)?;
+        report.tables_written += written;
+        report.rules += rules;
         Ok(report)
     }
 
     fn check_ports(&self, ports: &[PortRule]) -> Result<Vec<String>, FirewallError> {
-        if ports.is_empty() {
-            return Ok(vec![]);
-        }
-        let state = parse_save(&run("iptables-save", &["-t", "nat"], None)?);
-        let mut problems: Vec<String> = rules::port_rules(ports)
-            .into_iter()
-            .filter(|rule| !state.rules.contains(rule))
-            .map(|rule| format!("missing iptables rule (nat): {rule}"))
-            .collect();
-        for jump in NAT_JUMPS.iter().filter(|j| j.target == "WEFT-PORTS") {
-            if !state.has_jump(jump) {
-                problems.push(format!(
-                    "missing iptables jump (nat): -A {} {}",
-                    jump.chain, jump.rule
-                ));
-            }
-        }
+        let (v4, v6): (Vec<PortRule>, Vec<PortRule>) =
+            ports.iter().cloned().partition(|p| p.ip.is_ipv4());
+        let mut problems = missing_ports(V4, &rules::port_rules(&v4), NAT_JUMPS)?;
+        problems.extend(missing_ports(V6, &ip6::port_rules(&v6), ip6::NAT_JUMPS)?);
         Ok(problems)
     }
 
@@ -289,6 +354,13 @@ impl Backend for Iptables {
 
     fn rule_count(&self) -> usize {
         let tables = self.tables.lock().unwrap();
-        tables.0.applied.rules.len() + tables.1.applied.rules.len() + tables.2.rule_count()
+        let v6: usize = self
+            .v6
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.applied.rules.len())
+            .sum();
+        tables.0.applied.rules.len() + tables.1.applied.rules.len() + tables.2.rule_count() + v6
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod chains;
 pub mod fake;
+pub mod ip6;
 pub mod iptables;
 pub mod rules;
 pub mod sync;

@@ -89,7 +89,7 @@ pub enum FilterRule {
     VxlanOthers,
 }
 
-fn comment(text: impl fmt::Display) -> String {
+pub(super) fn comment(text: impl fmt::Display) -> String {
     // Container ids are validated to [A-Za-z0-9_.-], so no quoting issues arise.
     format!("-m comment --comment \"weft: {text}\"")
 }
@@ -99,8 +99,9 @@ impl fmt::Display for NatRule<'_> {
         match self {
             NatRule::Hairpin(p) => write!(
                 f,
-                "-A WEFT-POSTROUTING -s {ip}/32 -d {ip}/32 -p {proto} -m {proto} --dport {port} {c} -j MASQUERADE",
+                "-A WEFT-POSTROUTING -s {ip}/{bits} -d {ip}/{bits} -p {proto} -m {proto} --dport {port} {c} -j MASQUERADE",
                 ip = p.ip,
+                bits = if p.ip.is_ipv4() { 32 } else { 128 },
                 proto = p.protocol,
                 port = p.container_port,
                 c = comment(format_args!("hairpin {}", p.container_id)),
@@ -124,12 +125,11 @@ impl fmt::Display for NatRule<'_> {
             ),
             NatRule::Dnat(p) => write!(
                 f,
-                "-A WEFT-PORTS -p {proto} -m {proto} --dport {hport} {c} -j DNAT --to-destination {ip}:{cport}",
+                "-A WEFT-PORTS -p {proto} -m {proto} --dport {hport} {c} -j DNAT --to-destination {to}",
                 proto = p.protocol,
                 hport = p.host_port,
                 c = comment(&p.container_id),
-                ip = p.ip,
-                cport = p.container_port,
+                to = SocketAddr::new(p.ip, p.container_port),
             ),
         }
     }

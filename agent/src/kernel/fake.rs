@@ -23,6 +23,9 @@ pub enum Step {
     CreateVeth,
     /// Configuring the container side, after the pair exists.
     ConfigureInside,
+    /// Wiring the IPv6 address of a dual-stack container (its container side and host route),
+    /// after its IPv4 part.
+    WireV6,
     ReplaceRoute,
     DeleteRoute,
     DeleteLink,
@@ -140,11 +143,12 @@ impl Kernel for FakeKernel {
             index: 2,
             ip: "198.51.100.1".parse().unwrap(),
             prefix: 24,
+            ipv6: Some("2001:db8:100::1".parse().unwrap()),
             mtu: 1500,
         })
     }
 
-    fn configure_host(&self) -> io::Result<usize> {
+    fn configure_host(&self, _ipv6: bool) -> io::Result<usize> {
         Ok(0)
     }
 
@@ -373,6 +377,11 @@ impl Kernel for FakeKernel {
         self.rewire_inside(netns, link).await?;
         self.replace_route(&Route::host(link.ip, RouteTarget::Dev(index)))
             .await?;
+        if let Some(ipv6) = link.ipv6 {
+            self.check(Step::WireV6)?;
+            self.replace_route(&Route::host(ipv6, RouteTarget::Dev(index)))
+                .await?;
+        }
         Ok(index)
     }
 
@@ -414,15 +423,16 @@ impl Kernel for FakeKernel {
         })
     }
 
-    async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>> {
+    async fn check_host_side(&self, host_ifname: &str, ips: &[IpAddr]) -> Result<Vec<String>> {
         let state = self.state.lock().unwrap();
         let Some(link) = state.links.get(host_ifname) else {
             return Ok(vec![format!("host veth {host_ifname} is missing")]);
         };
-        let wanted = Route::host(ip, RouteTarget::Dev(link.index));
-        Ok(match state.routes.contains(&wanted) {
-            true => vec![],
-            false => vec![format!("no route to {} through {host_ifname}", wanted.dst)],
-        })
+        Ok(ips
+            .iter()
+            .map(|ip| Route::host(*ip, RouteTarget::Dev(link.index)))
+            .filter(|wanted| !state.routes.contains(wanted))
+            .map(|wanted| format!("no route to {} through {host_ifname}", wanted.dst))
+            .collect())
     }
 }

@@ -46,11 +46,25 @@ pub struct ContainerLink {
     pub host_ifname: String,
     pub ifname: IfName,
     pub ip: IpAddr,
+    /// The IPv6 address of a dual-stack container (`ip` is then its IPv4 address).
+    pub ipv6: Option<IpAddr>,
     pub mac: Mac,
     pub mtu: u32,
     /// Another interface of the namespace carries the default route: this one gets routes for
     /// its own source address only (a rule and a table of its own).
     pub secondary: bool,
+}
+
+impl ContainerLink {
+    /// Every address of the container: `ip`, then the IPv6 one of a dual-stack container.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.ipv6)
+    }
+
+    /// The container's address of one family, if it has one.
+    pub fn address_of(&self, v4: bool) -> Option<IpAddr> {
+        self.addresses().find(|ip| ip.is_ipv4() == v4)
+    }
 }
 
 /// The host's underlay interface, as found at start-up.
@@ -61,6 +75,9 @@ pub struct Underlay {
     pub ip: IpAddr,
     /// Prefix length of `ip` on the interface: the host's subnet.
     pub prefix: u8,
+    /// The interface's first global IPv6 address, if it has one: peers route this host's IPv6
+    /// blocks via it.
+    pub ipv6: Option<IpAddr>,
     pub mtu: u32,
 }
 
@@ -105,8 +122,9 @@ pub struct InsideCheck {
 pub trait Kernel: Send + Sync + 'static {
     /// Finds the underlay interface: `ifname` if given, else the interface of the default route.
     async fn underlay(&self, ifname: Option<&str>) -> Result<Underlay, String>;
-    /// Host-wide sysctls (`ip_forward`); returns how many had to change.
-    fn configure_host(&self) -> io::Result<usize>;
+    /// Host-wide sysctls (`ip_forward`, and IPv6 forwarding when the host has an IPv6 pool);
+    /// returns how many had to change.
+    fn configure_host(&self, ipv6: bool) -> io::Result<usize>;
 
     /// The index of every `weft*` link in service (retired ones are on their way out), by name.
     async fn links(&self) -> Result<BTreeMap<String, u32>>;
@@ -171,6 +189,7 @@ pub trait Kernel: Send + Sync + 'static {
     async fn unwire_inside(&self, netns: &str, link: &ContainerLink) -> Result<()>;
     /// What is wrong inside the container's namespace.
     async fn check_inside(&self, netns: &str, link: &ContainerLink) -> Result<InsideCheck>;
-    /// What is wrong with the host side of an endpoint: its veth, its sysctls, its route.
-    async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>>;
+    /// What is wrong with the host side of an endpoint: its veth, its sysctls, its routes (one
+    /// per address).
+    async fn check_host_side(&self, host_ifname: &str, ips: &[IpAddr]) -> Result<Vec<String>>;
 }

@@ -10,10 +10,20 @@ pub const HOST_VETH: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/conf/{}/forwarding", "1"),
     ("/proc/sys/net/ipv4/conf/{}/rp_filter", "1"),
     ("/proc/sys/net/ipv6/conf/{}/accept_ra", "0"),
+    // IPv6 (no rp_filter there: anti-spoofing is a rule). The host end answers neighbour
+    // solicitations for the addresses it routes, forwards, and takes its link-local address
+    // (the containers' gateway) without duplicate address detection: a tentative address
+    // cannot source the solicitations that find a container, so DAD would hold up its traffic.
+    ("/proc/sys/net/ipv6/conf/{}/proxy_ndp", "1"),
+    ("/proc/sys/net/ipv6/conf/{}/forwarding", "1"),
+    ("/proc/sys/net/ipv6/conf/{}/accept_dad", "0"),
 ];
 
 /// Host-wide settings.
 pub const HOST: &[(&str, &str)] = &[("/proc/sys/net/ipv4/ip_forward", "1")];
+
+/// Host-wide settings of a host with an IPv6 pool.
+pub const HOST_V6: &[(&str, &str)] = &[("/proc/sys/net/ipv6/conf/all/forwarding", "1")];
 
 pub fn read(path: &str) -> io::Result<String> {
     Ok(std::fs::read_to_string(path)?.trim().to_string())
@@ -68,10 +78,11 @@ pub fn check_host_veth(ifname: &str) -> Vec<String> {
     problems
 }
 
-/// Applies `HOST`. Returns how many values had to change.
-pub fn configure_host() -> io::Result<usize> {
+/// Applies `HOST` (and `HOST_V6` with `ipv6`). Returns how many values had to change.
+pub fn configure_host(ipv6: bool) -> io::Result<usize> {
     let mut changed = 0;
-    for (path, value) in HOST {
+    let v6: &[(&str, &str)] = if ipv6 { HOST_V6 } else { &[] };
+    for (path, value) in HOST.iter().chain(v6) {
         changed += ensure(path, value)
             .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?
             as usize;

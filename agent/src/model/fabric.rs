@@ -2,12 +2,15 @@
 //! answers it, the route protocol and link names the agent owns, and how a veth is named.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::model::ContainerId;
 
 /// The address every container routes through; answered by the host end of its veth.
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway of every container: the EUI-64 link-local address of `HOST_VETH_MAC`, which
+/// the host end of every veth holds.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 /// The MAC of every host-side veth: containers reach their gateway at this address.
 pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 /// The protocol number on every route the agent creates (`proto weft`); see

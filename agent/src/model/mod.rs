@@ -11,8 +11,8 @@ mod route;
 
 pub use attach::{AttachRequest, NetnsSpec};
 pub use fabric::{
-    veth_name, vtep_mac, Mac, GATEWAY_V4, HOST_VETH_MAC, LINK_PREFIX, RETIRED_GROUP, RT_PROTO_WEFT,
-    TUNNEL_DEVICE, VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_VNI,
+    veth_name, vtep_mac, Mac, GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC, LINK_PREFIX, RETIRED_GROUP,
+    RT_PROTO_WEFT, TUNNEL_DEVICE, VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_VNI,
 };
 pub use ids::{ContainerId, HostName, IfName, MAX_CONTAINER_ID};
 pub use invalid::Invalid;

@@ -21,7 +21,7 @@ pub struct KernelState {
 }
 
 pub fn host_sysctls(ctx: &Context, report: &mut ReconcileReport) {
-    match ctx.kernel.configure_host() {
+    match ctx.kernel.configure_host(ctx.config.has_ipv6()) {
         Ok(n) => report.sysctls_fixed += n,
         Err(e) => {
             warn!(error = %e, "cannot set host sysctls");

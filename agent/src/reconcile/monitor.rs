@@ -54,7 +54,10 @@ pub async fn run_netconf_monitor(ctx: Arc<Context>) {
 
 async fn restore_sysctls(ctx: &Context, drift: NetconfDrift) {
     let (what, result) = match drift {
-        NetconfDrift::HostForwarding => ("ip_forward".to_string(), ctx.kernel.configure_host()),
+        NetconfDrift::HostForwarding => (
+            "ip_forward".to_string(),
+            ctx.kernel.configure_host(ctx.config.has_ipv6()),
+        ),
         NetconfDrift::Link(index) => {
             let Ok(Some(name)) = ctx.kernel.link_name(index).await else {
                 return;

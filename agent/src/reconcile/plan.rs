@@ -29,7 +29,11 @@ pub fn desired_routes(
         .iter()
         .filter(|(_, owner)| owner.host != me)
         .filter_map(|(block, owner)| {
-            let target = match paths.get(&owner.host)? {
+            let path = paths.get(&owner.host)?;
+            if block.is_ipv6() {
+                return Some((*block, ipv6_target(cluster, &owner.host, path)?));
+            }
+            let target = match path {
                 PeerPath::Direct { via } => RouteTarget::Via(*via),
                 PeerPath::Tunnel { tunnel_ip, .. } => RouteTarget::Onlink {
                     via: *tunnel_ip,
@@ -45,11 +49,23 @@ pub fn desired_routes(
     }
     for endpoint in endpoints {
         if let Some(index) = links.get(&endpoint.host_ifname) {
-            let route = Route::host(endpoint.ip, RouteTarget::Dev(*index));
-            desired.insert(route.dst, route.target);
+            for ip in endpoint.addresses() {
+                let route = Route::host(ip, RouteTarget::Dev(*index));
+                desired.insert(route.dst, route.target);
+            }
         }
     }
     desired
+}
+
+/// How a peer's IPv6 block is reached: via the peer's IPv6 underlay address when the peer is
+/// on this host's subnet; otherwise (the tunnel carries IPv4 only) left to the underlay's
+/// routing, like encapsulation `none`. A peer without an IPv6 underlay address gets no route.
+fn ipv6_target(cluster: &ClusterView, host: &str, path: &PeerPath) -> Option<RouteTarget> {
+    match path {
+        PeerPath::Direct { .. } => Some(RouteTarget::Via(cluster.hosts.get(host)?.underlay_ipv6?)),
+        _ => None,
+    }
 }
 
 /// What to do to bring the kernel to the desired set.

@@ -78,12 +78,13 @@ pub async fn apply(
             }
         }
     }
-    for (record, block) in plan.create {
-        if !ctx
-            .cluster
-            .pool_blocks_of(&block.pool, ctx.me())
-            .contains(&block.block)
-        {
+    for (record, blocks) in plan.create {
+        let unclaimed = |block: &BlockRef| {
+            !ctx.cluster
+                .pool_blocks_of(&block.pool, ctx.me())
+                .contains(&block.block)
+        };
+        if blocks.iter().any(unclaimed) {
             continue;
         }
         let id = record.container_id.clone();
@@ -95,7 +96,7 @@ pub async fn apply(
         if ctx.endpoints.get(&id).as_ref() != Some(&record) {
             continue;
         }
-        match ctx.store.create_endpoint(record.clone(), block).await {
+        match ctx.store.create_endpoint(record.clone(), blocks).await {
             Ok(()) => {
                 info!(container = %id, ip = %record.ip, "endpoint record was missing; registered again")
             }
@@ -103,9 +104,8 @@ pub async fn apply(
             Err(CreateConflict::EndpointExists(_)) => plan.problems.push(format!(
                 "endpoint {id} is not registered: another record of that id exists"
             )),
-            Err(CreateConflict::IpTaken) => plan.problems.push(format!(
-                "endpoint {id} ({}) is not registered: its address is held by another record",
-                record.ip
+            Err(CreateConflict::IpTaken(ip)) => plan.problems.push(format!(
+                "endpoint {id} ({ip}) is not registered: its address is held by another record"
             )),
             Err(CreateConflict::Store(e)) => plan
                 .problems

@@ -67,7 +67,7 @@ impl Store for FakeStore {
     async fn create_endpoint(
         &self,
         record: EndpointRecord,
-        block: BlockRef,
+        blocks: Vec<BlockRef>,
     ) -> Result<(), CreateConflict> {
         self.check("create")?;
         let mut state = self.state.lock().unwrap();
@@ -75,9 +75,9 @@ impl Store for FakeStore {
         if let Some(existing) = state.endpoints.get(&key) {
             return Err(CreateConflict::EndpointExists(Box::new(existing.clone())));
         }
-        if !state.blocks.contains_key(&block.block) {
+        if let Some(gone) = blocks.iter().find(|b| !state.blocks.contains_key(&b.block)) {
             return Err(CreateConflict::Store(StoreError::BlockReleased {
-                block: block.block,
+                block: gone.block,
             }));
         }
         for p in &record.ports {
@@ -92,10 +92,12 @@ impl Store for FakeStore {
                 }));
             }
         }
-        if state.ips.contains_key(&record.ip) {
-            return Err(CreateConflict::IpTaken);
+        if let Some(taken) = record.addresses().find(|ip| state.ips.contains_key(ip)) {
+            return Err(CreateConflict::IpTaken(taken));
         }
-        state.ips.insert(record.ip, key.clone());
+        for ip in record.addresses() {
+            state.ips.insert(ip, key.clone());
+        }
         for p in &record.ports {
             state.ports.insert(
                 (record.host.clone(), p.protocol, p.host_port),
@@ -148,8 +150,10 @@ impl Store for FakeStore {
         let mut state = self.state.lock().unwrap();
         let key = (record.host.clone(), record.container_id.clone());
         state.endpoints.remove(&key);
-        if state.ips.get(&record.ip) == Some(&key) {
-            state.ips.remove(&record.ip);
+        for ip in record.addresses() {
+            if state.ips.get(&ip) == Some(&key) {
+                state.ips.remove(&ip);
+            }
         }
         for p in &record.ports {
             let port = (record.host.clone(), p.protocol, p.host_port);

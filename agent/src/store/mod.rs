@@ -14,11 +14,12 @@ use weft_etcd::{BlockRef, CreateConflict, Datastore, EndpointWriter, Released, S
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Writes an endpoint with its address and host-port guards (see `Datastore::create_endpoint`).
+    /// Writes an endpoint with its address and host-port guards, while the blocks of its
+    /// addresses exist (see `Datastore::create_endpoint`).
     async fn create_endpoint(
         &self,
         record: EndpointRecord,
-        block: BlockRef,
+        blocks: Vec<BlockRef>,
     ) -> Result<(), CreateConflict>;
     /// Replaces an endpoint's record if it still is `old` (see `Datastore::update_endpoint`).
     async fn update_endpoint(
@@ -105,9 +106,9 @@ impl Store for Etcd {
     async fn create_endpoint(
         &self,
         record: EndpointRecord,
-        block: BlockRef,
+        blocks: Vec<BlockRef>,
     ) -> Result<(), CreateConflict> {
-        self.writer.create(record, block).await
+        self.writer.create(record, blocks).await
     }
 
     async fn update_endpoint(

@@ -213,18 +213,33 @@ pub fn require(value: &str, name: &str) -> Result<(), CniError> {
     Ok(())
 }
 
-/// The spec's ADD result: the container interface, its /32 with the gateway, a default route.
+/// The spec's ADD result: the container interface, an address per family (/32 and /128) with
+/// its gateway, a default route per family.
 pub fn add_result(version: &str, env: &Env, e: &pb::Endpoint) -> Value {
     let version = if version.is_empty() { "1.0.0" } else { version };
-    let mut ip = json!({"address": format!("{}/32", e.ip), "gateway": e.gateway, "interface": 0});
-    if version == "0.4.0" {
-        ip["version"] = json!("4");
+    let families = [
+        (&e.ip, &e.gateway, 32, "4", "0.0.0.0/0"),
+        (&e.ipv6, &e.gateway_v6, 128, "6", "::/0"),
+    ];
+    let mut ips = vec![];
+    let mut routes = vec![];
+    for (address, gateway, prefix, family, default) in families {
+        if address.is_empty() {
+            continue;
+        }
+        let mut ip =
+            json!({"address": format!("{address}/{prefix}"), "gateway": gateway, "interface": 0});
+        if version == "0.4.0" {
+            ip["version"] = json!(family);
+        }
+        ips.push(ip);
+        routes.push(json!({"dst": default, "gw": gateway}));
     }
     json!({
         "cniVersion": version,
         "interfaces": [{"name": e.ifname, "mac": e.mac, "sandbox": env.netns}],
-        "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": e.gateway}],
+        "ips": ips,
+        "routes": routes,
         "dns": {},
     })
 }
@@ -292,5 +307,25 @@ mod tests {
         assert!(r["ips"][0].get("version").is_none());
         assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
         assert_eq!(add_result("0.4.0", &env, &e)["ips"][0]["version"], "4");
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1, "IPv4 only");
+        let dual = pb::Endpoint {
+            ipv6: "fd65::5".into(),
+            gateway_v6: "fe80::ecee:eeff:feee:eeee".into(),
+            ..e.clone()
+        };
+        let r = add_result("1.0.0", &env, &dual);
+        assert_eq!(r["ips"][1]["address"], "fd65::5/128");
+        assert_eq!(r["ips"][1]["gateway"], "fe80::ecee:eeff:feee:eeee");
+        assert_eq!(r["routes"][1]["dst"], "::/0");
+        assert_eq!(r["routes"][1]["gw"], "fe80::ecee:eeff:feee:eeee");
+        assert_eq!(add_result("0.4.0", &env, &dual)["ips"][1]["version"], "6");
+        let v6_only = pb::Endpoint {
+            ip: String::new(),
+            gateway: String::new(),
+            ..dual
+        };
+        let r = add_result("1.0.0", &env, &v6_only);
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1);
+        assert_eq!(r["routes"][0]["dst"], "::/0");
     }
 }

@@ -289,6 +289,7 @@ mod tests {
             created: 0,
             secondary: false,
             labels: Default::default(),
+            ipv6: None,
         };
         let host = HostRecord {
             underlay_ip: "198.51.100.2".parse().unwrap(),
@@ -297,6 +298,7 @@ mod tests {
             underlay_prefix: Some(24),
             vtep_mac: None,
             tunnel_ip: Some(ip),
+            underlay_ipv6: None,
         };
         let hosts: BTreeMap<String, HostRecord> = [("h2".to_string(), host)].into();
         let no_hosts = BTreeMap::new();

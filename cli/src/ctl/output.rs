@@ -9,6 +9,8 @@ pub fn endpoint_json(e: &pb::Endpoint) -> serde_json::Value {
         "host": e.host,
         "ip": e.ip,
         "gateway": e.gateway,
+        "ipv6": e.ipv6,
+        "gateway_v6": e.gateway_v6,
         "mac": e.mac,
         "host_ifname": e.host_ifname,
         "ifname": e.ifname,
@@ -66,13 +68,22 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The addresses of both families that are present, comma-separated ("-" for none).
+fn both(v4: &str, v6: &str) -> String {
+    let present: Vec<&str> = [v4, v6].into_iter().filter(|a| !a.is_empty()).collect();
+    match present.is_empty() {
+        true => "-".into(),
+        false => present.join(","),
+    }
+}
+
 pub fn endpoint_rows(endpoints: &[pb::Endpoint]) -> String {
     let rows: Vec<Vec<String>> = endpoints
         .iter()
         .map(|e| {
             vec![
                 e.container_id.clone(),
-                e.ip.clone(),
+                both(&e.ip, &e.ipv6),
                 e.host_ifname.clone(),
                 e.mac.clone(),
                 ports_text(&e.ports),
@@ -91,7 +102,7 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
     let mut out = format!(
         "host:      {}\nunderlay:  {} ({})\nversion:   {}\netcd:      {}\nendpoints: {}\nroutes:    {}\n",
         s.host,
-        s.underlay_ip,
+        both(&s.underlay_ip, &s.underlay_ipv6),
         s.underlay_interface,
         s.version,
         if s.etcd_connected { "connected" } else { "UNREACHABLE" },
@@ -128,7 +139,7 @@ pub fn status_text(s: &pb::StatusResponse) -> String {
         .map(|p| {
             vec![
                 p.host.clone(),
-                p.underlay_ip.clone(),
+                both(&p.underlay_ip, &p.underlay_ipv6),
                 if p.alive { "alive" } else { "DOWN" }.to_string(),
                 p.mode.clone(),
                 if p.blocks.is_empty() {
@@ -185,6 +196,7 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "host": s.host,
         "underlay_ip": s.underlay_ip,
         "underlay_interface": s.underlay_interface,
+        "underlay_ipv6": s.underlay_ipv6,
         "version": s.version,
         "etcd_connected": s.etcd_connected,
         "endpoint_count": s.endpoint_count,
@@ -200,7 +212,8 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "tunnel_ip": s.tunnel_ip,
         "vtep_mac": s.vtep_mac,
         "peers": s.peers.iter().map(|p| json!({
-            "host": p.host, "underlay_ip": p.underlay_ip, "blocks": p.blocks, "alive": p.alive,
+            "host": p.host, "underlay_ip": p.underlay_ip, "underlay_ipv6": p.underlay_ipv6,
+            "blocks": p.blocks, "alive": p.alive,
             "encapsulated": p.encapsulated, "mode": p.mode,
         })).collect::<Vec<_>>(),
         "bgp": s.bgp.as_ref().map(|b| json!({

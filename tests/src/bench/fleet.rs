@@ -55,6 +55,7 @@ fn host_record(i: usize) -> HostRecord {
         underlay_prefix: Some(24),
         vtep_mac: None,
         tunnel_ip: None,
+        underlay_ipv6: None,
     }
 }
 

@@ -78,6 +78,7 @@ pub fn host_record(i: usize) -> weft_etcd::records::HostRecord {
         underlay_prefix: Some(24),
         vtep_mac: None,
         tunnel_ip: None,
+        underlay_ipv6: None,
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use weft_tests::chaos::{self, ChaosOptions};
-use weft_tests::lab::{teardown_leftovers, OUTSIDE_IP};
+use weft_tests::lab::{teardown_leftovers, OUTSIDE_IP, OUTSIDE_IP6};
 use weft_tests::{sh, Lab, LabOptions};
 
 #[derive(Parser)]
@@ -43,6 +43,11 @@ enum Command {
         /// blocks to it over BGP (AS 64512): the outside host reaches containers directly.
         #[arg(long)]
         bgp: bool,
+        /// Dual-stack: the underlay and the outside host get IPv6 addresses too, hosts take an
+        /// IPv6 pool (fd65::/48) beside the IPv4 one, and every container gets one address of
+        /// each family.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Run the seeded randomized fault run: bursts of attaches, detaches, CNI operations, agent
     /// kills, etcd pauses and partitions, tampering; the invariant checker at every quiet point.
@@ -92,7 +97,8 @@ fn main() -> ExitCode {
             keep,
             subnets,
             bgp,
-        } => match demo(hosts, containers, keep, subnets as usize, bgp) {
+            ipv6,
+        } => match demo(hosts, containers, keep, subnets as usize, bgp, ipv6) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -186,6 +192,8 @@ struct Container {
     name: String,
     netns: String,
     ip: String,
+    /// Empty without an IPv6 pool.
+    ip6: String,
 }
 
 fn demo(
@@ -194,6 +202,7 @@ fn demo(
     keep: bool,
     subnets: usize,
     bgp: bool,
+    ipv6: bool,
 ) -> anyhow::Result<bool> {
     anyhow::ensure!((1..=50).contains(&hosts), "--hosts must be 1 to 50");
     let started = Instant::now();
@@ -205,6 +214,7 @@ fn demo(
         hosts,
         subnets,
         bgp,
+        ipv6,
         ..Default::default()
     })?;
     println!(
@@ -225,12 +235,17 @@ fn demo(
     for host in 0..hosts {
         for n in 0..per_host {
             let name = format!("c{}{}", host + 1, (b'a' + n as u8) as char);
-            let (netns, ip) = lab.attach(host, &name)?;
+            let (netns, ip, ip6) = lab.attach_dual(host, &name)?;
             println!(
-                "   {name:<5} on {:<10} {ip:<14} netns {netns}",
+                "   {name:<5} on {:<10} {ip:<14} {ip6:<16} netns {netns}",
                 lab.hosts[host].name
             );
-            containers.push(Container { name, netns, ip });
+            containers.push(Container {
+                name,
+                netns,
+                ip,
+                ip6,
+            });
         }
     }
 
@@ -291,6 +306,9 @@ fn demo(
         containers.len()
     );
     failures += containers.len() - outside_ok;
+    if ipv6 {
+        failures += ipv6_matrix(&lab, &containers);
+    }
 
     if bgp {
         let shown: Vec<(&str, &str)> = containers
@@ -315,9 +333,22 @@ fn demo(
             &["-n", &lab.hosts[0].name, "route", "show", "proto", "119"]
         )?
     );
+    if ipv6 {
+        let routes = [
+            "-6",
+            "-n",
+            &lab.hosts[0].name,
+            "route",
+            "show",
+            "proto",
+            "119",
+        ];
+        print!("{}", sh::run("ip", &routes)?);
+    }
 
-    // Every other container and every host, plus the outside host.
-    let total = containers.len() * (targets.len() - 1) + containers.len();
+    // Every other container and every host, plus the outside host (in each family).
+    let families = if ipv6 { 2 } else { 1 };
+    let total = families * (containers.len() * (targets.len() - 1) + containers.len());
     println!(
         "== {} of {total} pings answered in {:.1}s",
         total - failures,
@@ -338,4 +369,46 @@ fn demo(
         println!("== tearing the lab down");
     }
     Ok(failures == 0)
+}
+
+/// The IPv6 connectivity matrix: every container to every container and every host, and to the
+/// outside host; returns the number of failed pings.
+fn ipv6_matrix(lab: &Lab, containers: &[Container]) -> usize {
+    println!("== IPv6 connectivity matrix (one ping each; ok = answered)");
+    let mut targets: Vec<(String, String)> = containers
+        .iter()
+        .map(|c| (c.name.clone(), c.ip6.clone()))
+        .collect();
+    targets.extend(lab.hosts.iter().map(|h| {
+        let name = h.name.trim_start_matches(&format!("{}-", lab.prefix));
+        let ip6 = h.ip6.map(|ip| ip.to_string()).unwrap_or_default();
+        (name.to_string(), ip6)
+    }));
+    let width = 6;
+    print!("   {:<width$}", "from");
+    for (name, _) in &targets {
+        print!("{name:>width$}");
+    }
+    println!();
+    let mut failures = 0;
+    for c in containers {
+        print!("   {:<width$}", c.name);
+        for (name, ip) in &targets {
+            // A second try covers neighbour discovery on a path's first use.
+            let ping = || sh::ping(&c.netns, ip);
+            let ok = *name == c.name || (!ip.is_empty() && (ping() || ping()));
+            failures += usize::from(!ok);
+            print!("{:>width$}", if ok { "ok" } else { "FAIL" });
+        }
+        println!();
+    }
+    let outside_ok = containers
+        .iter()
+        .filter(|c| sh::ping(&c.netns, OUTSIDE_IP6))
+        .count();
+    println!(
+        "   containers reaching the outside host {OUTSIDE_IP6}: {outside_ok}/{}",
+        containers.len()
+    );
+    failures + containers.len() - outside_ok
 }

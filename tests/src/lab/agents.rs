@@ -32,6 +32,18 @@ impl Lab {
             true => crate::bgp::agent_args(&self.dir, i, self.options.subnets, extra),
             false => vec![],
         };
+        // Dual-stack labs give agents both families' pools unless told otherwise.
+        let is_pool = |a: &str| a == "--pool" || a.starts_with("--pool=") || a == "--config";
+        let pool_args: Vec<String> = match self.options.ipv6
+            && !self.options.agent_args.iter().any(|a| is_pool(a))
+            && !extra.iter().any(|a| is_pool(a))
+        {
+            true => vec![
+                "--pool".into(),
+                format!("{},{}", super::POOL, super::POOL_V6),
+            ],
+            false => vec![],
+        };
         let host = &self.hosts[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -53,6 +65,7 @@ impl Lab {
             ])
             .args(&etcd_args)
             .args(&bgp_args)
+            .args(&pool_args)
             .args(&self.options.agent_args)
             .args(extra)
             .env("WEFT_LOG", "info")
@@ -193,6 +206,16 @@ impl Lab {
             name,
             endpoint["ip"].as_str().unwrap_or_default().to_string(),
         ))
+    }
+
+    /// Attaches a container in an agent-made namespace; returns (netns name, IPv4 address, IPv6
+    /// address), an address empty when the host has no pool of its family.
+    pub fn attach_dual(&self, i: usize, id: &str) -> Result<(String, String, String)> {
+        let endpoint = self.ctl_json(i, &["attach", id])?;
+        let field = |name: &str| endpoint[name].as_str().unwrap_or_default().to_string();
+        let netns = field("netns");
+        let name = netns.rsplit('/').next().unwrap_or_default().to_string();
+        Ok((name, field("ip"), field("ipv6")))
     }
 
     /// Starts a helper process inside namespace `ns`; it is ended with the lab.

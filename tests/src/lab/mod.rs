@@ -6,6 +6,9 @@
 //!   <p>-hN eth0 198.51.100.N ─┘
 //! ```
 //!
+//! With `ipv6`, the same links also carry 2001:db8:100::N/64 (router ::100; the second segment
+//! 2001:db8:118::N/64, router ::100) and the outside host is 2001:db8:113::10 behind ::1.
+//!
 //! The bridge lives inside the router namespace, so the root namespace holds nothing of the lab.
 //!
 //! This module holds the lab's options, its making and its teardown; `network` builds the
@@ -21,10 +24,10 @@ pub mod policy;
 
 use cleanup::lab_dir;
 pub use cleanup::{list_netns, reap_orphans, teardown_leftovers, teardown_namespaces};
-pub use network::host_address;
+pub use network::{host_address, host_address_v6};
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -40,6 +43,15 @@ pub const OUTSIDE_GW: &str = "203.0.113.1";
 pub const OUTSIDE_IP: &str = "203.0.113.10";
 /// The router's address on the second underlay segment (even hosts, with `subnets: 2`).
 pub const ROUTER_IP_2: &str = "198.18.0.100";
+/// The router's IPv6 addresses on the underlay segments and towards the outside host, and the
+/// outside host's (dual-stack labs).
+pub const ROUTER_IP6: &str = "2001:db8:100::100";
+pub const ROUTER_IP6_2: &str = "2001:db8:118::100";
+pub const OUTSIDE_GW6: &str = "2001:db8:113::1";
+pub const OUTSIDE_IP6: &str = "2001:db8:113::10";
+/// The pools of dual-stack labs' agents (unless their flags name others).
+pub const POOL: &str = "10.65.0.0/16";
+pub const POOL_V6: &str = "fd65::/48";
 /// Client port of the first etcd member (member i listens on 2379 + 100 * i).
 pub const ETCD_PORT: u16 = 2379;
 
@@ -64,6 +76,9 @@ pub struct LabOptions {
     /// The router runs bird2 as top-of-rack router and every agent announces its blocks to it
     /// (see `crate::bgp`).
     pub bgp: bool,
+    /// Dual-stack: the underlay and the outside host get IPv6 addresses too, and agents get an
+    /// IPv6 pool beside the IPv4 one (`POOL`, `POOL_V6`) unless `agent_args` name pools.
+    pub ipv6: bool,
 }
 
 impl Default for LabOptions {
@@ -78,6 +93,7 @@ impl Default for LabOptions {
             etcd_tls: false,
             subnets: 1,
             bgp: false,
+            ipv6: false,
         }
     }
 }
@@ -86,6 +102,8 @@ pub struct LabHost {
     /// Both the namespace name and the agent's host name.
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The IPv6 underlay address, in dual-stack labs.
+    pub ip6: Option<Ipv6Addr>,
     pub socket: PathBuf,
     pub log: PathBuf,
     agent: Option<Child>,

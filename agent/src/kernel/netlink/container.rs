@@ -39,10 +39,39 @@ pub(super) async fn configure(
             what: format!("{} missing in {netns} after creation", link.ifname),
             source: io::Error::from_raw_os_error(libc::ENODEV),
         })?;
-    // The gateway is on-link through eth0 and answered from a permanent neighbour entry, so it
-    // works even where the host's proxy ARP would stay silent (no default route on the host).
     // A secondary interface routes through its own table, used only for its own address.
     let table = route_table(link.secondary, index);
+    match link.address_of(true) {
+        Some(v4) => configure_v4(inside, link, index, table, v4, netns).await?,
+        None => {
+            set_up(inside, 1)
+                .await
+                .map_err(nl(format!("bringing up lo in {netns}")))?;
+            set_up(inside, index)
+                .await
+                .map_err(nl(format!("bringing up {} in {netns}", link.ifname)))?;
+        }
+    }
+    if let Some(v6) = link.address_of(false) {
+        super::container_v6::configure(inside, index, table, v6, netns).await?;
+    }
+    if link.secondary {
+        add_source_rule(inside, link.ip, table, netns).await?;
+    }
+    Ok(())
+}
+
+/// `lo` and the interface up, the IPv4 address, the gateway's routes and neighbour.
+async fn configure_v4(
+    inside: &rtnetlink::Handle,
+    link: &ContainerLink,
+    index: u32,
+    table: u32,
+    ip: IpAddr,
+    netns: &str,
+) -> Result<()> {
+    // The gateway is on-link through eth0 and answered from a permanent neighbour entry, so it
+    // works even where the host's proxy ARP would stay silent (no default route on the host).
     let gateway_route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(GATEWAY_V4, 32)
         .output_interface(index)
@@ -54,13 +83,13 @@ pub(super) async fn configure(
         .output_interface(index)
         .table_id(table)
         .build();
-    let prefix = if link.ip.is_ipv4() { 32 } else { 128 };
+    let prefix = 32;
     // Pipelined: the requests go out on one socket in this order without waiting for each
     // other's answers; the kernel handles them in order, so each still finds what the ones
     // before it made. lo is always the first device of a namespace (LOOPBACK_IFINDEX).
     let (lo, address, up, gateway, default, neighbour) = futures::join!(
         set_up(inside, 1),
-        inside.address().add(index, link.ip, prefix).execute(),
+        inside.address().add(index, ip, prefix).execute(),
         set_up(inside, index),
         inside.route().add(gateway_route).replace().execute(),
         inside.route().add(default_route).replace().execute(),
@@ -75,7 +104,7 @@ pub(super) async fn configure(
     lo.map_err(nl(format!("bringing up lo in {netns}")))?;
     match address {
         Err(e) if errno(&e) != Some(libc::EEXIST) => {
-            return Err(nl(format!("adding {}/{prefix} in {netns}", link.ip))(e))
+            return Err(nl(format!("adding {ip}/{prefix} in {netns}"))(e))
         }
         _ => {}
     }
@@ -83,22 +112,19 @@ pub(super) async fn configure(
     gateway.map_err(nl(format!("adding gateway route in {netns}")))?;
     default.map_err(nl(format!("adding default route in {netns}")))?;
     neighbour.map_err(nl(format!("adding gateway neighbour in {netns}")))?;
-    if link.secondary {
-        add_source_rule(inside, link.ip, table, netns).await?;
-    }
     Ok(())
 }
 
 /// The main table for the interface with the default route; for a secondary one, a table of its
 /// own (numbered after the interface, so two never share one).
-fn route_table(secondary: bool, index: u32) -> u32 {
+pub(super) fn route_table(secondary: bool, index: u32) -> u32 {
     match secondary {
         true => SECONDARY_TABLE_BASE + index,
         false => MAIN_TABLE,
     }
 }
 
-const MAIN_TABLE: u32 = 254;
+pub(super) const MAIN_TABLE: u32 = 254;
 const SECONDARY_TABLE_BASE: u32 = 1000;
 /// Priority of the source rules of secondary interfaces: before the main table (32766).
 const SOURCE_RULE_PRIORITY: u32 = 1000;
@@ -185,15 +211,14 @@ pub(super) async fn addresses_of(
         .map_err(nl(format!("listing addresses of #{index}{place}")))
 }
 
-/// Checks inside a container's namespace: `lo` up; `ifname` present and up, holding `ip`;
-/// the gateway's on-link route, the default route through it and its permanent neighbour entry.
+/// Checks inside a container's namespace: `lo` up; `ifname` present and up, holding its
+/// addresses; per family, the gateway's routes and its permanent neighbour entry.
 pub(super) async fn check(
     handle: &rtnetlink::Handle,
     path: &str,
-    ifname: &IfName,
-    ip: IpAddr,
-    secondary: bool,
+    container: &ContainerLink,
 ) -> Result<InsideCheck> {
+    let (ifname, ip, secondary) = (&container.ifname, container.ip, container.secondary);
     let mut problems = vec![];
     let lo = handle
         .link()
@@ -219,9 +244,17 @@ pub(super) async fn check(
     if !link.header.flags.contains(LinkFlags::Up) {
         problems.push(format!("{ifname} is down in {path}"));
     }
-    problems.extend(check_address(handle, &link, path, ifname, ip).await?);
+    for ip in container.addresses() {
+        problems.extend(check_address(handle, &link, path, ifname, ip).await?);
+    }
     let table = route_table(secondary, link.header.index);
-    problems.extend(check_gateway(handle, link.header.index, table, path, ifname).await?);
+    if container.address_of(true).is_some() {
+        problems.extend(check_gateway(handle, link.header.index, table, path, ifname).await?);
+    }
+    if container.address_of(false).is_some() {
+        let index = link.header.index;
+        problems.extend(super::container_v6::check(handle, index, table, path, ifname).await?);
+    }
     if secondary {
         problems.extend(check_source_rule(handle, ip, table, path).await?);
     }
@@ -328,7 +361,7 @@ async fn check_gateway(
 }
 
 /// The table of a route: the header holds tables below 256, the attribute any.
-fn route_table_of(route: &RouteMessage) -> u32 {
+pub(super) fn route_table_of(route: &RouteMessage) -> u32 {
     route
         .attributes
         .iter()

@@ -2,6 +2,7 @@
 //! containers' namespaces; /proc/sys for sysctls.
 
 mod container;
+mod container_v6;
 mod links;
 mod routes;
 mod sockets;
@@ -58,14 +59,15 @@ impl Netlink {
         &self.host.handle
     }
 
-    /// The first address of a family on an interface, with its prefix length.
+    /// The first address of a family (global, for IPv6) on an interface, with its prefix length.
     async fn first_address(&self, index: u32, v4: bool) -> Result<Option<(IpAddr, u8)>> {
         let _turn = self.dumping.lock().await;
         let addrs = container::addresses_of(self.handle(), index, "").await?;
         Ok(addrs.iter().find_map(|m| {
             m.attributes.iter().find_map(|a| match a {
+                // An IPv6 link-local address is no underlay address: peers cannot route to it.
                 AddressAttribute::Local(ip) | AddressAttribute::Address(ip)
-                    if ip.is_ipv4() == v4 =>
+                    if ip.is_ipv4() == v4 && !is_link_local(ip) =>
                 {
                     Some((*ip, m.header.prefix_len))
                 }
@@ -117,17 +119,23 @@ impl Kernel for Netlink {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("underlay interface {name} has no IPv4 address"))?;
+        let ipv6 = self
+            .first_address(link.header.index, false)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|(ip, _)| ip);
         Ok(Underlay {
             ifname: name,
             index: link.header.index,
             ip,
             prefix,
+            ipv6,
             mtu,
         })
     }
 
-    fn configure_host(&self) -> io::Result<usize> {
-        sysctl::configure_host()
+    fn configure_host(&self, ipv6: bool) -> io::Result<usize> {
+        sysctl::configure_host(ipv6)
     }
 
     async fn links(&self) -> Result<BTreeMap<String, u32>> {
@@ -248,14 +256,18 @@ impl Kernel for Netlink {
             }
             other => other.map_err(nl(format!("creating veth {}", link.host_ifname)))?,
         }
-        container::configure(&inside.handle, link, netns.path()).await?;
-        let host_index = self.index_of(&link.host_ifname).await?;
+        // Before the container end comes up: the host end gets its link-local address (the
+        // IPv6 gateway) when its carrier does, and must take it without DAD.
         sysctl::configure_host_veth(&link.host_ifname).map_err(|source| KernelError::Io {
             what: format!("setting sysctls of {}", link.host_ifname),
             source,
         })?;
-        self.replace(&Route::host(link.ip, RouteTarget::Dev(host_index)))
-            .await?;
+        container::configure(&inside.handle, link, netns.path()).await?;
+        let host_index = self.index_of(&link.host_ifname).await?;
+        for ip in link.addresses() {
+            self.replace(&Route::host(ip, RouteTarget::Dev(host_index)))
+                .await?;
+        }
         Ok(host_index)
     }
 
@@ -281,17 +293,10 @@ impl Kernel for Netlink {
     async fn check_inside(&self, netns: &str, link: &ContainerLink) -> Result<InsideCheck> {
         let netns = Netns::open(netns)?;
         let inside = netns.netlink().await?;
-        container::check(
-            &inside.handle,
-            netns.path(),
-            &link.ifname,
-            link.ip,
-            link.secondary,
-        )
-        .await
+        container::check(&inside.handle, netns.path(), link).await
     }
 
-    async fn check_host_side(&self, host_ifname: &str, ip: IpAddr) -> Result<Vec<String>> {
+    async fn check_host_side(&self, host_ifname: &str, ips: &[IpAddr]) -> Result<Vec<String>> {
         let mut problems = vec![];
         let Some(link) = links::link_by_name(self.handle(), host_ifname)
             .await
@@ -307,10 +312,18 @@ impl Kernel for Netlink {
             problems.push(format!("host veth {host_ifname} is down"));
         }
         problems.extend(sysctl::check_host_veth(host_ifname));
-        let wanted = Route::host(ip, RouteTarget::Dev(link.header.index));
-        if !self.weft_routes().await?.contains(&wanted) {
-            problems.push(format!("no route to {} through {host_ifname}", wanted.dst));
+        let routes = self.weft_routes().await?;
+        for ip in ips {
+            let wanted = Route::host(*ip, RouteTarget::Dev(link.header.index));
+            if !routes.contains(&wanted) {
+                problems.push(format!("no route to {} through {host_ifname}", wanted.dst));
+            }
         }
         Ok(problems)
     }
+}
+
+/// Whether `ip` is an IPv6 link-local address (fe80::/10).
+fn is_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }

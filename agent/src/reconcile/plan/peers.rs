@@ -133,6 +133,7 @@ mod tests {
             underlay_prefix: Some(24),
             vtep_mac: tunnel.map(|(_, mac)| mac.to_string()),
             tunnel_ip: tunnel.map(|(ip, _)| ip.parse().unwrap()),
+            underlay_ipv6: None,
         }
     }
 

@@ -15,7 +15,7 @@ pub struct RegistrationPlan {
     /// Blocks holding our endpoints that nobody owns now.
     pub claim: Vec<BlockRef>,
     /// Endpoints without a record, with their block.
-    pub create: Vec<(EndpointRecord, BlockRef)>,
+    pub create: Vec<(EndpointRecord, Vec<BlockRef>)>,
     /// What cannot be registered, one sentence each.
     pub problems: Vec<String>,
     /// Records that differ from what this host holds (an update whose answer was lost landed):
@@ -81,27 +81,46 @@ pub fn plan(
             }
             continue;
         }
-        let Some(block) = place(pools, endpoint.ip) else {
-            plan.problems.push(format!(
-                "endpoint {} ({}) is not registered: its address lies in no pool",
-                endpoint.container_id, endpoint.ip
-            ));
-            continue;
-        };
-        match blocks.get(&block.block) {
-            Some(owner) if owner.host != me => plan.problems.push(format!(
-                "endpoint {} ({}) is not registered: its block {} now belongs to {}",
-                endpoint.container_id, endpoint.ip, block.block, owner.host
-            )),
-            owned => {
-                if owned.is_none() && !plan.claim.contains(&block) {
-                    plan.claim.push(block.clone());
+        match place_endpoint(me, blocks, pools, endpoint) {
+            Err(problem) => plan.problems.push(problem),
+            Ok(placed) => {
+                for (block, owned) in &placed {
+                    if !owned && !plan.claim.contains(block) {
+                        plan.claim.push(block.clone());
+                    }
                 }
-                plan.create.push((endpoint.clone(), block));
+                let placed = placed.into_iter().map(|(block, _)| block).collect();
+                plan.create.push((endpoint.clone(), placed));
             }
         }
     }
     plan
+}
+
+/// The blocks of every address of an endpoint, each with whether this host owns it already;
+/// or why it cannot be registered (an address in no pool, a block of another host).
+fn place_endpoint(
+    me: &str,
+    blocks: &BTreeMap<IpNetwork, BlockOwner>,
+    pools: &[(String, PoolRecord)],
+    endpoint: &EndpointRecord,
+) -> Result<Vec<(BlockRef, bool)>, String> {
+    let id = &endpoint.container_id;
+    endpoint
+        .addresses()
+        .map(|ip| {
+            let block = place(pools, ip).ok_or_else(|| {
+                format!("endpoint {id} ({ip}) is not registered: its address lies in no pool")
+            })?;
+            match blocks.get(&block.block) {
+                Some(owner) if owner.host != me => Err(format!(
+                    "endpoint {id} ({ip}) is not registered: its block {} now belongs to {}",
+                    block.block, owner.host
+                )),
+                owned => Ok((block, owned.is_some())),
+            }
+        })
+        .collect()
 }
 
 /// The endpoints an agent starts with, from etcd and its journal.
@@ -162,6 +181,7 @@ mod tests {
             created: 0,
             secondary: false,
             labels: Default::default(),
+            ipv6: None,
         }
     }
 
@@ -238,7 +258,7 @@ mod tests {
         let created: Vec<(&str, String)> = plan
             .create
             .iter()
-            .map(|(e, b)| (e.container_id.as_str(), b.block.to_string()))
+            .map(|(e, b)| (e.container_id.as_str(), b[0].block.to_string()))
             .collect();
         assert_eq!(
             created,

@@ -27,6 +27,7 @@ fn endpoint(id: &str, ip: &str, veth: &str) -> EndpointRecord {
         created: 0,
         secondary: false,
         labels: Default::default(),
+        ipv6: None,
     }
 }
 
@@ -42,6 +43,7 @@ fn cluster() -> ClusterView {
                 underlay_prefix: Some(24),
                 vtep_mac: None,
                 tunnel_ip: None,
+                underlay_ipv6: None,
             },
         ));
     }
@@ -260,4 +262,40 @@ fn stray_namespaces_are_ours_unused_and_idle() {
         stray_namespaces(&paths, "h1", &[&h1, &h1x], &used, &busy),
         vec!["/run/netns/weft-h1-left".to_string()]
     );
+}
+
+#[test]
+fn ipv6_blocks_route_via_the_peers_ipv6_underlay_and_containers_get_a_128() {
+    let mut view = cluster();
+    let mut b = view.hosts["b"].clone();
+    b.underlay_ipv6 = Some("2001:db8:100::2".parse().unwrap());
+    view.apply(ClusterEvent::HostPut("b".into(), b));
+    for (block, host) in [("fd65::/122", "a"), ("fd65::40/122", "b")] {
+        view.apply(ClusterEvent::BlockPut {
+            pool: "default-v6".into(),
+            block: net(block),
+            host: host.into(),
+        });
+    }
+    let mut web = endpoint("web", "10.65.0.5", "weft1");
+    web.ipv6 = Some("fd65::5".parse().unwrap());
+    let links = BTreeMap::from([("weft1".to_string(), 4)]);
+    let paths = peers::peer_paths(
+        "a",
+        "198.51.100.1/24".parse().unwrap(),
+        weft_etcd::records::Encapsulation::CrossSubnet,
+        &view.hosts,
+    );
+    let desired = desired_routes("a", &view, &[web], &links, &paths, None);
+    let via = |ip: &str| RouteTarget::Via(ip.parse().unwrap());
+    assert_eq!(desired[&net("fd65::40/122")], via("2001:db8:100::2"));
+    assert_eq!(desired[&net("fd65::/122")], RouteTarget::Blackhole);
+    assert_eq!(desired[&net("fd65::5/128")], RouteTarget::Dev(4));
+    assert_eq!(desired[&net("10.65.0.5/32")], RouteTarget::Dev(4));
+    // A peer that has no IPv6 underlay address gets no route for its IPv6 blocks.
+    let mut b = view.hosts["b"].clone();
+    b.underlay_ipv6 = None;
+    view.apply(ClusterEvent::HostPut("b".into(), b));
+    let desired = desired_routes("a", &view, &[], &links, &paths, None);
+    assert!(!desired.contains_key(&net("fd65::40/122")));
 }
