@@ -78,7 +78,11 @@ fn tcp(addr: SocketAddr) -> bool {
 }
 
 fn udp(addr: SocketAddr) -> bool {
-    let Ok(socket) = UdpSocket::bind(("0.0.0.0", 0)) else {
+    let any = match addr {
+        SocketAddr::V4(_) => "0.0.0.0",
+        SocketAddr::V6(_) => "::",
+    };
+    let Ok(socket) = UdpSocket::bind((any, 0)) else {
         return false;
     };
     let _ = socket.set_read_timeout(Some(TIMEOUT));

@@ -283,8 +283,9 @@ fn hostile_policies_are_refused_naming_the_field_and_change_nothing() {
 
 #[test]
 fn rendered_policy_chains_match_what_iptables_prints_so_resyncs_write_nothing() {
+    use weft_agent::firewall::chains::FamilyChains;
     use weft_agent::firewall::iptables::Iptables;
-    use weft_agent::firewall::{Backend, FirewallSpec, SyncMode};
+    use weft_agent::firewall::{Backend, FirewallSpec, PoolRule, SyncMode};
     use weft_agent::policy::plan::{plan, Family};
     use weft_agent::policy::render::render;
     use weft_agent::policy::sets::{Ipset, SetBackend};
@@ -294,7 +295,7 @@ fn rendered_policy_chains_match_what_iptables_prints_so_resyncs_write_nothing() 
     let web: weft_etcd::records::EndpointRecord = serde_json::from_value(json!({
         "container_id": "web", "host": "h1", "ip": "10.65.0.2", "host_ifname": "weft0123456789a",
         "ifname": "eth0", "mac": "02:00:00:00:00:01", "netns": "/x", "owns_netns": false,
-        "created": 0, "labels": {"app": "web"},
+        "created": 0, "labels": {"app": "web"}, "ipv6": "fd65::2",
     }))
     .unwrap();
     let ports: Vec<serde_json::Value> = (1..=20).map(|p| json!(p * 100)).collect();
@@ -303,47 +304,68 @@ fn rendered_policy_chains_match_what_iptables_prints_so_resyncs_write_nothing() 
             {"action": "allow", "protocol": "tcp", "source": {"selector": "has(app)", "nets": ["10.0.0.0/8", "203.0.113.7/32"]},
              "destination": {"ports": ports}},
             {"action": "deny", "protocol": "udp", "source": {"ports": ["1000:2000"]}},
-            {"action": "allow", "protocol": "icmp", "source": {"nets": ["0.0.0.0/0"]}}],
+            {"action": "allow", "protocol": "icmp", "source": {"nets": ["0.0.0.0/0"]}},
+            {"action": "allow", "protocol": "icmpv6", "source": {"nets": ["2001:db8::/32"]}}],
         "egress": [{"action": "deny", "destination": {"nets": ["203.0.113.0/24"]}}, {"action": "allow"}]}), "").unwrap();
-    let planned = plan(Family::V4, &[&policy], &[&web], &[&web]);
+    // Dual-stack: both families' chains and sets, the IPv6 ones through ip6tables.
+    let v4 = plan(Family::V4, &[&policy], &[&web], &[&web]);
+    let v6 = plan(Family::V6, &[&policy], &[&web], &[&web]);
+    let mut all_sets = v4.sets.clone();
+    all_sets.extend(v6.sets.clone());
+    let pools = vec![PoolRule {
+        name: "default-v6".into(),
+        cidr: "fd65::/48".parse().unwrap(),
+        nat_outgoing: true,
+    }];
     let path = format!("/run/netns/{ns}");
     let result = std::thread::spawn(move || {
         let file = std::fs::File::open(path).unwrap();
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let sets = Ipset::default();
-        sets.sync(&planned.sets, SyncMode::Verify).unwrap();
+        sets.sync(&all_sets, SyncMode::Verify).unwrap();
         let spec = FirewallSpec {
-            policy: render(&planned),
+            pools: pools.clone(),
+            policy: FamilyChains {
+                v4: render(&v4),
+                v6: render(&v6),
+            },
             ..Default::default()
         };
         let firewall = Iptables::default();
         let first = firewall.sync(&spec, SyncMode::Verify).unwrap();
         let again = firewall.sync(&spec, SyncMode::Verify).unwrap();
-        let sets_again = sets.sync(&planned.sets, SyncMode::Verify).unwrap();
+        let sets_again = sets.sync(&all_sets, SyncMode::Verify).unwrap();
         // Nothing wanted any more: chains and sets go.
-        let empty = FirewallSpec::default();
+        let empty = FirewallSpec {
+            pools,
+            ..Default::default()
+        };
         firewall.sync(&empty, SyncMode::Verify).unwrap();
         let destroyed = sets.prune(&Default::default()).unwrap();
-        let save = std::process::Command::new("iptables-save")
-            .output()
-            .unwrap();
+        let save: String = ["iptables-save", "ip6tables-save"]
+            .iter()
+            .map(|save| std::process::Command::new(save).output().unwrap())
+            .map(|out| String::from_utf8_lossy(&out.stdout).to_string())
+            .collect();
         (
             first.tables_written,
             again.tables_written,
             sets_again,
             destroyed,
-            String::from_utf8_lossy(&save.stdout).to_string(),
+            save,
         )
     })
     .join();
     sh::run("ip", &["netns", "del", &ns]).unwrap();
     let (first, again, sets_again, destroyed, save) = result.unwrap();
-    assert_eq!(first, 3);
+    // nat, policy's chains and filter of each family, and IPv6's raw table.
+    assert_eq!(first, 7);
     assert_eq!(again, 0, "verified policy chains are not written again");
     assert_eq!(sets_again, 0, "verified sets are not written again");
     assert_eq!(
-        destroyed, 3,
-        "the selector's set and both rules' network sets"
+        destroyed, 4,
+        "IPv4: the selector's set and both rules' network sets; IPv6: the ICMPv6 rule's \
+         networks (the first rule names IPv4 networks only, so it makes no IPv6 set)"
     );
     assert!(
         !save.contains("WEFT-PI-") && !save.contains("WEFT-TW-"),

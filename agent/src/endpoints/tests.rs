@@ -364,6 +364,7 @@ async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach()
         .lock()
         .unwrap()
         .policy
+        .v4
         .contains_key(&chain));
     let stored = w
         .store
@@ -397,6 +398,7 @@ async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach()
         .lock()
         .unwrap()
         .policy
+        .v4
         .contains_key(&chain));
 
     // A selected endpoint whose policy cannot be written is not attached.

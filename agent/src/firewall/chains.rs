@@ -34,6 +34,14 @@ pub struct OwnedChain {
 /// Owned chains by name.
 pub type Chains = BTreeMap<String, OwnedChain>;
 
+/// Policy's chains of each address family: the IPv4 ones for iptables, the IPv6 ones for
+/// ip6tables (written only on hosts with an IPv6 pool).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FamilyChains {
+    pub v4: Chains,
+    pub v6: Chains,
+}
+
 /// What the kernel holds of the owned chains: every declared one with its rules in order.
 pub fn parse_owned(save: &str) -> BTreeMap<String, Vec<String>> {
     let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();

@@ -1,8 +1,8 @@
 //! Our ip6tables chains, for hosts with an IPv6 pool (pure). IPv6 has no `rp_filter`, so the
 //! raw table drops, before routing, what a container sends from an address that is not routed
 //! back through its own veth (the reverse-path match); the nat table masquerades IPv6 pools
-//! with nat-outgoing (NAT66) leaving the fabric; the filter table accepts container traffic
-//! through a FORWARD policy of DROP. Written like the IPv4 tables: owned `WEFT-*` chains, jumps
+//! with nat-outgoing (NAT66) leaving the fabric; the filter table holds network policy's
+//! dispatch and accepts container traffic through a FORWARD policy of DROP. Written like the IPv4 tables: owned `WEFT-*` chains, jumps
 //! inserted first, one atomic `ip6tables-restore --noflush` per table.
 
 use super::rules::{comment, FilterRule, FirewallSpec, Jump, NatRule, PoolRule, PortRule};
@@ -32,12 +32,25 @@ pub const NAT_JUMPS: &[Jump] = &[
         target: "WEFT-PORTS",
     },
 ];
-pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD"];
-pub const FILTER_JUMPS: &[Jump] = &[Jump {
-    chain: "FORWARD",
-    rule: "-m comment --comment \"weft: container traffic\" -j WEFT-FORWARD",
-    target: "WEFT-FORWARD",
-}];
+pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT"];
+pub const FILTER_JUMPS: &[Jump] = &[
+    Jump {
+        chain: "FORWARD",
+        rule: "-m comment --comment \"weft: container traffic\" -j WEFT-FORWARD",
+        target: "WEFT-FORWARD",
+    },
+    Jump {
+        chain: "INPUT",
+        rule: "-m comment --comment \"weft: containers to host services\" -j WEFT-INPUT",
+        target: "WEFT-INPUT",
+    },
+];
+
+/// The ICMPv6 types a container may always send to its host: multicast listener query,
+/// report and done (130–132), router solicitation (133), neighbour solicitation and
+/// advertisement (135, 136). Neighbour discovery of the container's own address needs them
+/// whatever its egress policy says (Calico accepts the same).
+const NEIGHBOUR_DISCOVERY: [u8; 6] = [130, 131, 132, 133, 135, 136];
 
 /// Whether the host needs our ip6tables chains at all: it has an IPv6 pool.
 pub fn wanted(spec: &FirewallSpec) -> bool {
@@ -85,9 +98,25 @@ pub fn port_rules(ports: &[PortRule]) -> Vec<String> {
         .collect()
 }
 
-/// The filter table: container traffic accepted whatever the FORWARD policy.
+/// The filter table, as for IPv4: established connections first, then network policy's
+/// dispatch for each direction, and what policy let through (or no policy covers) accepted
+/// whatever the FORWARD policy; towards this host, neighbour discovery before egress policy.
 pub fn filter_rules() -> Vec<FilterRule> {
-    vec![FilterRule::FromContainers, FilterRule::ToContainers]
+    let mut rules = vec![
+        FilterRule::Established("-i"),
+        FilterRule::Established("-o"),
+        FilterRule::FromWorkloads,
+        FilterRule::ToWorkloads,
+        FilterRule::FromContainers,
+        FilterRule::ToContainers,
+    ];
+    rules.extend(
+        NEIGHBOUR_DISCOVERY
+            .iter()
+            .map(|t| FilterRule::InputNeighbourDiscovery(*t)),
+    );
+    rules.push(FilterRule::InputFromWorkloads);
+    rules
 }
 
 #[cfg(test)]
@@ -127,12 +156,26 @@ mod tests {
             raw_rules(),
             ["-A WEFT-PREROUTING -m rpfilter --invert -m comment --comment \"weft: a source address the container does not own\" -j DROP"]
         );
+        let filter = render(&filter_rules());
         assert_eq!(
-            render(&filter_rules()),
+            filter[..6],
             [
+                "-A WEFT-FORWARD -i weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -o weft+ -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: replies and allowed connections\" -j ACCEPT",
+                "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: egress policy\" -j WEFT-FROM-WL",
+                "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: ingress policy\" -j WEFT-TO-WL",
                 "-A WEFT-FORWARD -i weft+ -m comment --comment \"weft: from containers\" -j ACCEPT",
                 "-A WEFT-FORWARD -o weft+ -m comment --comment \"weft: to containers\" -j ACCEPT",
             ]
+        );
+        assert_eq!(
+            filter[6],
+            "-A WEFT-INPUT -i weft+ -p ipv6-icmp -m icmp6 --icmpv6-type 130 -m comment --comment \"weft: neighbour discovery\" -j ACCEPT"
+        );
+        assert_eq!(
+            filter.last().unwrap(),
+            "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment \"weft: egress policy to this host\" -j WEFT-FROM-WL",
+            "egress policy towards this host comes after neighbour discovery"
         );
         let port = |ip: &str| PortRule {
             container_id: crate::model::ContainerId::new("web").unwrap(),

@@ -8,9 +8,9 @@ use std::sync::Mutex;
 
 use super::chains::{self, Chains};
 use super::rules::{
-    self, by_chain, filter_rules, nat_rules, normalize, parse_save, render, restore_input, Jump,
-    FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
+    self, filter_rules, nat_rules, render, Jump, FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
 };
+use super::save::{by_chain, incremental_input, normalize, parse_save, restore_input};
 use super::{ip6, Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
 
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
@@ -128,7 +128,7 @@ impl Table {
         if mode == SyncMode::Fast && self.applied.verified && !self.ordered {
             match restore(
                 self.family,
-                &rules::incremental_input(self.name, &self.applied.rules, &wanted),
+                &incremental_input(self.name, &self.applied.rules, &wanted),
             ) {
                 Ok(_) => {
                     self.applied.rules = wanted;
@@ -174,13 +174,18 @@ impl Table {
     }
 }
 
-/// Network policy's chains in the filter table, as last written or read back (None: unknown).
-#[derive(Default)]
+/// Network policy's chains in one family's filter table, as last written or read back (None:
+/// unknown).
 struct PolicyChains {
+    family: Family,
     held: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl PolicyChains {
+    fn new(family: Family) -> Self {
+        Self { family, held: None }
+    }
+
     /// Brings the owned chains in line with `wanted`; returns whether anything was written.
     fn sync(
         &mut self,
@@ -198,7 +203,7 @@ impl PolicyChains {
             let Some(input) = chains::restore_input(wanted, held) else {
                 return Ok(false);
             };
-            match restore(V4, &input) {
+            match restore(self.family, &input) {
                 Ok(_) => {
                     self.held = Some(chains::as_held(wanted));
                     return Ok(true);
@@ -209,9 +214,9 @@ impl PolicyChains {
             }
         }
         self.held = None;
-        let held = chains::parse_owned(save.of(V4, "filter")?);
+        let held = chains::parse_owned(save.of(self.family, "filter")?);
         let written = match chains::restore_input(wanted, &held) {
-            Some(input) => restore(V4, &input).map(|_| true)?,
+            Some(input) => restore(self.family, &input).map(|_| true)?,
             None => false,
         };
         self.held = Some(chains::as_held(wanted));
@@ -254,10 +259,10 @@ fn missing_ports(
 }
 
 /// The real firewall: the IPv4 tables of the agent's namespace with policy's chains, and the
-/// IPv6 tables (raw, nat, filter) of a host with an IPv6 pool.
+/// IPv6 tables (raw, nat, filter with policy's chains) of a host with an IPv6 pool.
 pub struct Iptables {
     tables: Mutex<(Table, Table, PolicyChains)>,
-    v6: Mutex<[Table; 3]>,
+    v6: Mutex<(Table, Table, Table, PolicyChains)>,
 }
 
 impl Default for Iptables {
@@ -274,13 +279,14 @@ impl Default for Iptables {
             tables: Mutex::new((
                 table(V4, "nat", NAT_CHAINS, NAT_JUMPS, false),
                 table(V4, "filter", FILTER_CHAINS, FILTER_JUMPS, true),
-                PolicyChains::default(),
+                PolicyChains::new(V4),
             )),
-            v6: Mutex::new([
+            v6: Mutex::new((
                 table(V6, "raw", ip6::RAW_CHAINS, ip6::RAW_JUMPS, false),
                 table(V6, "nat", ip6::NAT_CHAINS, ip6::NAT_JUMPS, false),
                 table(V6, "filter", ip6::FILTER_CHAINS, ip6::FILTER_JUMPS, true),
-            ]),
+                PolicyChains::new(V6),
+            )),
         }
     }
 }
@@ -296,16 +302,22 @@ impl Iptables {
             return Ok((0, 0));
         }
         let mut tables = self.v6.lock().unwrap();
-        let [raw, nat, filter] = &mut *tables;
+        let (raw, nat, filter, policy) = &mut *tables;
         let mut written = raw.sync(&ip6::raw_rules(), mode, &mut Save::default())? as usize;
         written += nat.sync(&render(&ip6::nat_rules(spec)), mode, &mut Save::default())? as usize;
-        written +=
-            filter.sync(&render(&ip6::filter_rules()), mode, &mut Save::default())? as usize;
-        let rules = [raw, nat, filter]
+        // Policy's chains first, as for IPv4.
+        let mut filter_save = Save::default();
+        written += policy.sync(&spec.policy.v6, mode, &mut filter_save)? as usize;
+        written += filter.sync(&render(&ip6::filter_rules()), mode, &mut filter_save)? as usize;
+        Ok((written, Self::count_v6(&tables)))
+    }
+
+    fn count_v6((raw, nat, filter, policy): &(Table, Table, Table, PolicyChains)) -> usize {
+        [raw, nat, filter]
             .iter()
             .map(|t| t.applied.rules.len())
-            .sum();
-        Ok((written, rules))
+            .sum::<usize>()
+            + policy.rule_count()
     }
 }
 
@@ -318,7 +330,7 @@ impl Backend for Iptables {
         report.tables_written += nat.sync(&nat_rules, mode, &mut Save::default())? as usize;
         // Policy's chains first: our FORWARD chain jumps to its dispatch chains.
         let mut filter_save = Save::default();
-        report.tables_written += policy.sync(&spec.policy, mode, &mut filter_save)? as usize;
+        report.tables_written += policy.sync(&spec.policy.v4, mode, &mut filter_save)? as usize;
         let filter_rules = render(&filter_rules(spec));
         report.tables_written += filter.sync(&filter_rules, mode, &mut filter_save)? as usize;
         report.rules = nat.applied.rules.len() + filter.applied.rules.len() + policy.rule_count();
@@ -354,13 +366,7 @@ impl Backend for Iptables {
 
     fn rule_count(&self) -> usize {
         let tables = self.tables.lock().unwrap();
-        let v6: usize = self
-            .v6
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|t| t.applied.rules.len())
-            .sum();
+        let v6 = Self::count_v6(&self.v6.lock().unwrap());
         tables.0.applied.rules.len() + tables.1.applied.rules.len() + tables.2.rule_count() + v6
     }
 }

@@ -3,8 +3,9 @@
 //! built-in chains. Each table is written in one `iptables-restore --noflush` call, which
 //! replaces the contents of our chains atomically and leaves every other chain untouched.
 //!
-//! `rules` decides and renders (pure); `chains` diffs the chains network policy owns whole
-//! (pure); `iptables` runs the commands; `sync` shares writes between concurrent callers.
+//! `rules` decides and renders (pure; `ip6` for IPv6); `save` reads and writes the
+//! save/restore text (pure); `chains` diffs the chains network policy owns whole (pure);
+//! `iptables` runs the commands; `sync` shares writes between concurrent callers.
 //! [`Backend`] is the seam unit tests replace.
 
 pub mod chains;
@@ -12,6 +13,7 @@ pub mod fake;
 pub mod ip6;
 pub mod iptables;
 pub mod rules;
+pub mod save;
 pub mod sync;
 
 pub use rules::{FirewallSpec, PoolRule, PortRule};

@@ -1,14 +1,12 @@
 //! What our chains should hold, as typed rules, and their rendering in the exact form
-//! `iptables-save` prints (so a resync compares text and a second verify writes nothing). Also
-//! the parser of `iptables-save` output for our chains. Pure.
+//! `iptables-save` prints (so a resync compares text and a second verify writes nothing). Pure.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 
-use super::chains::Chains;
+use super::chains::FamilyChains;
 use crate::model::{ContainerId, Protocol};
 
 /// A published port of one container.
@@ -41,8 +39,9 @@ pub struct FirewallSpec {
     /// When the pool may encapsulate: the underlay addresses VXLAN is accepted from (every
     /// peer's, sorted). Containers may never send VXLAN.
     pub vxlan_peers: Option<Vec<IpAddr>>,
-    /// Network policy's chains (dispatch, per endpoint, per policy), as `policy` renders them.
-    pub policy: Chains,
+    /// Network policy's chains (dispatch, per endpoint, per policy) of each family, as `policy`
+    /// renders them.
+    pub policy: FamilyChains,
 }
 
 /// One rule of our nat chains.
@@ -78,6 +77,10 @@ pub enum FilterRule {
     ToWorkloads,
     /// New connections from containers to this host meet their egress policy too.
     InputFromWorkloads,
+    /// IPv6 only: an ICMPv6 type of neighbour discovery (or multicast listener discovery) from
+    /// a container to this host is accepted before egress policy, which could otherwise leave
+    /// the host unable to resolve the container's address.
+    InputNeighbourDiscovery(u8),
     /// Containers never send VXLAN, through this host or to it.
     ForwardContainerVxlan,
     InputContainerVxlan,
@@ -207,6 +210,11 @@ impl fmt::Display for FilterRule {
                 "-A WEFT-FORWARD -o weft+ {} -j WEFT-TO-WL",
                 comment("ingress policy")
             ),
+            FilterRule::InputNeighbourDiscovery(kind) => write!(
+                f,
+                "-A WEFT-INPUT -i weft+ -p ipv6-icmp -m icmp6 --icmpv6-type {kind} {} -j ACCEPT",
+                comment("neighbour discovery")
+            ),
             FilterRule::InputFromWorkloads => write!(
                 f,
                 "-A WEFT-INPUT -i weft+ -m conntrack ! --ctstate RELATED,ESTABLISHED {} -j WEFT-FROM-WL",
@@ -330,110 +338,6 @@ pub const FILTER_JUMPS: &[Jump] = &[
 pub const NAT_CHAINS: &[&str] = &["WEFT-POSTROUTING", "WEFT-NAT-OUTGOING", "WEFT-PORTS"];
 pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT", "WEFT-VXLAN"];
 
-/// What `iptables-save` shows of our chains in one table, and which jumps exist.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct TableState {
-    /// `-A WEFT-…` lines in order.
-    pub rules: Vec<String>,
-    /// Targets of jumps found in built-in chains, by chain.
-    pub jumps: BTreeMap<String, Vec<String>>,
-}
-
-impl TableState {
-    pub fn has_jump(&self, jump: &Jump) -> bool {
-        self.jumps
-            .get(jump.chain)
-            .is_some_and(|targets| targets.iter().any(|t| t == jump.target))
-    }
-}
-
-/// Reads our part of `iptables-save` output.
-pub fn parse_save(text: &str) -> TableState {
-    let mut state = TableState::default();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("-A ") else {
-            continue;
-        };
-        let chain = rest.split_whitespace().next().unwrap_or("");
-        if chain.starts_with("WEFT-") {
-            state.rules.push(line.to_string());
-        } else if let Some(target) = line.split(" -j ").nth(1) {
-            let target = target.split_whitespace().next().unwrap_or("");
-            if target.starts_with("WEFT-") {
-                state
-                    .jumps
-                    .entry(chain.to_string())
-                    .or_default()
-                    .push(target.to_string());
-            }
-        }
-    }
-    state
-}
-
-/// Builds the `iptables-restore --noflush` input for one table: our chains (declaring a chain
-/// flushes it within the same atomic commit) and any missing jump.
-pub fn restore_input(
-    table: &str,
-    chains: &[&str],
-    rules: &[String],
-    jumps: &[Jump],
-    state: &TableState,
-) -> String {
-    let mut out = format!("*{table}\n");
-    for chain in chains {
-        out.push_str(&format!(":{chain} - [0:0]\n"));
-    }
-    for rule in rules {
-        out.push_str(rule);
-        out.push('\n');
-    }
-    for jump in jumps.iter().filter(|j| !state.has_jump(j)) {
-        out.push_str(&format!("-I {} 1 {}\n", jump.chain, jump.rule));
-    }
-    out.push_str("COMMIT\n");
-    out
-}
-
-/// The `iptables-restore --noflush` input that turns `applied` into `wanted` by deleting and
-/// appending single rules (both normalized): one atomic restore whose cost does not grow with
-/// the number of published ports.
-pub fn incremental_input(table: &str, applied: &[String], wanted: &[String]) -> String {
-    let mut input = format!("*{table}\n");
-    for gone in applied.iter().filter(|r| wanted.binary_search(r).is_err()) {
-        input.push_str(&gone.replacen("-A ", "-D ", 1));
-        input.push('\n');
-    }
-    for new in wanted.iter().filter(|r| applied.binary_search(r).is_err()) {
-        input.push_str(new);
-        input.push('\n');
-    }
-    input.push_str("COMMIT\n");
-    input
-}
-
-/// Our nat rules as a set, for comparison. No two of them overlap (each DNAT matches its own
-/// port, each hairpin its own address), so their order within a chain does not matter and
-/// incremental writes may append. (The filter table's order matters: see [`by_chain`].)
-pub fn normalize(rules: &[String]) -> Vec<String> {
-    let mut sorted = rules.to_vec();
-    sorted.sort();
-    sorted.dedup();
-    sorted
-}
-
-/// Rules grouped by chain, each chain's rules in their order: the order that matters in the
-/// filter table, whatever order `iptables-save` lists the chains in.
-pub fn by_chain(rules: &[String]) -> Vec<String> {
-    let mut grouped = rules.to_vec();
-    grouped.sort_by(|a, b| chain_of(a).cmp(chain_of(b)));
-    grouped
-}
-
-fn chain_of(rule: &str) -> &str {
-    rule.split_whitespace().nth(1).unwrap_or("")
-}
-
 /// The rules a set of published ports needs in the nat table (hairpin and DNAT), rendered.
 pub fn port_rules(ports: &[PortRule]) -> Vec<String> {
     let spec = FirewallSpec {
@@ -543,48 +447,5 @@ mod tests {
         assert_eq!(rules.len(), 2);
         assert!(rules[0].contains("hairpin web"));
         assert!(rules[1].contains("--to-destination 10.65.0.5:80"));
-    }
-
-    #[test]
-    fn save_output_is_parsed_for_our_chains_and_jumps() {
-        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:WEFT-PORTS - [0:0]\n\
-            -A PREROUTING -m addrtype --dst-type LOCAL -j WEFT-PORTS\n\
-            -A PREROUTING -j DOCKER\n\
-            -A WEFT-PORTS -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.65.0.2:80\nCOMMIT\n";
-        let state = parse_save(save);
-        assert_eq!(state.rules.len(), 1);
-        assert_eq!(state.jumps["PREROUTING"], vec!["WEFT-PORTS".to_string()]);
-        assert!(state.has_jump(&NAT_JUMPS[1]));
-        assert!(!state.has_jump(&NAT_JUMPS[0]));
-    }
-
-    #[test]
-    fn restores_declare_our_chains_and_add_only_missing_jumps() {
-        let state = parse_save("-A PREROUTING -m addrtype --dst-type LOCAL -j WEFT-PORTS\n");
-        let input = restore_input(
-            "nat",
-            NAT_CHAINS,
-            &["-A WEFT-PORTS x".into()],
-            NAT_JUMPS,
-            &state,
-        );
-        assert_eq!(
-            input,
-            format!(
-                "*nat\n:WEFT-POSTROUTING - [0:0]\n:WEFT-NAT-OUTGOING - [0:0]\n:WEFT-PORTS - [0:0]\n\
-                 -A WEFT-PORTS x\n-I POSTROUTING 1 {}\n-I OUTPUT 1 {}\nCOMMIT\n",
-                NAT_JUMPS[0].rule, NAT_JUMPS[2].rule
-            )
-        );
-    }
-
-    #[test]
-    fn incremental_writes_delete_and_append_only_the_difference() {
-        let applied = normalize(&["-A WEFT-PORTS a".into(), "-A WEFT-PORTS b".into()]);
-        let wanted = normalize(&["-A WEFT-PORTS b".into(), "-A WEFT-PORTS c".into()]);
-        assert_eq!(
-            incremental_input("nat", &applied, &wanted),
-            "*nat\n-D WEFT-PORTS a\n-A WEFT-PORTS c\nCOMMIT\n"
-        );
     }
 }

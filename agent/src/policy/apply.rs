@@ -14,10 +14,11 @@ use weft_etcd::policy::Selector;
 
 use weft_etcd::records::EndpointRecord;
 
-use super::plan::{plan, Family, SetSpec};
+use super::plan::{plan, Family, PolicyPlan, SetSpec};
 use super::render::render;
 use super::sets::SetError;
 use crate::context::Context;
+use crate::firewall::chains::FamilyChains;
 use crate::firewall::sync::SyncError;
 use crate::firewall::SyncMode;
 
@@ -39,25 +40,26 @@ pub struct PolicyReport {
     pub tables_written: usize,
 }
 
-/// The inputs of a plan: every policy, every endpoint of the fabric (this host's from its own
-/// table, which is ahead of the watch), and this host's endpoints.
-fn plan_now(ctx: &Context, family: Family) -> super::plan::PolicyPlan {
+/// The plans of both families, from one reading of the inputs: every policy, every endpoint
+/// of the fabric (this host's from its own table, which is ahead of the watch), and this host's
+/// endpoints.
+fn plan_now(ctx: &Context) -> [PolicyPlan; 2] {
     let local: Vec<EndpointRecord> = ctx.endpoints.list();
     ctx.policy.with_view(|view| {
         let policies: Vec<_> = view.policies.values().collect();
         let mut fabric: Vec<&EndpointRecord> = view.remote_endpoints(ctx.me()).collect();
         fabric.extend(local.iter());
         let local: Vec<&EndpointRecord> = local.iter().collect();
-        plan(family, &policies, &fabric, &local)
+        [Family::V4, Family::V6].map(|family| plan(family, &policies, &fabric, &local))
     })
 }
 
-/// An endpoint change seen by the watch: its address before (if it existed) and its address
-/// and labels after (if it still exists).
+/// An endpoint change seen by the watch: its addresses before (none if it did not exist) and
+/// its addresses and labels after (if it still exists).
 #[derive(Debug, Clone)]
 pub struct Touched {
-    pub old: Option<IpAddr>,
-    pub new: Option<(IpAddr, BTreeMap<String, String>)>,
+    pub old: Vec<IpAddr>,
+    pub new: Option<(Vec<IpAddr>, BTreeMap<String, String>)>,
 }
 
 /// The selector sets of the last full sync, as applied.
@@ -76,13 +78,20 @@ impl LastSets {
                 continue;
             };
             let before = spec.members.clone();
+            let family = spec.family;
+            let of_family = |ips: &[IpAddr]| -> Vec<IpNetwork> {
+                ips.iter()
+                    .filter(|ip| Family::of(ip) == family)
+                    .map(|ip| IpNetwork::from(*ip))
+                    .collect()
+            };
             for t in touched {
-                if let Some(old) = t.old.filter(|ip| Family::of(ip) == spec.family) {
-                    spec.members.remove(&IpNetwork::from(old));
+                for old in of_family(&t.old) {
+                    spec.members.remove(&old);
                 }
-                if let Some((ip, labels)) = &t.new {
-                    if Family::of(ip) == spec.family && selector.matches(labels) {
-                        spec.members.insert(IpNetwork::from(*ip));
+                if let Some((ips, labels)) = &t.new {
+                    if selector.matches(labels) {
+                        spec.members.extend(of_family(ips));
                     }
                 }
             }
@@ -169,10 +178,14 @@ async fn scoped(
     }
     let generation = state.wanted.load(Ordering::SeqCst);
     let started = Instant::now();
-    // IPv4 only for now; the plan and the sets are per family.
-    let planned = plan_now(ctx, Family::V4);
+    let [v4, v6] = plan_now(ctx);
     let planned_in = started.elapsed();
-    let mut wanted_sets = planned.sets.clone();
+    // Set names carry their family, so the two families' sets never meet.
+    let mut planned_sets = v4.sets.clone();
+    planned_sets.extend(v6.sets.clone());
+    let mut selectors = v4.selectors.clone();
+    selectors.extend(v6.selectors.clone());
+    let mut wanted_sets = planned_sets.clone();
     if scope == Scope::ChainsFirst {
         let existing = state.set_names.lock().unwrap();
         wanted_sets.retain(|name, _| !existing.contains(name));
@@ -184,7 +197,10 @@ async fn scoped(
             tokio::task::spawn_blocking(move || sets.sync(&wanted_sets, mode)).await??
         }
     };
-    let rendered = render(&planned);
+    let rendered = FamilyChains {
+        v4: render(&v4),
+        v6: render(&v6),
+    };
     // A change of set members only (an endpoint joining or leaving a selector) leaves every
     // chain as it is: no firewall work then.
     let unchanged = firewall_mode == SyncMode::Fast
@@ -210,11 +226,11 @@ async fn scoped(
     };
     if scope == Scope::Full {
         let sets = state.sets.clone();
-        let wanted_sets = planned.sets;
+        let wanted_sets = planned_sets;
         *state.set_names.lock().unwrap() = wanted_sets.keys().cloned().collect();
         *state.last_sets.lock().unwrap() = Some(LastSets {
             sets: wanted_sets.clone(),
-            selectors: planned.selectors,
+            selectors,
         });
         done.sets_destroyed = tokio::task::spawn_blocking(move || sets.prune(&wanted_sets))
             .await?
@@ -259,34 +275,43 @@ mod tests {
             },
         );
         let front: BTreeMap<String, String> = [("role".into(), "front".into())].into();
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        // A new frontend joins; an unrelated endpoint changes nothing.
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        // A new frontend joins (a dual-stack one: its IPv4 address only, in an IPv4 set); an
+        // unrelated endpoint changes nothing.
         let changed = last.apply(&[
             Touched {
-                old: None,
-                new: Some((ip("10.65.0.2"), front.clone())),
+                old: vec![],
+                new: Some((ips(&["10.65.0.2", "fd65::2"]), front.clone())),
             },
             Touched {
-                old: None,
-                new: Some((ip("10.65.0.3"), BTreeMap::new())),
+                old: vec![],
+                new: Some((ips(&["10.65.0.3"]), BTreeMap::new())),
             },
         ]);
-        assert_eq!(changed["weft-4s-a"].members.len(), 2);
+        assert_eq!(
+            changed["weft-4s-a"].members,
+            [
+                "10.65.0.1/32".parse().unwrap(),
+                "10.65.0.2/32".parse().unwrap()
+            ]
+            .into()
+        );
         // Relabelled away, and deleted: both leave; the same labels again change nothing.
         let changed = last.apply(&[
             Touched {
-                old: Some(ip("10.65.0.2")),
-                new: Some((ip("10.65.0.2"), BTreeMap::new())),
+                old: ips(&["10.65.0.2", "fd65::2"]),
+                new: Some((ips(&["10.65.0.2", "fd65::2"]), BTreeMap::new())),
             },
             Touched {
-                old: Some(ip("10.65.0.1")),
+                old: ips(&["10.65.0.1"]),
                 new: None,
             },
         ]);
         assert!(changed["weft-4s-a"].members.is_empty());
         let unchanged = last.apply(&[Touched {
-            old: Some(ip("10.65.0.3")),
-            new: Some((ip("10.65.0.3"), BTreeMap::new())),
+            old: ips(&["10.65.0.3"]),
+            new: Some((ips(&["10.65.0.3"]), BTreeMap::new())),
         }]);
         assert!(unchanged.is_empty());
     }

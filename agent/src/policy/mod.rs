@@ -22,7 +22,7 @@ use weft_etcd::FabricView;
 
 pub use apply::{police_first, sync, PolicySyncError};
 
-use crate::firewall::chains::Chains;
+use crate::firewall::chains::FamilyChains;
 use sets::SetBackend;
 
 /// What policy enforcement knows and has applied.
@@ -30,7 +30,7 @@ pub struct PolicyState {
     /// Every endpoint and policy of the fabric, as the watch last saw them.
     view: RwLock<FabricView>,
     /// The chains of the last plan whose sets are in place: every firewall write uses them.
-    chains: RwLock<Chains>,
+    chains: RwLock<FamilyChains>,
     pub sets: Arc<dyn SetBackend>,
     /// Whether the chains above were written by the last firewall sync that carried them.
     chains_written: std::sync::atomic::AtomicBool,
@@ -53,7 +53,10 @@ impl PolicyState {
     pub fn new(view: FabricView, sets: Arc<dyn SetBackend>) -> Self {
         Self {
             view: RwLock::new(view),
-            chains: RwLock::new(render::render(&plan::PolicyPlan::default())),
+            chains: RwLock::new(FamilyChains {
+                v4: render::render(&plan::PolicyPlan::default()),
+                v6: render::render(&plan::PolicyPlan::default()),
+            }),
             sets,
             set_names: Default::default(),
             last_sets: Default::default(),
@@ -67,7 +70,7 @@ impl PolicyState {
     }
 
     /// The chains firewall writes carry.
-    pub fn chains(&self) -> Chains {
+    pub fn chains(&self) -> FamilyChains {
         self.chains.read().unwrap().clone()
     }
 
@@ -92,15 +95,16 @@ impl PolicyState {
             let mut view = self.view.write().unwrap();
             let mut touched = self.touched.lock().unwrap();
             for event in events {
-                let old = |host: &str, id: &str| {
+                let old = |host: &str, id: &str| -> Vec<std::net::IpAddr> {
                     view.endpoints
                         .get(&(host.to_string(), id.to_string()))
-                        .map(|e| e.ip)
+                        .map(|e| e.addresses().collect())
+                        .unwrap_or_default()
                 };
                 match &event {
                     E::EndpointPut(r) => touched.push(apply::Touched {
                         old: old(&r.host, &r.container_id),
-                        new: Some((r.ip, r.labels.clone())),
+                        new: Some((r.addresses().collect(), r.labels.clone())),
                     }),
                     E::EndpointDeleted { host, container_id } => touched.push(apply::Touched {
                         old: old(host, container_id),

@@ -14,7 +14,8 @@ use weft_etcd::records::EndpointRecord;
 
 type Labels = BTreeMap<String, String>;
 
-/// An address family. Sets and rules are planned per family; only IPv4 is enforced today.
+/// An address family. Sets and rules are planned per family, and enforced by iptables and
+/// ip6tables each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     V4,
@@ -46,6 +47,11 @@ impl Family {
 
     fn holds(self, net: &IpNetwork) -> bool {
         Family::of(&net.ip()) == self
+    }
+
+    /// The endpoint's address of this family, if it has one (a dual-stack endpoint has both).
+    pub fn address(self, endpoint: &EndpointRecord) -> Option<IpAddr> {
+        endpoint.addresses().find(|ip| Family::of(ip) == self)
     }
 }
 
@@ -188,7 +194,7 @@ pub fn plan(
     let mut used: BTreeSet<(Direction, &str)> = BTreeSet::new();
     // Endpoints share label sets (replicas): each selector is evaluated once per distinct set.
     let mut selecting_by_labels: HashMap<(Direction, &Labels), Vec<&Policy>> = HashMap::new();
-    for endpoint in local.iter().filter(|e| Family::of(&e.ip) == family) {
+    for endpoint in local.iter().filter(|e| family.address(e).is_some()) {
         for direction in [Direction::Ingress, Direction::Egress] {
             let selecting = selecting_by_labels
                 .entry((direction, &endpoint.labels))
@@ -218,11 +224,13 @@ pub fn plan(
         }
     }
     let mut groups: HashMap<&Labels, Vec<IpNetwork>> = HashMap::new();
-    for e in fabric.iter().filter(|e| Family::of(&e.ip) == family) {
-        groups
-            .entry(&e.labels)
-            .or_default()
-            .push(IpNetwork::from(e.ip));
+    for e in fabric {
+        if let Some(ip) = family.address(e) {
+            groups
+                .entry(&e.labels)
+                .or_default()
+                .push(IpNetwork::from(ip));
+        }
     }
     let mut sets = SetPlanner {
         family,
@@ -282,7 +290,7 @@ impl SetPlanner<'_> {
     }
 
     fn side(&mut self, peer: &Peer) -> Option<SideMatch> {
-        let selector_set = peer.selector.as_ref().map(|s| self.selector_set(s));
+        // Networks first: a side that matches nothing in this family makes no selector set.
         let nets_set = match peer.nets.is_empty() {
             true => None,
             false => {
@@ -302,6 +310,7 @@ impl SetPlanner<'_> {
                 }
             }
         };
+        let selector_set = peer.selector.as_ref().map(|s| self.selector_set(s));
         Some(SideMatch {
             selector_set,
             nets_set,

@@ -50,6 +50,55 @@ fn web_policy() -> Policy {
 }
 
 #[test]
+fn each_family_plans_with_the_endpoints_addresses_of_that_family() {
+    let mut web = endpoint("h1", "web", "10.65.0.2", &[("app", "web")]);
+    web.ipv6 = Some("fd65::2".parse().unwrap());
+    // Dual-stack, IPv4-only and IPv6-only frontends.
+    let mut front = endpoint("h1", "front", "10.65.0.3", &[("role", "frontend")]);
+    front.ipv6 = Some("fd65::3".parse().unwrap());
+    let v4_front = endpoint("h2", "front2", "10.65.1.2", &[("role", "frontend")]);
+    let v6_front = endpoint("h2", "front3", "fd65:0:0:1::2", &[("role", "frontend")]);
+    let web_policy = web_policy();
+    let all = [&web, &front, &v4_front, &v6_front];
+    let members = |p: &PolicyPlan, family| -> Vec<String> {
+        let name = selector_set_name(family, &Selector::parse("role == 'frontend'").unwrap());
+        p.sets[&name]
+            .members
+            .iter()
+            .map(|m| m.ip().to_string())
+            .collect()
+    };
+    let v4 = plan(Family::V4, &[&web_policy], &all, &[&web]);
+    let v6 = plan(Family::V6, &[&web_policy], &all, &[&web]);
+    assert_eq!(members(&v4, Family::V4), ["10.65.0.3", "10.65.1.2"]);
+    assert_eq!(members(&v6, Family::V6), ["fd65::3", "fd65:0:0:1::2"]);
+    assert_eq!(
+        v6.sets.values().filter(|s| s.family != Family::V6).count(),
+        0
+    );
+    // The dual-stack endpoint has its chain in both families, with the same name.
+    assert_eq!(v4.endpoints[0].chain, v6.endpoints[0].chain);
+    // In IPv6: the selector rule, the IPv6 network (alone from the mixed list), ICMPv6 and the
+    // IPv6-only network; no rule of IPv4 only is left.
+    let indexes: Vec<usize> = v6.policies[0].rules.iter().map(|r| r.index).collect();
+    assert_eq!(indexes, [0, 1, 2, 3]);
+    let rendered = crate::policy::render::render(&v6);
+    let icmp: Vec<&String> = rendered[&v6.policies[0].chain]
+        .rules
+        .iter()
+        .filter(|r| r.contains(" -p "))
+        .collect();
+    assert!(
+        icmp.iter().any(|r| r.contains("-p ipv6-icmp ")),
+        "ICMPv6 rendered as ip6tables-save prints it: {icmp:#?}"
+    );
+    // An IPv4-only host plans nothing in IPv6: no endpoint, no chain, no set.
+    let only_v4 = endpoint("h1", "web4", "10.65.0.9", &[("app", "web")]);
+    let none = plan(Family::V6, &[&web_policy], &[&only_v4], &[&only_v4]);
+    assert!(none.endpoints.is_empty() && none.policies.is_empty() && none.sets.is_empty());
+}
+
+#[test]
 fn selected_endpoints_get_chains_and_selectors_get_fabric_wide_sets() {
     let f = fabric();
     let web = web_policy();

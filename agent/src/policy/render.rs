@@ -9,7 +9,7 @@
 //! - `WEFT-PI-<hash>` / `WEFT-PO-<hash>` hold a policy's rules once per host: an `allow` sets the
 //!   mark and returns, a `deny` drops; the first rule that matches decides.
 
-use weft_etcd::policy::{Action, PortRange};
+use weft_etcd::policy::{Action, PortRange, RuleProtocol};
 
 use super::plan::{Direction, EndpointChain, MatchRule, PolicyChain, PolicyPlan, SideMatch};
 use crate::firewall::chains::{Chains, OwnedChain, DISPATCH_CHAINS};
@@ -119,8 +119,11 @@ fn policy_rules(p: &PolicyChain) -> Vec<String> {
 /// do not fit one multiport match), each ending in a space.
 fn rule_matches(rule: &MatchRule) -> Vec<String> {
     let mut head = String::new();
-    if let Some(protocol) = rule.protocol {
-        head.push_str(&format!("-p {protocol} "));
+    match rule.protocol {
+        // What ip6tables-save prints for ICMPv6 (only IPv6 plans hold such rules).
+        Some(RuleProtocol::Icmpv6) => head.push_str("-p ipv6-icmp "),
+        Some(protocol) => head.push_str(&format!("-p {protocol} ")),
+        None => {}
     }
     for (side, dir) in [(&rule.source, "src"), (&rule.destination, "dst")] {
         head.push_str(&sets(side, dir));
