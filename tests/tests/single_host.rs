@@ -400,3 +400,48 @@ async fn checks_and_repairs_during_reconciliation_never_collide_on_netlink() {
         failures.len()
     );
 }
+
+/// A detach retires its veth: the routes and link that go with it are the agent's own doing and
+/// set off no repair pass (with thousands of endpoints each pass costs the kernel tens of
+/// milliseconds), while a veth someone else deletes is repaired at once.
+#[test]
+fn detaches_set_off_no_repair_pass_and_a_veth_deleted_by_hand_does() {
+    let lab = Lab::new(LabOptions {
+        hosts: 1,
+        ipv6: true,
+        agent_args: ["--resync-interval", "1h"].map(String::from).to_vec(),
+        ..Default::default()
+    })
+    .unwrap();
+    let host = lab.hosts[0].name.clone();
+    for i in 0..10 {
+        lab.ctl_json(0, &["attach", &format!("c{i}")]).unwrap();
+    }
+    let passes = || sh::reconcile_totals(&host).unwrap().1;
+    // Let the passes the attaches set off (if any) settle.
+    let mut before = passes();
+    lab.eventually("the reconciler quiet", Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = passes();
+        std::mem::replace(&mut before, now) == now
+    })
+    .unwrap();
+    for i in 0..9 {
+        lab.ctl_json(0, &["detach", &format!("c{i}")]).unwrap();
+    }
+    lab.eventually("every retired veth deleted", Duration::from_secs(5), || {
+        weft_links(&host).len() == 1
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(passes(), before, "detaches set off repair passes");
+    // The last container's veth, deleted by someone else: a pass puts it back.
+    let veth = weft_links(&host).remove(0);
+    sh::run("ip", &["-n", &host, "link", "del", &veth]).unwrap();
+    lab.eventually("the veth repaired", Duration::from_secs(3), || {
+        weft_links(&host).contains(&veth)
+    })
+    .unwrap();
+    assert!(passes() > before);
+    weft_tests::invariants::assert_quiet(&lab);
+}

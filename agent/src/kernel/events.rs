@@ -1,15 +1,19 @@
 //! Kernel notifications the agent reacts to: deletions of its routes and links (repaired by a
 //! reconciliation pass), and sysctl changes announced as RTM_NEWNETCONF (put back at once).
 
+use std::collections::HashSet;
 use std::io;
 
-use netlink_packet_route::route::RouteProtocol;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::route::{RouteAttribute, RouteProtocol};
+use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::kernel::netns::NetlinkHandle;
-use crate::model::{LINK_PREFIX, RT_PROTO_WEFT};
+use crate::model::{LINK_PREFIX, RETIRED_GROUP, RT_PROTO_WEFT};
 
 /// Kernel changes that may need repair: one of our routes, links or permanent neighbour (and
 /// FDB) entries deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelEvent {
     RouteDeleted,
     LinkDeleted,
@@ -25,7 +29,6 @@ pub fn kernel_events(
 ) -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver<KernelEvent>)> {
     use futures::StreamExt;
     use netlink_packet_core::NetlinkPayload;
-    use netlink_packet_route::RouteNetlinkMessage as M;
     let (connection, handle, mut messages) = rtnetlink::new_multicast_connection(&[
         rtnetlink::MulticastGroup::Link,
         rtnetlink::MulticastGroup::Ipv4Route,
@@ -35,26 +38,14 @@ pub fn kernel_events(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(async move {
         let forward = async move {
+            let mut retiring = Retiring::default();
             while let Some((message, _)) = messages.next().await {
-                let event = match message.payload {
-                    NetlinkPayload::InnerMessage(M::DelRoute(route))
-                        if route.header.protocol == RouteProtocol::Other(RT_PROTO_WEFT) =>
-                    {
-                        KernelEvent::RouteDeleted
-                    }
-                    NetlinkPayload::InnerMessage(M::DelLink(link)) if link_is_ours(&link) => {
-                        KernelEvent::LinkDeleted
-                    }
-                    // Neighbour and FDB entries of the tunnel device only: the host's other
-                    // entries come and go all the time.
-                    NetlinkPayload::InnerMessage(M::DelNeighbour(neighbour))
-                        if neighbour.header.ifindex != 0
-                            && neighbour.header.ifindex
-                                == tunnel.load(std::sync::atomic::Ordering::Relaxed) =>
-                    {
-                        KernelEvent::NeighbourDeleted
-                    }
-                    _ => continue,
+                let NetlinkPayload::InnerMessage(message) = message.payload else {
+                    continue;
+                };
+                let tunnel = tunnel.load(std::sync::atomic::Ordering::Relaxed);
+                let Some(event) = retiring.classify(&message, tunnel) else {
+                    continue;
                 };
                 // A full channel already holds a pending repair; dropping is fine.
                 let _ = tx.try_send(event);
@@ -151,16 +142,128 @@ pub fn netconf_events() -> io::Result<netlink_sys::TokioSocket> {
     Ok(socket)
 }
 
-fn link_is_ours(link: &netlink_packet_route::link::LinkMessage) -> bool {
-    use netlink_packet_route::link::LinkAttribute;
+fn link_is_ours(link: &LinkMessage) -> bool {
     link.attributes
         .iter()
         .any(|a| matches!(a, LinkAttribute::IfName(n) if n.starts_with(LINK_PREFIX)))
 }
 
+fn is_retired(link: &LinkMessage) -> bool {
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Group(g) if *g == RETIRED_GROUP))
+}
+
+/// The links the agent retired (moved to its retired group on detach, to be deleted in a
+/// batch), learnt from the notifications themselves: what goes with them — their routes, then
+/// the links — was the agent's own doing and needs no repair pass. With thousands of endpoints a
+/// pass costs tens of milliseconds of the kernel's time (a link dump walks the namespace ids for
+/// every veth), so a detach storm that set one off per batch would slow every detach.
+#[derive(Debug, Default)]
+pub struct Retiring {
+    indexes: HashSet<u32>,
+}
+
+impl Retiring {
+    /// The repair a notification calls for, if any (`tunnel`: the tunnel device's index, 0
+    /// when there is none).
+    pub fn classify(&mut self, message: &RouteNetlinkMessage, tunnel: u32) -> Option<KernelEvent> {
+        use RouteNetlinkMessage as M;
+        match message {
+            M::NewLink(link) if link_is_ours(link) && is_retired(link) => {
+                self.indexes.insert(link.header.index);
+                None
+            }
+            M::DelLink(link) if link_is_ours(link) => {
+                let retired = self.indexes.remove(&link.header.index) || is_retired(link);
+                (!retired).then_some(KernelEvent::LinkDeleted)
+            }
+            M::DelRoute(route) if route.header.protocol == RouteProtocol::Other(RT_PROTO_WEFT) => {
+                let through_retired = route
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(i) if self.indexes.contains(i)));
+                (!through_retired).then_some(KernelEvent::RouteDeleted)
+            }
+            // Neighbour and FDB entries of the tunnel device only: the host's other entries
+            // come and go all the time.
+            M::DelNeighbour(neighbour)
+                if neighbour.header.ifindex != 0 && neighbour.header.ifindex == tunnel =>
+            {
+                Some(KernelEvent::NeighbourDeleted)
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn link(index: u32, name: &str, group: Option<u32>) -> LinkMessage {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.attributes.push(LinkAttribute::IfName(name.into()));
+        if let Some(group) = group {
+            link.attributes.push(LinkAttribute::Group(group));
+        }
+        link
+    }
+
+    fn weft_route(oif: u32) -> RouteNetlinkMessage {
+        let mut route = netlink_packet_route::route::RouteMessage::default();
+        route.header.protocol = RouteProtocol::Other(RT_PROTO_WEFT);
+        route.attributes.push(RouteAttribute::Oif(oif));
+        RouteNetlinkMessage::DelRoute(route)
+    }
+
+    #[test]
+    fn what_goes_with_a_retired_link_asks_for_no_repair() {
+        use RouteNetlinkMessage as M;
+        let mut retiring = Retiring::default();
+        // Someone else deletes a veth and a route of ours: repaired.
+        assert_eq!(
+            retiring.classify(&M::DelLink(link(5, "weft5", Some(0))), 0),
+            Some(KernelEvent::LinkDeleted)
+        );
+        assert_eq!(
+            retiring.classify(&weft_route(5), 0),
+            Some(KernelEvent::RouteDeleted)
+        );
+        // The agent retires veth 7: its routes and then the link go quietly.
+        assert_eq!(
+            retiring.classify(&M::NewLink(link(7, "weft7", Some(RETIRED_GROUP))), 0),
+            None
+        );
+        assert_eq!(retiring.classify(&weft_route(7), 0), None);
+        assert_eq!(
+            retiring.classify(&M::DelLink(link(7, "weft7", Some(RETIRED_GROUP))), 0),
+            None
+        );
+        // Once gone, its index may be reused by a link that is not retired.
+        assert_eq!(
+            retiring.classify(&weft_route(7), 0),
+            Some(KernelEvent::RouteDeleted)
+        );
+        // Links that are not ours, and changes that are not retirements, are no event.
+        assert_eq!(
+            retiring.classify(&M::NewLink(link(8, "eth1", Some(RETIRED_GROUP))), 0),
+            None
+        );
+        assert_eq!(
+            retiring.classify(&M::DelLink(link(8, "eth1", None)), 0),
+            None
+        );
+        assert_eq!(
+            retiring.classify(&M::NewLink(link(9, "weft9", None)), 0),
+            None
+        );
+        assert_eq!(
+            retiring.classify(&weft_route(9), 0),
+            Some(KernelEvent::RouteDeleted)
+        );
+    }
 
     fn netconf(family: u8, attrs: &[(u16, i32)]) -> Vec<u8> {
         let len = 16 + 4 + attrs.len() * 8;

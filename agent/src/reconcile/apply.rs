@@ -73,9 +73,33 @@ pub struct LeakObservations {
     pub stray_namespaces: Vec<String>,
 }
 
-pub fn observe_leaks(ctx: &Context, links: &BTreeMap<String, u32>) -> LeakObservations {
-    let endpoints = ctx.endpoints.list();
-    let busy = ctx.endpoints.busy_ids();
+/// This host's endpoints and the containers with an attach or detach under way, taken before
+/// the kernel is read: an endpoint listed here that is not busy was wired before the links are
+/// listed, so its veth is in the list unless it is really gone. (Taken after, an attach that
+/// ended in between would look like a missing veth and be "repaired".)
+pub struct TableSnapshot {
+    endpoints: Vec<weft_etcd::records::EndpointRecord>,
+    busy: HashSet<String>,
+}
+
+impl TableSnapshot {
+    pub fn take(ctx: &Context) -> Self {
+        // The list first: an endpoint in it is either busy when `busy` is read next, or its
+        // attach was over by then.
+        let endpoints = ctx.endpoints.list();
+        Self {
+            endpoints,
+            busy: ctx.endpoints.busy_ids(),
+        }
+    }
+}
+
+pub fn observe_leaks(
+    ctx: &Context,
+    table: TableSnapshot,
+    links: &BTreeMap<String, u32>,
+) -> LeakObservations {
+    let TableSnapshot { endpoints, busy } = table;
     let missing = plan::missing_veths(&endpoints, links, &busy)
         .into_iter()
         .map(|e| {

@@ -133,12 +133,13 @@ impl Reconciler {
             registration::check(&self.ctx, &mut sightings).await;
             self.trackers.lock().unwrap().unknown_records = sightings;
         }
+        let table = apply::TableSnapshot::take(&self.ctx);
         if let Some(kernel) = apply::read_kernel(&self.ctx, &mut report).await {
             if full {
                 apply::veth_sysctls(&self.ctx, &kernel.links, &mut report);
             }
             let leaks = {
-                let observed = apply::observe_leaks(&self.ctx, &kernel.links);
+                let observed = apply::observe_leaks(&self.ctx, table, &kernel.links);
                 let mut trackers = self.trackers.lock().unwrap();
                 let inputs = plan::LeakInputs {
                     missing: &observed.missing,

@@ -166,17 +166,25 @@ impl Netlink {
             return Ok(false);
         };
         let index = link.header.index;
+        // The group first, in a request of its own: its notification tells the kernel monitor
+        // that what goes next (routes, then the link) is ours to lose, not to repair.
+        let steps = [
+            LinkUnspec::new_with_index(index)
+                .link_group(RETIRED_GROUP)
+                .build(),
+            LinkUnspec::new_with_index(index).down().build(),
+        ];
+        for step in steps {
+            match self.handle().link().set(step).execute().await {
+                Ok(()) => {}
+                Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Ok(false),
+                Err(e) => return Err(nl(format!("retiring {name}"))(e)),
+            }
+        }
+        // Down, the link has lost its IPv4 routes; the host route is deleted by name too, so
+        // none can outlive the retirement.
         self.delete(&Route::host(ip, RouteTarget::Dev(index)))
             .await?;
-        let retire = LinkUnspec::new_with_index(index)
-            .link_group(RETIRED_GROUP)
-            .down()
-            .build();
-        match self.handle().link().set(retire).execute().await {
-            Ok(()) => {}
-            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Ok(false),
-            Err(e) => return Err(nl(format!("retiring {name}"))(e)),
-        }
         if let Some(reaper) = &self.reaper {
             reaper.wake();
         }
