@@ -3,21 +3,33 @@
 
 use std::io;
 
+pub const PROXY_ARP: &str = "/proc/sys/net/ipv4/conf/{}/proxy_arp";
+pub const FORWARDING: &str = "/proc/sys/net/ipv4/conf/{}/forwarding";
+pub const RP_FILTER: &str = "/proc/sys/net/ipv4/conf/{}/rp_filter";
+pub const ACCEPT_RA: &str = "/proc/sys/net/ipv6/conf/{}/accept_ra";
+pub const PROXY_NDP: &str = "/proc/sys/net/ipv6/conf/{}/proxy_ndp";
+pub const FORWARDING_V6: &str = "/proc/sys/net/ipv6/conf/{}/forwarding";
+pub const ACCEPT_DAD: &str = "/proc/sys/net/ipv6/conf/{}/accept_dad";
+
 /// Per-veth settings of the host end, as (path template, value); `{}` is the interface name.
 pub const HOST_VETH: &[(&str, &str)] = &[
-    ("/proc/sys/net/ipv4/conf/{}/proxy_arp", "1"),
+    (PROXY_ARP, "1"),
     ("/proc/sys/net/ipv4/neigh/{}/proxy_delay", "0"),
-    ("/proc/sys/net/ipv4/conf/{}/forwarding", "1"),
-    ("/proc/sys/net/ipv4/conf/{}/rp_filter", "1"),
-    ("/proc/sys/net/ipv6/conf/{}/accept_ra", "0"),
+    (FORWARDING, "1"),
+    (RP_FILTER, "1"),
+    (ACCEPT_RA, "0"),
     // IPv6 (no rp_filter there: anti-spoofing is a rule). The host end answers neighbour
     // solicitations for the addresses it routes, forwards, and takes its link-local address
     // (the containers' gateway) without duplicate address detection: a tentative address
     // cannot source the solicitations that find a container, so DAD would hold up its traffic.
-    ("/proc/sys/net/ipv6/conf/{}/proxy_ndp", "1"),
-    ("/proc/sys/net/ipv6/conf/{}/forwarding", "1"),
-    ("/proc/sys/net/ipv6/conf/{}/accept_dad", "0"),
+    (PROXY_NDP, "1"),
+    (FORWARDING_V6, "1"),
+    (ACCEPT_DAD, "0"),
 ];
+
+/// Values of per-veth settings already known from a link dump (its device configuration),
+/// by path template: those need no file read.
+pub type Known = Vec<(&'static str, i32)>;
 
 /// Host-wide settings.
 pub const HOST: &[(&str, &str)] = &[("/proc/sys/net/ipv4/ip_forward", "1")];
@@ -48,8 +60,20 @@ fn optional(result: io::Result<bool>) -> io::Result<bool> {
 
 /// Applies `HOST_VETH` to one interface. Returns how many values had to change.
 pub fn configure_host_veth(ifname: &str) -> io::Result<usize> {
+    configure_host_veth_knowing(ifname, &[])
+}
+
+/// Applies `HOST_VETH` to one interface, reading only the settings `known` does not show with
+/// their value already. Returns how many values had to change.
+pub fn configure_host_veth_knowing(ifname: &str, known: &[(&str, i32)]) -> io::Result<usize> {
     let mut changed = 0;
     for (template, value) in HOST_VETH {
+        let right = known
+            .iter()
+            .any(|(t, v)| t == template && v.to_string() == *value);
+        if right {
+            continue;
+        }
         let path = template.replace("{}", ifname);
         let result = ensure(&path, value);
         let result = if path.contains("/ipv6/") {
@@ -88,4 +112,33 @@ pub fn configure_host(ipv6: bool) -> io::Result<usize> {
             as usize;
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_right_values_are_not_read_and_the_rest_is() {
+        // An interface that does not exist: every setting that must be read fails to open.
+        let name = "weft-no-such-link";
+        let all_right: Vec<(&str, i32)> = HOST_VETH
+            .iter()
+            .filter(|(t, _)| !t.contains("proxy_delay"))
+            .map(|(t, v)| (*t, v.parse().unwrap()))
+            .collect();
+        let err = configure_host_veth_knowing(name, &all_right).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("neigh/weft-no-such-link/proxy_delay"),
+            "only proxy_delay is read: {err}"
+        );
+        let mut wrong = all_right.clone();
+        wrong[0].1 = 0;
+        let err = configure_host_veth_knowing(name, &wrong).unwrap_err();
+        assert!(
+            err.to_string().contains("conf/weft-no-such-link/proxy_arp"),
+            "{err}"
+        );
+    }
 }

@@ -12,6 +12,7 @@ use rtnetlink::{LinkMessageBuilder, LinkUnspec};
 
 use super::{errno, nl, Netlink};
 use crate::kernel::netns::{NetlinkHandle, Netns};
+use crate::kernel::sysctl;
 use crate::kernel::{ContainerLink, KernelError, Result};
 use crate::model::{Route, RouteTarget, HOST_VETH_MAC, LINK_PREFIX, RETIRED_GROUP};
 
@@ -68,6 +69,48 @@ async fn reap(woken: std::sync::mpsc::Receiver<()>) {
         }
         while woken.try_recv().is_ok() {}
     }
+}
+
+/// The per-veth settings a link dump shows (IPv4's and IPv6's device configuration), by
+/// sysctl path template. `proxy_delay` is a neighbour table setting, not among them.
+fn dumped_settings(msg: &LinkMessage) -> sysctl::Known {
+    use netlink_packet_route::link::{AfSpecInet, AfSpecInet6, AfSpecUnspec};
+    let mut known = vec![];
+    let families = msg.attributes.iter().filter_map(|a| match a {
+        LinkAttribute::AfSpecUnspec(families) => Some(families),
+        _ => None,
+    });
+    for family in families.flatten() {
+        match family {
+            AfSpecUnspec::Inet(inet) => {
+                for conf in inet.iter().filter_map(|c| match c {
+                    AfSpecInet::DevConf(conf) => Some(conf),
+                    _ => None,
+                }) {
+                    known.extend([
+                        (sysctl::PROXY_ARP, conf.proxy_arp),
+                        (sysctl::FORWARDING, conf.forwarding),
+                        (sysctl::RP_FILTER, conf.rp_filter),
+                    ]);
+                }
+            }
+            AfSpecUnspec::Inet6(inet6) => {
+                for conf in inet6.iter().filter_map(|c| match c {
+                    AfSpecInet6::DevConf(conf) => Some(conf),
+                    _ => None,
+                }) {
+                    known.extend([
+                        (sysctl::ACCEPT_RA, conf.accept_ra),
+                        (sysctl::PROXY_NDP, conf.proxy_ndp),
+                        (sysctl::FORWARDING_V6, conf.forwarding),
+                        (sysctl::ACCEPT_DAD, conf.accept_dad),
+                    ]);
+                }
+            }
+            _ => {}
+        }
+    }
+    known
 }
 
 /// Whether a link is retired (awaiting deletion).
@@ -195,14 +238,17 @@ impl Netlink {
         let _turn = self.dumping.lock().await;
         let mut links = self.handle().link().get().execute();
         let mut found = BTreeMap::new();
+        let mut settings = std::collections::HashMap::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
             if let Some(name) = link_name(&msg) {
                 // Container veths only: the tunnel device's name has a '.'.
                 if name.starts_with(LINK_PREFIX) && !name.contains('.') && !is_retired(&msg) {
-                    found.insert(name, msg.header.index);
+                    found.insert(name.clone(), msg.header.index);
+                    settings.insert(name, dumped_settings(&msg));
                 }
             }
         }
+        *self.dumped_settings.lock().unwrap() = settings;
         Ok(found)
     }
 

@@ -44,6 +44,10 @@ pub struct Netlink {
     /// The kernel runs one dump at a time per netlink socket and answers a second with EBUSY;
     /// tasks sharing `host` (the reconciler, attaches, checks) take turns.
     dumping: tokio::sync::Mutex<()>,
+    /// Our veths' settings as the last link dump showed them (its device configuration): a
+    /// full pass, which lists the links right before it checks the settings, reads from files
+    /// only what the dump does not show right. Each entry serves one check.
+    dumped_settings: std::sync::Mutex<std::collections::HashMap<String, sysctl::Known>>,
 }
 
 impl Netlink {
@@ -52,6 +56,7 @@ impl Netlink {
             host: NetlinkHandle::here()?,
             reaper: Some(links::Reaper::start()?),
             dumping: tokio::sync::Mutex::new(()),
+            dumped_settings: Default::default(),
         })
     }
 
@@ -177,7 +182,8 @@ impl Kernel for Netlink {
     }
 
     fn configure_veth(&self, name: &str) -> io::Result<usize> {
-        sysctl::configure_host_veth(name)
+        let known = self.dumped_settings.lock().unwrap().remove(name);
+        sysctl::configure_host_veth_knowing(name, &known.unwrap_or_default())
     }
 
     fn check_veth(&self, name: &str) -> Vec<String> {
