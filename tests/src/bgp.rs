@@ -216,8 +216,8 @@ impl Lab {
     }
 }
 
-/// The BGP part of `weft-lab demo --bgp`: the router's sessions and the routes it learned, and
-/// the outside host pinging every container directly. Returns how many pings failed.
+/// The BGP part of `weft-lab demo --bgp`: the router's sessions and the routes it learned (both
+/// families on a dual-stack lab), and the outside host pinging every container address directly. Returns how many pings failed.
 pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
     for i in 0..lab.hosts.len() {
         lab.eventually(
@@ -240,14 +240,17 @@ pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
         )
         .is_ok()
     };
-    let failed: Vec<&str> = containers
+    let failed: Vec<String> = containers
         .iter()
         .filter(|(_, ip)| !reached(ip))
-        .map(|(name, _)| *name)
+        .map(|(name, ip)| format!("{name} ({ip})"))
         .collect();
     println!(
-        "   the outside host {} reaches {}/{} containers at their own addresses (no NAT){}",
-        crate::lab::OUTSIDE_IP,
+        "   the outside host {} reaches {}/{} container addresses directly (no NAT){}",
+        match lab.options.ipv6 {
+            true => format!("{} {}", crate::lab::OUTSIDE_IP, crate::lab::OUTSIDE_IP6),
+            false => crate::lab::OUTSIDE_IP.to_string(),
+        },
         containers.len() - failed.len(),
         containers.len(),
         match failed.is_empty() {
@@ -260,5 +263,14 @@ pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
         "{}",
         sh::run("ip", &["-n", &lab.router, "route", "show", "proto", "bird"])?
     );
+    if lab.options.ipv6 {
+        print!(
+            "{}",
+            sh::run(
+                "ip",
+                &["-6", "-n", &lab.router, "route", "show", "proto", "bird"]
+            )?
+        );
+    }
     Ok(failed.len())
 }
