@@ -248,7 +248,7 @@ mod tests {
         list.iter().map(|ip| ip.parse().unwrap()).collect()
     }
 
-    /// The plan as text: `=ADDRESS@BLOCK` for a requested address, `*POOLS` for any address.
+    /// The plan as text: `=ADDRESS@POOL:BLOCK` for a requested address, `*POOLS` for any one.
     fn shown(plan: Result<Vec<Wanted>, EndpointError>) -> Vec<String> {
         plan.unwrap()
             .iter()
