@@ -98,7 +98,12 @@ impl Agent {
         }));
         ctx.endpoints.set_unverified(unfinished);
         if let Some(bird) = bird {
-            let speaker = crate::bgp::Speaker::new(&ctx.config.bgp, bird, ctx.underlay.ip)?;
+            let speaker = crate::bgp::Speaker::new(
+                &ctx.config.bgp,
+                bird,
+                ctx.underlay.ip,
+                crate::bgp::announced_v6_next_hop(ctx.config.has_ipv6(), &ctx.host()),
+            )?;
             let _ = ctx.bgp.set(speaker);
         }
         let reconciler = Arc::new(Reconciler::new(ctx.clone()));

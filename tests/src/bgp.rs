@@ -21,21 +21,30 @@ pub const HOST_ASN: u32 = 64512;
 
 /// The router's bird configuration: one eBGP session per host, from the router's address on
 /// that host's segment, learned routes to the kernel. Short retry and error waits, so that a
-/// session a test broke comes back in a second.
-pub fn router_config(hosts: &[(Ipv4Addr, &str)], log: &Path) -> String {
+/// session a test broke comes back in a second. With `ipv6` (dual-stack labs) the same sessions
+/// also carry IPv6 (the hosts announce their IPv6 blocks over them) and IPv6 routes go to the
+/// kernel too.
+pub fn router_config(hosts: &[(Ipv4Addr, &str)], log: &Path, ipv6: bool) -> String {
     let mut out = format!(
         "router id {ROUTER_IP};\ntimeformat protocol \"%s\";\nlog \"{}\" all;\n\
          protocol device {{\n}}\n\
          protocol kernel {{\n  ipv4 {{ import none; export all; }};\n}}\n",
         log.display()
     );
+    if ipv6 {
+        out.push_str("protocol kernel {\n  ipv6 { import none; export all; };\n}\n");
+    }
+    let ipv6_channel = match ipv6 {
+        true => "  ipv6 { import all; export none; };\n",
+        false => "",
+    };
     for (i, (ip, local)) in hosts.iter().enumerate() {
         let _ = write!(
             out,
             "protocol bgp h{} {{\n  local {local} as {ROUTER_ASN};\n  \
              neighbor {ip} as {HOST_ASN};\n  hold time 9;\n  connect retry time 1;\n  \
              error wait time 1, 2;\n  debug {{ states, events }};\n  \
-             ipv4 {{ import all; export none; }};\n}}\n",
+             ipv4 {{ import all; export none; }};\n{ipv6_channel}}}\n",
             i + 1
         );
     }
@@ -59,7 +68,7 @@ pub fn start_router(lab: &mut Lab) -> Result<()> {
     let hosts: Vec<(Ipv4Addr, &str)> = (0..lab.hosts.len())
         .map(|i| host_address(i, subnets))
         .collect();
-    std::fs::write(&config, router_config(&hosts, &log))?;
+    std::fs::write(&config, router_config(&hosts, &log, lab.options.ipv6))?;
     sh::run("bird", &["-p", "-c", config.to_str().unwrap()])
         .context("the router's bird configuration")?;
     let router = lab.router.clone();
@@ -128,6 +137,17 @@ fn pid_of(file: &Path, mark: &str) -> Option<i32> {
         .then_some(pid)
 }
 
+/// `ip route` lines as destination -> next hop (routes without one left out).
+fn parse_routes(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let via = words.iter().position(|w| *w == "via")?;
+            Some((words[0].to_string(), words.get(via + 1)?.to_string()))
+        })
+        .collect()
+}
+
 /// One BGP session as the router's bird shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterSession {
@@ -169,14 +189,17 @@ impl Lab {
             "ip",
             &["-n", &self.router, "route", "show", "proto", "bird"],
         )?;
-        Ok(out
-            .lines()
-            .filter_map(|line| {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let via = words.iter().position(|w| *w == "via")?;
-                Some((words[0].to_string(), words.get(via + 1)?.to_string()))
-            })
-            .collect())
+        Ok(parse_routes(&out))
+    }
+
+    /// The IPv6 routes bird installed in the router's kernel (dual-stack labs): destination ->
+    /// next hop.
+    pub fn router_bgp_routes6(&self) -> Result<BTreeMap<String, String>> {
+        let out = sh::run(
+            "ip",
+            &["-6", "-n", &self.router, "route", "show", "proto", "bird"],
+        )?;
+        Ok(parse_routes(&out))
     }
 
     /// The PID of host `i`'s bird (the one its agent started or adopted), if it runs.
@@ -193,8 +216,8 @@ impl Lab {
     }
 }
 
-/// The BGP part of `weft-lab demo --bgp`: the router's sessions and the routes it learned, and
-/// the outside host pinging every container directly. Returns how many pings failed.
+/// The BGP part of `weft-lab demo --bgp`: the router's sessions and the routes it learned (both
+/// families on a dual-stack lab), and the outside host pinging every container address directly. Returns how many pings failed.
 pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
     for i in 0..lab.hosts.len() {
         lab.eventually(
@@ -217,14 +240,17 @@ pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
         )
         .is_ok()
     };
-    let failed: Vec<&str> = containers
+    let failed: Vec<String> = containers
         .iter()
         .filter(|(_, ip)| !reached(ip))
-        .map(|(name, _)| *name)
+        .map(|(name, ip)| format!("{name} ({ip})"))
         .collect();
     println!(
-        "   the outside host {} reaches {}/{} containers at their own addresses (no NAT){}",
-        crate::lab::OUTSIDE_IP,
+        "   the outside host {} reaches {}/{} container addresses directly (no NAT){}",
+        match lab.options.ipv6 {
+            true => format!("{} {}", crate::lab::OUTSIDE_IP, crate::lab::OUTSIDE_IP6),
+            false => crate::lab::OUTSIDE_IP.to_string(),
+        },
         containers.len() - failed.len(),
         containers.len(),
         match failed.is_empty() {
@@ -237,5 +263,14 @@ pub fn show_demo(lab: &Lab, containers: &[(&str, &str)]) -> Result<usize> {
         "{}",
         sh::run("ip", &["-n", &lab.router, "route", "show", "proto", "bird"])?
     );
+    if lab.options.ipv6 {
+        print!(
+            "{}",
+            sh::run(
+                "ip",
+                &["-6", "-n", &lab.router, "route", "show", "proto", "bird"]
+            )?
+        );
+    }
     Ok(failed.len())
 }

@@ -27,7 +27,6 @@ pub fn code(err: &EndpointError) -> Code {
         EndpointError::Invalid(_)
         | EndpointError::NoProcess(_)
         | EndpointError::OutsidePools { .. }
-        | EndpointError::BothFamiliesRequested(..)
         | EndpointError::OutsideNamedPools { .. }
         | EndpointError::UnknownPool(_) => Code::InvalidArgument,
         EndpointError::PoolDisabled(_) | EndpointError::NoPool => Code::FailedPrecondition,

@@ -11,7 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod render;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 use tracing::{info, warn};
+use weft_etcd::records::HostRecord;
 
 use crate::config::{Asn, BgpSettings};
 use crate::context::Context;
@@ -85,8 +86,28 @@ pub struct BgpStatus {
     /// Whether bird answers on its socket; the error when it does not.
     pub daemon: Result<(), String>,
     pub sessions: Vec<SessionStatus>,
-    /// The blocks in the configuration bird was last given.
+    /// The blocks (of both families on a dual-stack host) in the configuration bird was last
+    /// given.
     pub announced: Vec<IpNetwork>,
+}
+
+/// The next hop of this host's IPv6 blocks: the IPv6 underlay address it registered, when it
+/// has an IPv6 pool. A host with an IPv6 pool but no IPv6 underlay address announces IPv4 only
+/// (peers cannot route its IPv6 blocks either), and says so.
+pub fn announced_v6_next_hop(has_ipv6_pool: bool, host: &HostRecord) -> Option<Ipv6Addr> {
+    if !has_ipv6_pool {
+        return None;
+    }
+    match host.underlay_ipv6 {
+        Some(IpAddr::V6(address)) => Some(address),
+        _ => {
+            warn!(
+                "bgp: this host has an IPv6 pool but no IPv6 underlay address; \
+                 its IPv6 blocks are not announced"
+            );
+            None
+        }
+    }
 }
 
 /// This host's BGP speaker: the wanted configuration, bird's files, and what bird was told.
@@ -96,7 +117,11 @@ pub struct Speaker {
     files: BirdFiles,
     control: BirdControl,
     router_id: Ipv4Addr,
-    /// The configuration bird last accepted, and its blocks.
+    /// This host's registered IPv6 underlay address when it has an IPv6 pool: next hop of its
+    /// IPv6 blocks. None: IPv6 blocks are not announced (and the configuration is an IPv4-only
+    /// host's, byte for byte).
+    local_v6: Option<Ipv6Addr>,
+    /// The configuration bird last accepted, and the blocks it announces.
     applied: tokio::sync::Mutex<Option<(String, Vec<IpNetwork>)>>,
     /// A sync is wanted / a full one (bird's liveness checked) / one is under way.
     pending: AtomicBool,
@@ -119,7 +144,14 @@ impl Speaker {
         Ok(Some(bird))
     }
 
-    pub fn new(settings: &BgpSettings, bird: PathBuf, underlay: IpAddr) -> Result<Self, BgpError> {
+    /// `underlay_v6`: the IPv6 underlay address this host registered, when it has an IPv6 pool
+    /// (its IPv6 blocks are announced with it as next hop, over the same sessions).
+    pub fn new(
+        settings: &BgpSettings,
+        bird: PathBuf,
+        underlay: IpAddr,
+        underlay_v6: Option<Ipv6Addr>,
+    ) -> Result<Self, BgpError> {
         let IpAddr::V4(router_id) = underlay else {
             return Err(BgpError::NoRouterId(underlay));
         };
@@ -130,6 +162,7 @@ impl Speaker {
             bird,
             files,
             router_id,
+            local_v6: underlay_v6,
             applied: Default::default(),
             pending: AtomicBool::new(false),
             wanted: AtomicBool::new(false),
@@ -141,15 +174,23 @@ impl Speaker {
         &self.files
     }
 
-    /// The configuration that announces `blocks`.
+    /// The configuration that announces `blocks`: the IPv4 ones always, the IPv6 ones when
+    /// this host has an IPv6 next hop for them.
     pub fn spec(&self, blocks: &[IpNetwork]) -> BirdSpec {
+        let mut announced: Vec<IpNetwork> = blocks
+            .iter()
+            .filter(|b| b.is_ipv4() || self.local_v6.is_some())
+            .copied()
+            .collect();
+        announced.sort();
+        announced.dedup();
         BirdSpec {
             router_id: self.router_id,
             asn: self.settings.asn,
             hold_time: self.settings.hold_time.as_secs() as u16,
             local_v4: Some(self.router_id),
-            local_v6: None,
-            blocks: blocks.iter().filter(|b| b.is_ipv4()).copied().collect(),
+            local_v6: self.local_v6,
+            blocks: announced,
             peers: self.settings.peers.clone(),
         }
     }
@@ -160,7 +201,8 @@ impl Speaker {
     /// business (the caller logs it and carries on).
     pub async fn start(&self, blocks: &[IpNetwork]) -> Result<Synced, BgpError> {
         let mut applied = self.applied.lock().await;
-        let text = render::render(&self.spec(blocks));
+        let spec = self.spec(blocks);
+        let text = render::render(&spec);
         self.write(&text)?;
         let synced = match self.control.ping().await {
             Ok(()) => {
@@ -173,7 +215,7 @@ impl Speaker {
             }
             Err(e) => return Err(e.into()),
         };
-        *applied = Some((text, blocks.to_vec()));
+        *applied = Some((text, spec.blocks));
         Ok(synced)
     }
 
@@ -181,7 +223,8 @@ impl Speaker {
     /// (with `check_alive`, on full passes) starts it again when it is gone.
     pub async fn sync(&self, blocks: &[IpNetwork], check_alive: bool) -> Result<Synced, BgpError> {
         let mut applied = self.applied.lock().await;
-        let text = render::render(&self.spec(blocks));
+        let spec = self.spec(blocks);
+        let text = render::render(&spec);
         let changed = applied.as_ref().is_none_or(|(t, _)| *t != text);
         let mut outcome = Synced::Unchanged;
         let answering = match check_alive {
@@ -210,7 +253,7 @@ impl Speaker {
             }
             Ok(()) => {}
         }
-        *applied = Some((text, blocks.to_vec()));
+        *applied = Some((text, spec.blocks));
         Ok(outcome)
     }
 
@@ -348,6 +391,70 @@ pub fn sessions_by_state(sessions: &[SessionStatus]) -> Vec<(String, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    fn speaker(v6: Option<&str>) -> Speaker {
+        let flags = [
+            "weft-agent",
+            "--host-name",
+            "h1",
+            "--bgp",
+            "--bgp-peer",
+            "198.51.100.100:64513",
+        ];
+        let config = crate::config::Config::load(crate::config::Flags::parse_from(flags)).unwrap();
+        Speaker::new(
+            &config.bgp,
+            "/usr/sbin/bird".into(),
+            "198.51.100.1".parse().unwrap(),
+            v6.map(|a| a.parse().unwrap()),
+        )
+        .unwrap()
+    }
+
+    fn blocks(list: &[&str]) -> Vec<IpNetwork> {
+        list.iter().map(|b| b.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_ipv4_only_host_announces_ipv4_blocks_alone_as_before() {
+        let spec = speaker(None).spec(&blocks(&["10.65.0.64/26", "fd65::/122", "10.65.0.0/26"]));
+        assert_eq!(spec.local_v6, None);
+        assert_eq!(spec.blocks, blocks(&["10.65.0.0/26", "10.65.0.64/26"]));
+        let text = render::render(&spec);
+        assert!(!text.contains("ipv6"), "{text}");
+    }
+
+    #[test]
+    fn a_dual_stack_host_announces_both_families_with_its_ipv6_underlay_as_next_hop() {
+        let spec = speaker(Some("2001:db8:100::1")).spec(&blocks(&["fd65::/122", "10.65.0.0/26"]));
+        assert_eq!(spec.local_v6, Some("2001:db8:100::1".parse().unwrap()));
+        assert_eq!(spec.local_v4, Some("198.51.100.1".parse().unwrap()));
+        assert_eq!(spec.blocks, blocks(&["10.65.0.0/26", "fd65::/122"]));
+        let text = render::render(&spec);
+        assert!(text.contains("route fd65::/122 blackhole;"), "{text}");
+        assert!(text.contains("next hop address 2001:db8:100::1;"), "{text}");
+    }
+
+    #[test]
+    fn the_ipv6_next_hop_is_the_registered_address_of_a_host_with_an_ipv6_pool() {
+        let mut host = HostRecord {
+            underlay_ip: "198.51.100.1".parse().unwrap(),
+            version: "test".into(),
+            first_seen: 0,
+            underlay_prefix: Some(24),
+            vtep_mac: None,
+            tunnel_ip: None,
+            underlay_ipv6: Some("2001:db8:100::1".parse().unwrap()),
+        };
+        let expected: Ipv6Addr = "2001:db8:100::1".parse().unwrap();
+        assert_eq!(announced_v6_next_hop(true, &host), Some(expected));
+        // No IPv6 pool: the IPv6 underlay address is not used (the configuration stays as an
+        // IPv4-only host's, so sessions are not reset).
+        assert_eq!(announced_v6_next_hop(false, &host), None);
+        host.underlay_ipv6 = None;
+        assert_eq!(announced_v6_next_hop(true, &host), None);
+    }
 
     #[test]
     fn sessions_are_counted_by_state() {

@@ -40,10 +40,17 @@ fn open_blocks(blocks: &[IpNetwork], taken: &Taken) -> Vec<IpNetwork> {
 /// An address reserved in the table for an attach, with the block it lies in; settled by
 /// `write` (or abandoned).
 pub(super) struct Reserved {
-    ip: IpAddr,
+    pub(super) ip: IpAddr,
     /// The veth name reserved with it (empty for the second address of a dual-stack endpoint).
-    name: String,
-    block: BlockRef,
+    pub(super) name: String,
+    pub(super) block: BlockRef,
+}
+
+impl Reserved {
+    /// Gives the address (and name) back: the attach will not write it.
+    pub(super) fn abandon(&self, ctx: &Context) {
+        ctx.endpoints.settle(self.ip, &self.name, Settle::Abandoned);
+    }
 }
 
 /// Allocates one address per family of `pools`: each from the first of that family's pools
@@ -63,8 +70,7 @@ pub async fn allocate(
             false => match reserve_from(ctx, id, &secondary, false).await {
                 Ok(reserved) => Some(reserved),
                 Err(e) => {
-                    ctx.endpoints
-                        .settle(first.ip, &first.name, Settle::Abandoned);
+                    first.abandon(ctx);
                     return Err(e);
                 }
             },
@@ -76,7 +82,7 @@ pub async fn allocate(
             .collect();
         match write(ctx, record, blocks).await? {
             Written::Done(record) => return Ok(*record),
-            Written::IpTaken => {
+            Written::IpTaken(_) => {
                 debug!("address taken in etcd by a record unknown here; trying another");
             }
             // Released after the view was read (by another agent of this host's name, or an
@@ -99,7 +105,7 @@ fn by_family<'a>(pools: &[&'a PoolSettings]) -> (Vec<&'a PoolSettings>, Vec<&'a 
 }
 
 /// Reserves an address of the first of `pools` (in order) that has one free or a block left.
-async fn reserve_from(
+pub(super) async fn reserve_from(
     ctx: &Context,
     id: &ContainerId,
     pools: &[&PoolSettings],
@@ -155,8 +161,8 @@ async fn reserve_in(
 /// How writing a reserved address's endpoint record ended, when it did not fail outright.
 pub(super) enum Written {
     Done(Box<EndpointRecord>),
-    /// A record unknown here holds an address (it is marked foreign).
-    IpTaken,
+    /// A record unknown here holds this address (it is marked foreign).
+    IpTaken(IpAddr),
     /// A block was released after the view was read.
     BlockReleased,
 }
@@ -189,7 +195,7 @@ pub(super) async fn write(
             };
             ctx.endpoints.settle(ip, &name, outcome(ip));
             settle_second(&outcome);
-            Ok(Written::IpTaken)
+            Ok(Written::IpTaken(taken))
         }
         // Our own write, retried on another endpoint after its answer was lost.
         Err(CreateConflict::EndpointExists(existing)) if *existing == record => {
@@ -224,7 +230,7 @@ fn failed(
             }
             Err(e.into())
         }
-        CreateConflict::IpTaken(_) => Ok(Written::IpTaken),
+        CreateConflict::IpTaken(taken) => Ok(Written::IpTaken(taken)),
     }
 }
 

@@ -50,11 +50,6 @@ pub enum EndpointError {
     /// A repeated attach asks for what cannot be changed on a live attachment.
     #[error("{0}")]
     Differs(String),
-    #[error(
-        "requested addresses {0} and {1}: an address of each family cannot be requested yet; \
-         request one (the other family is then left out)"
-    )]
-    BothFamiliesRequested(std::net::IpAddr, std::net::IpAddr),
     #[error("requested address {ip} lies in no pool of this host")]
     OutsidePools { ip: std::net::IpAddr },
     #[error("requested address {ip} lies in none of the pools named ({})", .pools.join(", "))]

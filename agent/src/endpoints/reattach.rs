@@ -44,12 +44,19 @@ pub fn plan(existing: &EndpointRecord, request: &AttachRequest, namespace: &Name
             existing.ifname, request.ifname
         ));
     }
-    if let Some(wanted) = request.requested(existing.ip.is_ipv4()) {
-        if wanted != existing.ip {
+    for wanted in &request.ips {
+        let family = existing.address_of(wanted.is_ipv4());
+        if family != Some(*wanted) {
+            let has = match family {
+                Some(ip) => format!("address {ip}"),
+                None => format!(
+                    "no {} address",
+                    if wanted.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+            };
             return Reattach::Refuse(format!(
-                "container {id} is attached with address {}, not {wanted}; detach it first to \
-                 change its address",
-                existing.ip
+                "container {id} is attached with {has}, not {wanted}; detach it first to \
+                 change its address"
             ));
         }
     }
@@ -252,6 +259,20 @@ mod tests {
         let asked = |ip: &str| req.clone().with_ips(&[ip]).unwrap();
         assert_eq!(plan(&e, &asked("10.65.0.5"), &same), Reattach::Same);
         refused(plan(&e, &asked("10.65.0.6"), &same), "address");
+        refused(plan(&e, &asked("fd65::5"), &same), "no IPv6 address");
+        // A dual-stack endpoint: every requested address must be its address of that family.
+        let dual = EndpointRecord {
+            ipv6: Some("fd65::5".parse().unwrap()),
+            ..e.clone()
+        };
+        let pair = |v4: &str, v6: &str| req.clone().with_ips(&[v4, v6]).unwrap();
+        assert_eq!(
+            plan(&dual, &pair("10.65.0.5", "fd65::5"), &same),
+            Reattach::Same
+        );
+        assert_eq!(plan(&dual, &asked("fd65::5"), &same), Reattach::Same);
+        refused(plan(&dual, &pair("10.65.0.5", "fd65::6"), &same), "fd65::5");
+        refused(plan(&dual, &asked("fd65::6"), &same), "not fd65::6");
         refused(
             plan(&e, &request("/run/netns/a", "net1", &[(8080, 80)]), &same),
             "ifname",

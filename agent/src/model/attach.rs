@@ -24,7 +24,8 @@ pub struct AttachRequest {
     pub ports: Vec<PortMapping>,
     /// Labels network policy selects by (checked by `with_labels`).
     pub labels: BTreeMap<String, String>,
-    /// Addresses asked for, at most one per family; empty: any free address.
+    /// Addresses asked for, at most one per family; empty: any free address. A family with no
+    /// address asked for gets any free one of its pools.
     pub ips: Vec<IpAddr>,
     /// Pools to allocate from, in order of preference; empty: the host's default pools.
     pub pools: Vec<String>,
@@ -110,11 +111,6 @@ impl AttachRequest {
             self.ips.push(ip);
         }
         Ok(self)
-    }
-
-    /// The address requested of `ip`'s family.
-    pub fn requested(&self, v4: bool) -> Option<IpAddr> {
-        self.ips.iter().copied().find(|ip| ip.is_ipv4() == v4)
     }
 }
 

@@ -59,8 +59,8 @@ pub enum Command {
         /// other labels replaces them.
         #[arg(short = 'l', long = "label")]
         label: Vec<String>,
-        /// Ask for this address (one per family); it must lie in a pool, in a block of this
-        /// host or of no host.
+        /// Ask for this address (repeatable: one per family); it must lie in a pool, in a
+        /// block of this host or of no host. A family not asked for gets any free address.
         #[arg(long = "ip")]
         ips: Vec<String>,
         /// Allocate from this pool (repeatable: tried in order); default: the host's default

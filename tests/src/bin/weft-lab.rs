@@ -311,9 +311,16 @@ fn demo(
     }
 
     if bgp {
+        // Dual-stack: the outside host reaches their IPv6 addresses too.
         let shown: Vec<(&str, &str)> = containers
             .iter()
-            .map(|c| (c.name.as_str(), c.ip.as_str()))
+            .flat_map(|c| {
+                [
+                    (c.name.as_str(), c.ip.as_str()),
+                    (c.name.as_str(), c.ip6.as_str()),
+                ]
+            })
+            .filter(|(_, ip)| !ip.is_empty())
             .collect();
         failures += weft_tests::bgp::show_demo(&lab, &shown)?;
     }
