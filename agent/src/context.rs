@@ -204,7 +204,9 @@ impl Context {
                 nat_outgoing: pool.nat_outgoing,
             })
             .collect();
-        let ports = self.endpoints.list().iter().flat_map(port_rules).collect();
+        let mut ports = self.endpoints.flat_map(port_rules);
+        // In a stable order: the table is a hash map.
+        ports.sort();
         let vxlan_peers = (self.config.encapsulation() != Encapsulation::None).then(|| {
             self.cluster.with_view(|view| {
                 let mut peers: Vec<std::net::IpAddr> = view

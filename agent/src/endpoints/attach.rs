@@ -82,7 +82,7 @@ async fn attach_into(
     let started = Instant::now();
     let mac = Mac::random();
     // Only the first weft interface of a namespace carries its default route.
-    let secondary = ctx.endpoints.list().iter().any(|e| e.netns == netns.path);
+    let secondary = ctx.endpoints.any(|e| e.netns == netns.path);
     let make = |ip, host_ifname| EndpointRecord {
         container_id: id.to_string(),
         host: ctx.me().to_string(),

@@ -173,6 +173,31 @@ impl EndpointTable {
         all
     }
 
+    /// Whether some endpoint matches, read in place (no copy of the table).
+    pub fn any(&self, matches: impl Fn(&EndpointRecord) -> bool) -> bool {
+        self.table.lock().unwrap().endpoints.values().any(matches)
+    }
+
+    /// Copies of the endpoints that match only.
+    pub fn matching(&self, matches: impl Fn(&EndpointRecord) -> bool) -> Vec<EndpointRecord> {
+        let table = self.table.lock().unwrap();
+        table
+            .endpoints
+            .values()
+            .filter(|e| matches(e))
+            .cloned()
+            .collect()
+    }
+
+    /// What `each` makes of every endpoint, read in place (no copy of the table).
+    pub fn flat_map<T, I: IntoIterator<Item = T>>(
+        &self,
+        each: impl FnMut(&EndpointRecord) -> I,
+    ) -> Vec<T> {
+        let table = self.table.lock().unwrap();
+        table.endpoints.values().flat_map(each).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.table.lock().unwrap().endpoints.len()
     }

@@ -105,9 +105,8 @@ pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
 async fn promote_successor(ctx: &Context, gone: &EndpointRecord) -> Result<(), EndpointError> {
     let Some(successor) = ctx
         .endpoints
-        .list()
+        .matching(|e| e.netns == gone.netns && e.secondary)
         .into_iter()
-        .filter(|e| e.netns == gone.netns && e.secondary)
         .min_by_key(|e| (e.created, e.container_id.clone()))
     else {
         return Ok(());
