@@ -77,7 +77,8 @@ impl Datastore {
         }
     }
 
-    /// Starts one watch stream over hosts, liveness and blocks from `revision` (inclusive).
+    /// Starts one watch stream over hosts, liveness and blocks from `revision` (inclusive; 0:
+    /// from now on).
     async fn watch_cluster(&self, revision: i64) -> Result<etcd_client::WatchStream> {
         let options = || {
             Some(
@@ -106,12 +107,26 @@ impl Datastore {
     pub async fn follow_cluster(
         &self,
         on_snapshot: impl FnOnce(ClusterView),
-        mut on_events: impl FnMut(Vec<(ClusterEvent, i64)>),
+        on_events: impl FnMut(Vec<(ClusterEvent, i64)>),
     ) -> Result<()> {
         let snapshot = self.snapshot().await?;
         let revision = snapshot.revision;
         on_snapshot(snapshot);
-        let mut stream = self.watch_cluster(revision + 1).await?;
+        self.follow_cluster_changes(revision + 1, || {}, on_events)
+            .await
+    }
+
+    /// Follows the cluster's changes from `revision` (inclusive; 0: from now on) without a
+    /// snapshot: `on_watching` once the watch is in place, then each batch of changes to
+    /// `on_events` with its revision. Returns as [`Self::follow_cluster`] does.
+    pub async fn follow_cluster_changes(
+        &self,
+        revision: i64,
+        on_watching: impl FnOnce(),
+        mut on_events: impl FnMut(Vec<(ClusterEvent, i64)>),
+    ) -> Result<()> {
+        let mut stream = self.watch_cluster(revision).await?;
+        on_watching();
         loop {
             let Some(response) = stream.message().await? else {
                 return Ok(());
