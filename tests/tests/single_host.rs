@@ -445,3 +445,34 @@ fn detaches_set_off_no_repair_pass_and_a_veth_deleted_by_hand_does() {
     assert!(passes() > before);
     weft_tests::invariants::assert_quiet(&lab);
 }
+
+/// IPv6's `forwarding` and `proxy_ndp` of a veth, flipped behind the agent's back, are put
+/// back as the kernel announces the change, long before the next full pass.
+#[test]
+fn flipped_ipv6_sysctls_of_a_veth_are_put_back_at_once() {
+    let lab = Lab::new(LabOptions {
+        hosts: 1,
+        ipv6: true,
+        agent_args: ["--resync-interval", "1h"].map(String::from).to_vec(),
+        ..Default::default()
+    })
+    .unwrap();
+    let host = lab.hosts[0].name.clone();
+    let endpoint = lab.ctl_json(0, &["attach", "c1"]).unwrap();
+    let veth = endpoint["host_ifname"].as_str().unwrap().to_string();
+    for knob in ["forwarding", "proxy_ndp"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{veth}/{knob}");
+        let read = || {
+            sh::run_in(&host, &["cat", &path])
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(read(), "1", "{knob}");
+        sh::run_in(&host, &["sh", "-c", &format!("echo 0 > {path}")]).unwrap();
+        lab.eventually(&format!("{knob} put back"), Duration::from_secs(1), || {
+            read() == "1"
+        })
+        .unwrap();
+    }
+}

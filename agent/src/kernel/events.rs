@@ -67,18 +67,20 @@ pub enum NetconfDrift {
 
 const RTM_NEWNETCONF: u16 = 80;
 const RTNLGRP_IPV4_NETCONF: u32 = 24;
+const RTNLGRP_IPV6_NETCONF: u32 = 25;
 const NETCONFA_IFINDEX: u16 = 1;
 const NETCONFA_FORWARDING: u16 = 2;
 const NETCONFA_RP_FILTER: u16 = 3;
 const NETCONFA_PROXY_NEIGH: u16 = 5;
 const NETCONFA_IFINDEX_ALL: i32 = -1;
 
-/// Reads the IPv4 netconf notifications in one netlink datagram and returns the drifts they
-/// show. The kernel announces `forwarding`, `rp_filter` and `proxy_arp` (as `proxy_neigh`) one
-/// at a time when they change, and all values at once when an interface appears; the latter is
-/// skipped (a new interface is set up by whoever made it: for our veths, the attach running
-/// right now). `proxy_delay` and `accept_ra` are never announced; the periodic resync covers
-/// those. netlink-packet-route does not decode these messages, hence the hand-written parser.
+/// Reads the netconf notifications in one netlink datagram and returns the drifts they show.
+/// The kernel announces IPv4's `forwarding`, `rp_filter` and `proxy_arp` (as `proxy_neigh`),
+/// and IPv6's `forwarding` and `proxy_ndp` (as `proxy_neigh`), one at a time when they change,
+/// and all values at once when an interface appears; the latter is skipped (a new interface is
+/// set up by whoever made it: for our veths, the attach running right now). `proxy_delay`,
+/// `accept_ra` and `accept_dad` are never announced; the periodic resync covers those.
+/// netlink-packet-route does not decode these messages, hence the hand-written parser.
 pub fn parse_netconf(datagram: &[u8]) -> Vec<NetconfDrift> {
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
     let i32_at = |b: &[u8], i: usize| i32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
@@ -93,7 +95,9 @@ pub fn parse_netconf(datagram: &[u8]) -> Vec<NetconfDrift> {
         let message = &datagram[offset..offset + len];
         offset += align(len);
         // struct netconfmsg { u8 ncm_family; } padded to 4 bytes, then attributes.
-        if u16_at(message, 4) != RTM_NEWNETCONF || len < 20 || message[16] != libc::AF_INET as u8 {
+        let family = message.get(16).copied().unwrap_or(0);
+        let inet = family == libc::AF_INET as u8 || family == libc::AF_INET6 as u8;
+        if u16_at(message, 4) != RTM_NEWNETCONF || len < 20 || !inet {
             continue;
         }
         let (mut ifindex, mut wrong_forwarding, mut wrong_link) = (None, false, false);
@@ -133,12 +137,13 @@ pub fn parse_netconf(datagram: &[u8]) -> Vec<NetconfDrift> {
     drifts
 }
 
-/// A socket that receives the IPv4 netconf notifications of the agent's namespace.
+/// A socket that receives the IPv4 and IPv6 netconf notifications of the agent's namespace.
 pub fn netconf_events() -> io::Result<netlink_sys::TokioSocket> {
     use netlink_sys::AsyncSocket;
     let mut socket = netlink_sys::TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
     socket.socket_mut().bind_auto()?;
     socket.socket_ref().add_membership(RTNLGRP_IPV4_NETCONF)?;
+    socket.socket_ref().add_membership(RTNLGRP_IPV6_NETCONF)?;
     Ok(socket)
 }
 
@@ -294,11 +299,19 @@ mod tests {
         // The `default` template (-2) and other families are not ours.
         let default = netconf(inet, &[(NETCONFA_IFINDEX, -2), (NETCONFA_FORWARDING, 0)]);
         assert!(parse_netconf(&default).is_empty());
-        let v6 = netconf(
-            libc::AF_INET6 as u8,
+        let bridge = netconf(
+            libc::AF_BRIDGE as u8,
             &[(NETCONFA_IFINDEX, 7), (NETCONFA_FORWARDING, 0)],
         );
-        assert!(parse_netconf(&v6).is_empty());
+        assert!(parse_netconf(&bridge).is_empty());
+        // IPv6: forwarding and proxy_ndp of a veth, and forwarding of `all`.
+        let inet6 = libc::AF_INET6 as u8;
+        let v6 = netconf(inet6, &[(NETCONFA_IFINDEX, 7), (NETCONFA_FORWARDING, 0)]);
+        assert_eq!(parse_netconf(&v6), vec![NetconfDrift::Link(7)]);
+        let ndp = netconf(inet6, &[(NETCONFA_IFINDEX, 7), (NETCONFA_PROXY_NEIGH, 0)]);
+        assert_eq!(parse_netconf(&ndp), vec![NetconfDrift::Link(7)]);
+        let all6 = netconf(inet6, &[(NETCONFA_IFINDEX, -1), (NETCONFA_FORWARDING, 0)]);
+        assert_eq!(parse_netconf(&all6), vec![NetconfDrift::HostForwarding]);
         // A new interface is announced with all its values at once: not a change to judge.
         let appeared = netconf(
             inet,

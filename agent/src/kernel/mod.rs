@@ -141,6 +141,11 @@ pub trait Kernel: Send + Sync + 'static {
     async fn retire_link(&self, name: &str, ip: IpAddr) -> Result<bool>;
     /// The per-veth sysctls of a host veth; returns how many had to change.
     fn configure_veth(&self, name: &str) -> io::Result<usize>;
+    /// As `configure_veth`, right after `links()`: the settings that listing showed with their
+    /// value already are not read again (a full pass checks thousands of veths this way).
+    fn configure_listed_veth(&self, name: &str) -> io::Result<usize> {
+        self.configure_veth(name)
+    }
     /// The per-veth sysctls that differ from ours, described.
     fn check_veth(&self, name: &str) -> Vec<String>;
 

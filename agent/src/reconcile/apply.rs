@@ -46,12 +46,11 @@ pub async fn read_kernel(ctx: &Context, report: &mut ReconcileReport) -> Option<
 }
 
 pub fn veth_sysctls(ctx: &Context, links: &BTreeMap<String, u32>, report: &mut ReconcileReport) {
-    for endpoint in ctx.endpoints.list() {
-        let name = &endpoint.host_ifname;
+    for name in &ctx.endpoints.flat_map(|e| Some(e.host_ifname.clone())) {
         if !links.contains_key(name) {
             continue;
         }
-        match ctx.kernel.configure_veth(name) {
+        match ctx.kernel.configure_listed_veth(name) {
             Ok(n) => report.sysctls_fixed += n,
             // The link may have been deleted since it was listed.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

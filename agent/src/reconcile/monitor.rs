@@ -24,8 +24,9 @@ pub async fn run_kernel_monitor(ctx: Arc<Context>) {
     }
 }
 
-/// Puts back, within milliseconds, a flipped `ip_forward` or a flipped `proxy_arp`,
-/// `rp_filter` or `forwarding` of an endpoint's veth, as the kernel announces the change.
+/// Puts back, within milliseconds, a flipped `ip_forward` (or IPv6's `all` forwarding) or a
+/// flipped `proxy_arp`, `rp_filter`, `forwarding` or IPv6 `forwarding` or `proxy_ndp` of an
+/// endpoint's veth, as the kernel announces the change.
 pub async fn run_netconf_monitor(ctx: Arc<Context>) {
     use netlink_sys::AsyncSocketExt;
     let socket = match events::netconf_events() {

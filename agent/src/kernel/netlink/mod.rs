@@ -44,9 +44,10 @@ pub struct Netlink {
     /// The kernel runs one dump at a time per netlink socket and answers a second with EBUSY;
     /// tasks sharing `host` (the reconciler, attaches, checks) take turns.
     dumping: tokio::sync::Mutex<()>,
-    /// Our veths' settings as the last link dump showed them (its device configuration): a
-    /// full pass, which lists the links right before it checks the settings, reads from files
-    /// only what the dump does not show right. Each entry serves one check.
+    /// Our veths' settings as the last link dump showed them (its device configuration), for
+    /// `configure_listed_veth`: a full pass, which lists the links right before it checks the
+    /// settings, reads from files only what the dump does not show right. Each entry serves one
+    /// check; everything else (an attach, a netconf notification) reads the files.
     dumped_settings: std::sync::Mutex<std::collections::HashMap<String, sysctl::Known>>,
 }
 
@@ -182,6 +183,10 @@ impl Kernel for Netlink {
     }
 
     fn configure_veth(&self, name: &str) -> io::Result<usize> {
+        sysctl::configure_host_veth(name)
+    }
+
+    fn configure_listed_veth(&self, name: &str) -> io::Result<usize> {
         let known = self.dumped_settings.lock().unwrap().remove(name);
         sysctl::configure_host_veth_knowing(name, &known.unwrap_or_default())
     }
