@@ -476,3 +476,53 @@ fn flipped_ipv6_sysctls_of_a_veth_are_put_back_at_once() {
         .unwrap();
     }
 }
+
+/// A second interface in a namespace routes its own addresses of both families through its own
+/// table (`ip rule from <address>`, `ip -6 rule` for IPv6): traffic from its IPv6 address
+/// leaves through it, and reaches a container on another host; detach removes the rules.
+#[test]
+fn a_second_dual_stack_interface_sends_from_its_own_ipv6_address() {
+    let lab = Lab::new(LabOptions {
+        hosts: 2,
+        ipv6: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let ns = format!("{}-two", lab.prefix);
+    sh::run("ip", &["netns", "add", &ns]).unwrap();
+    let path = format!("/run/netns/{ns}");
+    let first = lab.ctl_json(0, &["attach", "a", "--netns", &path]).unwrap();
+    let second = lab
+        .ctl_json(0, &["attach", "b", "--netns", &path, "--ifname", "net1"])
+        .unwrap();
+    let peer = lab.ctl_json(1, &["attach", "p"]).unwrap();
+    let v6 = |e: &serde_json::Value| e["ipv6"].as_str().unwrap().to_string();
+    let (v6_first, v6_second) = (v6(&first), v6(&second));
+    let rules = sh::run_in(&ns, &["ip", "-6", "rule"]).unwrap();
+    assert!(
+        rules.contains(&format!("from {v6_second} lookup")),
+        "{rules}"
+    );
+    assert!(
+        !rules.contains(&v6_first),
+        "the first interface uses the main table: {rules}"
+    );
+    let route = sh::run_in(
+        &ns,
+        &["ip", "-6", "route", "get", &v6(&peer), "from", &v6_second],
+    )
+    .unwrap();
+    assert!(route.contains("dev net1"), "{route}");
+    // The reverse-path match on the host lets it through: it is net1's own address on net1.
+    let pinged = sh::in_ns(
+        &ns,
+        &["ping", "-c", "1", "-W", "2", "-I", &v6_second, &v6(&peer)],
+    )
+    .unwrap();
+    assert!(pinged.status.success(), "{pinged:?}");
+    lab.ctl_json(0, &["detach", "b"]).unwrap();
+    let rules = sh::run_in(&ns, &["ip", "-6", "rule"]).unwrap();
+    assert!(!rules.contains(&v6_second), "{rules}");
+    lab.ctl_json(0, &["detach", "a"]).unwrap();
+    sh::run("ip", &["netns", "del", &ns]).unwrap();
+}

@@ -56,7 +56,9 @@ pub(super) async fn configure(
         super::container_v6::configure(inside, index, table, v6, netns).await?;
     }
     if link.secondary {
-        add_source_rule(inside, link.ip, table, netns).await?;
+        for ip in link.addresses() {
+            add_source_rule(inside, ip, table, netns).await?;
+        }
     }
     Ok(())
 }
@@ -129,29 +131,30 @@ const SECONDARY_TABLE_BASE: u32 = 1000;
 /// Priority of the source rules of secondary interfaces: before the main table (32766).
 const SOURCE_RULE_PRIORITY: u32 = 1000;
 
-/// `ip rule add from <ip> lookup <table>`: traffic from a secondary interface's address leaves
-/// through that interface (its host end's strict rp_filter would drop it anywhere else). Rules
-/// of that address left from an earlier pair (another table) go first.
+/// `ip rule add from <ip> lookup <table>` (`ip -6 rule` for an IPv6 address): traffic from a
+/// secondary interface's address leaves through that interface (its host end's strict
+/// rp_filter, or the ip6tables reverse-path match, would drop it anywhere else). Rules of that
+/// address left from an earlier pair (another table) go first.
 async fn add_source_rule(
     inside: &rtnetlink::Handle,
     ip: IpAddr,
     table: u32,
     netns: &str,
 ) -> Result<()> {
-    let IpAddr::V4(v4) = ip else {
-        return Ok(());
-    };
+    use netlink_packet_route::rule::RuleAction;
     remove_source_rules(inside, ip, Some(table), netns).await?;
-    let added = inside
-        .rule()
-        .add()
-        .v4()
-        .source_prefix(v4, 32)
-        .table_id(table)
-        .priority(SOURCE_RULE_PRIORITY)
-        .action(netlink_packet_route::rule::RuleAction::ToTable)
-        .execute()
-        .await;
+    let added = match ip {
+        IpAddr::V4(v4) => {
+            let rule = inside.rule().add().v4().source_prefix(v4, 32);
+            let rule = rule.table_id(table).priority(SOURCE_RULE_PRIORITY);
+            rule.action(RuleAction::ToTable).execute().await
+        }
+        IpAddr::V6(v6) => {
+            let rule = inside.rule().add().v6().source_prefix(v6, 128);
+            let rule = rule.table_id(table).priority(SOURCE_RULE_PRIORITY);
+            rule.action(RuleAction::ToTable).execute().await
+        }
+    };
     match added {
         Err(e) if errno(&e) != Some(libc::EEXIST) => {
             Err(nl(format!("adding the source rule of {ip} in {netns}"))(e))
@@ -170,7 +173,7 @@ pub(super) async fn remove_source_rules(
     use netlink_packet_route::rule::RuleAttribute;
     let rules: Vec<_> = inside
         .rule()
-        .get(rtnetlink::IpVersion::V4)
+        .get(ip_version(ip))
         .execute()
         .try_collect()
         .await
@@ -218,7 +221,7 @@ pub(super) async fn check(
     path: &str,
     container: &ContainerLink,
 ) -> Result<InsideCheck> {
-    let (ifname, ip, secondary) = (&container.ifname, container.ip, container.secondary);
+    let (ifname, secondary) = (&container.ifname, container.secondary);
     let mut problems = vec![];
     let lo = handle
         .link()
@@ -256,7 +259,9 @@ pub(super) async fn check(
         problems.extend(super::container_v6::check(handle, index, table, path, ifname).await?);
     }
     if secondary {
-        problems.extend(check_source_rule(handle, ip, table, path).await?);
+        for ip in container.addresses() {
+            problems.extend(check_source_rule(handle, ip, table, path).await?);
+        }
     }
     Ok(InsideCheck {
         interface_present: true,
@@ -381,7 +386,7 @@ async fn check_source_rule(
     use netlink_packet_route::rule::RuleAttribute;
     let rules: Vec<_> = handle
         .rule()
-        .get(rtnetlink::IpVersion::V4)
+        .get(ip_version(ip))
         .execute()
         .try_collect()
         .await
@@ -391,4 +396,11 @@ async fn check_source_rule(
             && r.attributes.contains(&RuleAttribute::Table(table))
     });
     Ok((!present).then(|| format!("no rule from {ip} to table {table} in {path}")))
+}
+
+fn ip_version(ip: IpAddr) -> rtnetlink::IpVersion {
+    match ip {
+        IpAddr::V4(_) => rtnetlink::IpVersion::V4,
+        IpAddr::V6(_) => rtnetlink::IpVersion::V6,
+    }
 }

@@ -298,7 +298,10 @@ impl Kernel for Netlink {
             Err(e) => return Err(e.into()),
         };
         let inside = netns.netlink().await?;
-        container::remove_source_rules(&inside.handle, link.ip, None, netns.path()).await
+        for ip in link.addresses() {
+            container::remove_source_rules(&inside.handle, ip, None, netns.path()).await?;
+        }
+        Ok(())
     }
 
     async fn check_inside(&self, netns: &str, link: &ContainerLink) -> Result<InsideCheck> {
