@@ -442,3 +442,80 @@ fn a_mode_mismatch_refuses_start_and_vxlan_mode_puts_same_segment_peers_on_the_t
         }
     }
 }
+
+/// On a dual-stack lab, IPv6 crosses segments through the same tunnel (inner IPv6, outer IPv4):
+/// a peer's IPv6 blocks are routed via the link-local address of its VTEP MAC on the tunnel
+/// device, with a permanent neighbour for it; peers on this host's segment keep plain routes.
+#[test]
+fn ipv6_crosses_segments_through_the_tunnel() {
+    let lab = Lab::new(LabOptions {
+        hosts: 3,
+        subnets: 2,
+        ipv6: true,
+        ..Default::default()
+    })
+    .expect("lab");
+    let endpoints: Vec<Value> = (0..3)
+        .map(|i| {
+            lab.ctl_json(i, &["attach", &format!("c{}", i + 1)])
+                .unwrap()
+        })
+        .collect();
+    let v6 = |i: usize| endpoints[i]["ipv6"].as_str().unwrap().to_string();
+    let netns = |i: usize| {
+        let path = endpoints[i]["netns"].as_str().unwrap();
+        path.rsplit('/').next().unwrap().to_string()
+    };
+    // h1 and h3 share a segment, h2 is on the other one.
+    for (from, to) in [(0, 1), (1, 0), (0, 2), (2, 1)] {
+        lab.eventually(
+            &format!("c{} reaching c{} over IPv6", from + 1, to + 1),
+            Duration::from_secs(5),
+            || sh::ping(&netns(from), &v6(to)),
+        )
+        .unwrap();
+    }
+    let h1 = &lab.hosts[0].name;
+    let routes = json(h1, &["-6", "route", "show", "proto", "weft"]);
+    let route_of = |host: usize| {
+        let block = lab.status(0).unwrap()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["host"] == lab.hosts[host].name)
+            .and_then(|p| {
+                p["blocks"]
+                    .as_array()?
+                    .iter()
+                    .find(|b| b.as_str().is_some_and(|b| b.contains(':')))
+                    .cloned()
+            })
+            .unwrap();
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["dst"] == block)
+            .cloned()
+            .unwrap_or_else(|| panic!("no route to {block} in {routes}"))
+    };
+    let tunnelled = route_of(1);
+    assert_eq!(tunnelled["dev"], "weft.vxlan", "{tunnelled}");
+    let via = tunnelled["gateway"].as_str().unwrap().to_string();
+    assert!(via.starts_with("fe80::"), "{tunnelled}");
+    assert_eq!(
+        route_of(2)["gateway"],
+        "2001:db8:100::3",
+        "same segment: plain"
+    );
+    let neighbours = json(h1, &["-6", "neigh", "show", "dev", "weft.vxlan"]);
+    let entry = neighbours
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["dst"] == via.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no neighbour {via}: {neighbours}"));
+    assert!(entry["state"].to_string().contains("PERMANENT"), "{entry}");
+    invariants::assert_quiet(&lab);
+}

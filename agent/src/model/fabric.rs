@@ -56,6 +56,23 @@ pub fn veth_name(id: &ContainerId, attempt: u32) -> String {
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
+    /// The EUI-64 link-local address of an interface with this MAC (`fe80::` and the MAC with
+    /// `ff:fe` in its middle and the universal/local bit flipped).
+    pub fn link_local(&self) -> Ipv6Addr {
+        let m = self.0;
+        let word = |a: u8, b: u8| u16::from_be_bytes([a, b]);
+        Ipv6Addr::new(
+            0xfe80,
+            0,
+            0,
+            0,
+            word(m[0] ^ 0x02, m[1]),
+            word(m[2], 0xff),
+            word(0xfe, m[3]),
+            word(m[4], m[5]),
+        )
+    }
+
     /// A random locally administered unicast MAC for a container interface.
     pub fn random() -> Self {
         let mut mac: [u8; 6] = rand::random();
@@ -116,6 +133,13 @@ mod tests {
             "the clash the issue found"
         );
         assert_ne!(veth_name(&a, 0), veth_name(&b, 1));
+    }
+
+    #[test]
+    fn link_local_addresses_are_eui64() {
+        assert_eq!(Mac(HOST_VETH_MAC).link_local(), GATEWAY_V6);
+        let mac: Mac = "02:00:00:00:00:0b".parse().unwrap();
+        assert_eq!(mac.link_local().to_string(), "fe80::ff:fe00:b");
     }
 
     #[test]

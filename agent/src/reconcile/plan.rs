@@ -31,7 +31,7 @@ pub fn desired_routes(
         .filter_map(|(block, owner)| {
             let path = paths.get(&owner.host)?;
             if block.is_ipv6() {
-                return Some((*block, ipv6_target(cluster, &owner.host, path)?));
+                return Some((*block, ipv6_target(cluster, &owner.host, path, tunnel)?));
             }
             let target = match path {
                 PeerPath::Direct { via } => RouteTarget::Via(*via),
@@ -59,12 +59,22 @@ pub fn desired_routes(
 }
 
 /// How a peer's IPv6 block is reached: via the peer's IPv6 underlay address when the peer is
-/// on this host's subnet; otherwise (the tunnel carries IPv4 only) left to the underlay's
-/// routing, like encapsulation `none`. A peer without an IPv6 underlay address gets no route.
-fn ipv6_target(cluster: &ClusterView, host: &str, path: &PeerPath) -> Option<RouteTarget> {
+/// on this host's subnet (none if it has no IPv6 underlay address); through the tunnel, via
+/// the link-local address of the peer's VTEP MAC (a permanent neighbour of the tunnel device),
+/// when its IPv4 blocks go through the tunnel; otherwise left to the underlay's routing.
+fn ipv6_target(
+    cluster: &ClusterView,
+    host: &str,
+    path: &PeerPath,
+    tunnel: Option<u32>,
+) -> Option<RouteTarget> {
     match path {
         PeerPath::Direct { .. } => Some(RouteTarget::Via(cluster.hosts.get(host)?.underlay_ipv6?)),
-        _ => None,
+        PeerPath::Tunnel { vtep, .. } => Some(RouteTarget::Onlink {
+            via: std::net::IpAddr::V6(vtep.link_local()),
+            dev: tunnel?,
+        }),
+        PeerPath::Underlay | PeerPath::Unrouted => None,
     }
 }
 

@@ -16,7 +16,7 @@ pub async fn sync(
     paths: &BTreeMap<String, PeerPath>,
     report: &mut ReconcileReport,
 ) -> Option<u32> {
-    let plan = tunnel_plan(paths);
+    let plan = tunnel_plan(paths, ctx.config.has_ipv6());
     let wanted = ctx.vxlan_device();
     let current = match ctx.kernel.tunnel(wanted.as_ref()).await {
         Ok(current) => current,
@@ -87,7 +87,7 @@ pub async fn remove_unneeded(
     exists: bool,
     report: &mut ReconcileReport,
 ) {
-    if !exists || tunnel_plan(paths).needed {
+    if !exists || tunnel_plan(paths, false).needed {
         return;
     }
     match ctx.kernel.delete_tunnel().await {

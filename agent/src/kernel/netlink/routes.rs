@@ -177,6 +177,13 @@ mod tests {
                     dev: 9,
                 },
             },
+            Route {
+                dst: "fd65::80/122".parse().unwrap(),
+                target: RouteTarget::Onlink {
+                    via: "fe80::ff:fe00:b".parse().unwrap(),
+                    dev: 9,
+                },
+            },
         ];
         for route in routes {
             let mut msg = route_message(&route);

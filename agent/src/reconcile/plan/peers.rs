@@ -87,7 +87,9 @@ pub fn needs_tunnel(
         .any(|(_, h)| encapsulation.tunnels(subnet.contains(h.underlay_ip)))
 }
 
-/// What the tunnel device must hold.
+/// What the tunnel device must hold. On a host with an IPv6 pool, IPv6 crosses the tunnel too
+/// (inner IPv6 in the IPv4 underlay's VXLAN): each remote host also gets a permanent neighbour
+/// for the link-local address of its VTEP MAC, which its IPv6 blocks are routed via.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TunnelPlan {
     /// Whether any peer is reached through it (else it is removed).
@@ -96,7 +98,7 @@ pub struct TunnelPlan {
     pub fdb: BTreeSet<(Mac, IpAddr)>,
 }
 
-pub fn tunnel_plan(paths: &BTreeMap<String, PeerPath>) -> TunnelPlan {
+pub fn tunnel_plan(paths: &BTreeMap<String, PeerPath>, ipv6: bool) -> TunnelPlan {
     let mut plan = TunnelPlan::default();
     for path in paths.values() {
         if let PeerPath::Tunnel {
@@ -107,6 +109,10 @@ pub fn tunnel_plan(paths: &BTreeMap<String, PeerPath>) -> TunnelPlan {
         {
             plan.needed = true;
             plan.neighbours.insert((*tunnel_ip, *vtep));
+            if ipv6 {
+                plan.neighbours
+                    .insert((IpAddr::V6(vtep.link_local()), *vtep));
+            }
             plan.fdb.insert((*vtep, *underlay));
         }
     }
@@ -215,7 +221,8 @@ mod tests {
     #[test]
     fn the_tunnel_holds_one_neighbour_and_one_fdb_entry_per_remote_host() {
         let subnet: IpNetwork = "198.51.100.1/24".parse().unwrap();
-        let plan = tunnel_plan(&peer_paths("a", subnet, Encapsulation::Vxlan, &hosts()));
+        let paths = peer_paths("a", subnet, Encapsulation::Vxlan, &hosts());
+        let plan = tunnel_plan(&paths, false);
         assert!(plan.needed);
         let mac = |m: &str| m.parse::<Mac>().unwrap();
         let ip = |i: &str| i.parse::<IpAddr>().unwrap();
@@ -233,7 +240,25 @@ mod tests {
                 (mac("02:00:00:00:00:0c"), ip("198.18.0.3")),
             ])
         );
-        let none = tunnel_plan(&peer_paths("a", subnet, Encapsulation::None, &hosts()));
+        // With an IPv6 pool: also the link-local address of each peer's VTEP MAC.
+        let dual = tunnel_plan(&paths, true);
+        assert_eq!(dual.fdb, plan.fdb);
+        let extra: BTreeSet<_> = dual
+            .neighbours
+            .difference(&plan.neighbours)
+            .cloned()
+            .collect();
+        assert_eq!(
+            extra,
+            BTreeSet::from([
+                (ip("fe80::ff:fe00:b"), mac("02:00:00:00:00:0b")),
+                (ip("fe80::ff:fe00:c"), mac("02:00:00:00:00:0c")),
+            ])
+        );
+        let none = tunnel_plan(
+            &peer_paths("a", subnet, Encapsulation::None, &hosts()),
+            true,
+        );
         assert!(!none.needed && none.neighbours.is_empty());
         let (add, delete) = set_diff(&BTreeSet::from([1, 2]), &BTreeSet::from([2, 3]));
         assert_eq!((add, delete), (vec![1], vec![3]));

@@ -299,3 +299,35 @@ fn ipv6_blocks_route_via_the_peers_ipv6_underlay_and_containers_get_a_128() {
     let desired = desired_routes("a", &view, &[], &links, &paths, None);
     assert!(!desired.contains_key(&net("fd65::40/122")));
 }
+
+#[test]
+fn ipv6_blocks_of_a_tunnelled_peer_go_through_the_tunnel_via_its_vtep_link_local() {
+    let mut view = cluster();
+    let mut b = view.hosts["b"].clone();
+    b.underlay_ip = "198.18.0.2".parse().unwrap();
+    b.tunnel_ip = Some("10.65.1.1".parse().unwrap());
+    b.vtep_mac = Some("02:00:00:00:00:0b".into());
+    view.apply(ClusterEvent::HostPut("b".into(), b));
+    view.apply(ClusterEvent::BlockPut {
+        pool: "default-v6".into(),
+        block: net("fd65::40/122"),
+        host: "b".into(),
+    });
+    let paths = peers::peer_paths(
+        "a",
+        "198.51.100.1/24".parse().unwrap(),
+        weft_etcd::records::Encapsulation::CrossSubnet,
+        &view.hosts,
+    );
+    let desired = desired_routes("a", &view, &[], &BTreeMap::new(), &paths, Some(7));
+    assert_eq!(
+        desired[&net("fd65::40/122")],
+        RouteTarget::Onlink {
+            via: "fe80::ff:fe00:b".parse().unwrap(),
+            dev: 7
+        }
+    );
+    // No route through a tunnel device that does not exist yet.
+    let desired = desired_routes("a", &view, &[], &BTreeMap::new(), &paths, None);
+    assert!(!desired.contains_key(&net("fd65::40/122")));
+}
