@@ -8,10 +8,12 @@
 
 pub mod attach;
 pub mod baseline;
+pub mod batch;
 pub mod client;
 pub mod cni;
 pub mod convergence;
 pub mod dataplane;
+pub mod dualstack;
 pub mod endpoints;
 pub mod fleet;
 pub mod floor;
@@ -78,6 +80,7 @@ impl Case {
 pub const CASES: &[Case] = &[
     Case::new("attach", attach::run),
     Case::new("ports", ports::run),
+    Case::new("dual-stack", dualstack::run),
     Case::new("convergence", convergence::run),
     Case::new("convergence-vxlan", convergence::run_vxlan),
     Case::new("dataplane", dataplane::run),
