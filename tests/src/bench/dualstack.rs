@@ -22,8 +22,11 @@ use crate::{sh, Lab};
 const TARGET: f64 = 1.3;
 /// The host end's link-local address, the containers' IPv6 gateway.
 const GATEWAY_V6: &str = "fe80::ecee:eeff:feee:eeee";
-/// Turns each lab takes; each attaches (then detaches) `n / ROUNDS` containers per turn.
-const ROUNDS: usize = 5;
+/// The fewest containers a turn attaches (then detaches), and that many per client at least,
+/// so that a turn keeps its clients busy; and the most turns each lab takes.
+const TURN_MIN: usize = 10;
+const TURN_PER_CLIENT: usize = 3;
+const TURNS_MAX: usize = 20;
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
     for n in options.size(vec![50], vec![100, 500]) {
@@ -37,17 +40,19 @@ pub fn run(report: &mut Report, options: &Options) -> Result<()> {
 fn compare(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     println!("== dual-stack against IPv4-only attach/detach N={n} concurrency={concurrency}");
     let mut sides = [Side::new(false)?, Side::new(true)?];
-    let turns = |round: usize| match round % 2 {
+    let sizes = turn_sizes(n, concurrency);
+    // ABBA: neither family always goes first.
+    let order = |round: usize| match round % 2 {
         0 => [0, 1],
         _ => [1, 0],
     };
-    for round in 0..ROUNDS {
-        for side in turns(round) {
-            sides[side].attach(round, n / ROUNDS, concurrency)?;
+    for (round, &size) in sizes.iter().enumerate() {
+        for side in order(round) {
+            sides[side].attach(round, size, concurrency)?;
         }
     }
-    for round in 0..ROUNDS {
-        for side in turns(round) {
+    for round in 0..sizes.len() {
+        for side in order(round) {
             sides[side].detach(round)?;
         }
     }
@@ -75,6 +80,16 @@ fn compare(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// How many containers each turn of a lab attaches: `n` in as many turns as the turn size
+/// allows (at most `TURNS_MAX`), as even as can be.
+fn turn_sizes(n: usize, concurrency: usize) -> Vec<usize> {
+    let least = TURN_MIN.max(TURN_PER_CLIENT * concurrency);
+    let turns = (n / least).clamp(1, TURNS_MAX);
+    (0..turns)
+        .map(|k| n / turns + usize::from(k < n % turns))
+        .collect()
 }
 
 /// One family's lab, its batches (one per round) and their timings.
@@ -204,4 +219,22 @@ fn check_clean(lab: &Lab, client: &Client) -> Result<()> {
         left[0].container_id
     );
     lab.ipam_check(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_share_the_batch_evenly_and_keep_the_clients_busy() {
+        assert_eq!(turn_sizes(50, 1), vec![10; 5]);
+        assert_eq!(turn_sizes(50, 8), vec![25, 25]);
+        assert_eq!(turn_sizes(100, 8), vec![25; 4]);
+        assert_eq!(turn_sizes(500, 1), vec![25; 20]);
+        assert_eq!(turn_sizes(101, 8), vec![26, 25, 25, 25]);
+        assert_eq!(turn_sizes(5, 8), vec![5]);
+        for (n, c) in [(50, 1), (77, 8), (500, 8), (1000, 1)] {
+            assert_eq!(turn_sizes(n, c).iter().sum::<usize>(), n);
+        }
+    }
 }
