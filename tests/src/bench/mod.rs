@@ -169,3 +169,23 @@ pub fn compare(report: &Report, page: &std::path::Path) -> Result<bool> {
     }
     Ok(regressions > 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_picks_cases_by_name_and_refuses_unknown_ones() {
+        let chosen = select(Some("attach, dual-stack")).unwrap();
+        let names: Vec<_> = chosen.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["attach", "dual-stack"]);
+        let Err(error) = select(Some("dualstack")) else {
+            panic!("an unknown case was accepted");
+        };
+        let error = error.to_string();
+        assert!(error.contains("dual-stack"), "{error}");
+        let default = select(None).unwrap();
+        assert!(default.iter().any(|c| c.name == "dual-stack"));
+        assert!(!default.iter().any(|c| c.name == "fleet"));
+    }
+}
