@@ -22,8 +22,8 @@ pub struct Batch {
 /// A timed attach of a whole batch.
 pub struct Attached {
     pub run: Run,
-    /// What the agent answered for the batch's first container.
-    pub first: pb::Endpoint,
+    /// What the agent answered for each container, in order.
+    pub endpoints: Vec<pb::Endpoint>,
 }
 
 impl Batch {
@@ -51,17 +51,20 @@ impl Batch {
         client: &Client,
         ports: impl Fn(usize) -> Vec<pb::PortMapping> + Sync,
     ) -> Result<Attached> {
-        let first = Mutex::new(None);
+        let answers = Mutex::new(vec![None; self.namespaces.len()]);
         let run = timed(self.namespaces.len(), self.concurrency, |i| {
             let netns = format!("/run/netns/{}", self.namespaces[i]);
             let endpoint = client.attach(i % self.concurrency, self.id(i), netns, ports(i))?;
-            if i == 0 {
-                *first.lock().unwrap() = Some(endpoint);
-            }
+            answers.lock().unwrap()[i] = Some(endpoint);
             Ok(())
         })?;
-        let first = first.into_inner().unwrap().context("an empty batch")?;
-        Ok(Attached { run, first })
+        let endpoints = answers
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .context("an attach of the batch without its answer")?;
+        Ok(Attached { run, endpoints })
     }
 
     /// Detaches every container.

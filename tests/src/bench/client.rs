@@ -73,7 +73,10 @@ impl Client {
                         ..Default::default()
                     })
                     .await?;
-                Ok(response.into_inner().endpoint.unwrap_or_default())
+                response
+                    .into_inner()
+                    .endpoint
+                    .ok_or_else(|| tonic::Status::internal("an Attach answer without endpoint"))
             })
         })
     }

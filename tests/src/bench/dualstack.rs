@@ -1,10 +1,10 @@
 //! Dual-stack attach and detach against IPv4-only, in the same run: the same number of
 //! containers, sequential and with concurrent clients, on a one-host lab whose agent has the
-//! IPv4 pool only and on one whose agent has both pools. The two labs take turns in rounds
-//! (ABBA order), so that both see the same share of whatever else loads the machine. Each
-//! container of the dual-stack lab gets an address of each family (checked on its first one,
-//! in the agent's answer and in its namespace), and each lab ends with nothing left: no
-//! endpoint, and etcd, the agent and the kernel agreeing (`weftctl ipam check`).
+//! IPv4 pool only and on one whose agent has both pools. The two labs take turns (ABBA order)
+//! of 10-25 containers, so that both see the same share of whatever else loads the machine. Each
+//! container of the dual-stack lab gets an address of each family (checked in every answer,
+//! and on the first container's interface), and each lab ends with nothing left: no endpoint,
+//! and etcd, the agent and the kernel agreeing (`weftctl ipam check`).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -44,18 +44,18 @@ fn compare(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let mut sides = [Side::new(false)?, Side::new(true)?];
     let sizes = turn_sizes(n, concurrency);
     // ABBA: neither family always goes first.
-    let order = |round: usize| match round % 2 {
+    let order = |turn: usize| match turn % 2 {
         0 => [0, 1],
         _ => [1, 0],
     };
-    for (round, &size) in sizes.iter().enumerate() {
-        for side in order(round) {
-            sides[side].attach(round, size, concurrency)?;
+    for (turn, &size) in sizes.iter().enumerate() {
+        for side in order(turn) {
+            sides[side].attach(turn, size, concurrency)?;
         }
     }
-    for round in 0..sizes.len() {
-        for side in order(round) {
-            sides[side].detach(round)?;
+    for turn in 0..sizes.len() {
+        for side in order(turn) {
+            sides[side].detach(turn)?;
         }
     }
     let [ipv4, dual] = sides;
@@ -94,7 +94,7 @@ fn turn_sizes(n: usize, concurrency: usize) -> Vec<usize> {
         .collect()
 }
 
-/// One family's lab, its batches (one per round) and their timings.
+/// One family's lab, its batches (one per turn) and their timings.
 struct Side {
     dual: bool,
     lab: Lab,
@@ -119,27 +119,31 @@ impl Side {
         })
     }
 
-    /// Attaches round `round`'s batch of `n`; the first round's first container is checked.
-    fn attach(&mut self, round: usize, n: usize, concurrency: usize) -> Result<()> {
-        let batch = Batch::new(&self.lab, &format!("d{round}x"), n, concurrency)?;
+    /// Attaches turn `turn`'s batch of `n`, checking every answer, and the first container's
+    /// interface.
+    fn attach(&mut self, turn: usize, n: usize, concurrency: usize) -> Result<()> {
+        let batch = Batch::new(&self.lab, &format!("d{turn}x"), n, concurrency)?;
         let attached = batch.attach(&self.client, |_| vec![])?;
-        if round == 0 {
-            check_addresses(batch.namespace(0), &attached.first, self.dual)?;
+        for (i, endpoint) in attached.endpoints.iter().enumerate() {
+            let addresses = check_answer(endpoint, self.dual)?;
+            if turn == 0 && i == 0 {
+                check_interface(batch.namespace(0), endpoint, &addresses)?;
+            }
         }
         self.attach.append(attached.run);
         self.batches.push(batch);
         Ok(())
     }
 
-    /// Detaches round `round`'s batch.
-    fn detach(&mut self, round: usize) -> Result<()> {
-        let run = self.batches[round].detach(&self.client)?;
+    /// Detaches turn `turn`'s batch.
+    fn detach(&mut self, turn: usize) -> Result<()> {
+        let run = self.batches[turn].detach(&self.client)?;
         self.detach.append(run);
         Ok(())
     }
 
     /// Checks that nothing is left and removes the namespaces (the lab goes when dropped);
-    /// the attach and detach timings of every round together.
+    /// the attach and detach timings of every turn together.
     fn finish(self) -> Result<(Run, Run)> {
         check_clean(&self.lab, &self.client)?;
         for batch in self.batches {
@@ -149,9 +153,10 @@ impl Side {
     }
 }
 
-/// The container got an IPv4 address, and an IPv6 address exactly when `dual`: in the agent's
-/// answer, and on its interface.
-fn check_addresses(netns: &str, endpoint: &pb::Endpoint, dual: bool) -> Result<()> {
+/// The agent's answer for a container: an IPv4 address of `POOL`, and an IPv6 address of
+/// `POOL_V6` with its link-local gateway exactly when `dual`. The addresses, for
+/// [`check_interface`].
+fn check_answer(endpoint: &pb::Endpoint, dual: bool) -> Result<Vec<String>> {
     let id = &endpoint.container_id;
     let ip: Ipv4Addr = endpoint
         .ip
@@ -161,33 +166,13 @@ fn check_addresses(netns: &str, endpoint: &pb::Endpoint, dual: bool) -> Result<(
         POOL.parse::<Ipv4Network>()?.contains(ip),
         "{id}: {ip} outside {POOL}"
     );
-    let on_link = |family: &str| {
-        sh::run(
-            "ip",
-            &[
-                "-n",
-                netns,
-                family,
-                "-o",
-                "addr",
-                "show",
-                "dev",
-                &endpoint.ifname,
-            ],
-        )
-    };
-    ensure!(
-        on_link("-4")?.contains(&format!("{ip}/32")),
-        "{id}: {ip}/32 not on {} in {netns}",
-        endpoint.ifname
-    );
     if !dual {
         ensure!(
             endpoint.ipv6.is_empty(),
             "{id}: IPv6 address {:?} on an IPv4-only host",
             endpoint.ipv6
         );
-        return Ok(());
+        return Ok(vec![format!("{ip}/32")]);
     }
     let ipv6: Ipv6Addr = endpoint
         .ipv6
@@ -202,11 +187,20 @@ fn check_addresses(netns: &str, endpoint: &pb::Endpoint, dual: bool) -> Result<(
         "{id}: IPv6 gateway {:?}, expected {GATEWAY_V6}",
         endpoint.gateway_v6
     );
-    ensure!(
-        on_link("-6")?.contains(&format!("{ipv6}/128")),
-        "{id}: {ipv6}/128 not on {} in {netns}",
-        endpoint.ifname
-    );
+    Ok(vec![format!("{ip}/32"), format!("{ipv6}/128")])
+}
+
+/// Every address of the container's answer sits on its interface in `netns`.
+fn check_interface(netns: &str, endpoint: &pb::Endpoint, addresses: &[String]) -> Result<()> {
+    let ifname = endpoint.ifname.as_str();
+    let held = sh::run("ip", &["-n", netns, "-o", "addr", "show", "dev", ifname])?;
+    for address in addresses {
+        ensure!(
+            held.split_whitespace().any(|word| word == address),
+            "{}: {address} not on {ifname} in {netns}:\n{held}",
+            endpoint.container_id
+        );
+    }
     Ok(())
 }
 
@@ -226,6 +220,34 @@ fn check_clean(lab: &Lab, client: &Client) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(ip: &str, ipv6: &str, gateway_v6: &str) -> pb::Endpoint {
+        pb::Endpoint {
+            container_id: "d0x0".into(),
+            ip: ip.into(),
+            ipv6: ipv6.into(),
+            gateway_v6: gateway_v6.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn answers_carry_one_address_per_family_of_the_host() {
+        let dual = answer("10.65.0.1", "fd65::1", GATEWAY_V6);
+        assert_eq!(
+            check_answer(&dual, true).unwrap(),
+            ["10.65.0.1/32", "fd65::1/128"]
+        );
+        let v4 = answer("10.65.0.1", "", "");
+        assert_eq!(check_answer(&v4, false).unwrap(), ["10.65.0.1/32"]);
+        // Missing, extra or misplaced addresses, and a wrong gateway, are refused.
+        assert!(check_answer(&v4, true).is_err());
+        assert!(check_answer(&dual, false).is_err());
+        assert!(check_answer(&answer("10.66.0.1", "fd65::1", GATEWAY_V6), true).is_err());
+        assert!(check_answer(&answer("10.65.0.1", "fd66::1", GATEWAY_V6), true).is_err());
+        assert!(check_answer(&answer("10.65.0.1", "fd65::1", "fe80::1"), true).is_err());
+        assert!(check_answer(&answer("", "fd65::1", GATEWAY_V6), true).is_err());
+    }
 
     #[test]
     fn turns_share_the_batch_evenly_and_keep_the_clients_busy() {
