@@ -299,7 +299,8 @@ impl Iptables {
         let [raw, nat, filter] = &mut *tables;
         let mut written = raw.sync(&ip6::raw_rules(), mode, &mut Save::default())? as usize;
         written += nat.sync(&render(&ip6::nat_rules(spec)), mode, &mut Save::default())? as usize;
-        written += filter.sync(&render(&ip6::filter_rules()), mode, &mut Save::default())? as usize;
+        written +=
+            filter.sync(&render(&ip6::filter_rules()), mode, &mut Save::default())? as usize;
         let rules = [raw, nat, filter]
             .iter()
             .map(|t| t.applied.rules.len())
