@@ -1,10 +1,9 @@
 //! Attach and detach latency and throughput, weft against ptp + host-local, sequential and with
 //! concurrent clients.
 
-use std::sync::Arc;
-
 use anyhow::Result;
 
+use super::batch::Batch;
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
 use super::cni::{cni, ptp_config};
 use super::{timed, Better, Options, Report, CONCURRENCY};
@@ -22,18 +21,13 @@ fn attach_detach(report: &mut Report, n: usize, concurrency: usize) -> Result<()
     println!("== attach/detach N={n} concurrency={concurrency}");
     let lab = one_host_lab()?;
     let host = lab.hosts[0].name.clone();
-    let client = Arc::new(Client::new(&lab, 0)?);
+    let client = Client::new(&lab, 0)?;
 
     // weft
-    let ns = namespaces(&lab, "w", n)?;
-    let attach = timed(n, concurrency, |i| {
-        let netns = format!("/run/netns/{}", ns[i]);
-        client.attach(i % concurrency, format!("b{i}"), netns, vec![])
-    })?;
-    let detach = timed(n, concurrency, |i| {
-        client.detach(i % concurrency, format!("b{i}"))
-    })?;
-    delete_namespaces(&ns)?;
+    let batch = Batch::new(&lab, "w", n, concurrency)?;
+    let attach = batch.attach(&client, |_| vec![])?.run;
+    let detach = batch.detach(&client)?;
+    batch.remove()?;
 
     // ptp + host-local
     let ns = namespaces(&lab, "p", n)?;

@@ -258,5 +258,8 @@ mod tests {
             .ratios
             .contains_key("attach.c8.rate_ratio_weft_over_ptp"));
         assert!(baseline.ratios.contains_key("dataplane.vxlan.ratio"));
+        assert!(baseline
+            .ratios
+            .contains_key("dualstack.c8.attach.p50_dual_over_ipv4"));
     }
 }

@@ -55,24 +55,28 @@ impl Client {
             .map_err(|s| anyhow::anyhow!("{s:?}"))
     }
 
-    /// One Attach through connection `slot`.
+    /// One Attach through connection `slot`; the endpoint the agent answered with.
     pub fn attach(
         &self,
         slot: usize,
         id: String,
         netns: String,
         ports: Vec<pb::PortMapping>,
-    ) -> Result<()> {
+    ) -> Result<pb::Endpoint> {
         self.call(slot, move |mut c| {
             Box::pin(async move {
-                c.attach(pb::AttachRequest {
-                    container_id: id,
-                    netns,
-                    ports,
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
+                let response = c
+                    .attach(pb::AttachRequest {
+                        container_id: id,
+                        netns,
+                        ports,
+                        ..Default::default()
+                    })
+                    .await?;
+                response
+                    .into_inner()
+                    .endpoint
+                    .ok_or_else(|| tonic::Status::internal("an Attach answer without endpoint"))
             })
         })
     }
@@ -84,6 +88,16 @@ impl Client {
                 c.detach(pb::DetachRequest { container_id: id })
                     .await
                     .map(|_| ())
+            })
+        })
+    }
+
+    /// Every endpoint the agent holds.
+    pub fn list(&self) -> Result<Vec<pb::Endpoint>> {
+        self.call(0, |mut c| {
+            Box::pin(async move {
+                let response = c.list(pb::ListRequest {}).await?;
+                Ok(response.into_inner().endpoints)
             })
         })
     }
@@ -104,9 +118,15 @@ pub fn delete_namespaces(names: &[String]) -> Result<()> {
 
 /// One host, its agent resyncing rarely so that periodic passes stay out of the timings.
 pub fn one_host_lab() -> Result<Lab> {
+    one_host_lab_with(false)
+}
+
+/// [`one_host_lab`], dual-stack when `ipv6` (pools `lab::POOL` and `lab::POOL_V6`).
+pub fn one_host_lab_with(ipv6: bool) -> Result<Lab> {
     Lab::new(LabOptions {
         hosts: 1,
         agent_args: vec!["--resync-interval".into(), "30s".into()],
+        ipv6,
         ..Default::default()
     })
 }

@@ -28,7 +28,9 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
     let probe_ns = namespaces(&lab, "q", 2 * PROBES)?;
     let attach = |i: usize| {
         let netns = format!("/run/netns/{}", ns[i]);
-        client.attach(i % CONCURRENCY, format!("m{i}"), netns, vec![])
+        client
+            .attach(i % CONCURRENCY, format!("m{i}"), netns, vec![])
+            .map(drop)
     };
     timed(FEW, 1, attach)?;
     let at_few = probe(&client, &probe_ns[..PROBES])?;

@@ -23,8 +23,9 @@ use netlink_packet_route::route::RouteScope;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
+use super::batch::Batch;
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
-use super::{timed, Better, Options, Report, Run, CONCURRENCY};
+use super::{Better, Options, Report, Run, CONCURRENCY};
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const HOST_MAC: [u8; 6] = [0xee; 6];
@@ -49,14 +50,11 @@ fn floor(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let lab = one_host_lab()?;
     let host = lab.hosts[0].name.clone();
     let client = Client::new(&lab, 0)?;
-    let ns = namespaces(&lab, "w", n)?;
-    let weft = timed(n, concurrency, |i| {
-        let netns = format!("/run/netns/{}", ns[i]);
-        client.attach(i % concurrency, format!("b{i}"), netns, vec![])
-    })?;
+    let batch = Batch::new(&lab, "w", n, concurrency)?;
+    let weft = batch.attach(&client, |_| vec![])?.run;
     let ns2 = namespaces(&lab, "f", n)?;
     let kernel = floor_run(&host, &ns2, concurrency);
-    delete_namespaces(&ns)?;
+    batch.remove()?;
     delete_namespaces(&ns2)?;
     let kernel = kernel?;
     let key = format!("floor.n{n}.c{concurrency}");

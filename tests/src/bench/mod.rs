@@ -8,10 +8,12 @@
 
 pub mod attach;
 pub mod baseline;
+pub mod batch;
 pub mod client;
 pub mod cni;
 pub mod convergence;
 pub mod dataplane;
+pub mod dualstack;
 pub mod endpoints;
 pub mod fleet;
 pub mod floor;
@@ -78,6 +80,7 @@ impl Case {
 pub const CASES: &[Case] = &[
     Case::new("attach", attach::run),
     Case::new("ports", ports::run),
+    Case::new("dual-stack", dualstack::run),
     Case::new("convergence", convergence::run),
     Case::new("convergence-vxlan", convergence::run_vxlan),
     Case::new("dataplane", dataplane::run),
@@ -165,4 +168,24 @@ pub fn compare(report: &Report, page: &std::path::Path) -> Result<bool> {
         ),
     }
     Ok(regressions > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_picks_cases_by_name_and_refuses_unknown_ones() {
+        let chosen = select(Some("attach, dual-stack")).unwrap();
+        let names: Vec<_> = chosen.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["attach", "dual-stack"]);
+        let Err(error) = select(Some("dualstack")) else {
+            panic!("an unknown case was accepted");
+        };
+        let error = error.to_string();
+        assert!(error.contains("dual-stack"), "{error}");
+        let default = select(None).unwrap();
+        assert!(default.iter().any(|c| c.name == "dual-stack"));
+        assert!(!default.iter().any(|c| c.name == "fleet"));
+    }
 }

@@ -1,10 +1,9 @@
 //! Attach with one published port: weft against ptp + portmap.
 
-use std::sync::Arc;
-
 use anyhow::Result;
 use weft_proto::v1 as pb;
 
+use super::batch::Batch;
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
 use super::cni::{cni, portmap_config, ptp_config};
 use super::{timed, Better, Options, Report, CONCURRENCY};
@@ -20,17 +19,14 @@ fn ports(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     println!("== attach with one published port N={n} concurrency={concurrency}");
     let lab = one_host_lab()?;
     let host = lab.hosts[0].name.clone();
-    let client = Arc::new(Client::new(&lab, 0)?);
-    let ns = namespaces(&lab, "w", n)?;
-    let attach = timed(n, concurrency, |i| {
-        let netns = format!("/run/netns/{}", ns[i]);
-        let port = pb::PortMapping {
-            protocol: "tcp".into(),
-            host_port: 20000 + i as u32,
-            container_port: 80,
-        };
-        client.attach(i % concurrency, format!("b{i}"), netns, vec![port])
-    })?;
+    let client = Client::new(&lab, 0)?;
+    let batch = Batch::new(&lab, "w", n, concurrency)?;
+    let port = |i: usize| pb::PortMapping {
+        protocol: "tcp".into(),
+        host_port: 20000 + i as u32,
+        container_port: 80,
+    };
+    let attach = batch.attach(&client, |i| vec![port(i)])?.run;
     let ns2 = namespaces(&lab, "p", n)?;
     let config = ptp_config(&lab.dir);
     let add = timed(n, concurrency, |i| {
@@ -47,7 +43,7 @@ fn ports(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
         Ok(())
     })?;
     // Tear down both (portmap rules live in the host namespace, which the lab removes).
-    delete_namespaces(&ns)?;
+    batch.remove()?;
     delete_namespaces(&ns2)?;
     let key = format!("publish.n{n}.c{concurrency}");
     report.run(&format!("{key}.weft"), &attach);

@@ -5,12 +5,20 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 /// Latency samples of one run.
+#[derive(Debug, Default)]
 pub struct Run {
     pub samples: Vec<Duration>,
     pub wall: Duration,
 }
 
 impl Run {
+    /// Adds the samples and the wall time of `other`, a run made apart from this one (its
+    /// rate is then the samples per second of the two runs' wall time together).
+    pub fn append(&mut self, other: Run) {
+        self.samples.extend(other.samples);
+        self.wall += other.wall;
+    }
+
     /// The `p` quantile (0..=1) of the samples, in milliseconds.
     pub fn pct(&self, p: f64) -> f64 {
         let mut s: Vec<f64> = self.samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
@@ -69,12 +77,11 @@ impl Report {
         ));
     }
 
-    /// A ratio, with its target when it has one.
+    /// A ratio, with its target when it has one, marked met (✔) or missed (✘).
     pub fn ratio(&mut self, key: &str, value: f64, better: Better, target: Option<f64>) {
-        let note = match (target, better) {
-            (Some(t), Better::Higher) => format!("target >= {t}"),
-            (Some(t), Better::Lower) => format!("target <= {t}"),
-            (None, _) => String::new(),
+        let note = match target {
+            Some(t) => target_note(value, better, t),
+            None => String::new(),
         };
         self.line(key, value, "x", &note);
         self.ratios.push(Ratio {
@@ -103,6 +110,19 @@ impl Report {
             println!("{k:<44} {v:>16}  {n}");
         }
     }
+}
+
+/// `target <= 1.3 ✔`: the target and whether `value` meets it (a NaN never does).
+pub fn target_note(value: f64, better: Better, target: f64) -> String {
+    let (sign, met) = match better {
+        Better::Higher => (">=", value >= target),
+        Better::Lower => ("<=", value <= target),
+    };
+    let mark = match met {
+        true => "✔",
+        false => "✘",
+    };
+    format!("target {sign} {target} {mark}")
 }
 
 /// Runs `job(i)` for i in 0..n on `concurrency` threads; returns per-job latencies.
@@ -139,4 +159,35 @@ where
         samples.extend(r?);
     }
     Ok(Run { samples, wall })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_runs_add_samples_and_wall_time() {
+        let ms = Duration::from_millis;
+        let mut run = Run::default();
+        run.append(Run {
+            samples: vec![ms(1), ms(3)],
+            wall: ms(4),
+        });
+        run.append(Run {
+            samples: vec![ms(2), ms(2)],
+            wall: ms(4),
+        });
+        assert_eq!(run.samples.len(), 4);
+        assert_eq!(run.pct(0.5), 2.0);
+        assert_eq!(run.rate(), 500.0);
+    }
+
+    #[test]
+    fn target_notes_mark_met_and_missed() {
+        assert_eq!(target_note(1.1, Better::Lower, 1.3), "target <= 1.3 ✔");
+        assert_eq!(target_note(1.4, Better::Lower, 1.3), "target <= 1.3 ✘");
+        assert_eq!(target_note(5.0, Better::Higher, 5.0), "target >= 5 ✔");
+        assert_eq!(target_note(4.9, Better::Higher, 5.0), "target >= 5 ✘");
+        assert_eq!(target_note(f64::NAN, Better::Lower, 1.3), "target <= 1.3 ✘");
+    }
 }

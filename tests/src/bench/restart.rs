@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use nix::sys::signal::Signal;
 
-use super::client::{delete_namespaces, namespaces, one_host_lab, rss_mb, Client};
-use super::{timed, Options, Report, CONCURRENCY};
+use super::batch::Batch;
+use super::client::{one_host_lab, rss_mb, Client};
+use super::{Options, Report, CONCURRENCY};
 use crate::Lab;
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
@@ -18,11 +19,8 @@ fn restart(report: &mut Report, n: usize) -> Result<()> {
     println!("== agent restart with {n} local endpoints");
     let mut lab = one_host_lab()?;
     let client = Client::new(&lab, 0)?;
-    let ns = namespaces(&lab, "r", n)?;
-    timed(n, CONCURRENCY, |i| {
-        let netns = format!("/run/netns/{}", ns[i]);
-        client.attach(i % CONCURRENCY, format!("r{i}"), netns, vec![])
-    })?;
+    let batch = Batch::new(&lab, "r", n, CONCURRENCY)?;
+    batch.attach(&client, |_| vec![])?;
     let (ready, reconcile_ms) = restart_agent(&mut lab)?;
     let rss = rss_mb(lab.agent_pid(0).unwrap())?;
     let endpoints = lab.status(0)?["endpoint_count"].as_u64().unwrap_or(0);
@@ -42,7 +40,7 @@ fn restart(report: &mut Report, n: usize) -> Result<()> {
         "first full reconciliation",
     );
     report.line(&format!("restart.n{n}.rss"), rss, "MB", "target <= 50");
-    delete_namespaces(&ns)?;
+    batch.remove()?;
     Ok(())
 }
 
