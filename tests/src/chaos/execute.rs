@@ -143,7 +143,7 @@ impl Chaos {
                             "ip",
                             "route",
                             "del",
-                            &format!("{}/32", e.ip),
+                            &crate::invariants::Net::host(e.ip).to_string(),
                             "dev",
                             &e.host_ifname,
                         ],
