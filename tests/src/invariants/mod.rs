@@ -37,6 +37,8 @@
 mod agents;
 mod cluster;
 mod containers;
+#[cfg(test)]
+mod fixture;
 mod kernel;
 mod model;
 mod net;
