@@ -48,6 +48,9 @@ pub(super) fn check_containers(s: &Snapshot, host: &HostView, v: &mut Vec<Violat
         }
         for ip in e.addresses() {
             check_gateway_neighbour(name, e, state, Family::of(&ip), &object, v);
+            if e.secondary {
+                check_source_rule(name, e, state, ip, &object, v);
+            }
         }
     }
     check_default_routes(s, host, v);
@@ -132,6 +135,51 @@ fn check_gateway_neighbour(
             object(&format!("neighbour {gateway} dev {}", e.ifname)),
             format!("lladdr {VETH_MAC} PERMANENT"),
             neighbour.map_or("none".to_string(), Value::to_string),
+        ));
+    }
+}
+
+/// A secondary interface's address: a rule `from <address>` to a table whose default route
+/// leaves through that interface via the family's gateway, so that what the address sends
+/// (replies included) leaves where it is routed back (the host drops it otherwise).
+fn check_source_rule(
+    name: &str,
+    e: &Endpoint,
+    state: &ContainerKernel,
+    ip: IpAddr,
+    object: &dyn Fn(&str) -> String,
+    v: &mut Vec<Violation>,
+) {
+    let family = Family::of(&ip);
+    let (routes, _) = state.of(family);
+    let gateway = gateway(family);
+    let source = ip.to_string();
+    let tables: Vec<&str> = state
+        .rules_of(family)
+        .iter()
+        .filter(|r| r["src"].as_str() == Some(source.as_str()))
+        .filter_map(|r| r["table"].as_str())
+        .collect();
+    let routed = tables.iter().any(|table| {
+        routes.iter().any(|r| {
+            r["dst"] == "default"
+                && r["table"].as_str() == Some(table)
+                && r["gateway"].as_str() == Some(gateway)
+                && r["dev"].as_str() == Some(e.ifname.as_str())
+        })
+    });
+    if !routed {
+        v.push(Violation::new(
+            name,
+            object(&format!("source rule of {ip} (secondary {})", e.ifname)),
+            format!(
+                "from {ip} lookup a table with a default via {gateway} dev {}",
+                e.ifname
+            ),
+            match tables.is_empty() {
+                true => "no rule".to_string(),
+                false => format!("rules to tables {tables:?} without that route"),
+            },
         ));
     }
 }

@@ -227,6 +227,8 @@ fn container() -> ContainerKernel {
         ],
         neighbours: vec![neighbour(GATEWAY)],
         neighbours6: vec![neighbour(GATEWAY_V6)],
+        rules: vec![],
+        rules6: vec![],
     }
 }
 

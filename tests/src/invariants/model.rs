@@ -50,6 +50,9 @@ pub struct Endpoint {
     pub netns: String,
     /// Only etcd records say whether the agent made (and owns) the namespace.
     pub owns_netns: Option<bool>,
+    /// Another interface of the namespace carries the default routes; this one routes the
+    /// traffic from its own addresses through a table of its own (etcd records say so).
+    pub secondary: bool,
     /// Sorted.
     pub ports: Vec<Port>,
 }
@@ -92,6 +95,7 @@ impl Endpoint {
             mac: v["mac"].as_str().unwrap_or("").to_ascii_lowercase(),
             netns: text("netns")?,
             owns_netns: v["owns_netns"].as_bool(),
+            secondary: v["secondary"].as_bool().unwrap_or(false),
             ports,
         })
     }
@@ -378,6 +382,9 @@ pub struct ContainerKernel {
     /// Routes of every table: IPv4, IPv6.
     pub routes: Vec<Value>,
     pub routes6: Vec<Value>,
+    /// Routing rules: IPv4, IPv6.
+    pub rules: Vec<Value>,
+    pub rules6: Vec<Value>,
     /// Neighbour entries: IPv4, IPv6.
     pub neighbours: Vec<Value>,
     pub neighbours6: Vec<Value>,
@@ -389,6 +396,14 @@ impl ContainerKernel {
         match family {
             Family::V4 => (&self.routes, &self.neighbours),
             Family::V6 => (&self.routes6, &self.neighbours6),
+        }
+    }
+
+    /// The routing rules of one family.
+    pub fn rules_of(&self, family: Family) -> &[Value] {
+        match family {
+            Family::V4 => &self.rules,
+            Family::V6 => &self.rules6,
         }
     }
 }

@@ -186,12 +186,12 @@ fn table(save: &str, name: &str) -> String {
 }
 
 /// Reads a container namespace (by path) the checker needs: addresses of both families, and
-/// routes and neighbours per family.
+/// routes, neighbours and routing rules per family.
 pub fn read_container(path: &str) -> Result<ContainerKernel> {
     if !Path::new(path).exists() {
         bail!("no such namespace");
     }
-    let per_family: &[&str] = &["route show table all", "neigh show"];
+    let per_family: &[&str] = &["route show table all", "neigh show", "rule show"];
     let mut arrays = ip_json(
         path,
         false,
@@ -203,8 +203,10 @@ pub fn read_container(path: &str) -> Result<ContainerKernel> {
         links: next(),
         routes: next(),
         neighbours: next(),
+        rules: next(),
         routes6: next(),
         neighbours6: next(),
+        rules6: next(),
     })
 }
 

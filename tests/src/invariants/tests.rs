@@ -298,6 +298,55 @@ fn the_containers_ipv6_side_is_checked_per_family() {
 }
 
 #[test]
+fn a_secondary_interface_needs_a_source_rule_per_family() {
+    let mut etcd = fixture::etcd();
+    let key = format!("{ETCD_PREFIX}endpoints/h1/a");
+    let mut a: serde_json::Value = serde_json::from_str(&etcd[&key]).unwrap();
+    a["secondary"] = true.into();
+    etcd.insert(key, a.to_string());
+    let mut s = fixture::snapshot_of(etcd);
+    let c = s.hosts[0]
+        .containers
+        .get_mut(fixture::NETNS)
+        .unwrap()
+        .as_mut()
+        .unwrap();
+    // The IPv4 address has its rule and table; the IPv6 one has neither (what the agent did).
+    c.rules
+        .push(serde_json::json!({"priority": 1000, "src": "10.65.0.1", "table": "1003"}));
+    c.routes.push(
+        serde_json::json!({"dst": "default", "gateway": GATEWAY, "dev": "eth0", "table": "1003"}),
+    );
+    c.routes6.push(
+        serde_json::json!({"dst": "default", "gateway": GATEWAY_V6, "dev": "eth0", "table": "1003"}),
+    );
+    let v = check(&s);
+    assert_eq!(
+        objects(&v),
+        [format!(
+            "[h1] container a ({}) source rule of fd65::1 (secondary eth0)",
+            fixture::NETNS
+        )]
+    );
+    assert_eq!(v[0].found, "no rule");
+    c_rule6(&mut s);
+    let v = check(&s);
+    assert_eq!(v, vec![], "{:#?}", objects(&v));
+}
+
+/// Gives the fixture's container the IPv6 source rule a secondary interface needs.
+fn c_rule6(s: &mut Snapshot) {
+    let c = s.hosts[0]
+        .containers
+        .get_mut(fixture::NETNS)
+        .unwrap()
+        .as_mut()
+        .unwrap();
+    c.rules6
+        .push(serde_json::json!({"priority": 1000, "src": "fd65::1", "table": "1003"}));
+}
+
+#[test]
 fn ipv6_sysctls_tables_and_status_are_checked() {
     let mut s = fixture::snapshot();
     let k = s.hosts[0].kernel.as_mut().unwrap();
