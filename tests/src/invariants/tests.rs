@@ -388,16 +388,14 @@ fn without_an_ipv6_pool_nothing_of_ipv6_is_expected_and_leftovers_are_named() {
             for e in list.iter_mut() {
                 e["ipv6"] = "".into();
             }
-            for field in ["local_blocks"] {
-                let kept: Vec<serde_json::Value> = status[field]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|b| !b.as_str().unwrap().contains(':'))
-                    .cloned()
-                    .collect();
-                status[field] = kept.into();
-            }
+            let kept: Vec<serde_json::Value> = status["local_blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| !b.as_str().unwrap().contains(':'))
+                .cloned()
+                .collect();
+            status["local_blocks"] = kept.into();
             for p in status["peers"].as_array_mut().unwrap() {
                 p["blocks"] = serde_json::json!([p["blocks"][0].clone()]);
             }
