@@ -77,12 +77,11 @@ impl Chaos {
     }
 
     pub(super) fn tamper_rules(&self, host: usize, how: usize) -> String {
-        let what = RULE_TAMPERS[how];
-        let v6 = self.ipv6_turn();
-        let (tool, save, stray) = match v6 {
+        let (tool, save, stray) = match self.ipv6_turn() {
             true => ("ip6tables", "ip6tables-save", "[fd65::ffff:fffe]:9"),
             false => ("iptables", "iptables-save", "10.65.255.254:9"),
         };
+        let what = &format!("{tool}: {}", RULE_TAMPERS[how]);
         let ipt = |args: &[&str]| {
             let mut all = vec![tool, "-w"];
             all.extend_from_slice(args);

@@ -99,9 +99,7 @@ impl Endpoint {
             ports,
         })
     }
-}
 
-impl Endpoint {
     /// Every address of the endpoint: the IPv4 one first.
     pub fn addresses(&self) -> Vec<IpAddr> {
         std::iter::once(self.ip).chain(self.ipv6).collect()
@@ -362,16 +360,6 @@ pub struct HostKernel {
     pub filter6: String,
     /// `ipset save`: network policy's address sets, of both families.
     pub ipsets: String,
-}
-
-impl HostKernel {
-    /// The nat and filter tables of one family.
-    pub fn tables(&self, family: Family) -> (&str, &str) {
-        match family {
-            Family::V4 => (&self.nat, &self.filter),
-            Family::V6 => (&self.nat6, &self.filter6),
-        }
-    }
 }
 
 /// A container namespace's state.
