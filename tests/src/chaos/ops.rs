@@ -184,7 +184,7 @@ impl fmt::Display for Op {
             Op::DeleteRoute { host, pick } => {
                 write!(
                     f,
-                    "delete the /32 route of endpoint #{pick} on {}",
+                    "delete the host route of endpoint #{pick} on {}",
                     h(*host)
                 )
             }
