@@ -1,6 +1,7 @@
 //! The invariant checker and the seeded chaos run: the checker passes on a calm lab after
 //! ordinary operations and names each violation injected by hand; the chaos run (seeded,
-//! `WEFT_CHAOS_SEED` replays, `WEFT_CHAOS_MINUTES` lengthens) keeps every invariant.
+//! `WEFT_CHAOS_SEED` replays, `WEFT_CHAOS_MINUTES` lengthens, odd seeds run dual-stack unless
+//! `WEFT_CHAOS_STACK` says otherwise) keeps every invariant.
 
 use std::time::Duration;
 
