@@ -1,6 +1,7 @@
 //! The invariant checker and the seeded chaos run: the checker passes on a calm lab after
 //! ordinary operations and names each violation injected by hand; the chaos run (seeded,
-//! `WEFT_CHAOS_SEED` replays, `WEFT_CHAOS_MINUTES` lengthens) keeps every invariant.
+//! `WEFT_CHAOS_SEED` replays, `WEFT_CHAOS_MINUTES` lengthens, odd seeds run dual-stack unless
+//! `WEFT_CHAOS_STACK` says otherwise) keeps every invariant.
 
 use std::time::Duration;
 
@@ -225,6 +226,66 @@ fn a_flipped_sysctl_is_named_until_the_agent_puts_it_back() {
         |v| v.scope == h3 && v.object == format!("sysctl {knob}") && v.found == "0",
         frozen_api(&h3),
     );
+    invariants::assert_quiet(&lab);
+}
+
+/// A dual-stack lab (IPv4 and IPv6 pools) whose agents keep their liveness through a freeze.
+fn dual_stack_lab_for_injection() -> Lab {
+    Lab::new(LabOptions {
+        ipv6: true,
+        agent_args: vec!["--alive-ttl".into(), "30s".into()],
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn on_a_dual_stack_lab_ipv6_violations_are_named_until_repaired() {
+    let lab = dual_stack_lab_for_injection();
+    let (_, _, a6) = lab.attach_dual(0, "a").unwrap();
+    lab.ctl_json(1, &["attach", "web", "-p", "8080:80"])
+        .unwrap();
+    let coverage = invariants::assert_quiet(&lab);
+    // Both addresses of both containers, a blackhole per local block (h1 and h2 own one of
+    // each family, h3 none), and every host a route to each block of the others (2 + 2 + 4).
+    assert_eq!(coverage.routes, 4 + 4 + 8);
+    let h1 = lab.hosts[0].name.clone();
+    let a = endpoint(&lab, 0, "a");
+    assert_eq!(a.ipv6.map(|ip| ip.to_string()), Some(a6.clone()));
+
+    // The IPv6 host route deleted, a stray IPv6 guard, a flipped IPv6 sysctl: each named.
+    let key = "/weft/v1/ips/fd65::ffff:9";
+    let knob = format!("/proc/sys/net/ipv6/conf/{}/proxy_ndp", a.host_ifname);
+    lab.freeze_agent(0).unwrap();
+    sh::run(
+        "ip",
+        &["-n", &h1, "-6", "route", "del", &format!("{a6}/128")],
+    )
+    .unwrap();
+    lab.etcd()
+        .put(
+            key,
+            &json!({"host": h1, "container_id": "ghost"}).to_string(),
+        )
+        .unwrap();
+    sh::run_in(&h1, &["sh", "-c", &format!("echo 0 > {knob}")]).unwrap();
+    let violations = invariants::check_now(&lab).unwrap();
+    lab.thaw_agent(0).unwrap();
+    let route = format!("route {a6}/128 (endpoint a)");
+    let wanted = |v: &Violation| {
+        v.scope == h1
+            && ((v.object == route && v.found == "none")
+                || v.object == "etcd ips/fd65::ffff:9"
+                || (v.object == format!("sysctl {knob}") && v.found == "0"))
+    };
+    assert_eq!(
+        violations.iter().filter(|v| wanted(v)).count(),
+        3,
+        "{}",
+        render(&violations)
+    );
+    assert_names(&violations, wanted, frozen_api(&h1));
+    lab.etcd_delete(key).unwrap();
     invariants::assert_quiet(&lab);
 }
 

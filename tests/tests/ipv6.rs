@@ -192,6 +192,7 @@ fn dual_stack_containers_reach_each_other_and_the_hosts_over_ipv6_with_their_own
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+    weft_tests::invariants::assert_quiet(&lab);
 }
 
 #[test]
@@ -216,6 +217,7 @@ fn an_ipv6_only_lab_gives_containers_ipv6_only() {
         !routes.contains("proto 119"),
         "IPv4 routes of weft:\n{routes}"
     );
+    weft_tests::invariants::assert_quiet(&lab);
 }
 
 /// `count` pings every 10 ms from `ns`; returns (sent, received) once the last reply is due.
@@ -286,6 +288,7 @@ fn kill_9_and_restart_of_agents_loses_no_ipv6_ping() {
             String::from_utf8_lossy(&check.stdout)
         );
     }
+    weft_tests::invariants::assert_quiet(&lab);
 }
 
 #[test]
@@ -398,6 +401,7 @@ fn nat66_masquerades_to_the_outside_and_a_spoofed_ipv6_source_is_dropped() {
     )
     .unwrap();
     assert!(raw.contains("-A PREROUTING -i weft+"), "{raw}");
+    weft_tests::invariants::assert_quiet(&lab);
 }
 
 #[test]
@@ -448,6 +452,8 @@ fn a_published_port_answers_on_the_hosts_ipv6_address() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+    // Both families' DNAT and hairpin of the port, as the checker expects them.
+    weft_tests::invariants::assert_quiet(&lab);
     // Detach removes the IPv6 rules too.
     lab.ctl(0, &["detach", "web"]).unwrap();
     let nat = sh::run(
@@ -463,4 +469,5 @@ fn a_published_port_answers_on_the_hosts_ipv6_address() {
     )
     .unwrap();
     assert!(!nat.contains("--dport 8080"), "{nat}");
+    weft_tests::invariants::assert_quiet(&lab);
 }

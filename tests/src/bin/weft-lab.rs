@@ -72,6 +72,10 @@ enum Command {
         /// delete-block-route, tamper-rules, flip-sysctl, etcd-pause, partition).
         #[arg(long, default_value = "")]
         skip: String,
+        /// `ipv4` or `dual-stack` (IPv4 and IPv6 pools); default: the seed's choice (odd seeds
+        /// run dual-stack).
+        #[arg(long)]
+        stack: Option<chaos::Stack>,
     },
     /// Run the soak: continuous attach/detach churn with published ports on 3 hosts and a
     /// 3-member etcd, an agent killed every 2 minutes, an etcd member restarted every 5, a ping
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
             keep_going,
             quiet,
             skip,
+            stack,
         } => {
             if !(2..=50).contains(&hosts) || !minutes.is_finite() || minutes < 0.0 {
                 eprintln!("weft-lab: --hosts must be 2 to 50 and --minutes not negative");
@@ -125,6 +130,9 @@ fn main() -> ExitCode {
             options.hosts = hosts;
             options.keep_going = keep_going;
             options.verbose = !quiet;
+            if let Some(stack) = stack {
+                options.stack = stack;
+            }
             options.skip = match chaos::parse_kinds(&skip) {
                 Ok(kinds) => kinds,
                 Err(e) => {

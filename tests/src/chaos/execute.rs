@@ -136,18 +136,21 @@ impl Chaos {
             Op::DeleteRoute { host, pick } => {
                 let outcome = match self.pick_endpoint(*host, *pick) {
                     None => "skipped: no endpoint".to_string(),
-                    Some(e) => self.tamper(
-                        *host,
-                        &format!("{} via {}", e.ip, e.host_ifname),
-                        &[
-                            "ip",
-                            "route",
-                            "del",
-                            &format!("{}/32", e.ip),
-                            "dev",
-                            &e.host_ifname,
-                        ],
-                    ),
+                    Some(e) => {
+                        let ip = self.tamper_address(&e);
+                        self.tamper(
+                            *host,
+                            &format!("{ip} via {}", e.host_ifname),
+                            &[
+                                "ip",
+                                "route",
+                                "del",
+                                &invariants::Net::host(ip).to_string(),
+                                "dev",
+                                &e.host_ifname,
+                            ],
+                        )
+                    }
                 };
                 self.record(kind, text, started, outcome, "", true);
             }
@@ -186,7 +189,10 @@ impl Chaos {
                 self.record(kind, text, started, outcome, "", true);
             }
             Op::FlipSysctl { host, pick, knob } => {
-                let (template, value) = SYSCTL_FLIPS[*knob];
+                let (template, value) = match self.ipv6_turn() {
+                    true => ipv6_twin(SYSCTL_FLIPS[*knob]),
+                    false => SYSCTL_FLIPS[*knob],
+                };
                 let path = if template.contains("{}") {
                     self.pick_endpoint(*host, *pick)
                         .map(|e| template.replace("{}", &e.host_ifname))

@@ -8,6 +8,11 @@
 //! the invariant checker ([`crate::invariants`]) and the run's own model of what should be
 //! attached must both pass, and sampled cross-host pings must answer.
 //!
+//! The lab is IPv4-only or dual-stack ([`Stack`]): odd seeds run dual-stack unless told, so
+//! that runs with random seeds check IPv6 under the same faults. On a dual-stack lab every
+//! other tampering operation acts on the IPv6 side (an IPv6 route, ip6tables rules, an IPv6
+//! sysctl) and the probes ping both families.
+//!
 //! The sequence of operations is a function of the seed alone (outcomes never feed the
 //! generator), so `chaos seed: N`, printed first, replays the same run. What each operation may
 //! answer follows the hardening contract (`UNAVAILABLE` while etcd is out of reach, and then
@@ -34,7 +39,7 @@ mod tamper;
 mod tests;
 
 use model::{kinds_text, Key, Kind, Model, Outcome};
-use ops::{gen_burst, h, Burst, Op, Window, RULE_TAMPERS, SYSCTL_FLIPS};
+use ops::{gen_burst, h, ipv6_twin, Burst, Op, Window, RULE_TAMPERS, SYSCTL_FLIPS};
 pub use report::{ChaosReport, Failure, OpRecord};
 
 /// The lab agents' `--alive-ttl` (see `Lab::start_agent_env`); partitions outlast it.
@@ -65,6 +70,48 @@ pub struct ChaosOptions {
     /// recorded as skipped, so the rest of the sequence stays the seed's. For narrowing down a
     /// failure, or leaving out a fault whose fix has not landed yet.
     pub skip: BTreeSet<String>,
+    /// IPv4 only or dual-stack; by default the seed's choice ([`Stack::of_seed`]).
+    pub stack: Stack,
+}
+
+/// The families of the run's lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stack {
+    #[default]
+    Ipv4,
+    /// IPv4 and IPv6 pools; every container has an address of each family.
+    DualStack,
+}
+
+impl Stack {
+    /// The seed's choice: odd seeds run dual-stack.
+    pub fn of_seed(seed: u64) -> Self {
+        match seed % 2 {
+            1 => Stack::DualStack,
+            _ => Stack::Ipv4,
+        }
+    }
+}
+
+impl std::str::FromStr for Stack {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim() {
+            "ipv4" => Ok(Stack::Ipv4),
+            "dual-stack" => Ok(Stack::DualStack),
+            other => anyhow::bail!("{other:?}: use ipv4 or dual-stack"),
+        }
+    }
+}
+
+impl std::fmt::Display for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stack::Ipv4 => "ipv4",
+            Stack::DualStack => "dual-stack",
+        })
+    }
 }
 
 impl ChaosOptions {
@@ -77,11 +124,12 @@ impl ChaosOptions {
             quiet_limit: Duration::from_secs(10),
             verbose: false,
             skip: BTreeSet::new(),
+            stack: Stack::of_seed(seed),
         }
     }
 
-    /// `WEFT_CHAOS_SEED` (default: a fresh random seed) and `WEFT_CHAOS_MINUTES` (default:
-    /// `default`).
+    /// `WEFT_CHAOS_SEED` (default: a fresh random seed), `WEFT_CHAOS_MINUTES` (default:
+    /// `default`) and `WEFT_CHAOS_STACK` (`ipv4` or `dual-stack`; default: the seed's choice).
     pub fn from_env(default: Duration) -> Result<Self> {
         let seed = match std::env::var("WEFT_CHAOS_SEED") {
             Ok(text) => text
@@ -103,6 +151,9 @@ impl ChaosOptions {
         let mut options = Self::new(seed, duration);
         if let Ok(text) = std::env::var("WEFT_CHAOS_SKIP") {
             options.skip = parse_kinds(&text)?;
+        }
+        if let Ok(text) = std::env::var("WEFT_CHAOS_STACK") {
+            options.stack = text.parse().context("WEFT_CHAOS_STACK")?;
         }
         Ok(options)
     }
@@ -188,12 +239,21 @@ struct Chaos {
     reported: BTreeSet<Violation>,
 }
 
+impl Chaos {
+    /// Whether the next tampering operation acts on the IPv6 side: every other one on a
+    /// dual-stack lab (by the number of operations so far, so the seed decides).
+    fn ipv6_turn(&self) -> bool {
+        self.options.stack == Stack::DualStack && self.report.ops.len() % 2 == 1
+    }
+}
+
 /// Runs a whole chaos run on a fresh lab and reports it (failures included; `Err` only when the
 /// lab itself could not be built or driven).
 pub fn run(options: &ChaosOptions) -> Result<ChaosReport> {
-    eprintln!("chaos seed: {}", options.seed);
+    eprintln!("chaos seed: {} ({})", options.seed, options.stack);
     let lab = Lab::new(LabOptions {
         hosts: options.hosts,
+        ipv6: options.stack == Stack::DualStack,
         ..Default::default()
     })?;
     let mut chaos = Chaos {
@@ -212,6 +272,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport> {
         report: ChaosReport {
             seed: options.seed,
             hosts: options.hosts,
+            stack: options.stack,
             planned: options.duration,
             skipped: options.skip.iter().cloned().collect(),
             ..Default::default()

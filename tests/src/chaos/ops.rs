@@ -96,6 +96,18 @@ pub(super) const SYSCTL_FLIPS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv6/conf/{}/accept_ra", "1"),
 ];
 
+/// The IPv6 counterpart of a sysctl flip, where there is one (a dual-stack lab's IPv6 turn):
+/// IPv6 forwarding (host-wide and per veth), proxy NDP, duplicate address detection.
+pub(super) fn ipv6_twin(flip: (&'static str, &'static str)) -> (&'static str, &'static str) {
+    match flip.0 {
+        "/proc/sys/net/ipv4/ip_forward" => ("/proc/sys/net/ipv6/conf/all/forwarding", "0"),
+        "/proc/sys/net/ipv4/conf/{}/proxy_arp" => ("/proc/sys/net/ipv6/conf/{}/proxy_ndp", "0"),
+        "/proc/sys/net/ipv4/conf/{}/forwarding" => ("/proc/sys/net/ipv6/conf/{}/forwarding", "0"),
+        "/proc/sys/net/ipv4/conf/{}/rp_filter" => ("/proc/sys/net/ipv6/conf/{}/accept_dad", "1"),
+        _ => flip,
+    }
+}
+
 pub(super) fn h(host: usize) -> String {
     format!("h{}", host + 1)
 }
@@ -172,7 +184,7 @@ impl fmt::Display for Op {
             Op::DeleteRoute { host, pick } => {
                 write!(
                     f,
-                    "delete the /32 route of endpoint #{pick} on {}",
+                    "delete the host route of endpoint #{pick} on {}",
                     h(*host)
                 )
             }

@@ -59,6 +59,7 @@ pub struct Failure {
 pub struct ChaosReport {
     pub seed: u64,
     pub hosts: usize,
+    pub stack: super::Stack,
     pub planned: Duration,
     /// Kinds left out (`skip`).
     pub skipped: Vec<String>,
@@ -87,14 +88,16 @@ impl ChaosReport {
             *kinds.entry(op.kind.as_str()).or_default() += 1;
         }
         format!(
-            "chaos seed: {}\nresult: {} after {:.1}s (planned {:.1} min, {} hosts): {} bursts, {} \
-             operations, {} quiet points, {} failure(s)\nmix: {}{}\nreplay: WEFT_CHAOS_SEED={} \
-             cargo nextest run -p weft-tests --test chaos, or weft-lab chaos --seed {}",
+            "chaos seed: {}\nresult: {} after {:.1}s (planned {:.1} min, {} hosts, {}): {} bursts, \
+             {} operations, {} quiet points, {} failure(s)\nmix: {}{}\nreplay: WEFT_CHAOS_SEED={} \
+             WEFT_CHAOS_STACK={} cargo nextest run -p weft-tests --test chaos, or weft-lab chaos \
+             --seed {} --stack {}",
             self.seed,
             if self.passed() { "PASSED" } else { "FAILED" },
             self.elapsed.as_secs_f64(),
             self.planned.as_secs_f64() / 60.0,
             self.hosts,
+            self.stack,
             self.bursts,
             self.ops.len(),
             self.quiet_points,
@@ -110,7 +113,9 @@ impl ChaosReport {
                 format!("\nskipped kinds: {}", self.skipped.join(","))
             },
             self.seed,
+            self.stack,
             self.seed,
+            self.stack,
         )
     }
 

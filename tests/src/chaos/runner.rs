@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::invariants::{self, Endpoint, Snapshot, Violation};
+use crate::invariants::{self, Endpoint, Family, Snapshot, Violation};
 use crate::sh;
 
 use super::*;
@@ -294,26 +294,32 @@ impl Chaos {
         let mut failed = vec![];
         for ((sh_, src), (dh, dst)) in pairs {
             let ns = src.netns.trim_start_matches("/run/netns/").to_string();
-            let mut answered = false;
-            loop {
-                if sh::ping(&ns, &dst.ip.to_string()) {
-                    answered = true;
-                    break;
+            // Each family both ends have (both, on a dual-stack lab).
+            for family in [Family::V4, Family::V6] {
+                let (Some(from), Some(to)) = (src.address(family), dst.address(family)) else {
+                    continue;
+                };
+                let mut answered = false;
+                loop {
+                    if sh::ping(&ns, &to.to_string()) {
+                        answered = true;
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        break;
+                    }
                 }
-                if Instant::now() > deadline {
-                    break;
+                if !answered {
+                    failed.push(Violation::new(
+                        &snap.hosts[sh_].name,
+                        format!(
+                            "path {} ({from}) -> {to} ({} on {})",
+                            src.id, dst.id, snap.hosts[dh].name
+                        ),
+                        "ping answered",
+                        "no answer",
+                    ));
                 }
-            }
-            if !answered {
-                failed.push(Violation::new(
-                    &snap.hosts[sh_].name,
-                    format!(
-                        "path {} ({}) -> {} ({} on {})",
-                        src.id, src.ip, dst.ip, dst.id, snap.hosts[dh].name
-                    ),
-                    "ping answered",
-                    "no answer",
-                ));
             }
         }
         failed

@@ -19,6 +19,15 @@ impl Chaos {
         (!endpoints.is_empty()).then(|| endpoints[pick % endpoints.len()].clone())
     }
 
+    /// The address of an endpoint a tampering operation acts on: its IPv6 one on an IPv6 turn
+    /// (when it has one), else its first.
+    pub(super) fn tamper_address(&self, e: &Endpoint) -> std::net::IpAddr {
+        match self.ipv6_turn() {
+            true => e.address(invariants::Family::V6).unwrap_or(e.ip),
+            false => e.ip,
+        }
+    }
+
     /// Runs a command in a host's namespace; the answer describes what happened.
     pub(super) fn tamper(&self, host: usize, what: &str, args: &[&str]) -> String {
         match invariants::in_netns(
@@ -34,10 +43,14 @@ impl Chaos {
 
     pub(super) fn delete_block_route(&self, host: usize, pick: usize) -> String {
         let ns = &self.lab.hosts[host].name;
-        let routes = sh::run("ip", &["-n", ns, "-j", "route", "show", "proto", "119"])
-            .ok()
-            .and_then(|t| serde_json::from_str::<Vec<Value>>(&t).ok())
-            .unwrap_or_default();
+        let family = if self.ipv6_turn() { "-6" } else { "-4" };
+        let routes = sh::run(
+            "ip",
+            &["-n", ns, family, "-j", "route", "show", "proto", "119"],
+        )
+        .ok()
+        .and_then(|t| serde_json::from_str::<Vec<Value>>(&t).ok())
+        .unwrap_or_default();
         let blocks: Vec<&Value> = routes
             .iter()
             .filter(|r| r["dst"].as_str().is_some_and(|d| d.contains('/')))
@@ -64,9 +77,13 @@ impl Chaos {
     }
 
     pub(super) fn tamper_rules(&self, host: usize, how: usize) -> String {
-        let what = RULE_TAMPERS[how];
+        let (tool, save, stray) = match self.ipv6_turn() {
+            true => ("ip6tables", "ip6tables-save", "[fd65::ffff:fffe]:9"),
+            false => ("iptables", "iptables-save", "10.65.255.254:9"),
+        };
+        let what = &format!("{tool}: {}", RULE_TAMPERS[how]);
         let ipt = |args: &[&str]| {
-            let mut all = vec!["iptables", "-w"];
+            let mut all = vec![tool, "-w"];
             all.extend_from_slice(args);
             self.tamper(host, what, &all)
         };
@@ -74,7 +91,7 @@ impl Chaos {
         let delete_jump = |table: &str, chain: &str, target: &str| {
             let save = invariants::in_netns(
                 &format!("/run/netns/{}", self.lab.hosts[host].name),
-                "iptables-save",
+                save,
                 &["-t", table],
                 None,
             )
@@ -88,7 +105,7 @@ impl Chaos {
             };
             let spec = invariants::rule_words(line);
             let mut args = vec![
-                "iptables".to_string(),
+                tool.to_string(),
                 "-w".into(),
                 "-t".into(),
                 table.into(),
@@ -113,7 +130,7 @@ impl Chaos {
                 "-j",
                 "DNAT",
                 "--to-destination",
-                "10.65.255.254:9",
+                stray,
             ]),
             3 => delete_jump("nat", "PREROUTING", "WEFT-PORTS"),
             4 => delete_jump("filter", "FORWARD", "WEFT-FORWARD"),

@@ -48,3 +48,27 @@ fn expected_answers_follow_the_contract() {
     m.apply_detach(0, a.clone(), Kind::Ok, true, "test");
     assert!(m.hosts[0].is_empty());
 }
+
+#[test]
+fn the_seed_chooses_the_stack_and_ipv6_turns_flip_ipv6_knobs() {
+    assert_eq!(Stack::of_seed(7), Stack::DualStack);
+    assert_eq!(Stack::of_seed(8), Stack::Ipv4);
+    assert_eq!(ChaosOptions::new(9, Duration::ZERO).stack, Stack::DualStack);
+    assert_eq!("dual-stack".parse::<Stack>().unwrap(), Stack::DualStack);
+    assert_eq!(
+        Stack::Ipv4.to_string().parse::<Stack>().unwrap(),
+        Stack::Ipv4
+    );
+    assert!("ipv6".parse::<Stack>().is_err());
+    for flip in SYSCTL_FLIPS {
+        let (path, value) = ipv6_twin(*flip);
+        assert!(
+            path.contains("/ipv6/") || *flip == (path, value),
+            "{flip:?} -> {path}"
+        );
+    }
+    assert_eq!(
+        ipv6_twin(SYSCTL_FLIPS[1]),
+        ("/proc/sys/net/ipv6/conf/{}/proxy_ndp", "0")
+    );
+}

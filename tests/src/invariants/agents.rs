@@ -43,6 +43,15 @@ pub(super) fn check_agent(s: &Snapshot, host: &HostView, v: &mut Vec<Violation>)
             text("underlay_ip"),
         ));
     }
+    let ip6 = host.ip6.map(|ip| ip.to_string()).unwrap_or_default();
+    if text("underlay_ipv6") != ip6 {
+        v.push(Violation::new(
+            name,
+            "Status.underlay_ipv6",
+            format!("{ip6:?}"),
+            format!("{:?}", text("underlay_ipv6")),
+        ));
+    }
     if status["etcd_connected"] != Value::Bool(true) {
         v.push(Violation::new(
             name,
@@ -117,6 +126,19 @@ pub(super) fn check_agent(s: &Snapshot, host: &HostView, v: &mut Vec<Violation>)
                 p["underlay_ip"].to_string(),
             ));
         }
+        let ip6 = r
+            .hosts_v6
+            .get(peer)
+            .map(|ip| ip.to_string())
+            .unwrap_or_default();
+        if p["underlay_ipv6"].as_str().unwrap_or("") != ip6 {
+            v.push(Violation::new(
+                name,
+                format!("Status peer {peer} underlay_ipv6"),
+                format!("{ip6:?} (etcd)"),
+                p["underlay_ipv6"].to_string(),
+            ));
+        }
         let alive = r.alive.contains(peer);
         if p["alive"].as_bool() != Some(alive) {
             v.push(Violation::new(
@@ -181,6 +203,7 @@ pub(super) fn check_list(
         };
         let fields = [
             ("ip", r.ip.to_string(), e.ip.to_string()),
+            ("ipv6", format!("{:?}", r.ipv6), format!("{:?}", e.ipv6)),
             ("host_ifname", r.host_ifname.clone(), e.host_ifname.clone()),
             ("ifname", r.ifname.clone(), e.ifname.clone()),
             ("netns", r.netns.clone(), e.netns.clone()),

@@ -1,5 +1,5 @@
-//! Cluster-wide records: pools, hosts, liveness, blocks, guard keys and endpoints against each
-//! other and against the lab.
+//! Cluster-wide records: pools, hosts, liveness, blocks, guard keys and endpoints (with their
+//! addresses of both families) against each other and against the lab.
 
 use super::*;
 
@@ -62,6 +62,15 @@ pub(super) fn check_cluster(s: &Snapshot, v: &mut Vec<Violation>) {
             )),
             _ => {}
         }
+        let registered = r.hosts_v6.get(&host.name).copied();
+        if r.hosts.contains_key(&host.name) && registered != host.ip6.map(IpAddr::V6) {
+            v.push(Violation::new(
+                &host.name,
+                format!("etcd hosts/{} underlay_ipv6", host.name),
+                format!("{:?} (the lab host's)", host.ip6),
+                format!("{registered:?}"),
+            ));
+        }
     }
 
     // Blocks: in their pool, of the pool's size, owned by a known host, never overlapping.
@@ -104,7 +113,7 @@ pub(super) fn check_cluster(s: &Snapshot, v: &mut Vec<Violation>) {
         }
     }
 
-    // Guard keys one to one with endpoints.
+    // Guard keys one to one with endpoints' addresses (of both families).
     for (ip, (host, id)) in &r.ips {
         let object = format!("etcd ips/{ip}");
         match r.endpoints.get(&(host.clone(), id.clone())) {
@@ -114,11 +123,18 @@ pub(super) fn check_cluster(s: &Snapshot, v: &mut Vec<Violation>) {
                 format!("an endpoint record endpoints/{host}/{id}"),
                 "none (leaked address)",
             )),
-            Some(e) if e.ip != *ip => v.push(Violation::new(
+            Some(e) if !e.addresses().contains(ip) => v.push(Violation::new(
                 scope_of(s, host),
                 object,
                 format!("endpoints/{host}/{id} to hold {ip}"),
-                format!("it holds {}", e.ip),
+                format!(
+                    "it holds {}",
+                    e.addresses()
+                        .iter()
+                        .map(IpAddr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
             )),
             Some(_) => {}
         }
@@ -144,45 +160,12 @@ pub(super) fn check_cluster(s: &Snapshot, v: &mut Vec<Violation>) {
             ));
         }
     }
-    let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    let mut holders: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     for ((host, id), e) in &r.endpoints {
         let object = format!("etcd endpoints/{host}/{id}");
-        holders
-            .entry(e.ip)
-            .or_default()
-            .push(format!("{host}/{id}"));
-        match r.ips.get(&e.ip) {
-            None => v.push(Violation::new(
-                host,
-                &object,
-                format!("a guard key ips/{}", e.ip),
-                "none",
-            )),
-            Some((h, i)) if h != host || i != id => v.push(Violation::new(
-                host,
-                &object,
-                format!("ips/{} held by {host}/{id}", e.ip),
-                format!("held by {h}/{i}"),
-            )),
-            Some(_) => {}
-        }
-        let owners: Vec<&String> = r
-            .blocks
-            .iter()
-            .filter(|(_, b, _)| b.contains(e.ip))
-            .map(|(_, _, h)| h)
-            .collect();
-        if owners != vec![host] {
-            v.push(Violation::new(
-                host,
-                &object,
-                format!("{} inside a block of {host}", e.ip),
-                if owners.is_empty() {
-                    "inside no block".to_string()
-                } else {
-                    format!("inside blocks of {owners:?}")
-                },
-            ));
+        for ip in e.addresses() {
+            holders.entry(ip).or_default().push(format!("{host}/{id}"));
+            check_address(r, host, id, ip, &object, v);
         }
         if !r.hosts.contains_key(host) {
             v.push(Violation::new(
@@ -264,7 +247,7 @@ pub(super) fn check_cluster(s: &Snapshot, v: &mut Vec<Violation>) {
             .filter(|b| {
                 r.endpoints
                     .values()
-                    .any(|e| e.host == host && b.contains(e.ip))
+                    .any(|e| e.host == host && e.addresses().iter().any(|ip| b.contains(*ip)))
             })
             .count();
         if blocks.len() > used + 1 {
@@ -283,6 +266,50 @@ pub(super) fn check_cluster(s: &Snapshot, v: &mut Vec<Violation>) {
                 ),
             ));
         }
+    }
+}
+
+/// One address of an endpoint: guarded for it, inside a block of its host.
+fn check_address(
+    r: &Records,
+    host: &String,
+    id: &str,
+    ip: IpAddr,
+    object: &str,
+    v: &mut Vec<Violation>,
+) {
+    match r.ips.get(&ip) {
+        None => v.push(Violation::new(
+            host,
+            object,
+            format!("a guard key ips/{ip}"),
+            "none",
+        )),
+        Some((h, i)) if h != host || i != id => v.push(Violation::new(
+            host,
+            object,
+            format!("ips/{ip} held by {host}/{id}"),
+            format!("held by {h}/{i}"),
+        )),
+        Some(_) => {}
+    }
+    let owners: Vec<&String> = r
+        .blocks
+        .iter()
+        .filter(|(_, b, _)| b.contains(ip))
+        .map(|(_, _, h)| h)
+        .collect();
+    if owners != vec![host] {
+        v.push(Violation::new(
+            host,
+            object,
+            format!("{ip} inside a block of {host}"),
+            if owners.is_empty() {
+                "inside no block".to_string()
+            } else {
+                format!("inside blocks of {owners:?}")
+            },
+        ));
     }
 }
 

@@ -1,4 +1,5 @@
-//! Each host's kernel: its links and sysctls, and its `proto weft` routes against the records.
+//! Each host's kernel: its links and sysctls, and its `proto weft` routes (of both families)
+//! against the records.
 
 use super::*;
 
@@ -80,14 +81,19 @@ pub(super) fn check_links_and_sysctls(
             ));
         }
     }
-    let forward = "/proc/sys/net/ipv4/ip_forward";
-    if k.sysctls.get(forward).map(String::as_str) != Some("1") {
-        v.push(Violation::new(
-            name,
-            format!("sysctl {forward}"),
-            "1",
-            k.sysctls.get(forward).cloned().unwrap_or_default(),
-        ));
+    for (path, want) in HOST_SYSCTLS {
+        if path.contains("/ipv6/") && !s.records.has_family(Family::V6) {
+            continue;
+        }
+        let got = k.sysctls.get(*path).map(String::as_str);
+        if got != Some(*want) {
+            v.push(Violation::new(
+                name,
+                format!("sysctl {path}"),
+                *want,
+                got.unwrap_or("unread"),
+            ));
+        }
     }
 }
 
@@ -126,10 +132,18 @@ pub(super) fn route_target(r: &Value) -> Target {
     }
 }
 
-/// The gateway of `owner`'s blocks on `me`: its underlay address on the same subnet, its tunnel
-/// address (through weft.vxlan) off the subnet or with encapsulation vxlan, none when the pool
-/// never encapsulates and it is off the subnet.
-pub(super) fn peer_gateway(r: &Records, me: &str, owner: &str, pool: &str) -> Option<Ipv4Addr> {
+/// The gateway of `owner`'s blocks on `me`. IPv4: its underlay address on the same subnet, its
+/// tunnel address (through weft.vxlan) off the subnet or with encapsulation vxlan, none when the
+/// pool never encapsulates and it is off the subnet. IPv6: its IPv6 underlay address where IPv4
+/// goes direct, the link-local address of its VTEP MAC where IPv4 goes through the tunnel (which
+/// carries IPv6 frames too), none otherwise.
+pub(super) fn peer_gateway(
+    r: &Records,
+    me: &str,
+    owner: &str,
+    pool: &str,
+    family: Family,
+) -> Option<IpAddr> {
     let underlay = *r.hosts.get(owner)?;
     let (mine, prefix) = (*r.hosts.get(me)?, *r.host_prefixes.get(me).unwrap_or(&32));
     let mask = |ip: Ipv4Addr| u32::from(ip).checked_shr(32 - prefix as u32).unwrap_or(0);
@@ -138,10 +152,19 @@ pub(super) fn peer_gateway(r: &Records, me: &str, owner: &str, pool: &str) -> Op
         .pools
         .get(pool)
         .map_or("cross-subnet", |p| p.encapsulation.as_str());
-    match (encapsulation, local) {
-        ("vxlan", _) | ("cross-subnet", false) => r.tunnels.get(owner).copied(),
-        (_, true) => Some(underlay),
-        _ => None,
+    let direct = match (encapsulation, local) {
+        ("vxlan", _) | ("cross-subnet", false) => false,
+        (_, true) => true,
+        _ => return None,
+    };
+    match (family, direct) {
+        (Family::V4, true) => Some(IpAddr::V4(underlay)),
+        (Family::V4, false) => r.tunnels.get(owner).copied().map(IpAddr::V4),
+        (Family::V6, true) => r.hosts_v6.get(owner).copied(),
+        (Family::V6, false) => {
+            r.tunnels.get(owner)?;
+            r.vtep_link_locals.get(owner).copied()
+        }
     }
 }
 
@@ -150,13 +173,12 @@ pub(super) fn check_routes(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mu
     let r = &s.records;
     let mut wanted: BTreeMap<Net, Vec<(Target, String)>> = BTreeMap::new();
     for (id, e) in r.endpoints_of(name) {
-        wanted
-            .entry(Net {
-                addr: e.ip,
-                len: 32,
-            })
-            .or_default()
-            .push((Target::Dev(e.host_ifname.clone()), format!("endpoint {id}")));
+        for ip in e.addresses() {
+            wanted
+                .entry(Net::host(ip))
+                .or_default()
+                .push((Target::Dev(e.host_ifname.clone()), format!("endpoint {id}")));
+        }
     }
     for (pool, block, owner) in &r.blocks {
         if owner == name {
@@ -164,7 +186,7 @@ pub(super) fn check_routes(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mu
                 .entry(*block)
                 .or_default()
                 .push((Target::Blackhole, format!("local block of pool {pool}")));
-        } else if let Some(via) = peer_gateway(r, name, owner, pool) {
+        } else if let Some(via) = peer_gateway(r, name, owner, pool, block.family()) {
             wanted
                 .entry(*block)
                 .or_default()

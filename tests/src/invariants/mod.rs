@@ -13,30 +13,39 @@
 //! still wrong at the end is.
 //!
 //! What "agree" means is written down once, here: etcd `endpoints/<host>/*` = the agent's List =
-//! the kernel (one `weft*` veth in service per endpoint, its /32 `proto weft` route, a blackhole
-//! per local block, a `via` route per peer block and no other `proto weft` route, the container
-//! side: interface up with its /32, the gateway's permanent neighbour, the default route on
-//! eth0), the
-//! DNAT and hairpin rules of each published port and nothing else in `WEFT-PORTS`, the guard
-//! keys (`ips/`, `ports/`) one to one with the endpoints, blocks owned by known hosts inside
-//! their pools with at most one spare per host and pool, liveness keys exactly for running
-//! agents, `weft-<host>-<id>` namespaces only for endpoints that own them, no address twice,
-//! and each agent's Status matching etcd with no `problems`. Network policy's chains and
+//! the kernel (one `weft*` veth in service per endpoint, a `proto weft` host route per address
+//! of the endpoint, a blackhole per local block, a `via` route per peer block and no other
+//! `proto weft` route, the container side: interface up with its /32 and /128, per family the
+//! gateway's permanent neighbour and the default route on eth0), the DNAT and hairpin rules of
+//! each published port per family and nothing else in `WEFT-PORTS`, the guard keys (`ips/`,
+//! `ports/`) one to one with the endpoints' addresses and ports, blocks owned by known hosts
+//! inside their pools with at most one spare per host and pool, liveness keys exactly for
+//! running agents, `weft-<host>-<id>` namespaces only for endpoints that own them, no address
+//! twice, and each agent's Status matching etcd with no `problems`. Network policy's chains and
 //! address sets are compared with etcd's policies and endpoint labels by `policy`.
-
 //!
-//! `model` holds the compared data, `read` takes a snapshot; the comparisons live with their
-//! subject: `cluster`, `agents`, `kernel` (links, sysctls, routes), `rules` (iptables),
-//! `policy` (network policy's chains and sets) and `containers`.
+//! IPv6 is checked as IPv4 is, family by family: a family is expected wherever a pool of it
+//! exists (its routes, sysctls, ip6tables tables and jumps, addresses and gateway in the
+//! containers), and nothing of it where none does.
+//!
+//! `model` holds the compared data, `net` the prefixes of both families, `read` takes a
+//! snapshot; the comparisons live with their subject: `cluster`, `agents`, `kernel` (links,
+//! sysctls, routes), `rules` (the nat tables of both families and the IPv4 filter table),
+//! `rules6` (the ip6tables raw and filter tables), `policy` (network policy's chains and sets)
+//! and `containers`.
 
 mod agents;
 mod cluster;
 mod containers;
+#[cfg(test)]
+mod fixture;
 mod kernel;
 mod model;
+mod net;
 mod policy;
 mod read;
 mod rules;
+mod rules6;
 #[cfg(test)]
 mod tests;
 
@@ -45,6 +54,7 @@ use cluster::*;
 use containers::*;
 use kernel::*;
 pub use model::*;
+pub use net::*;
 use read::*;
 pub use read::{in_netns, output_within, read_container, read_host_kernel, snapshot};
 use rules::*;
@@ -53,7 +63,7 @@ pub use rules::{parse_dnat, rule_words};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -69,6 +79,8 @@ pub const ETCD_PREFIX: &str = "/weft/v1/";
 /// in service, so no invariant looks at them.
 const RETIRED_GROUP: &str = "30565";
 const GATEWAY: &str = "169.254.1.1";
+/// The containers' IPv6 gateway: the host end's link-local address.
+const GATEWAY_V6: &str = "fe80::ecee:eeff:feee:eeee";
 const VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// How long one agent may take to answer List or Status before it counts as silent.
 const API_LIMIT: Duration = Duration::from_secs(3);

@@ -1,61 +1,8 @@
-//! The data the checker compares: prefixes, ports and endpoints as the lab shows them, the
-//! etcd records parsed, and one snapshot of every host (agent answers, kernel state, container
+//! The data the checker compares: ports and endpoints as the lab shows them, the etcd records
+//! parsed, and one snapshot of every host (agent answers, kernel state, container
 //! namespaces).
 
 use super::*;
-
-/// An IPv4 prefix, as written in block keys (`a.b.c.d-len`), routes and Status (`a.b.c.d/len`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Net {
-    pub addr: Ipv4Addr,
-    pub len: u8,
-}
-
-impl Net {
-    /// Parses `a.b.c.d/len`, `a.b.c.d-len` or a bare address (a /32).
-    pub fn parse(text: &str) -> Option<Self> {
-        let (addr, len) = match text.split_once(['/', '-']) {
-            Some((addr, len)) => (addr, len.parse().ok()?),
-            None => (text, 32),
-        };
-        let net = Net {
-            addr: addr.parse().ok()?,
-            len,
-        };
-        (len <= 32).then_some(net)
-    }
-
-    fn mask(&self) -> u32 {
-        if self.len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.len)
-        }
-    }
-
-    /// Whether the address is the network's first (no host bits set).
-    pub fn aligned(&self) -> bool {
-        u32::from(self.addr) & !self.mask() == 0
-    }
-
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
-    }
-
-    pub fn contains_net(&self, other: &Net) -> bool {
-        other.len >= self.len && self.contains(other.addr)
-    }
-
-    pub fn overlaps(&self, other: &Net) -> bool {
-        self.contains_net(other) || other.contains_net(self)
-    }
-}
-
-impl fmt::Display for Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
 
 /// A published port of an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,13 +40,19 @@ pub fn ports_text(ports: &[Port]) -> String {
 pub struct Endpoint {
     pub id: String,
     pub host: String,
-    pub ip: Ipv4Addr,
+    /// The IPv4 address, or the IPv6 one on an IPv6-only pool (as etcd records it).
+    pub ip: IpAddr,
+    /// The IPv6 address beside an IPv4 one (dual-stack).
+    pub ipv6: Option<IpAddr>,
     pub host_ifname: String,
     pub ifname: String,
     pub mac: String,
     pub netns: String,
     /// Only etcd records say whether the agent made (and owns) the namespace.
     pub owns_netns: Option<bool>,
+    /// Another interface of the namespace carries the default routes; this one routes the
+    /// traffic from its own addresses through a table of its own (etcd records say so).
+    pub secondary: bool,
     /// Sorted.
     pub ports: Vec<Port>,
 }
@@ -113,7 +66,7 @@ impl Endpoint {
                 .map(str::to_string)
                 .ok_or_else(|| format!("no string field {field:?}"))
         };
-        let ip = text("ip")?;
+        let (ip, ipv6) = addresses(v)?;
         let mut ports = vec![];
         if let Some(list) = v["ports"].as_array() {
             for p in list {
@@ -135,14 +88,52 @@ impl Endpoint {
         Ok(Endpoint {
             id: text("container_id")?,
             host: text("host")?,
-            ip: ip.parse().map_err(|_| format!("bad ip {ip:?}"))?,
+            ip,
+            ipv6,
             host_ifname: text("host_ifname")?,
             ifname: v["ifname"].as_str().unwrap_or("eth0").to_string(),
             mac: v["mac"].as_str().unwrap_or("").to_ascii_lowercase(),
             netns: text("netns")?,
             owns_netns: v["owns_netns"].as_bool(),
+            secondary: v["secondary"].as_bool().unwrap_or(false),
             ports,
         })
+    }
+
+    /// Every address of the endpoint: the IPv4 one first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        std::iter::once(self.ip).chain(self.ipv6).collect()
+    }
+
+    /// Its address of one family, if it has one.
+    pub fn address(&self, family: Family) -> Option<IpAddr> {
+        self.addresses()
+            .into_iter()
+            .find(|ip| Family::of(ip) == family)
+    }
+}
+
+/// The addresses of an endpoint's JSON: `ip` (IPv4, or IPv6 on an IPv6-only pool in etcd; empty
+/// on an IPv6-only pool in the agent's List) and `ipv6` (absent or empty without one), as
+/// (the IPv4 address or else the IPv6 one, the IPv6 one beside an IPv4 one).
+fn addresses(v: &Value) -> Result<(IpAddr, Option<IpAddr>), String> {
+    let field = |name: &str| -> Result<Option<IpAddr>, String> {
+        match v[name].as_str().unwrap_or("") {
+            "" => Ok(None),
+            text => text
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("bad {name} {text:?}")),
+        }
+    };
+    match (field("ip")?, field("ipv6")?) {
+        (Some(ip), None) => Ok((ip, None)),
+        (None, Some(IpAddr::V6(v6))) => Ok((IpAddr::V6(v6), None)),
+        (Some(IpAddr::V4(v4)), Some(IpAddr::V6(v6))) => Ok((IpAddr::V4(v4), Some(IpAddr::V6(v6)))),
+        (None, None) => Err("no address".into()),
+        (ip, ipv6) => Err(format!(
+            "addresses of the wrong families: ip {ip:?}, ipv6 {ipv6:?}"
+        )),
     }
 }
 
@@ -156,23 +147,57 @@ pub struct Pool {
     pub encapsulation: String,
 }
 
+/// `fe80::` and a MAC (`aa:bb:cc:dd:ee:ff`) with `ff:fe` in its middle and the universal/local
+/// bit flipped.
+pub(super) fn eui64_link_local(mac: &str) -> Option<IpAddr> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).ok())
+        .collect::<Option<_>>()?;
+    let [a, b, c, d, e, f] = <[u8; 6]>::try_from(bytes).ok()?;
+    let ip = [
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        a ^ 0x02,
+        b,
+        c,
+        0xff,
+        0xfe,
+        d,
+        e,
+        f,
+    ];
+    Some(IpAddr::from(ip))
+}
+
 /// The etcd records of a lab, parsed; malformed ones are kept as violations.
 #[derive(Debug, Default, Clone)]
 pub struct Records {
     pub pools: BTreeMap<String, Pool>,
     /// Host name → underlay address.
     pub hosts: BTreeMap<String, Ipv4Addr>,
+    /// Host name → IPv6 underlay address, where it registered one.
+    pub hosts_v6: BTreeMap<String, IpAddr>,
     /// Host name → prefix length of its underlay address (its subnet), where registered.
     pub host_prefixes: BTreeMap<String, u8>,
     /// Host name → tunnel address, where it has one.
     pub tunnels: BTreeMap<String, Ipv4Addr>,
+    /// Host name → the EUI-64 link-local address of its VTEP MAC, where it has one: what its
+    /// IPv6 blocks are routed via through the tunnel.
+    pub vtep_link_locals: BTreeMap<String, IpAddr>,
     /// Tunnel address guards: address → host.
     pub tunnel_ips: BTreeMap<Ipv4Addr, String>,
     pub alive: BTreeSet<String>,
     /// (pool, block, owning host).
     pub blocks: Vec<(String, Net, String)>,
-    /// Address → (host, container id).
-    pub ips: BTreeMap<Ipv4Addr, (String, String)>,
+    /// Address (of either family) → (host, container id).
+    pub ips: BTreeMap<IpAddr, (String, String)>,
     /// (host, container id) → endpoint.
     pub endpoints: BTreeMap<(String, String), Endpoint>,
     /// (host, protocol, port) → container id.
@@ -240,6 +265,19 @@ impl Records {
                 if let Some(prefix) = v["underlay_prefix"].as_u64() {
                     self.host_prefixes.insert(name.to_string(), prefix as u8);
                 }
+                if let Some(ip6) = v["underlay_ipv6"].as_str() {
+                    let ip6 = ip6
+                        .parse::<IpAddr>()
+                        .ok()
+                        .filter(IpAddr::is_ipv6)
+                        .ok_or(format!("bad underlay_ipv6 {ip6:?}"))?;
+                    self.hosts_v6.insert(name.to_string(), ip6);
+                }
+                if let Some(mac) = v["vtep_mac"].as_str() {
+                    let link_local =
+                        eui64_link_local(mac).ok_or(format!("bad vtep_mac {mac:?}"))?;
+                    self.vtep_link_locals.insert(name.to_string(), link_local);
+                }
                 if let Some(tunnel) = v["tunnel_ip"].as_str() {
                     let tunnel = tunnel
                         .parse()
@@ -258,9 +296,12 @@ impl Records {
                 self.blocks.push((pool.to_string(), net, host));
             }
             ["ips", ip] => {
-                let ip: Ipv4Addr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
+                let ip: IpAddr = ip.parse().map_err(|_| format!("bad address {ip:?}"))?;
                 let v = json()?;
                 if v["tunnel"].as_bool() == Some(true) {
+                    let IpAddr::V4(ip) = ip else {
+                        return Err(format!("an IPv6 tunnel address {ip}"));
+                    };
                     self.tunnel_ips.insert(ip, field(&v, "host")?);
                 } else {
                     self.ips
@@ -311,6 +352,11 @@ impl Records {
             .collect()
     }
 
+    /// Whether any pool is of this family.
+    pub fn has_family(&self, family: Family) -> bool {
+        self.pools.values().any(|p| p.cidr.family() == family)
+    }
+
     /// The blocks of one host.
     pub fn blocks_of(&self, host: &str) -> BTreeSet<Net> {
         self.blocks
@@ -334,27 +380,57 @@ pub enum AgentView {
     },
 }
 
-/// A host's kernel state, as `ip -j` and `iptables-save` show it inside its namespace.
+/// A host's kernel state, as `ip -j`, `iptables-save` and `ip6tables-save` show it inside its
+/// namespace.
 #[derive(Debug, Clone, Default)]
 pub struct HostKernel {
     pub links: Vec<Value>,
-    /// `proto weft` routes of every table.
+    /// `proto weft` routes of every table, of both families.
     pub routes: Vec<Value>,
     /// `/proc/sys` path → value (`MISSING` when absent).
     pub sysctls: BTreeMap<String, String>,
     pub nat: String,
     pub filter: String,
-    /// `ipset save`: network policy's address sets.
+    /// The ip6tables tables.
+    pub raw6: String,
+    pub nat6: String,
+    pub filter6: String,
+    /// `ipset save`: network policy's address sets, of both families.
     pub ipsets: String,
 }
 
 /// A container namespace's state.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerKernel {
-    /// `ip -j addr`: links with their addresses.
+    /// `ip -j addr`: links with their addresses of both families.
     pub links: Vec<Value>,
+    /// Routes of every table: IPv4, IPv6.
     pub routes: Vec<Value>,
+    pub routes6: Vec<Value>,
+    /// Routing rules: IPv4, IPv6.
+    pub rules: Vec<Value>,
+    pub rules6: Vec<Value>,
+    /// Neighbour entries: IPv4, IPv6.
     pub neighbours: Vec<Value>,
+    pub neighbours6: Vec<Value>,
+}
+
+impl ContainerKernel {
+    /// The routes and neighbour entries of one family.
+    pub fn of(&self, family: Family) -> (&[Value], &[Value]) {
+        match family {
+            Family::V4 => (&self.routes, &self.neighbours),
+            Family::V6 => (&self.routes6, &self.neighbours6),
+        }
+    }
+
+    /// The routing rules of one family.
+    pub fn rules_of(&self, family: Family) -> &[Value] {
+        match family {
+            Family::V4 => &self.rules,
+            Family::V6 => &self.rules6,
+        }
+    }
 }
 
 /// One lab host.
@@ -362,6 +438,8 @@ pub struct ContainerKernel {
 pub struct HostView {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The lab host's IPv6 underlay address (a dual-stack lab).
+    pub ip6: Option<Ipv6Addr>,
     pub agent: AgentView,
     pub kernel: Result<HostKernel, String>,
     /// By namespace path: every namespace an endpoint of this host names.

@@ -1,6 +1,10 @@
 //! The invariant checker's part for network policy: on a quiet lab, each host's kernel holds
 //! exactly what etcd's policies and endpoints ask of it.
 //!
+//! Both families are planned (as the agent plans them) and checked in their own tables: the
+//! IPv4 chains in iptables, the IPv6 ones in ip6tables where an IPv6 pool exists; the address
+//! sets of both families (`weft-s-`, `weft-6s-`, …) in the one `ipset` list.
+//!
 //! - chains ↔ policies: the chains policy owns (`WEFT-TO-WL`, `WEFT-FROM-WL`, `WEFT-TW-*`,
 //!   `WEFT-FW-*`, `WEFT-PI-*`, `WEFT-PO-*`) are exactly those the policies and this host's
 //!   endpoints (with their labels) call for, rule for rule, and our FORWARD chain dispatches to
@@ -15,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use weft_agent::firewall::chains::{as_held, parse_owned};
-use weft_agent::policy::plan::{plan, Family};
+use weft_agent::policy::plan::{plan, Family, PolicyPlan, SetSpec};
 use weft_agent::policy::render::render;
 use weft_etcd::policy::{policy_from_value, Policy};
 use weft_etcd::records::EndpointRecord;
@@ -69,28 +73,63 @@ fn stored(s: &Snapshot, v: &mut Vec<Violation>) -> Stored {
 /// Checks every host whose kernel could be read.
 pub fn check(s: &Snapshot, v: &mut Vec<Violation>) {
     let stored = stored(s, v);
+    let ipv6 = s.records.has_family(super::Family::V6);
     for host in &s.hosts {
         if let Ok(kernel) = &host.kernel {
-            check_host(&stored, host, kernel, v);
+            check_host(&stored, host, kernel, ipv6, v);
         }
     }
 }
 
-fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Violation>) {
+/// The tool and filter table of a family.
+fn filter_of(k: &HostKernel, family: Family) -> (&'static str, &str) {
+    match family {
+        Family::V4 => ("iptables", &k.filter),
+        Family::V6 => ("ip6tables", &k.filter6),
+    }
+}
+
+/// Both families' plans from one reading (as the agent plans them); the IPv6 chains are checked
+/// only where an IPv6 pool exists (elsewhere the agent writes no ip6tables chain), the sets of
+/// both families always (set names carry their family).
+fn check_host(
+    stored: &Stored,
+    host: &HostView,
+    k: &HostKernel,
+    ipv6: bool,
+    v: &mut Vec<Violation>,
+) {
     let name = &host.name;
     let policies: Vec<&Policy> = stored.policies.iter().collect();
     let fabric: Vec<&EndpointRecord> = stored.endpoints.iter().collect();
     let local: Vec<&EndpointRecord> = fabric.iter().copied().filter(|e| e.host == *name).collect();
-    let wanted = plan(Family::V4, &policies, &fabric, &local);
+    let mut sets = BTreeMap::new();
+    for family in [Family::V4, Family::V6] {
+        let wanted = plan(family, &policies, &fabric, &local);
+        if family == Family::V4 || ipv6 {
+            check_chains(name, k, family, &wanted, v);
+        }
+        sets.extend(wanted.sets);
+    }
+    check_sets(name, k, &sets, v);
+}
 
-    // Chains ↔ policies.
-    let held = parse_owned(&k.filter);
-    let want = as_held(&render(&wanted));
+/// Chains ↔ policies, in the family's filter table, and the dispatch order of our FORWARD.
+fn check_chains(
+    name: &str,
+    k: &HostKernel,
+    family: Family,
+    wanted: &PolicyPlan,
+    v: &mut Vec<Violation>,
+) {
+    let (tool, filter) = filter_of(k, family);
+    let held = parse_owned(filter);
+    let want = as_held(&render(wanted));
     for (chain, rules) in &want {
         match held.get(chain) {
             None => v.push(Violation::new(
                 name,
-                format!("iptables filter {chain}"),
+                format!("{tool} filter {chain}"),
                 "a chain of network policy",
                 "none",
             )),
@@ -107,7 +146,7 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
                 if !same {
                     v.push(Violation::new(
                         name,
-                        format!("iptables filter {chain}"),
+                        format!("{tool} filter {chain}"),
                         format!("{} rules: {}", rules.len(), rules.join(" | ")),
                         format!("{} rules: {}", found.len(), found.join(" | ")),
                     ));
@@ -118,13 +157,12 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
     for chain in held.keys().filter(|c| !want.contains_key(*c)) {
         v.push(Violation::new(
             name,
-            format!("iptables filter {chain}"),
+            format!("{tool} filter {chain}"),
             "no policy chain that no policy explains",
             "a chain",
         ));
     }
-    let forward: Vec<&str> = k
-        .filter
+    let forward: Vec<&str> = filter
         .lines()
         .filter(|l| l.starts_with("-A WEFT-FORWARD "))
         .collect();
@@ -137,17 +175,24 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
     if !matches!((established, dispatch, accept), (Some(a), Some(b), Some(c)) if a < b && b < c) {
         v.push(Violation::new(
             name,
-            "iptables filter WEFT-FORWARD",
+            format!("{tool} filter WEFT-FORWARD"),
             "established accepted, then policy dispatch, then the accepts",
             format!("{established:?}, {dispatch:?}, {accept:?}"),
         ));
     }
+    check_drops_first(name, tool, filter, v);
+}
 
-    check_drops_first(name, k, v);
-
-    // Sets ↔ selectors ↔ endpoints.
+/// Sets ↔ selectors ↔ endpoints: every planned set (of either family) holds exactly its
+/// members, and no other `weft-` set exists.
+fn check_sets(
+    name: &str,
+    k: &HostKernel,
+    wanted: &BTreeMap<String, SetSpec>,
+    v: &mut Vec<Violation>,
+) {
     let sets = parse_sets(&k.ipsets);
-    for (set, spec) in &wanted.sets {
+    for (set, spec) in wanted {
         let members: BTreeSet<String> = spec
             .members
             .iter()
@@ -169,7 +214,7 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
             Some(_) => {}
         }
     }
-    for set in sets.keys().filter(|s| !wanted.sets.contains_key(*s)) {
+    for set in sets.keys().filter(|s| !wanted.contains_key(*s)) {
         v.push(Violation::new(
             name,
             format!("ipset {set}"),
@@ -182,22 +227,18 @@ fn check_host(stored: &Stored, host: &HostView, k: &HostKernel, v: &mut Vec<Viol
 /// What policy allows never overrides our drops (protected services, VXLAN from containers):
 /// in `WEFT-FORWARD` every DROP comes before the accept of established connections, in
 /// `WEFT-INPUT` every DROP and the VXLAN check before the jump to egress policy.
-pub(super) fn check_drops_first(name: &str, k: &HostKernel, v: &mut Vec<Violation>) {
+pub(super) fn check_drops_first(name: &str, tool: &str, filter: &str, v: &mut Vec<Violation>) {
     let orders = [
         ("WEFT-FORWARD", "--ctstate RELATED,ESTABLISHED"),
         ("WEFT-INPUT", "-j WEFT-FROM-WL"),
     ];
     for (chain, policy) in orders {
         let prefix = format!("-A {chain} ");
-        let lines: Vec<&str> = k
-            .filter
-            .lines()
-            .filter(|l| l.starts_with(&prefix))
-            .collect();
+        let lines: Vec<&str> = filter.lines().filter(|l| l.starts_with(&prefix)).collect();
         let Some(first_policy) = lines.iter().position(|l| l.contains(policy)) else {
             v.push(Violation::new(
                 name,
-                format!("iptables filter {chain}"),
+                format!("{tool} filter {chain}"),
                 format!("a rule with {policy}"),
                 "none",
             ));
@@ -210,7 +251,7 @@ pub(super) fn check_drops_first(name: &str, k: &HostKernel, v: &mut Vec<Violatio
         if late > 0 {
             v.push(Violation::new(
                 name,
-                format!("iptables filter {chain}"),
+                format!("{tool} filter {chain}"),
                 "every drop before policy",
                 format!("{late} after it"),
             ));

@@ -1,6 +1,7 @@
 //! Reading a lab into a [`Snapshot`]: etcd, each agent's List and Status (through `weftctl
-//! --json`), each host's kernel (`ip -j`, sysctls, iptables-save) and every container namespace
-//! an endpoint names, hosts in parallel, every command bounded in time.
+//! --json`), each host's kernel (`ip -j` per family, sysctls, iptables-save and ip6tables-save,
+//! ipset save) and every container namespace an endpoint names, hosts in parallel, every
+//! command bounded in time.
 
 use super::*;
 
@@ -73,16 +74,23 @@ pub fn in_netns(path: &str, program: &str, args: &[&str], stdin: Option<&str>) -
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `ip -j` commands in one `ip -batch` inside a namespace; one JSON array per command.
-pub(super) fn ip_json(path: &str, detailed: bool, commands: &[&str]) -> Result<Vec<Vec<Value>>> {
-    let mut input = commands.join("\n");
-    input.push('\n');
-    let args: &[&str] = if detailed {
-        &["-j", "-d", "-batch", "-"]
-    } else {
-        &["-j", "-batch", "-"]
-    };
-    let text = in_netns(path, "ip", args, Some(&input))?;
+/// Runs `ip -j` commands inside a namespace: one `ip -batch` per (family option — `""`, `"-4"`
+/// or `"-6"` — and its commands), all from one shell; one JSON array per command, in order.
+pub(super) fn ip_json(
+    path: &str,
+    detailed: bool,
+    batches: &[(&str, &[&str])],
+) -> Result<Vec<Vec<Value>>> {
+    let mut script = String::from("set -e\n");
+    for (family, commands) in batches {
+        let details = if detailed { "-d" } else { "" };
+        script.push_str(&format!(
+            "ip {family} -j {details} -batch - <<'WEFT_END'\n{}\nWEFT_END\n",
+            commands.join("\n")
+        ));
+    }
+    let expected: usize = batches.iter().map(|(_, c)| c.len()).sum();
+    let text = in_netns(path, "sh", &["-c", &script], None)?;
     let arrays: Vec<Vec<Value>> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -97,11 +105,10 @@ pub(super) fn ip_json(path: &str, detailed: bool, commands: &[&str]) -> Result<V
                 })
         })
         .collect::<Result<_>>()?;
-    if arrays.len() != commands.len() {
+    if arrays.len() != expected {
         bail!(
-            "ip -batch in {path} answered {} of {} commands: {text}",
+            "ip -batch in {path} answered {} of {expected} commands: {text}",
             arrays.len(),
-            commands.len()
         );
     }
     Ok(arrays)
@@ -114,14 +121,20 @@ pub(super) fn netns_path(name: &str) -> String {
 /// Reads a host's kernel state from inside its namespace.
 pub fn read_host_kernel(ns: &str) -> Result<HostKernel> {
     let path = netns_path(ns);
+    let weft_routes: &[&str] = &["route show table all proto 119"];
     let mut arrays = ip_json(
         &path,
         true,
-        &["link show", "route show table all proto 119"],
+        &[
+            ("", &["link show"]),
+            ("-4", weft_routes),
+            ("-6", weft_routes),
+        ],
     )?;
-    let routes = arrays.pop().unwrap_or_default();
+    let mut routes = arrays.pop().unwrap_or_default();
+    routes.splice(0..0, arrays.pop().unwrap_or_default());
     let links = arrays.pop().unwrap_or_default();
-    let mut files = vec!["/proc/sys/net/ipv4/ip_forward".to_string()];
+    let mut files: Vec<String> = HOST_SYSCTLS.iter().map(|(f, _)| f.to_string()).collect();
     for link in &links {
         let name = link["ifname"].as_str().unwrap_or("");
         if name.starts_with("weft") && link["group"].as_str() != Some(RETIRED_GROUP) {
@@ -143,48 +156,65 @@ pub fn read_host_kernel(ns: &str) -> Result<HostKernel> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let save = in_netns(&path, "iptables-save", &[], None)?;
-    let table = |name: &str| -> String {
-        let mut inside = false;
-        let mut out = String::new();
-        for line in save.lines() {
-            if line.starts_with('*') {
-                inside = line == format!("*{name}");
-            } else if inside {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    };
+    let save6 = in_netns(&path, "ip6tables-save", &[], None)?;
     Ok(HostKernel {
         links,
         routes,
         sysctls,
-        nat: table("nat"),
-        filter: table("filter"),
+        nat: table(&save, "nat"),
+        filter: table(&save, "filter"),
+        raw6: table(&save6, "raw"),
+        nat6: table(&save6, "nat"),
+        filter6: table(&save6, "filter"),
         ipsets: in_netns(&path, "ipset", &["save"], None)?,
     })
 }
 
-/// Reads a container namespace (by path) the checker needs: addresses, routes, neighbours.
+/// One table of `iptables-save` output: its lines after `*<name>`.
+fn table(save: &str, name: &str) -> String {
+    let mut inside = false;
+    let mut out = String::new();
+    for line in save.lines() {
+        if line.starts_with('*') {
+            inside = line == format!("*{name}");
+        } else if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Reads a container namespace (by path) the checker needs: addresses of both families, and
+/// routes, neighbours and routing rules per family.
 pub fn read_container(path: &str) -> Result<ContainerKernel> {
     if !Path::new(path).exists() {
         bail!("no such namespace");
     }
+    let per_family: &[&str] = &["route show table all", "neigh show", "rule show"];
     let mut arrays = ip_json(
         path,
         false,
-        &["addr show", "route show table all", "neigh show"],
-    )?;
-    let neighbours = arrays.pop().unwrap_or_default();
-    let routes = arrays.pop().unwrap_or_default();
-    let links = arrays.pop().unwrap_or_default();
+        &[("", &["addr show"]), ("-4", per_family), ("-6", per_family)],
+    )?
+    .into_iter();
+    let mut next = || arrays.next().unwrap_or_default();
     Ok(ContainerKernel {
-        links,
-        routes,
-        neighbours,
+        links: next(),
+        routes: next(),
+        neighbours: next(),
+        rules: next(),
+        routes6: next(),
+        neighbours6: next(),
+        rules6: next(),
     })
 }
+
+/// Host-wide sysctls and their wanted values; IPv6 forwarding only where an IPv6 pool exists.
+pub(super) const HOST_SYSCTLS: &[(&str, &str)] = &[
+    ("/proc/sys/net/ipv4/ip_forward", "1"),
+    ("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
+];
 
 /// The host-end sysctls of every endpoint veth and their wanted values (`{}` = the veth); a
 /// knob whose file is absent (IPv6 off) is not a violation.
@@ -194,12 +224,16 @@ pub(super) const VETH_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/conf/{}/forwarding", "1"),
     ("/proc/sys/net/ipv4/conf/{}/rp_filter", "1"),
     ("/proc/sys/net/ipv6/conf/{}/accept_ra", "0"),
+    ("/proc/sys/net/ipv6/conf/{}/proxy_ndp", "1"),
+    ("/proc/sys/net/ipv6/conf/{}/forwarding", "1"),
+    ("/proc/sys/net/ipv6/conf/{}/accept_dad", "0"),
 ];
 
 /// What the snapshot needs of a lab host, so hosts can be read in parallel.
 pub(super) struct HostTarget {
     name: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     socket: PathBuf,
     running: bool,
 }
@@ -259,6 +293,7 @@ pub(super) fn read_host(target: &HostTarget, records: &Records) -> HostView {
     HostView {
         name: target.name.clone(),
         ip: target.ip,
+        ip6: target.ip6,
         agent,
         kernel,
         containers,
@@ -277,6 +312,7 @@ pub fn snapshot(lab: &Lab) -> Result<Snapshot> {
         .map(|(i, h)| HostTarget {
             name: h.name.clone(),
             ip: h.ip,
+            ip6: h.ip6,
             socket: h.socket.clone(),
             running: lab.agent_alive(i),
         })

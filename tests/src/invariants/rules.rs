@@ -1,5 +1,5 @@
 //! Each host's iptables rules: our chains and jumps against the records (published ports,
-//! pools, protected services, VXLAN peers).
+//! pools, protected services, VXLAN peers); the nat checks serve both families.
 
 use super::*;
 
@@ -66,29 +66,121 @@ pub fn parse_dnat(words: &[String]) -> Option<(String, u16, String)> {
 pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut Vec<Violation>) {
     let name = &host.name;
     let r = &s.records;
-    let endpoints = r.endpoints_of(name);
+    check_nat(r, name, Family::V4, &k.nat, v);
+    // Jumps into our chains: exactly one each.
+    let jumps = [
+        (&k.nat, "nat", "POSTROUTING", "WEFT-POSTROUTING"),
+        (&k.nat, "nat", "PREROUTING", "WEFT-PORTS"),
+        (&k.nat, "nat", "OUTPUT", "WEFT-PORTS"),
+        (&k.filter, "filter", "FORWARD", "WEFT-FORWARD"),
+    ];
+    check_jumps(name, Family::V4, &jumps, 1, v);
+    check_vxlan_rules(r, name, k, v);
+    check_container_accepts(name, Family::V4, &k.filter, v);
+    rules6::check_rules6(s, host, k, v);
+}
 
-    // WEFT-PORTS: one DNAT per published port, nothing else.
+/// `WEFT-FORWARD` accepts what comes from and goes to containers.
+pub(super) fn check_container_accepts(
+    name: &str,
+    family: Family,
+    filter: &str,
+    v: &mut Vec<Violation>,
+) {
+    let forward = rules_of(filter, "WEFT-FORWARD");
+    for flag in ["-i", "-o"] {
+        if !forward
+            .iter()
+            .any(|(_, w)| after(w, flag) == Some("weft+") && after(w, "-j") == Some("ACCEPT"))
+        {
+            v.push(Violation::new(
+                name,
+                format!("{} filter WEFT-FORWARD", family.iptables()),
+                format!("{flag} weft+ -j ACCEPT"),
+                "none",
+            ));
+        }
+    }
+}
+
+/// Each (table text, table name, chain, target) jumps to its target `n` times.
+pub(super) fn check_jumps(
+    name: &str,
+    family: Family,
+    jumps: &[(&String, &str, &str, &str)],
+    n: usize,
+    v: &mut Vec<Violation>,
+) {
+    for (table, table_name, chain, target) in jumps {
+        let found = rules_of(table, chain)
+            .iter()
+            .filter(|(_, w)| after(w, "-j") == Some(*target))
+            .count();
+        if found != n {
+            v.push(Violation::new(
+                name,
+                format!(
+                    "{} {table_name} {chain} jump to {target}",
+                    family.iptables()
+                ),
+                match n {
+                    1 => "exactly one".to_string(),
+                    n => n.to_string(),
+                },
+                found.to_string(),
+            ));
+        }
+    }
+}
+
+/// The endpoints of a host that have an address of the family, with that address.
+fn addressed<'r>(
+    r: &'r Records,
+    name: &str,
+    family: Family,
+) -> Vec<(&'r str, &'r Endpoint, IpAddr)> {
+    r.endpoints_of(name)
+        .into_iter()
+        .filter_map(|(id, e)| Some((id, e, e.address(family)?)))
+        .collect()
+}
+
+/// The nat table of one family: a DNAT per published port of each endpoint address of the
+/// family and nothing else in `WEFT-PORTS`, a hairpin per published port, and SNAT leaving the
+/// fabric per pool of the family.
+pub(super) fn check_nat(
+    r: &Records,
+    name: &str,
+    family: Family,
+    nat: &str,
+    v: &mut Vec<Violation>,
+) {
+    let tool = family.iptables();
+    let endpoints = addressed(r, name, family);
+    let destination = |ip: IpAddr, port: u16| match ip {
+        IpAddr::V4(_) => format!("{ip}:{port}"),
+        IpAddr::V6(_) => format!("[{ip}]:{port}"),
+    };
     let mut wanted: BTreeMap<(String, u16, String), Vec<String>> = BTreeMap::new();
-    for (id, e) in &endpoints {
+    for (id, e, ip) in &endpoints {
         for p in &e.ports {
             wanted
                 .entry((
                     p.protocol.clone(),
                     p.host_port,
-                    format!("{}:{}", e.ip, p.container_port),
+                    destination(*ip, p.container_port),
                 ))
                 .or_default()
                 .push(id.to_string());
         }
     }
     let mut found: BTreeMap<(String, u16, String), usize> = BTreeMap::new();
-    for (line, words) in rules_of(&k.nat, "WEFT-PORTS") {
+    for (line, words) in rules_of(nat, "WEFT-PORTS") {
         match parse_dnat(&words) {
             Some(key) => *found.entry(key).or_default() += 1,
             None => v.push(Violation::new(
                 name,
-                "iptables nat WEFT-PORTS",
+                format!("{tool} nat WEFT-PORTS"),
                 "only DNAT rules of published ports",
                 line.to_string(),
             )),
@@ -102,10 +194,7 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
         if n != 1 {
             v.push(Violation::new(
                 name,
-                format!(
-                    "iptables nat WEFT-PORTS {proto}/{port} of {}",
-                    ids.join(", ")
-                ),
+                format!("{tool} nat WEFT-PORTS {proto}/{port} of {}", ids.join(", ")),
                 format!("one DNAT to {to}"),
                 format!("{n}"),
             ));
@@ -115,19 +204,31 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
         if !wanted.contains_key(&(proto.clone(), *port, to.clone())) {
             v.push(Violation::new(
                 name,
-                format!("iptables nat WEFT-PORTS {proto}/{port}"),
+                format!("{tool} nat WEFT-PORTS {proto}/{port}"),
                 "no DNAT that no published port explains",
                 format!("{n} DNAT to {to}"),
             ));
         }
     }
+    check_hairpins(name, family, nat, &endpoints, v);
+    check_nat_outgoing(r, name, family, nat, v);
+}
 
-    // Hairpins: a container reaching itself through its own published port is masqueraded. A
-    // rule may cover one port or the whole container (no -p/--dport): either serves.
+/// Hairpins: a container reaching itself through its own published port is masqueraded. A
+/// rule may cover one port or the whole container (no -p/--dport): either serves.
+fn check_hairpins(
+    name: &str,
+    family: Family,
+    nat: &str,
+    endpoints: &[(&str, &Endpoint, IpAddr)],
+    v: &mut Vec<Violation>,
+) {
+    let tool = family.iptables();
+    let host_len = format!("/{}", family.bits());
     let mut hairpins: Vec<(String, Option<String>, Option<u16>)> = vec![];
-    for (_, words) in rules_of(&k.nat, "WEFT-POSTROUTING") {
-        let src = after(&words, "-s").map(|a| a.trim_end_matches("/32"));
-        let dst = after(&words, "-d").map(|a| a.trim_end_matches("/32"));
+    for (_, words) in rules_of(nat, "WEFT-POSTROUTING") {
+        let src = after(&words, "-s").map(|a| a.trim_end_matches(host_len.as_str()));
+        let dst = after(&words, "-d").map(|a| a.trim_end_matches(host_len.as_str()));
         if src.is_some() && src == dst && after(&words, "-j") == Some("MASQUERADE") {
             hairpins.push((
                 src.unwrap_or("").to_string(),
@@ -136,8 +237,8 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
             ));
         }
     }
-    for (id, e) in &endpoints {
-        let ip = e.ip.to_string();
+    for (id, e, ip) in endpoints {
+        let ip = ip.to_string();
         for p in &e.ports {
             let covered = hairpins.iter().any(|(src, proto, port)| {
                 *src == ip
@@ -148,7 +249,7 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
                 v.push(Violation::new(
                     name,
                     format!(
-                        "iptables nat WEFT-POSTROUTING hairpin of {id} {ip} {}/{}",
+                        "{tool} nat WEFT-POSTROUTING hairpin of {id} {ip} {}/{}",
                         p.protocol, p.container_port
                     ),
                     "a MASQUERADE rule",
@@ -158,8 +259,8 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
         }
     }
     for (src, proto, port) in &hairpins {
-        let published = endpoints.values().any(|e| {
-            e.ip.to_string() == *src
+        let published = endpoints.iter().any(|(_, e, ip)| {
+            ip.to_string() == *src
                 && e.ports.iter().any(|p| {
                     proto.as_ref().is_none_or(|x| *x == p.protocol)
                         && port.is_none_or(|x| x == p.container_port)
@@ -169,7 +270,7 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
             v.push(Violation::new(
                 name,
                 format!(
-                    "iptables nat WEFT-POSTROUTING hairpin {src} {}/{}",
+                    "{tool} nat WEFT-POSTROUTING hairpin {src} {}/{}",
                     proto.as_deref().unwrap_or("any"),
                     port.map_or("any".to_string(), |p| p.to_string())
                 ),
@@ -178,11 +279,19 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
             ));
         }
     }
+}
 
-    // SNAT leaving the fabric, per pool.
-    let postrouting = rules_of(&k.nat, "WEFT-POSTROUTING");
-    let outgoing = rules_of(&k.nat, "WEFT-NAT-OUTGOING");
-    for (pool, p) in &r.pools {
+/// SNAT leaving the fabric, per pool of the family.
+fn check_nat_outgoing(r: &Records, name: &str, family: Family, nat: &str, v: &mut Vec<Violation>) {
+    let tool = family.iptables();
+    let pools: Vec<(&String, &Pool)> = r
+        .pools
+        .iter()
+        .filter(|(_, p)| p.cidr.family() == family)
+        .collect();
+    let postrouting = rules_of(nat, "WEFT-POSTROUTING");
+    let outgoing = rules_of(nat, "WEFT-NAT-OUTGOING");
+    for (pool, p) in &pools {
         let cidr = p.cidr.to_string();
         if p.nat_outgoing
             && !postrouting.iter().any(|(_, w)| {
@@ -191,7 +300,7 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
         {
             v.push(Violation::new(
                 name,
-                format!("iptables nat WEFT-POSTROUTING pool {pool}"),
+                format!("{tool} nat WEFT-POSTROUTING pool {pool}"),
                 format!("-s {cidr} -j WEFT-NAT-OUTGOING (nat-outgoing)"),
                 "none",
             ));
@@ -202,60 +311,23 @@ pub(super) fn check_rules(s: &Snapshot, host: &HostView, k: &HostKernel, v: &mut
         {
             v.push(Violation::new(
                 name,
-                format!("iptables nat WEFT-NAT-OUTGOING pool {pool}"),
+                format!("{tool} nat WEFT-NAT-OUTGOING pool {pool}"),
                 format!("-d {cidr} -j RETURN (inside the fabric)"),
                 "none",
             ));
         }
     }
-    if r.pools.values().any(|p| p.nat_outgoing)
+    if pools.iter().any(|(_, p)| p.nat_outgoing)
         && !outgoing
             .iter()
             .any(|(_, w)| after(w, "-j") == Some("MASQUERADE") && after(w, "-d").is_none())
     {
         v.push(Violation::new(
             name,
-            "iptables nat WEFT-NAT-OUTGOING",
+            format!("{tool} nat WEFT-NAT-OUTGOING"),
             "a final MASQUERADE",
             "none",
         ));
-    }
-
-    // Jumps into our chains: exactly one each.
-    let jumps = [
-        (&k.nat, "nat", "POSTROUTING", "WEFT-POSTROUTING"),
-        (&k.nat, "nat", "PREROUTING", "WEFT-PORTS"),
-        (&k.nat, "nat", "OUTPUT", "WEFT-PORTS"),
-        (&k.filter, "filter", "FORWARD", "WEFT-FORWARD"),
-    ];
-    for (table, table_name, chain, target) in jumps {
-        let n = rules_of(table, chain)
-            .iter()
-            .filter(|(_, w)| after(w, "-j") == Some(target))
-            .count();
-        if n != 1 {
-            v.push(Violation::new(
-                name,
-                format!("iptables {table_name} {chain} jump to {target}"),
-                "exactly one",
-                n.to_string(),
-            ));
-        }
-    }
-    check_vxlan_rules(r, name, k, v);
-    let forward = rules_of(&k.filter, "WEFT-FORWARD");
-    for flag in ["-i", "-o"] {
-        if !forward
-            .iter()
-            .any(|(_, w)| after(w, flag) == Some("weft+") && after(w, "-j") == Some("ACCEPT"))
-        {
-            v.push(Violation::new(
-                name,
-                "iptables filter WEFT-FORWARD",
-                format!("{flag} weft+ -j ACCEPT"),
-                "none",
-            ));
-        }
     }
 }
 

@@ -128,14 +128,15 @@ fn every_drop_comes_before_policy() {
     let forward_drop = format!("WEFT-FORWARD {CONTAINER_VXLAN_DROP}");
     let input_drop = format!("WEFT-INPUT {CONTAINER_VXLAN_DROP}");
     let mut v = vec![];
-    policy::check_drops_first(
-        "h1",
+    let drops_first = |k: &HostKernel, v: &mut Vec<Violation>| {
+        policy::check_drops_first("h1", "iptables", &k.filter, v)
+    };
+    drops_first(
         &filter(&[&forward_drop, established, &input_drop, egress]),
         &mut v,
     );
     assert_eq!(v, vec![]);
-    policy::check_drops_first(
-        "h1",
+    drops_first(
         &filter(&[established, &forward_drop, egress, &input_drop]),
         &mut v,
     );
@@ -145,6 +146,301 @@ fn every_drop_comes_before_policy() {
         ["iptables filter WEFT-FORWARD", "iptables filter WEFT-INPUT"]
     );
     let mut v = vec![];
-    policy::check_drops_first("h1", &filter(&[]), &mut v);
+    drops_first(&filter(&[]), &mut v);
     assert_eq!(v.len(), 2, "no policy dispatch at all: {v:?}");
+}
+
+#[test]
+fn ipv6_prefixes_parse_as_block_keys_routes_and_addresses() {
+    let block = Net::parse("fd65::c093:fcc6:570f:32f2:d0c0-122").unwrap();
+    assert_eq!(
+        block,
+        Net::parse("fd65::c093:fcc6:570f:32f2:d0c0/122").unwrap()
+    );
+    assert_eq!(block.to_string(), "fd65::c093:fcc6:570f:32f2:d0c0/122");
+    assert_eq!(block.family(), Family::V6);
+    assert!(block.aligned());
+    assert!(!Net::parse("fd65::c093:fcc6:570f:32f2:d0c1/122")
+        .unwrap()
+        .aligned());
+    assert!(block.contains("fd65::c093:fcc6:570f:32f2:d0ff".parse().unwrap()));
+    assert!(!block.contains("fd65::c093:fcc6:570f:32f2:d100".parse().unwrap()));
+    assert!(
+        !block.contains("10.65.0.1".parse().unwrap()),
+        "never across families"
+    );
+    assert_eq!(Net::parse("fd65::1").unwrap().len, 128);
+    assert_eq!(
+        Net::host("fd65::1".parse().unwrap()).to_string(),
+        "fd65::1/128"
+    );
+    let pool = Net::parse("fd65::/48").unwrap();
+    assert!(pool.contains_net(&block) && !block.contains_net(&pool));
+    assert!(!pool.overlaps(&Net::parse("10.65.0.0/16").unwrap()));
+    assert!(Net::parse("::/0")
+        .unwrap()
+        .contains("fd65::1".parse().unwrap()));
+    assert!(Net::parse("fd65::/129").is_none());
+}
+
+#[test]
+fn dual_stack_records_parse_with_both_addresses() {
+    let r = Records::parse(&fixture::etcd());
+    assert_eq!(r.malformed, vec![]);
+    assert_eq!(r.pools["default-v6"].cidr.to_string(), "fd65::/48");
+    assert_eq!(r.hosts_v6["h2"].to_string(), "2001:db8:100::2");
+    assert_eq!(r.blocks_of("h1").len(), 2);
+    let a = &r.endpoints[&("h1".to_string(), "a".to_string())];
+    assert_eq!(
+        a.addresses(),
+        vec![
+            "10.65.0.1".parse::<IpAddr>().unwrap(),
+            "fd65::1".parse().unwrap()
+        ]
+    );
+    assert_eq!(r.ips.len(), 2);
+    // The List of an IPv6-only endpoint: `ip` empty, `ipv6` set; etcd's: `ip` is the IPv6 one.
+    let listed = Endpoint::from_json(&serde_json::json!({
+        "container_id": "b", "host": "h1", "ip": "", "ipv6": "fd65::2",
+        "host_ifname": "weft2", "netns": "/x",
+    }))
+    .unwrap();
+    assert_eq!(
+        (listed.ip.to_string(), listed.ipv6),
+        ("fd65::2".into(), None)
+    );
+    let bad = records(&[
+        ("blocks/default-v6/fd65::1-122", r#"{"host":"h1"}"#),
+        ("ips/fd65::zz", r#"{"host":"h1","container_id":"a"}"#),
+        (
+            "endpoints/h1/c",
+            r#"{"container_id":"c","host":"h1","ip":"fd65::3","ipv6":"fd65::4","host_ifname":"w","netns":"/x"}"#,
+        ),
+    ]);
+    assert_eq!(bad.malformed.len(), 3, "{:?}", bad.malformed);
+}
+
+/// The objects of a check's violations.
+fn objects(v: &[Violation]) -> Vec<String> {
+    v.iter()
+        .map(|v| format!("[{}] {}", v.scope, v.object))
+        .collect()
+}
+
+#[test]
+fn a_healthy_dual_stack_lab_passes_every_check() {
+    let v = check(&fixture::snapshot());
+    assert_eq!(v, vec![], "{:#?}", objects(&v));
+}
+
+#[test]
+fn a_missing_ipv6_host_route_and_peer_route_are_reported() {
+    let mut s = fixture::snapshot();
+    let k = s.hosts[0].kernel.as_mut().unwrap();
+    k.routes
+        .retain(|r| r["dst"] != "fd65::1" && r["dst"] != "fd65::40/122");
+    assert_eq!(
+        objects(&check(&s)),
+        [
+            "[h1] route fd65::1/128 (endpoint a)",
+            "[h1] route fd65::40/122 (block of h2)"
+        ]
+    );
+    // An IPv6 route that nothing claims is named too.
+    let mut s = fixture::snapshot();
+    let k = s.hosts[1].kernel.as_mut().unwrap();
+    k.routes
+        .push(serde_json::json!({"dst": "fd65::7", "dev": "weft9"}));
+    assert_eq!(objects(&check(&s)), ["[h2] route fd65::7/128"]);
+}
+
+#[test]
+fn stale_and_missing_ipv6_guards_are_reported() {
+    let mut etcd = fixture::etcd();
+    etcd.insert(
+        format!("{ETCD_PREFIX}ips/fd65::99"),
+        r#"{"host":"h1","container_id":"gone"}"#.into(),
+    );
+    etcd.remove(&format!("{ETCD_PREFIX}ips/fd65::1"));
+    let v = check(&fixture::snapshot_of(etcd));
+    assert_eq!(
+        objects(&v),
+        ["[h1] etcd endpoints/h1/a", "[h1] etcd ips/fd65::99"],
+        "{v:#?}"
+    );
+    assert_eq!(v[0].expected, "a guard key ips/fd65::1");
+}
+
+#[test]
+fn the_containers_ipv6_side_is_checked_per_family() {
+    let mut s = fixture::snapshot();
+    let c = s.hosts[0]
+        .containers
+        .get_mut(fixture::NETNS)
+        .unwrap()
+        .as_mut()
+        .unwrap();
+    c.routes6.retain(|r| r["dst"] != "default");
+    c.neighbours6.clear();
+    c.links[1]["addr_info"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| a["local"] != "fd65::1");
+    let net = fixture::NETNS;
+    assert_eq!(
+        objects(&check(&s)),
+        [
+            format!("[h1] container a ({net}) interface eth0 address"),
+            format!("[h1] container a ({net}) neighbour {GATEWAY_V6} dev eth0"),
+            format!("[h1] namespace {net} default route (V6)"),
+        ]
+    );
+}
+
+#[test]
+fn a_secondary_interface_needs_a_source_rule_per_family() {
+    let mut etcd = fixture::etcd();
+    let key = format!("{ETCD_PREFIX}endpoints/h1/a");
+    let mut a: serde_json::Value = serde_json::from_str(&etcd[&key]).unwrap();
+    a["secondary"] = true.into();
+    etcd.insert(key, a.to_string());
+    let mut s = fixture::snapshot_of(etcd);
+    let c = s.hosts[0]
+        .containers
+        .get_mut(fixture::NETNS)
+        .unwrap()
+        .as_mut()
+        .unwrap();
+    // The IPv4 address has its rule and table; the IPv6 one has neither (what the agent did).
+    c.rules
+        .push(serde_json::json!({"priority": 1000, "src": "10.65.0.1", "table": "1003"}));
+    c.routes.push(
+        serde_json::json!({"dst": "default", "gateway": GATEWAY, "dev": "eth0", "table": "1003"}),
+    );
+    c.routes6.push(
+        serde_json::json!({"dst": "default", "gateway": GATEWAY_V6, "dev": "eth0", "table": "1003"}),
+    );
+    let v = check(&s);
+    assert_eq!(
+        objects(&v),
+        [format!(
+            "[h1] container a ({}) source rule of fd65::1 (secondary eth0)",
+            fixture::NETNS
+        )]
+    );
+    assert_eq!(v[0].found, "no rule");
+    c_rule6(&mut s);
+    let v = check(&s);
+    assert_eq!(v, vec![], "{:#?}", objects(&v));
+}
+
+/// Gives the fixture's container the IPv6 source rule a secondary interface needs.
+fn c_rule6(s: &mut Snapshot) {
+    let c = s.hosts[0]
+        .containers
+        .get_mut(fixture::NETNS)
+        .unwrap()
+        .as_mut()
+        .unwrap();
+    c.rules6
+        .push(serde_json::json!({"priority": 1000, "src": "fd65::1", "table": "1003"}));
+}
+
+#[test]
+fn ipv6_sysctls_tables_and_status_are_checked() {
+    let mut s = fixture::snapshot();
+    let k = s.hosts[0].kernel.as_mut().unwrap();
+    k.sysctls
+        .insert("/proc/sys/net/ipv6/conf/weft1/proxy_ndp".into(), "0".into());
+    k.filter6 = k.filter6.replace("-A FORWARD -j WEFT-FORWARD\n", "");
+    k.raw6 = k.raw6.replace("--invert ", "");
+    k.nat6 = k.nat6.replace("[fd65::1]:80", "[fd65::2]:80");
+    if let AgentView::Answered { status, .. } = &mut s.hosts[1].agent {
+        status["local_blocks"] = serde_json::json!(["10.65.0.64/26"]);
+        status["underlay_ipv6"] = "".into();
+    }
+    assert_eq!(
+        objects(&check(&s)),
+        [
+            "[h1] ip6tables filter FORWARD jump to WEFT-FORWARD",
+            "[h1] ip6tables nat WEFT-PORTS tcp/8080",
+            "[h1] ip6tables nat WEFT-PORTS tcp/8080 of a",
+            "[h1] ip6tables raw WEFT-PREROUTING",
+            "[h1] sysctl /proc/sys/net/ipv6/conf/weft1/proxy_ndp",
+            "[h2] Status.local_blocks",
+            "[h2] Status.underlay_ipv6",
+        ]
+    );
+}
+
+#[test]
+fn without_an_ipv6_pool_nothing_of_ipv6_is_expected_and_leftovers_are_named() {
+    let mut etcd = fixture::etcd();
+    etcd.retain(|k, _| !k.contains("v6") && !k.contains("fd65"));
+    let endpoint = format!("{ETCD_PREFIX}endpoints/h1/a");
+    let mut a: serde_json::Value = serde_json::from_str(&etcd[&endpoint]).unwrap();
+    a.as_object_mut().unwrap().remove("ipv6");
+    etcd.insert(endpoint, a.to_string());
+    let mut s = fixture::snapshot_of(etcd);
+    // The kernels still hold the IPv6 side (left over), the agents answer without it.
+    for host in &mut s.hosts {
+        if let AgentView::Answered { list, status } = &mut host.agent {
+            for e in list.iter_mut() {
+                e["ipv6"] = "".into();
+            }
+            let kept: Vec<serde_json::Value> = status["local_blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| !b.as_str().unwrap().contains(':'))
+                .cloned()
+                .collect();
+            status["local_blocks"] = kept.into();
+            for p in status["peers"].as_array_mut().unwrap() {
+                p["blocks"] = serde_json::json!([p["blocks"][0].clone()]);
+            }
+        }
+    }
+    let found = objects(&check(&s));
+    for expected in [
+        "[h1] route fd65::1/128",
+        "[h1] route fd65::/122",
+        "[h2] route fd65::/122",
+        "[h1] ip6tables raw",
+        "[h1] ip6tables nat",
+        "[h2] ip6tables filter",
+        "[h1] namespace /run/netns/c-a default route (V6)",
+    ] {
+        assert!(
+            found.contains(&expected.to_string()),
+            "{expected}: {found:#?}"
+        );
+    }
+    // And the IPv4 side alone, stripped of the IPv6 leftovers, passes.
+    for host in &mut s.hosts {
+        let k = host.kernel.as_mut().unwrap();
+        k.routes
+            .retain(|r| !r["dst"].as_str().unwrap().contains(':'));
+        (k.raw6, k.nat6, k.filter6) = Default::default();
+        if let Some(Ok(c)) = host.containers.get_mut(fixture::NETNS) {
+            c.routes6.clear();
+        }
+    }
+    let v = check(&s);
+    assert_eq!(v, vec![], "{:#?}", objects(&v));
+}
+
+#[test]
+fn a_vtep_mac_gives_the_link_local_address_ipv6_is_tunnelled_via() {
+    use super::model::eui64_link_local;
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(
+        eui64_link_local("ee:ee:ee:ee:ee:ee"),
+        Some(ip("fe80::ecee:eeff:feee:eeee"))
+    );
+    assert_eq!(
+        eui64_link_local("02:00:00:00:00:0b"),
+        Some(ip("fe80::ff:fe00:b"))
+    );
+    assert_eq!(eui64_link_local("02:00:00"), None);
 }
