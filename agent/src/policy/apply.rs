@@ -42,15 +42,22 @@ pub struct PolicyReport {
 
 /// The plans of both families, from one reading of the inputs: every policy, every endpoint
 /// of the fabric (this host's from its own table, which is ahead of the watch), and this host's
-/// endpoints.
+/// endpoints. A host without an IPv6 pool has no IPv6 endpoint, so its IPv6 plan is empty and
+/// not made (planning is most of what an attach waits for when policies select it).
 fn plan_now(ctx: &Context) -> [PolicyPlan; 2] {
+    let ipv6 = ctx.config.has_ipv6();
     let local: Vec<EndpointRecord> = ctx.endpoints.list();
     ctx.policy.with_view(|view| {
         let policies: Vec<_> = view.policies.values().collect();
         let mut fabric: Vec<&EndpointRecord> = view.remote_endpoints(ctx.me()).collect();
         fabric.extend(local.iter());
         let local: Vec<&EndpointRecord> = local.iter().collect();
-        [Family::V4, Family::V6].map(|family| plan(family, &policies, &fabric, &local))
+        let v4 = plan(Family::V4, &policies, &fabric, &local);
+        let v6 = match ipv6 {
+            true => plan(Family::V6, &policies, &fabric, &local),
+            false => PolicyPlan::default(),
+        };
+        [v4, v6]
     })
 }
 
