@@ -401,18 +401,24 @@ async fn checks_and_repairs_during_reconciliation_never_collide_on_netlink() {
     );
 }
 
-/// A detach retires its veth: the routes and link that go with it are the agent's own doing and
-/// set off no repair pass (with thousands of endpoints each pass costs the kernel tens of
-/// milliseconds), while a veth someone else deletes is repaired at once.
-#[test]
-fn detaches_set_off_no_repair_pass_and_a_veth_deleted_by_hand_does() {
-    let lab = Lab::new(LabOptions {
+/// One dual-stack host whose agent makes no full pass during a test (`--resync-interval 1h`):
+/// what happens comes from events.
+fn quiet_dual_stack_host() -> Lab {
+    Lab::new(LabOptions {
         hosts: 1,
         ipv6: true,
         agent_args: ["--resync-interval", "1h"].map(String::from).to_vec(),
         ..Default::default()
     })
-    .unwrap();
+    .expect("lab")
+}
+
+/// A detach retires its veth: the routes and link that go with it are the agent's own doing and
+/// set off no repair pass (with thousands of endpoints each pass costs the kernel tens of
+/// milliseconds), while a veth someone else deletes is repaired at once.
+#[test]
+fn detaches_set_off_no_repair_pass_and_a_veth_deleted_by_hand_does() {
+    let lab = quiet_dual_stack_host();
     let host = lab.hosts[0].name.clone();
     for i in 0..10 {
         lab.ctl_json(0, &["attach", &format!("c{i}")]).unwrap();
@@ -450,13 +456,7 @@ fn detaches_set_off_no_repair_pass_and_a_veth_deleted_by_hand_does() {
 /// back as the kernel announces the change, long before the next full pass.
 #[test]
 fn flipped_ipv6_sysctls_of_a_veth_are_put_back_at_once() {
-    let lab = Lab::new(LabOptions {
-        hosts: 1,
-        ipv6: true,
-        agent_args: ["--resync-interval", "1h"].map(String::from).to_vec(),
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = quiet_dual_stack_host();
     let host = lab.hosts[0].name.clone();
     let endpoint = lab.ctl_json(0, &["attach", "c1"]).unwrap();
     let veth = endpoint["host_ifname"].as_str().unwrap().to_string();

@@ -5,7 +5,7 @@
 //! dispatch and accepts container traffic through a FORWARD policy of DROP. Written like the IPv4 tables: owned `WEFT-*` chains, jumps
 //! inserted first, one atomic `ip6tables-restore --noflush` per table.
 
-use super::rules::{comment, FilterRule, FirewallSpec, Jump, NatRule, PoolRule, PortRule};
+use super::rules::{self, comment, FilterRule, FirewallSpec, Jump, NatRule, PortRule};
 
 pub const RAW_CHAINS: &[&str] = &["WEFT-PREROUTING"];
 pub const RAW_JUMPS: &[Jump] = &[Jump {
@@ -69,33 +69,12 @@ pub fn raw_rules() -> Vec<String> {
 /// The nat table: NAT66 for the IPv6 pools with nat-outgoing, to destinations in no pool; the
 /// published ports of containers' IPv6 addresses (DNAT, and hairpin masquerade).
 pub fn nat_rules(spec: &FirewallSpec) -> Vec<NatRule<'_>> {
-    let mut ports: Vec<&PortRule> = spec.ports.iter().filter(|p| p.ip.is_ipv6()).collect();
-    ports.sort();
-    let pools: Vec<&PoolRule> = spec.pools.iter().filter(|p| p.cidr.is_ipv6()).collect();
-    let mut rules: Vec<NatRule> = ports.iter().map(|p| NatRule::Hairpin(p)).collect();
-    rules.extend(
-        pools
-            .iter()
-            .filter(|p| p.nat_outgoing)
-            .map(|p| NatRule::FromNatPool(p)),
-    );
-    rules.extend(pools.iter().map(|p| NatRule::InsideFabric(p)));
-    rules.push(NatRule::LeavingFabric);
-    rules.extend(ports.iter().map(|p| NatRule::Dnat(p)));
-    rules
+    rules::nat_rules_of(spec, false)
 }
 
 /// The rules a set of published ports needs in the IPv6 nat table (hairpin and DNAT), rendered.
 pub fn port_rules(ports: &[PortRule]) -> Vec<String> {
-    let spec = FirewallSpec {
-        ports: ports.to_vec(),
-        ..Default::default()
-    };
-    nat_rules(&spec)
-        .iter()
-        .filter(|r| matches!(r, NatRule::Hairpin(_) | NatRule::Dnat(_)))
-        .map(|r| r.to_string())
-        .collect()
+    rules::port_rules_of(ports, false)
 }
 
 /// The filter table, as for IPv4: established connections first, then network policy's
@@ -121,7 +100,7 @@ pub fn filter_rules() -> Vec<FilterRule> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::rules::render;
+    use super::super::rules::{render, PoolRule};
     use super::*;
 
     fn pool(name: &str, cidr: &str, nat_outgoing: bool) -> PoolRule {

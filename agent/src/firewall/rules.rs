@@ -226,9 +226,20 @@ impl fmt::Display for FilterRule {
 
 /// The IPv4 rules of our nat chains (the IPv4 table holds IPv4 pools and ports only).
 pub fn nat_rules(spec: &FirewallSpec) -> Vec<NatRule<'_>> {
-    let mut ports: Vec<&PortRule> = spec.ports.iter().filter(|p| p.ip.is_ipv4()).collect();
+    nat_rules_of(spec, true)
+}
+
+/// The rules of one family's nat chains (`v4`: IPv4's, else IPv6's): hairpins, the outgoing
+/// checks of pools with nat-outgoing, what stays inside the fabric, masquerade of the rest, and
+/// the DNAT of published ports.
+pub(super) fn nat_rules_of(spec: &FirewallSpec, v4: bool) -> Vec<NatRule<'_>> {
+    let mut ports: Vec<&PortRule> = spec.ports.iter().filter(|p| p.ip.is_ipv4() == v4).collect();
     ports.sort();
-    let pools: Vec<&PoolRule> = spec.pools.iter().filter(|p| p.cidr.is_ipv4()).collect();
+    let pools: Vec<&PoolRule> = spec
+        .pools
+        .iter()
+        .filter(|p| p.cidr.is_ipv4() == v4)
+        .collect();
     let mut rules: Vec<NatRule> = ports.iter().map(|p| NatRule::Hairpin(p)).collect();
     rules.extend(
         pools
@@ -340,11 +351,16 @@ pub const FILTER_CHAINS: &[&str] = &["WEFT-FORWARD", "WEFT-INPUT", "WEFT-VXLAN"]
 
 /// The rules a set of published ports needs in the nat table (hairpin and DNAT), rendered.
 pub fn port_rules(ports: &[PortRule]) -> Vec<String> {
+    port_rules_of(ports, true)
+}
+
+/// The rules a set of published ports needs in one family's nat table, rendered.
+pub(super) fn port_rules_of(ports: &[PortRule], v4: bool) -> Vec<String> {
     let spec = FirewallSpec {
         ports: ports.to_vec(),
         ..Default::default()
     };
-    nat_rules(&spec)
+    nat_rules_of(&spec, v4)
         .iter()
         .filter(|r| matches!(r, NatRule::Hairpin(_) | NatRule::Dnat(_)))
         .map(|r| r.to_string())
