@@ -97,8 +97,17 @@ async fn containers_choose_their_pool_nat_follows_each_pool_and_a_disabled_pool_
         .into_iter()
         .find(|n| n.ends_with("-replica"))
         .unwrap();
-    assert!(sh::ping(&replica_ns, &web_ip), "db pool -> web pool");
-    assert!(sh::ping(&web_ns, &replica.ip), "web pool -> db pool");
+    // The hosts learn each other's new blocks through etcd within milliseconds: a ping sent
+    // before that has no way back, so each direction is given a moment.
+    let converged = |from: &str, to: &str| {
+        lab.eventually(
+            &format!("{from} reaching {to}"),
+            std::time::Duration::from_secs(3),
+            || sh::ping(from, to),
+        )
+    };
+    converged(&replica_ns, &web_ip).expect("db pool -> web pool");
+    converged(&web_ns, &replica.ip).expect("web pool -> db pool");
 
     // SNAT follows each pool's nat-outgoing: web leaves as its host; db is not masqueraded, and
     // the outside network has no route back to a pool, so nothing comes back.

@@ -514,12 +514,15 @@ fn a_second_dual_stack_interface_sends_from_its_own_ipv6_address() {
     .unwrap();
     assert!(route.contains("dev net1"), "{route}");
     // The reverse-path match on the host lets it through: it is net1's own address on net1.
-    let pinged = sh::in_ns(
-        &ns,
-        &["ping", "-c", "1", "-W", "2", "-I", &v6_second, &v6(&peer)],
+    // (h1 learns the peer's new block through etcd within milliseconds: a ping sent before
+    // that is lost, so it is given a moment.)
+    let ping = ["ping", "-c", "1", "-W", "1", "-I", &v6_second, &v6(&peer)];
+    lab.eventually(
+        "net1 reaching the peer over IPv6",
+        Duration::from_secs(3),
+        || sh::in_ns(&ns, &ping).is_ok_and(|o| o.status.success()),
     )
     .unwrap();
-    assert!(pinged.status.success(), "{pinged:?}");
     lab.ctl_json(0, &["detach", "b"]).unwrap();
     let rules = sh::run_in(&ns, &["ip", "-6", "rule"]).unwrap();
     assert!(!rules.contains(&v6_second), "{rules}");
