@@ -2,8 +2,6 @@
 //! ip6tables twins on hosts with an IPv6 pool), the last written state that lets attach and
 //! detach write only the difference, and conntrack flushes.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use super::chains::{self, Chains};
@@ -11,43 +9,12 @@ use super::rules::{
     self, filter_rules, nat_rules, render, Jump, FILTER_CHAINS, FILTER_JUMPS, NAT_CHAINS, NAT_JUMPS,
 };
 use super::save::{by_chain, incremental_input, normalize, parse_save, restore_input};
-use super::{ip6, Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode};
+use super::{
+    command, ip6, Backend, FirewallError, FirewallReport, FirewallSpec, PortRule, SyncMode,
+};
 
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
-    let shown = format!("{program} {}", args.join(" "));
-    let fail = |message: String| FirewallError::Command {
-        command: shown.clone(),
-        message,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(e.to_string()))?;
-    // A program that fails early stops reading; its own message says more than the broken
-    // pipe our write would report, so the exit status is looked at first.
-    let written = match input {
-        Some(input) => child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(input.as_bytes()),
-        None => Ok(()),
-    };
-    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    written.map_err(|e| fail(e.to_string()))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(command::run(program, args, input)?)
 }
 
 /// The commands of one address family.

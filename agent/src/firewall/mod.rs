@@ -5,10 +5,11 @@
 //!
 //! `rules` decides and renders (pure; `ip6` for IPv6); `save` reads and writes the
 //! save/restore text (pure); `chains` diffs the chains network policy owns whole (pure);
-//! `iptables` runs the commands; `sync` shares writes between concurrent callers.
+//! `iptables` runs the commands (through `command`, which `ipset` uses too); `sync` shares writes between concurrent callers.
 //! [`Backend`] is the seam unit tests replace.
 
 pub mod chains;
+pub mod command;
 pub mod fake;
 pub mod ip6;
 pub mod iptables;
@@ -23,6 +24,15 @@ pub use sync::FirewallSync;
 pub enum FirewallError {
     #[error("{command}: {message}")]
     Command { command: String, message: String },
+}
+
+impl From<command::CommandFailed> for FirewallError {
+    fn from(failed: command::CommandFailed) -> Self {
+        FirewallError::Command {
+            command: failed.command,
+            message: failed.message,
+        }
+    }
 }
 
 /// How much to check before writing.

@@ -4,8 +4,6 @@
 //! are ever touched.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use ipnetwork::IpNetwork;
@@ -153,38 +151,10 @@ fn as_held(wanted: &BTreeMap<String, SetSpec>) -> HeldSets {
 }
 
 fn ipset(args: &[&str], input: Option<&str>) -> Result<String, SetError> {
-    let command = format!("ipset {}", args.join(" "));
-    let fail = |message: String| SetError {
-        command: command.clone(),
-        message,
-    };
-    let mut child = Command::new("ipset")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(e.to_string()))?;
-    let written = match input {
-        Some(text) => child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(text.as_bytes()),
-        None => Ok(()),
-    };
-    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    written.map_err(|e| fail(e.to_string()))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::firewall::command::run("ipset", args, input).map_err(|failed| SetError {
+        command: failed.command,
+        message: failed.message,
+    })
 }
 
 /// The real sets of the agent's namespace, with what was last written.
