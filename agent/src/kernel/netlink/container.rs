@@ -337,32 +337,46 @@ async fn check_gateway(
             "no default route via {GATEWAY_V4} in {path}{place}"
         ));
     }
+    problems.extend(check_gateway_neighbour(handle, index, GATEWAY_V4.into(), path, ifname).await?);
+    Ok(problems)
+}
+
+/// The gateway of one family as a permanent neighbour of interface `index` with the host end's
+/// MAC (what the container resolves its gateway by), or what is wrong.
+pub(super) async fn check_gateway_neighbour(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    gateway: IpAddr,
+    path: &str,
+    ifname: &IfName,
+) -> Result<Option<String>> {
+    let (family, destination) = match gateway {
+        IpAddr::V4(v4) => (AddressFamily::Inet, NeighbourAddress::Inet(v4)),
+        IpAddr::V6(v6) => (AddressFamily::Inet6, NeighbourAddress::Inet6(v6)),
+    };
     let neighbours: Vec<_> = handle
         .neighbours()
         .get()
-        .set_address_family(AddressFamily::Inet)
+        .set_address_family(family)
         .execute()
         .try_collect()
         .await
         .map_err(nl(format!("listing neighbours in {path}")))?;
-    let gateway_entry = neighbours.iter().any(|n| {
+    let present = neighbours.iter().any(|n| {
         n.header.ifindex == index
             && n.header.state == NeighbourState::Permanent
             && n.attributes
-                .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                    GATEWAY_V4,
-                )))
+                .contains(&NeighbourAttribute::Destination(destination.clone()))
             && n.attributes.contains(&NeighbourAttribute::LinkLayerAddress(
                 HOST_VETH_MAC.to_vec(),
             ))
     });
-    if !gateway_entry {
-        problems.push(format!(
-            "no permanent neighbour {GATEWAY_V4} -> {} on {ifname} in {path}",
+    Ok((!present).then(|| {
+        format!(
+            "no permanent neighbour {gateway} -> {} on {ifname} in {path}",
             Mac(HOST_VETH_MAC)
-        ));
-    }
-    Ok(problems)
+        )
+    }))
 }
 
 /// The table of a route: the header holds tables below 256, the attribute any.

@@ -7,15 +7,14 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressFlags;
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use netlink_packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
 
-use super::container::{route_table_of, MAIN_TABLE};
+use super::container::{check_gateway_neighbour, route_table_of, MAIN_TABLE};
 use super::{errno, nl};
 use crate::kernel::Result;
-use crate::model::{IfName, Mac, GATEWAY_V6, HOST_VETH_MAC};
+use crate::model::{IfName, GATEWAY_V6, HOST_VETH_MAC};
 
 /// Adds the address, the default route and the gateway's neighbour; idempotent. The interface
 /// is up already (a route through a device that is down is refused).
@@ -96,30 +95,7 @@ pub(super) async fn check(
             "no default route via {GATEWAY_V6} dev {ifname} in {path}{place}"
         ));
     }
-    let neighbours: Vec<_> = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet6)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl(format!("listing IPv6 neighbours in {path}")))?;
-    let gateway_entry = neighbours.iter().any(|n| {
-        n.header.ifindex == index
-            && n.header.state == NeighbourState::Permanent
-            && n.attributes
-                .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet6(
-                    GATEWAY_V6,
-                )))
-            && n.attributes.contains(&NeighbourAttribute::LinkLayerAddress(
-                HOST_VETH_MAC.to_vec(),
-            ))
-    });
-    if !gateway_entry {
-        problems.push(format!(
-            "no permanent neighbour {GATEWAY_V6} -> {} on {ifname} in {path}",
-            Mac(HOST_VETH_MAC)
-        ));
-    }
+    let gateway = GATEWAY_V6.into();
+    problems.extend(check_gateway_neighbour(handle, index, gateway, path, ifname).await?);
     Ok(problems)
 }
