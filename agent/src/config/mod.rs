@@ -301,6 +301,20 @@ fn log_format(value: Option<String>) -> Result<LogFormat, ConfigError> {
     }
 }
 
+/// A configuration resolved from agent flags (after `--host-name h1`) and a TOML file's text,
+/// for the configuration's unit tests.
+#[cfg(test)]
+pub(crate) fn resolve_for_test(args: &[&str], file: &str) -> Result<Config, ConfigError> {
+    use clap::Parser;
+    let flags = Flags::try_parse_from(
+        ["weft-agent", "--host-name", "h1"]
+            .into_iter()
+            .chain(args.iter().copied()),
+    )
+    .unwrap();
+    Config::resolve(flags, toml::from_str(file).unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

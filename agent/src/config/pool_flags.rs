@@ -122,18 +122,8 @@ fn one_per_family(texts: &[String]) -> Result<(Option<IpNetwork>, Option<IpNetwo
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, ConfigError, Flags};
-    use clap::Parser;
-
-    fn resolve(args: &[&str], file: &str) -> Result<Config, ConfigError> {
-        let flags = Flags::try_parse_from(
-            ["weft-agent", "--host-name", "h1"]
-                .into_iter()
-                .chain(args.iter().copied()),
-        )
-        .unwrap();
-        Config::resolve(flags, toml::from_str(file).unwrap())
-    }
+    use crate::config::resolve_for_test as resolve;
+    use crate::config::Config;
 
     fn summary(config: &Config) -> Vec<(String, String, u8)> {
         config

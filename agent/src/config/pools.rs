@@ -209,19 +209,7 @@ fn check_together(pools: &[PoolSettings]) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::config::Config;
-    use clap::Parser;
-
-    fn resolve(args: &[&str], file: &str) -> Result<Config, ConfigError> {
-        let flags = Flags::try_parse_from(
-            ["weft-agent", "--host-name", "h1"]
-                .into_iter()
-                .chain(args.iter().copied()),
-        )
-        .unwrap();
-        Config::resolve(flags, toml::from_str(file).unwrap())
-    }
+    use crate::config::resolve_for_test as resolve;
 
     const TWO: &str = r#"
         nat-outgoing = false
