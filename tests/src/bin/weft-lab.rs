@@ -270,52 +270,9 @@ fn demo(
         })?;
     }
 
-    println!("== connectivity matrix (one ping each; ok = answered)");
-    let mut targets: Vec<(String, String)> = containers
-        .iter()
-        .map(|c| (c.name.clone(), c.ip.clone()))
-        .collect();
-    targets.extend(lab.hosts.iter().map(|h| {
-        (
-            h.name
-                .trim_start_matches(&format!("{}-", lab.prefix))
-                .to_string(),
-            h.ip.to_string(),
-        )
-    }));
-    let width = 6;
-    print!("   {:<width$}", "from");
-    for (name, _) in &targets {
-        print!("{name:>width$}");
-    }
-    println!();
-    let mut failures = 0;
-    for c in &containers {
-        print!("   {:<width$}", c.name);
-        for (name, ip) in &targets {
-            let ok = if *name == c.name {
-                true
-            } else {
-                sh::ping(&c.netns, ip)
-            };
-            if !ok {
-                failures += 1;
-            }
-            print!("{:>width$}", if ok { "ok" } else { "FAIL" });
-        }
-        println!();
-    }
-    let outside_ok = containers
-        .iter()
-        .filter(|c| sh::ping(&c.netns, OUTSIDE_IP))
-        .count();
-    println!(
-        "   containers reaching the outside host {OUTSIDE_IP} (through SNAT): {outside_ok}/{}",
-        containers.len()
-    );
-    failures += containers.len() - outside_ok;
+    let mut failures = matrix(&lab, &containers, false);
     if ipv6 {
-        failures += ipv6_matrix(&lab, &containers);
+        failures += matrix(&lab, &containers, true);
     }
 
     if bgp {
@@ -363,7 +320,8 @@ fn demo(
 
     // Every other container and every host, plus the outside host (in each family).
     let families = if ipv6 { 2 } else { 1 };
-    let total = families * (containers.len() * (targets.len() - 1) + containers.len());
+    let targets = containers.len() + lab.hosts.len();
+    let total = families * (containers.len() * (targets - 1) + containers.len());
     println!(
         "== {} of {total} pings answered in {:.1}s",
         total - failures,
@@ -386,18 +344,29 @@ fn demo(
     Ok(failures == 0)
 }
 
-/// The IPv6 connectivity matrix: every container to every container and every host, and to the
-/// outside host; returns the number of failed pings.
-fn ipv6_matrix(lab: &Lab, containers: &[Container]) -> usize {
-    println!("== IPv6 connectivity matrix (one ping each; ok = answered)");
+/// A connectivity matrix of one family (`v6`: IPv6): every container to every container and
+/// every host, and to the outside host (IPv4: through SNAT); returns the number of failed pings.
+fn matrix(lab: &Lab, containers: &[Container], v6: bool) -> usize {
+    let family = if v6 { "IPv6 " } else { "" };
+    println!(
+        "== {family}connectivity matrix (ok = answered; a second try covers neighbour discovery)"
+    );
     let mut targets: Vec<(String, String)> = containers
         .iter()
-        .map(|c| (c.name.clone(), c.ip6.clone()))
+        .map(|c| {
+            (
+                c.name.clone(),
+                if v6 { c.ip6.clone() } else { c.ip.clone() },
+            )
+        })
         .collect();
     targets.extend(lab.hosts.iter().map(|h| {
         let name = h.name.trim_start_matches(&format!("{}-", lab.prefix));
-        let ip6 = h.ip6.map(|ip| ip.to_string()).unwrap_or_default();
-        (name.to_string(), ip6)
+        let ip = match v6 {
+            true => h.ip6.map(|ip| ip.to_string()).unwrap_or_default(),
+            false => h.ip.to_string(),
+        };
+        (name.to_string(), ip)
     }));
     let width = 6;
     print!("   {:<width$}", "from");
@@ -409,7 +378,6 @@ fn ipv6_matrix(lab: &Lab, containers: &[Container]) -> usize {
     for c in containers {
         print!("   {:<width$}", c.name);
         for (name, ip) in &targets {
-            // A second try covers neighbour discovery on a path's first use.
             let ping = || sh::ping(&c.netns, ip);
             let ok = *name == c.name || (!ip.is_empty() && (ping() || ping()));
             failures += usize::from(!ok);
@@ -417,12 +385,16 @@ fn ipv6_matrix(lab: &Lab, containers: &[Container]) -> usize {
         }
         println!();
     }
+    let (outside, how) = match v6 {
+        true => (OUTSIDE_IP6, ""),
+        false => (OUTSIDE_IP, " (through SNAT)"),
+    };
     let outside_ok = containers
         .iter()
-        .filter(|c| sh::ping(&c.netns, OUTSIDE_IP6))
+        .filter(|c| sh::ping(&c.netns, outside))
         .count();
     println!(
-        "   containers reaching the outside host {OUTSIDE_IP6}: {outside_ok}/{}",
+        "   containers reaching the outside host {outside}{how}: {outside_ok}/{}",
         containers.len()
     );
     failures + containers.len() - outside_ok
