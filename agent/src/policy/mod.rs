@@ -148,6 +148,12 @@ impl PolicyState {
         })
     }
 
+    /// Whether a full sync was asked for and has not run since.
+    fn full_sync_pending(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.applied.load(SeqCst) < self.wanted.load(SeqCst)
+    }
+
     /// Number of policies known.
     pub fn policy_count(&self) -> usize {
         self.with_view(|view| view.policies.len())
@@ -175,6 +181,12 @@ pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration)
         if let Err(e) = apply::sync_members(&ctx).await {
             tracing::warn!(error = %e, "moving address set members failed; a full sync follows");
             ctx.policy.request_sync();
+        }
+        // An endpoint's change anywhere in the fabric wakes every host's loop; moving members
+        // is all it needs. Planning again is for policy changes, local endpoints that need it
+        // and the periodic read-back.
+        if !periodic && !ctx.policy.full_sync_pending() {
+            continue;
         }
         // The chains are read back by the reconciler's full pass (with the rest of our rules)
         // every resync interval; here the sets are.
