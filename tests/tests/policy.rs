@@ -437,15 +437,16 @@ fn cni_labels_come_from_args_and_policy_selects_by_them() {
     assert_eq!(endpoint["labels"], json!({"app": "cni-web", "team": "a"}));
     let veth = endpoint["host_ifname"].as_str().unwrap();
     // The policy reaches the agent through its watch, which may deliver it after the attach:
-    // the endpoint's chain follows within the second changes are promised in.
-    let chain = format!("WEFT-TW-{veth}");
+    // the endpoint joins its profile (whose chain is written) within the second changes are
+    // promised in.
     let mut chains = Vec::new();
     let waited = lab.eventually(
-        "the endpoint's policy chain",
+        "the endpoint's profile and its chain",
         Duration::from_secs(2),
         || {
             chains = pl::policy_chain_lines(&lab, 0).unwrap();
-            chains.iter().any(|l| l.contains(&chain))
+            pl::profile_chain(&lab, 0, veth, "weft-4t-")
+                .is_some_and(|chain| chains.iter().any(|l| l.starts_with(&format!(":{chain}"))))
         },
     );
     assert!(waited.is_ok(), "{waited:?}: {chains:#?}");

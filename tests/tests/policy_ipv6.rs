@@ -94,16 +94,20 @@ fn one_policy_governs_both_families_each_in_its_own_terms() {
     // The IPv6 network is denied, the IPv4 outside is not.
     assert!(becomes(&web, OUTSIDE_IP6, Probe::Icmp, false));
     assert!(becomes(&web, OUTSIDE_IP, Probe::Icmp, true));
-    // Both families' sets hold the frontend, and the ip6tables chains exist.
+    // Both families' selector sets hold the frontend (profile sets hold address,veth pairs),
+    // and the ip6tables chains exist, dispatching by the IPv6 profile set.
     let sets = pl::sets(&lab, 0).unwrap();
     let frontends: Vec<&String> = sets
         .values()
         .flatten()
-        .filter(|m| !m.contains('/'))
+        .filter(|m| !m.contains('/') && !m.contains(','))
         .collect();
     assert_eq!(frontends.len(), 2, "{sets:#?}");
     let v6_chains = sh::run_in(&lab.hosts[0].name, &["ip6tables-save", "-t", "filter"]).unwrap();
-    assert!(v6_chains.contains("-A WEFT-TO-WL -o "), "{v6_chains}");
+    assert!(
+        v6_chains.contains("-A WEFT-TO-WL -m set --match-set weft-6t-"),
+        "{v6_chains}"
+    );
     // Deleting the policy opens both families again.
     pl::delete(&lab, "web").unwrap();
     for ip in [&web4, &web6] {
@@ -128,14 +132,21 @@ fn an_endpoint_that_may_send_nothing_stays_reachable_over_ipv6() {
         .unwrap()
         .to_string();
     let host = lab.hosts[0].name.clone();
-    let chain = format!("WEFT-FW-{veth}");
     lab.eventually(
-        "the egress chain in ip6tables",
+        "the egress profile in ip6tables, its set holding the veth's link-local sources",
         Duration::from_secs(2),
         || {
+            let Some(chain) = pl::profile_chain(&lab, 0, &veth, "weft-6f-") else {
+                return false;
+            };
+            let link_local = format!("fe80::/10,{veth}");
             sh::run_in(&host, &["ip6tables-save", "-t", "filter"])
                 .unwrap()
-                .contains(&chain)
+                .contains(&format!(":{chain}"))
+                && pl::sets(&lab, 0)
+                    .unwrap()
+                    .iter()
+                    .any(|(name, m)| name.starts_with("weft-6f-") && m.contains(&link_local))
         },
     )
     .unwrap();

@@ -363,9 +363,10 @@ fn rendered_policy_chains_match_what_iptables_prints_so_resyncs_write_nothing() 
     assert_eq!(again, 0, "verified policy chains are not written again");
     assert_eq!(sets_again, 0, "verified sets are not written again");
     assert_eq!(
-        destroyed, 4,
+        destroyed, 8,
         "IPv4: the selector's set and both rules' network sets; IPv6: the ICMPv6 rule's \
-         networks (the first rule names IPv4 networks only, so it makes no IPv6 set)"
+         networks (the first rule names IPv4 networks only, so it makes no IPv6 set); and the \
+         endpoint's profile sets, ingress and egress in each family"
     );
     assert!(
         !save.contains("WEFT-PI-") && !save.contains("WEFT-TW-"),

@@ -116,10 +116,11 @@ async fn attach_into(
         teardown::roll_back(ctx, &record).await;
         return Err(EndpointError::Journal(e));
     }
-    // An endpoint some policy selects is policed from its first packet: its chains exist before
-    // its veth does (they match by interface name). Everyone else's sets follow at once.
+    // An endpoint some policy selects is policed from its first packet: it is in its profiles'
+    // sets (address and veth), and their chains exist, before its veth does. Everyone else's
+    // sets follow at once.
     if ctx.policy.selects(&record) {
-        if let Err(err) = crate::policy::police_first(ctx).await {
+        if let Err(err) = crate::policy::police_first(ctx, &record).await {
             warn!(container = %id, error = %err, "applying network policy failed; rolling back");
             teardown::roll_back(ctx, &record).await;
             return Err(err.into());

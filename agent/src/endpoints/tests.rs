@@ -22,6 +22,7 @@ pub(super) struct World {
     pub(super) kernel: Arc<FakeKernel>,
     pub(super) store: Arc<FakeStore>,
     firewall: Arc<FakeFirewall>,
+    sets: Arc<crate::policy::sets::FakeSets>,
 }
 
 pub(super) const CONTAINER_NS: &str = "/run/netns/runtime-made";
@@ -44,6 +45,7 @@ pub(super) fn world_with(args: &[&str]) -> World {
         store.state.lock().unwrap().pools.push(record);
     }
     let firewall = Arc::new(FakeFirewall::default());
+    let sets = Arc::new(crate::policy::sets::FakeSets::default());
     let state = tempfile::tempdir().unwrap();
     let ctx = Context::new(Parts {
         config,
@@ -72,10 +74,11 @@ pub(super) fn world_with(args: &[&str]) -> World {
         pools: vec![],
         journal: crate::journal::Journal::open(state.path()).unwrap(),
         fabric: Default::default(),
-        sets: Arc::new(crate::policy::sets::FakeSets::default()),
+        sets: sets.clone(),
     });
     World {
         ctx,
+        sets,
         _state: state,
         kernel,
         store,
@@ -337,15 +340,18 @@ async fn the_second_interface_of_a_namespace_takes_the_default_route_when_the_fi
 async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach() {
     use weft_etcd::policy::policy_from_value;
     let w = world();
-    let policy = policy_from_value(
-        &serde_json::json!({"name": "web", "selector": "app == 'web'", "ingress": [
-            {"action": "allow", "source": {"selector": "role == 'front'"}}]}),
-        "",
-    )
-    .unwrap();
-    w.ctx
-        .policy
-        .apply(vec![weft_etcd::FabricEvent::PolicyPut(Box::new(policy))], 1);
+    let policy_of_web = || {
+        policy_from_value(
+            &serde_json::json!({"name": "web", "selector": "app == 'web'", "ingress": [
+                {"action": "allow", "source": {"selector": "role == 'front'"}}]}),
+            "",
+        )
+        .unwrap()
+    };
+    w.ctx.policy.apply(
+        vec![weft_etcd::FabricEvent::PolicyPut(Box::new(policy_of_web()))],
+        1,
+    );
     let labelled = |labels: &[(&str, &str)]| {
         let labels = labels
             .iter()
@@ -357,7 +363,16 @@ async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach()
     };
     let record = attach(&w.ctx, labelled(&[("app", "web")])).await.unwrap();
     assert_eq!(record.labels["app"], "web");
-    let chain = format!("WEFT-TW-{}", record.host_ifname);
+    // Its ingress profile's chain is written, and its set holds the endpoint on its veth.
+    let profile = crate::policy::plan::endpoint_plan(
+        crate::policy::plan::Family::V4,
+        &[&policy_of_web()],
+        &record,
+    );
+    let [(profile, members)] = profile.as_slice() else {
+        panic!("one profile: {profile:?}");
+    };
+    let chain = profile.chain.clone();
     assert!(w
         .firewall
         .applied
@@ -366,6 +381,10 @@ async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach()
         .policy
         .v4
         .contains_key(&chain));
+    assert_eq!(
+        w.sets.sets.lock().unwrap()[&profile.set].members,
+        members.iter().cloned().collect()
+    );
     let stored = w
         .store
         .state
@@ -401,8 +420,12 @@ async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach()
         .v4
         .contains_key(&chain));
 
-    // A selected endpoint whose policy cannot be written is not attached.
+    // A selected endpoint whose policy cannot be written is not attached (its profile gone
+    // with the last endpoint in it, so its chains must be written again).
     detach(&w.ctx, &ContainerId::new("web").unwrap())
+        .await
+        .unwrap();
+    crate::policy::sync(&w.ctx, crate::firewall::SyncMode::Fast)
         .await
         .unwrap();
     w.firewall.fail(true);

@@ -2,9 +2,10 @@
 //! rule ever names a missing set), then the chains through the firewall seam (one atomic
 //! restore with the rest of our filter rules), then the sets no rule uses any more are
 //! destroyed. A sync that started after a caller's change covers it, so bursts share one. An
-//! attach waits only for the chains (`police_first`); members follow from the policy loop.
+//! attach waits only for its profiles (`police_first`); selector members follow from the
+//! policy loop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -14,7 +15,8 @@ use weft_etcd::policy::Selector;
 
 use weft_etcd::records::EndpointRecord;
 
-use super::plan::{plan, Family, PolicyPlan, SetSpec};
+use super::member::Member;
+use super::plan::{plan, Family, PolicyPlan, SetKind, SetSpec};
 use super::render::render;
 use super::sets::SetError;
 use crate::context::Context;
@@ -84,25 +86,35 @@ impl LastSets {
             let Some(spec) = self.sets.get_mut(name) else {
                 continue;
             };
-            let before = spec.members.clone();
             let family = spec.family;
-            let of_family = |ips: &[IpAddr]| -> Vec<IpNetwork> {
+            let of_family = |ips: &[IpAddr]| -> Vec<Member> {
                 ips.iter()
                     .filter(|ip| Family::of(ip) == family)
-                    .map(|ip| IpNetwork::from(*ip))
+                    .map(|ip| Member::from(IpNetwork::from(*ip)))
                     .collect()
             };
+            // What left and what joined, to tell a real change from one undone (an endpoint
+            // written again with the same labels) without copying the set.
+            let (mut left, mut joined) = (BTreeSet::new(), BTreeSet::new());
             for t in touched {
                 for old in of_family(&t.old) {
-                    spec.members.remove(&old);
+                    if spec.members.remove(&old) {
+                        left.insert(old);
+                    }
                 }
                 if let Some((ips, labels)) = &t.new {
                     if selector.matches(labels) {
-                        spec.members.extend(of_family(ips));
+                        for new in of_family(ips) {
+                            if !left.remove(&new) && spec.members.insert(new.clone()) {
+                                joined.insert(new);
+                            } else {
+                                spec.members.insert(new);
+                            }
+                        }
                     }
                 }
             }
-            if spec.members != before {
+            if !left.is_empty() || !joined.is_empty() {
                 changed.insert(name.clone(), spec.clone());
             }
         }
@@ -149,9 +161,17 @@ enum Scope {
     ChainsFirst,
 }
 
-/// Puts the chains of this host's endpoints in place at once (an endpoint about to be wired);
-/// its address joins the sets it belongs to (on every host) when the watch brings its record.
-pub async fn police_first(ctx: &Context) -> Result<PolicyReport, PolicySyncError> {
+/// Polices `endpoint` (of this host, about to be wired) from its first packet: it joins its
+/// profiles' sets, and their chains are in place. When its profiles are here already (another
+/// local endpoint has them) that is all (`join`); otherwise the whole host is planned. Its
+/// address joins the selector sets it matches (on every host) when the watch brings its record.
+pub async fn police_first(
+    ctx: &Context,
+    endpoint: &EndpointRecord,
+) -> Result<PolicyReport, PolicySyncError> {
+    if let Some(report) = super::join::join(ctx, endpoint).await? {
+        return Ok(report);
+    }
     let report = scoped(ctx, SyncMode::Fast, SyncMode::Fast, Scope::ChainsFirst).await;
     // Sets made here are not yet among those whose members the watch's changes move.
     if !matches!(&report, Ok(r) if r.set_changes == 0) {
@@ -194,10 +214,12 @@ async fn scoped(
     selectors.extend(v6.selectors.clone());
     let mut wanted_sets = planned_sets.clone();
     if scope == Scope::ChainsFirst {
+        // New sets, and the profile sets (where the new endpoint joins its profile).
         let existing = state.set_names.lock().unwrap();
-        wanted_sets.retain(|name, _| !existing.contains(name));
+        wanted_sets.retain(|name, spec| spec.kind == SetKind::Profile || !existing.contains(name));
     }
-    let set_changes = match wanted_sets.is_empty() && scope == Scope::ChainsFirst {
+    let narrowed = widen(&mut wanted_sets, state.last_sets.lock().unwrap().as_ref());
+    let mut set_changes = match wanted_sets.is_empty() && scope == Scope::ChainsFirst {
         true => 0,
         false => {
             let sets = state.sets.clone();
@@ -226,6 +248,10 @@ async fn scoped(
             report
         }
     };
+    if scope == Scope::Full && !narrowed.is_empty() {
+        let sets = state.sets.clone();
+        set_changes += tokio::task::spawn_blocking(move || sets.sync(&narrowed, mode)).await??;
+    }
     let mut done = PolicyReport {
         set_changes,
         sets_destroyed: 0,
@@ -263,10 +289,73 @@ async fn scoped(
     Ok(done)
 }
 
+/// Keeps, in the profile sets about to be written, the members they hold now (as of the last
+/// full sync): an endpoint leaves a profile only once the chains are written, so one moving to
+/// another profile (relabelled) is policed by its old profile until its new one dispatches.
+/// Returns the profile sets as planned whose members must then go.
+fn widen(
+    wanted: &mut BTreeMap<String, SetSpec>,
+    last: Option<&LastSets>,
+) -> BTreeMap<String, SetSpec> {
+    let mut narrowed = BTreeMap::new();
+    let Some(last) = last else {
+        return narrowed;
+    };
+    for (name, spec) in wanted.iter_mut() {
+        let Some(held) = last.sets.get(name) else {
+            continue;
+        };
+        if spec.kind != SetKind::Profile || held.members.is_subset(&spec.members) {
+            continue;
+        }
+        narrowed.insert(name.clone(), spec.clone());
+        spec.members.extend(held.members.iter().cloned());
+    }
+    narrowed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::plan::SetKind;
+
+    fn profile_set(members: &[&str]) -> SetSpec {
+        SetSpec {
+            kind: SetKind::Profile,
+            family: Family::V4,
+            members: members.iter().map(|m| m.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn endpoints_leave_a_profile_only_after_the_chains_are_written() {
+        let last = LastSets {
+            sets: [
+                ("weft-4t-a".to_string(), profile_set(&["10.65.0.2,wefta"])),
+                ("weft-4t-b".to_string(), profile_set(&["10.65.0.3,weftb"])),
+            ]
+            .into(),
+            selectors: BTreeMap::new(),
+        };
+        // a's endpoint moved to b (relabelled): b gains it at once, a keeps it until after.
+        let mut wanted: BTreeMap<String, SetSpec> = [
+            ("weft-4t-a".to_string(), profile_set(&[])),
+            (
+                "weft-4t-b".to_string(),
+                profile_set(&["10.65.0.3,weftb", "10.65.0.2,wefta"]),
+            ),
+        ]
+        .into();
+        let narrowed = widen(&mut wanted, Some(&last));
+        assert_eq!(wanted["weft-4t-a"], last.sets["weft-4t-a"]);
+        assert_eq!(wanted["weft-4t-b"].members.len(), 2);
+        assert_eq!(narrowed.keys().collect::<Vec<_>>(), ["weft-4t-a"]);
+        assert!(narrowed["weft-4t-a"].members.is_empty());
+        assert!(
+            widen(&mut wanted, None).is_empty(),
+            "no sync before: nothing held"
+        );
+    }
 
     #[test]
     fn endpoint_changes_move_members_of_the_sets_their_labels_match() {

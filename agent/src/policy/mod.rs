@@ -3,11 +3,15 @@
 //! `watch` keeps [`PolicyState`]'s view of the fabric (every endpoint's addresses and labels,
 //! every policy) current; `plan` decides, from that view and this host's endpoints, which chains
 //! and address sets should exist (pure); `render` turns the plan into iptables rules (pure);
-//! `sets` is the address-set seam (ipset, with a fake); `apply` carries a plan out: sets first,
-//! then the chains (through the firewall seam, in one restore), then sets no rule uses any more
-//! are destroyed.
+//! `sets` is the address-set seam (ipset, with a fake; `member` its members, `ipset_netlink`
+//! the member moves without the `ipset` program); `apply` carries a plan out: sets first, then
+//! the chains (through the firewall seam, in one restore), then sets no rule uses any more are
+//! destroyed; `join` puts an attaching endpoint into profiles that are in place, writing no rule.
 
 pub mod apply;
+pub mod ipset_netlink;
+mod join;
+pub mod member;
 pub mod plan;
 pub mod render;
 pub mod sets;

@@ -1,7 +1,8 @@
 //! What policy wants of this host's firewall, decided from data alone: for each local endpoint
-//! and direction, the policies that select it (ascending `order`, ties by name); for each such
-//! policy, its rules once; for each selector or list of networks those rules name, an address
-//! set and its members, taken from every endpoint of the fabric. Pure: the same inputs give the
+//! and direction, the policies that select it (ascending `order`, ties by name) — its profile,
+//! one chain and one set of (address, veth) pairs shared by every local endpoint with the same
+//! list; for each such policy, its rules once; for each selector or list of networks those
+//! rules name, an address set and its members, taken from every endpoint of the fabric. Pure: the same inputs give the
 //! same plan, and nothing here touches the kernel.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -11,6 +12,8 @@ use ipnetwork::IpNetwork;
 use weft_etcd::names::stable_hash;
 use weft_etcd::policy::{Action, Peer, Policy, PortRange, Rule, RuleProtocol, Selector};
 use weft_etcd::records::EndpointRecord;
+
+use super::member::Member;
 
 type Labels = BTreeMap<String, String>;
 
@@ -86,6 +89,9 @@ pub enum SetKind {
     Selector,
     /// A rule's networks (`hash:net`).
     Nets,
+    /// The local endpoints of one profile, each address with its veth (`hash:net,iface`):
+    /// traffic is dispatched to the profile's chain by it.
+    Profile,
 }
 
 /// One address set: its kind, family and members.
@@ -93,7 +99,7 @@ pub enum SetKind {
 pub struct SetSpec {
     pub kind: SetKind,
     pub family: Family,
-    pub members: BTreeSet<IpNetwork>,
+    pub members: BTreeSet<Member>,
 }
 
 /// The address set of a selector: named by a hash of its canonical text, so every host names it
@@ -118,13 +124,51 @@ pub fn policy_chain(direction: Direction, policy: &str) -> String {
     format!("WEFT-P{letter}-{:016x}", stable_hash(&["policy", policy]))
 }
 
-/// An endpoint's chain for one direction: to the workload (`WEFT-TW-<veth>`) or from it
-/// (`WEFT-FW-<veth>`).
-pub fn endpoint_chain(direction: Direction, veth: &str) -> String {
+/// A profile: the policies that apply in one direction, in apply order. Every local endpoint
+/// they apply to shares its chain and set, so an endpoint joins a profile by joining its set.
+fn profile_hash(direction: Direction, policies: &[&Policy]) -> u64 {
+    let mut parts = vec!["profile", direction.as_str()];
+    parts.extend(policies.iter().map(|p| p.name.as_str()));
+    stable_hash(&parts)
+}
+
+/// A profile's chain: to the workloads (`WEFT-TW-<hash>`) or from them (`WEFT-FW-<hash>`); the
+/// same name in both families.
+fn profile_chain(direction: Direction, hash: u64) -> String {
     match direction {
-        Direction::Ingress => format!("WEFT-TW-{veth}"),
-        Direction::Egress => format!("WEFT-FW-{veth}"),
+        Direction::Ingress => format!("WEFT-TW-{hash:016x}"),
+        Direction::Egress => format!("WEFT-FW-{hash:016x}"),
     }
+}
+
+/// A profile's set of (address, veth) pairs: `weft-4t-…`/`weft-4f-…` (to/from the workloads).
+fn profile_set(family: Family, direction: Direction, hash: u64) -> String {
+    let letter = match direction {
+        Direction::Ingress => 't',
+        Direction::Egress => 'f',
+    };
+    format!("weft-{}{letter}-{hash:016x}", family.digit())
+}
+
+/// What puts an endpoint in a profile's set: its address of the family on its veth, and for
+/// IPv6 egress also the link-local network on its veth (what it sends to this host from a
+/// link-local address is policed too).
+pub fn profile_members(
+    family: Family,
+    direction: Direction,
+    endpoint: &EndpointRecord,
+) -> Vec<Member> {
+    let veth = &endpoint.host_ifname;
+    let mut members: Vec<Member> = family
+        .address(endpoint)
+        .map(|ip| Member::on(IpNetwork::from(ip), veth))
+        .into_iter()
+        .collect();
+    if family == Family::V6 && direction == Direction::Egress && !members.is_empty() {
+        let link_local = IpNetwork::new("fe80::".parse().expect("address"), 10).expect("prefix");
+        members.push(Member::on(link_local, veth));
+    }
+    members
 }
 
 /// How one side of a rule is matched in one family.
@@ -158,26 +202,78 @@ pub struct PolicyChain {
     pub rules: Vec<MatchRule>,
 }
 
-/// The policies that apply to one local endpoint in one direction, in the order they apply.
+/// The policies that apply to some local endpoints in one direction, in the order they apply:
+/// one chain, and one set of the endpoints' (address, veth) pairs that dispatches to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointChain {
+pub struct ProfileChain {
     pub chain: String,
-    pub veth: String,
-    pub container_id: String,
+    pub set: String,
     pub direction: Direction,
     /// (policy name, policy chain), in apply order.
     pub policies: Vec<(String, String)>,
 }
 
+impl ProfileChain {
+    fn of(family: Family, direction: Direction, selecting: &[&Policy]) -> Self {
+        let hash = profile_hash(direction, selecting);
+        Self {
+            chain: profile_chain(direction, hash),
+            set: profile_set(family, direction, hash),
+            direction,
+            policies: selecting
+                .iter()
+                .map(|p| (p.name.clone(), policy_chain(direction, &p.name)))
+                .collect(),
+        }
+    }
+}
+
 /// Everything policy wants of this host, for one family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyPlan {
-    pub endpoints: Vec<EndpointChain>,
+    /// The profiles of this host's endpoints, in chain-name order.
+    pub profiles: Vec<ProfileChain>,
     pub policies: Vec<PolicyChain>,
     pub sets: BTreeMap<String, SetSpec>,
     /// The selector of each selector set (by set name): what an endpoint change is checked
     /// against to move set members without planning again.
     pub selectors: BTreeMap<String, Selector>,
+}
+
+/// The profiles one local endpoint belongs to in one family (one per direction some policy
+/// selects it in), each with the members that put it there, as [`plan`] makes them: what an
+/// attach adds to the sets in place when those profiles already exist here.
+pub fn endpoint_plan(
+    family: Family,
+    policies: &[&Policy],
+    endpoint: &EndpointRecord,
+) -> Vec<(ProfileChain, Vec<Member>)> {
+    if family.address(endpoint).is_none() {
+        return vec![];
+    }
+    let mut ordered: Vec<&Policy> = policies.to_vec();
+    ordered.sort_by(|a, b| a.apply_order(b));
+    [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .filter_map(|direction| {
+            let selecting = selecting(&ordered, direction, &endpoint.labels);
+            (!selecting.is_empty()).then(|| {
+                (
+                    ProfileChain::of(family, direction, &selecting),
+                    profile_members(family, direction, endpoint),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The policies (of `ordered`, in apply order) that select these labels for `direction`.
+fn selecting<'a>(ordered: &[&'a Policy], direction: Direction, labels: &Labels) -> Vec<&'a Policy> {
+    ordered
+        .iter()
+        .filter(|p| direction.rules(p).is_some() && p.selector.matches(labels))
+        .copied()
+        .collect()
 }
 
 /// Plans one family. `fabric` is every endpoint of every host (this host's included), `local`
@@ -194,35 +290,31 @@ pub fn plan(
     let mut used: BTreeSet<(Direction, &str)> = BTreeSet::new();
     // Endpoints share label sets (replicas): each selector is evaluated once per distinct set.
     let mut selecting_by_labels: HashMap<(Direction, &Labels), Vec<&Policy>> = HashMap::new();
+    let mut profiles: BTreeMap<String, ProfileChain> = BTreeMap::new();
+    let mut profile_sets: BTreeMap<String, SetSpec> = BTreeMap::new();
     for endpoint in local.iter().filter(|e| family.address(e).is_some()) {
         for direction in [Direction::Ingress, Direction::Egress] {
             let selecting = selecting_by_labels
                 .entry((direction, &endpoint.labels))
-                .or_insert_with(|| {
-                    ordered
-                        .iter()
-                        .filter(|p| {
-                            direction.rules(p).is_some() && p.selector.matches(&endpoint.labels)
-                        })
-                        .copied()
-                        .collect()
-                });
+                .or_insert_with(|| selecting(&ordered, direction, &endpoint.labels));
             if selecting.is_empty() {
                 continue;
             }
             used.extend(selecting.iter().map(|p| (direction, p.name.as_str())));
-            out.endpoints.push(EndpointChain {
-                chain: endpoint_chain(direction, &endpoint.host_ifname),
-                veth: endpoint.host_ifname.clone(),
-                container_id: endpoint.container_id.clone(),
-                direction,
-                policies: selecting
-                    .iter()
-                    .map(|p| (p.name.clone(), policy_chain(direction, &p.name)))
-                    .collect(),
-            });
+            let profile = ProfileChain::of(family, direction, selecting);
+            profile_sets
+                .entry(profile.set.clone())
+                .or_insert_with(|| SetSpec {
+                    kind: SetKind::Profile,
+                    family,
+                    members: BTreeSet::new(),
+                })
+                .members
+                .extend(profile_members(family, direction, endpoint));
+            profiles.entry(profile.chain.clone()).or_insert(profile);
         }
     }
+    out.profiles = profiles.into_values().collect();
     let mut groups: HashMap<&Labels, Vec<IpNetwork>> = HashMap::new();
     for e in fabric {
         if let Some(ip) = family.address(e) {
@@ -257,6 +349,7 @@ pub fn plan(
         }
     }
     out.sets = sets.sets;
+    out.sets.extend(profile_sets);
     out.selectors = sets.selectors;
     out
 }
@@ -325,7 +418,7 @@ impl SetPlanner<'_> {
                 .groups
                 .iter()
                 .filter(|(labels, _)| selector.matches(labels))
-                .flat_map(|(_, ips)| ips.iter().copied())
+                .flat_map(|(_, ips)| ips.iter().map(|ip| Member::from(*ip)))
                 .collect();
             self.sets.insert(
                 name.clone(),
@@ -345,7 +438,7 @@ impl SetPlanner<'_> {
         self.sets.entry(name.clone()).or_insert_with(|| SetSpec {
             kind: SetKind::Nets,
             family: self.family,
-            members: nets.into_iter().collect(),
+            members: nets.into_iter().map(Member::from).collect(),
         });
         name
     }

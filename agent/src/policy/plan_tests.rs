@@ -65,7 +65,7 @@ fn each_family_plans_with_the_endpoints_addresses_of_that_family() {
         p.sets[&name]
             .members
             .iter()
-            .map(|m| m.ip().to_string())
+            .map(|m| m.net.ip().to_string())
             .collect()
     };
     let v4 = plan(Family::V4, &[&web_policy], &all, &[&web]);
@@ -76,8 +76,16 @@ fn each_family_plans_with_the_endpoints_addresses_of_that_family() {
         v6.sets.values().filter(|s| s.family != Family::V6).count(),
         0
     );
-    // The dual-stack endpoint has its chain in both families, with the same name.
-    assert_eq!(v4.endpoints[0].chain, v6.endpoints[0].chain);
+    // The dual-stack endpoint's profile has its chain in both families, with the same name,
+    // and a set of each family; over IPv6 its link-local source on its veth is policed too.
+    assert_eq!(v4.profiles[0].chain, v6.profiles[0].chain);
+    assert_eq!(v4.sets[&v4.profiles[0].set].family, Family::V4);
+    let member = |text: &str| text.parse::<crate::policy::member::Member>().unwrap();
+    assert_eq!(
+        v6.sets[&v6.profiles[0].set].members,
+        [member("fd65::2,weftweb")].into(),
+        "ingress: its address on its veth"
+    );
     // In IPv6: the selector rule, the IPv6 network (alone from the mixed list), ICMPv6 and the
     // IPv6-only network; no rule of IPv4 only is left.
     let indexes: Vec<usize> = v6.policies[0].rules.iter().map(|r| r.index).collect();
@@ -95,7 +103,7 @@ fn each_family_plans_with_the_endpoints_addresses_of_that_family() {
     // An IPv4-only host plans nothing in IPv6: no endpoint, no chain, no set.
     let only_v4 = endpoint("h1", "web4", "10.65.0.9", &[("app", "web")]);
     let none = plan(Family::V6, &[&web_policy], &[&only_v4], &[&only_v4]);
-    assert!(none.endpoints.is_empty() && none.policies.is_empty() && none.sets.is_empty());
+    assert!(none.profiles.is_empty() && none.policies.is_empty() && none.sets.is_empty());
 }
 
 #[test]
@@ -105,10 +113,18 @@ fn selected_endpoints_get_chains_and_selectors_get_fabric_wide_sets() {
     let all = [&f.web, &f.front, &f.remote_front, &f.db];
     let local = [&f.web, &f.front];
     let p = plan(Family::V4, &[&web], &all, &local);
-    // Only web is selected, only for ingress (the policy has no egress key).
-    assert_eq!(p.endpoints.len(), 1);
-    assert_eq!(p.endpoints[0].chain, "WEFT-TW-weftweb");
-    assert_eq!(p.endpoints[0].direction, Direction::Ingress);
+    // Only web is selected, only for ingress (the policy has no egress key): one profile, whose
+    // set holds web's address on its veth.
+    assert_eq!(p.profiles.len(), 1);
+    let profile = &p.profiles[0];
+    assert!(profile.chain.starts_with("WEFT-TW-"), "{}", profile.chain);
+    assert!(profile.set.starts_with("weft-4t-"), "{}", profile.set);
+    assert_eq!(profile.direction, Direction::Ingress);
+    assert_eq!(p.sets[&profile.set].kind, SetKind::Profile);
+    assert_eq!(
+        p.sets[&profile.set].members,
+        ["10.65.0.2,weftweb".parse().unwrap()].into()
+    );
     assert_eq!(p.policies.len(), 1);
     // ICMPv6 and IPv6-only networks cannot match in IPv4: those rules are left out.
     let indexes: Vec<usize> = p.policies[0].rules.iter().map(|r| r.index).collect();
@@ -117,7 +133,7 @@ fn selected_endpoints_get_chains_and_selectors_get_fabric_wide_sets() {
     let members: Vec<String> = p.sets[&frontends]
         .members
         .iter()
-        .map(|m| m.ip().to_string())
+        .map(|m| m.net.ip().to_string())
         .collect();
     assert_eq!(
         members,
@@ -126,7 +142,7 @@ fn selected_endpoints_get_chains_and_selectors_get_fabric_wide_sets() {
     );
     let nets = p.policies[0].rules[1].source.nets_set.clone().unwrap();
     assert_eq!(p.sets[&nets].members.len(), 1, "only the IPv4 network");
-    assert_eq!(p.sets.len(), 2);
+    assert_eq!(p.sets.len(), 3, "frontends, networks, the profile");
 }
 
 #[test]
@@ -144,26 +160,22 @@ fn policies_apply_in_order_and_unselected_endpoints_get_nothing() {
         &[&f.web, &f.front],
         &[&f.web, &f.front],
     );
-    let web_in: Vec<&str> = p
-        .endpoints
-        .iter()
-        .find(|e| e.veth == "weftweb" && e.direction == Direction::Ingress)
-        .unwrap()
-        .policies
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect();
-    assert_eq!(web_in, ["web", "a-late"]);
-    let web_out: Vec<&str> = p
-        .endpoints
-        .iter()
-        .find(|e| e.veth == "weftweb" && e.direction == Direction::Egress)
-        .unwrap()
-        .policies
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect();
-    assert_eq!(web_out, ["z-early", "a-late"]);
+    // The profile whose set holds web's pair, for a direction: its policies in order.
+    let of_web = |direction| -> Vec<&str> {
+        let web: crate::policy::member::Member = "10.65.0.2,weftweb".parse().unwrap();
+        p.profiles
+            .iter()
+            .find(|e| e.direction == direction && p.sets[&e.set].members.contains(&web))
+            .unwrap()
+            .policies
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect()
+    };
+    assert_eq!(of_web(Direction::Ingress), ["web", "a-late"]);
+    assert_eq!(of_web(Direction::Egress), ["z-early", "a-late"]);
+    // front (no app label) is selected by a-late alone: a profile of its own each way.
+    assert_eq!(p.profiles.len(), 4);
     let nothing = plan(Family::V4, &[&web_policy()], &[&f.front], &[&f.front]);
     assert_eq!(nothing, PolicyPlan::default());
 }
@@ -176,13 +188,13 @@ fn a_label_change_moves_set_members_not_chains() {
     let mut db = f.db.clone();
     db.labels.insert("role".into(), "frontend".into());
     let after = plan(Family::V4, &[&web], &[&f.web, &db], &[&f.web]);
-    assert_eq!(before.endpoints, after.endpoints);
+    assert_eq!(before.profiles, after.profiles);
     assert_eq!(before.policies, after.policies);
     assert_ne!(before.sets, after.sets);
 }
 
 /// The bench's scale (1,000 endpoints over 3 hosts, 200 policies) plans the same every time
-/// and renders chains for every local endpoint; its timing is the bench's (`deploy/bench/run
+/// and puts every local endpoint in a profile; its timing is the bench's (`deploy/bench/run
 /// --only policy` reports planning time from the agents' logs).
 #[test]
 fn plan_at_scale_is_stable_and_renders_every_local_endpoint() {
@@ -218,8 +230,15 @@ fn plan_at_scale_is_stable_and_renders_every_local_endpoint() {
     let first = plan(Family::V4, &refs, &all, &local);
     let again = plan(Family::V4, &refs, &all, &local);
     assert_eq!(first, again);
-    // Every local endpoint is selected in both directions (each app has ingress and egress).
-    assert_eq!(first.endpoints.len(), 2 * local.len());
+    // Every local endpoint is selected in both directions (each app has ingress and egress),
+    // by the two policies of its app: one profile per app and direction, not per endpoint.
+    assert_eq!(first.profiles.len(), 2 * 100);
+    let members: usize = first
+        .profiles
+        .iter()
+        .map(|p| first.sets[&p.set].members.len())
+        .sum();
+    assert_eq!(members, 2 * local.len());
     let rules: usize = crate::policy::render::render(&first)
         .values()
         .map(|c| c.rules.len())

@@ -1,17 +1,19 @@
 //! A policy plan as iptables rules, in the exact form `iptables-save` prints (so a verification
 //! compares text and finds nothing to do when nothing changed). Pure.
 //!
-//! - `WEFT-TO-WL` / `WEFT-FROM-WL` dispatch by interface to the chain of each endpoint that
-//!   some policy selects for that direction; an endpoint no policy selects falls through
-//!   (everything allowed).
-//! - `WEFT-TW-<veth>` / `WEFT-FW-<veth>` clear the allow mark, jump to each selecting policy's
-//!   chain in order and return as soon as one allowed; what none allowed is dropped.
+//! - `WEFT-TO-WL` / `WEFT-FROM-WL` dispatch to the chain of each profile (the policies that
+//!   select some local endpoints in that direction, in order) by its set of (address, veth)
+//!   pairs: the destination and outgoing veth, or the source and incoming veth. An endpoint no
+//!   policy selects is in no set and falls through (everything allowed). An endpoint joins a
+//!   profile that exists by joining its set: no rule is written for it.
+//! - `WEFT-TW-<hash>` / `WEFT-FW-<hash>` clear the allow mark, jump to each of the profile's
+//!   policy chains in order and return as soon as one allowed; what none allowed is dropped.
 //! - `WEFT-PI-<hash>` / `WEFT-PO-<hash>` hold a policy's rules once per host: an `allow` sets the
 //!   mark and returns, a `deny` drops; the first rule that matches decides.
 
 use weft_etcd::policy::{Action, PortRange, RuleProtocol};
 
-use super::plan::{Direction, EndpointChain, MatchRule, PolicyChain, PolicyPlan, SideMatch};
+use super::plan::{Direction, MatchRule, PolicyChain, PolicyPlan, ProfileChain, SideMatch};
 use crate::firewall::chains::{Chains, OwnedChain, DISPATCH_CHAINS};
 
 /// The packet mark bit that says "a policy allowed this packet" inside our chains.
@@ -39,23 +41,21 @@ pub fn render(plan: &PolicyPlan) -> Chains {
     for name in [TO_WORKLOADS, FROM_WORKLOADS] {
         chains.insert(name.to_string(), OwnedChain::default());
     }
-    for endpoint in &plan.endpoints {
-        let (dispatch, flag) = match endpoint.direction {
-            Direction::Ingress => (TO_WORKLOADS, "-o"),
-            Direction::Egress => (FROM_WORKLOADS, "-i"),
+    for profile in &plan.profiles {
+        let (dispatch, side) = match profile.direction {
+            Direction::Ingress => (TO_WORKLOADS, "dst,dst"),
+            Direction::Egress => (FROM_WORKLOADS, "src,src"),
         };
         let rule = format!(
-            "-A {dispatch} {flag} {} {} -j {}",
-            endpoint.veth,
-            comment(&endpoint.container_id),
-            endpoint.chain
+            "-A {dispatch} -m set --match-set {} {side} -j {}",
+            profile.set, profile.chain
         );
         chains.get_mut(dispatch).expect("declared").rules.push(rule);
         chains.insert(
-            endpoint.chain.clone(),
+            profile.chain.clone(),
             OwnedChain {
                 ordered: true,
-                rules: endpoint_rules(endpoint),
+                rules: profile_rules(profile),
             },
         );
     }
@@ -71,12 +71,12 @@ pub fn render(plan: &PolicyPlan) -> Chains {
     chains
 }
 
-fn endpoint_rules(e: &EndpointChain) -> Vec<String> {
+fn profile_rules(e: &ProfileChain) -> Vec<String> {
     let chain = &e.chain;
     let direction = e.direction.as_str();
     let mut rules = vec![format!(
         "-A {chain} {} -j MARK --set-xmark 0x0/{ALLOW_MARK:#x}",
-        comment(format_args!("{direction} policy of {}", e.container_id))
+        comment(format_args!("{direction} policy"))
     )];
     for (name, policy_chain) in &e.policies {
         rules.push(format!(

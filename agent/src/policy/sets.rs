@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use ipnetwork::IpNetwork;
-
+use super::ipset_netlink::{self, Change};
+use super::member::Member;
 use super::plan::{Family, SetKind, SetSpec};
 use crate::firewall::SyncMode;
 
@@ -24,11 +24,11 @@ pub struct SetError {
 /// A set as the kernel holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldSet {
-    /// `hash:ip` or `hash:net`.
+    /// `hash:ip`, `hash:net` or `hash:net,iface`.
     pub kind: String,
     /// `inet` or `inet6`.
     pub family: String,
-    pub members: BTreeSet<IpNetwork>,
+    pub members: BTreeSet<Member>,
 }
 
 pub type HeldSets = BTreeMap<String, HeldSet>;
@@ -47,14 +47,7 @@ fn kind_name(kind: SetKind) -> &'static str {
     match kind {
         SetKind::Selector => "hash:ip",
         SetKind::Nets => "hash:net",
-    }
-}
-
-/// A member as `ipset save` prints it: a single address bare, a network with its length.
-pub fn member_text(net: &IpNetwork) -> String {
-    match net.prefix() == if net.is_ipv4() { 32 } else { 128 } {
-        true => net.ip().to_string(),
-        false => net.to_string(),
+        SetKind::Profile => "hash:net,iface",
     }
 }
 
@@ -101,10 +94,10 @@ pub fn restore_input(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Opt
         match held.get(name) {
             Some(h) if h.kind == kind && h.family == family => {
                 for gone in h.members.difference(&spec.members) {
-                    lines.push(format!("del {name} {}", member_text(gone)));
+                    lines.push(format!("del {name} {}", gone));
                 }
                 for new in spec.members.difference(&h.members) {
-                    lines.push(format!("add {name} {}", member_text(new)));
+                    lines.push(format!("add {name} {}", new));
                 }
             }
             Some(_) => {
@@ -114,18 +107,14 @@ pub fn restore_input(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Opt
                 lines.extend(
                     spec.members
                         .iter()
-                        .map(|m| format!("add {temporary} {}", member_text(m))),
+                        .map(|m| format!("add {temporary} {}", m)),
                 );
                 lines.push(format!("swap {temporary} {name}"));
                 lines.push(format!("destroy {temporary}"));
             }
             None => {
                 lines.push(create(name));
-                lines.extend(
-                    spec.members
-                        .iter()
-                        .map(|m| format!("add {name} {}", member_text(m))),
-                );
+                lines.extend(spec.members.iter().map(|m| format!("add {name} {}", m)));
             }
         }
     }
@@ -133,6 +122,32 @@ pub fn restore_input(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Opt
         true => None,
         false => Some(lines.join("\n") + "\n"),
     }
+}
+
+/// The members to add and delete when every wanted set is in place with its type and family
+/// (None when a set must be made or rebuilt: that is `ipset restore`'s work).
+fn member_moves<'a>(
+    wanted: &'a BTreeMap<String, SetSpec>,
+    held: &'a HeldSets,
+) -> Option<Vec<(Change, &'a String, &'a Member)>> {
+    let mut moves = vec![];
+    for (name, spec) in wanted {
+        let h = held.get(name)?;
+        if h.kind != kind_name(spec.kind) || h.family != spec.family.ipset() {
+            return None;
+        }
+        moves.extend(
+            h.members
+                .difference(&spec.members)
+                .map(|m| (Change::Del, name, m)),
+        );
+        moves.extend(
+            spec.members
+                .difference(&h.members)
+                .map(|m| (Change::Add, name, m)),
+        );
+    }
+    Some(moves)
 }
 
 /// The held state after `wanted` was restored.
@@ -184,8 +199,19 @@ impl SetBackend for Ipset {
         };
         let changes = input.lines().count();
         // On failure (someone changed our sets meanwhile) the state stays unknown: the next
-        // sync reads it again.
-        ipset(&["-exist", "restore"], Some(&input))?;
+        // sync reads it again. Members only moving in sets that are in place go over netlink.
+        match member_moves(wanted, &current) {
+            Some(moves) => {
+                let moves: Vec<_> = moves.iter().map(|(c, s, m)| (*c, s.as_str(), *m)).collect();
+                ipset_netlink::apply(&moves).map_err(|e| SetError {
+                    command: "ipset (netlink)".into(),
+                    message: e.to_string(),
+                })?;
+            }
+            None => {
+                ipset(&["-exist", "restore"], Some(&input))?;
+            }
+        }
         after.extend(as_held(wanted));
         *held = Some(after);
         Ok(changes)

@@ -5,13 +5,14 @@
 //! IPv4 chains in iptables, the IPv6 ones in ip6tables where an IPv6 pool exists; the address
 //! sets of both families (`weft-s-`, `weft-6s-`, …) in the one `ipset` list.
 //!
-//! - chains ↔ policies: the chains policy owns (`WEFT-TO-WL`, `WEFT-FROM-WL`, `WEFT-TW-*`,
-//!   `WEFT-FW-*`, `WEFT-PI-*`, `WEFT-PO-*`) are exactly those the policies and this host's
-//!   endpoints (with their labels) call for, rule for rule, and our FORWARD chain dispatches to
-//!   them after accepting established connections;
+//! - chains ↔ policies: the chains policy owns (`WEFT-TO-WL`, `WEFT-FROM-WL`, the profiles'
+//!   `WEFT-TW-*` and `WEFT-FW-*`, `WEFT-PI-*`, `WEFT-PO-*`) are exactly those the policies and
+//!   this host's endpoints (with their labels) call for, rule for rule, and our FORWARD chain
+//!   dispatches to them after accepting established connections;
 //! - sets ↔ selectors ↔ endpoints: every `weft-` address set is one a rule of an enforced policy
-//!   names, and holds exactly the addresses of the endpoints (of every host) its selector
-//!   matches, or the rule's networks; no other `weft-` set exists.
+//!   names, holding exactly the addresses of the endpoints (of every host) its selector
+//!   matches, or the rule's networks; or a profile's, holding exactly the (address, veth) pairs
+//!   of this host's endpoints in that profile; no other `weft-` set exists.
 //!
 //! What "call for" means is the planner's (`weft_agent::policy::plan`, a pure function of
 //! records), fed from etcd here, not from the agent.
@@ -193,11 +194,7 @@ fn check_sets(
 ) {
     let sets = parse_sets(&k.ipsets);
     for (set, spec) in wanted {
-        let members: BTreeSet<String> = spec
-            .members
-            .iter()
-            .map(weft_agent::policy::sets::member_text)
-            .collect();
+        let members: BTreeSet<String> = spec.members.iter().map(|m| m.to_string()).collect();
         match sets.get(set) {
             None => v.push(Violation::new(
                 name,

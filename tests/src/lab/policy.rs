@@ -105,6 +105,23 @@ pub fn in_some_set(lab: &Lab, i: usize, ip: &str) -> bool {
     sets(lab, i).is_ok_and(|s| s.values().any(|m| m.contains(ip)))
 }
 
+/// The chain of the profile that host `i` dispatches `veth`'s traffic to, by the profile sets
+/// that hold the veth: `set_prefix` `weft-4t-`/`weft-6t-` (to the workload) or
+/// `weft-4f-`/`weft-6f-` (from it). None while no such set holds it.
+pub fn profile_chain(lab: &Lab, i: usize, veth: &str, set_prefix: &str) -> Option<String> {
+    let suffix = format!(",{veth}");
+    let sets = sets(lab, i).ok()?;
+    let (name, _) = sets.iter().find(|(name, members)| {
+        name.starts_with(set_prefix) && members.iter().any(|m| m.ends_with(&suffix))
+    })?;
+    let hash = name.strip_prefix(set_prefix)?;
+    let letter = match set_prefix.ends_with("t-") {
+        true => "TW",
+        false => "FW",
+    };
+    Some(format!("WEFT-{letter}-{hash}"))
+}
+
 /// The filter table of host `i` without counters and comments of iptables-save: what a
 /// comparison of rules and chains needs.
 pub fn filter_rules(lab: &Lab, i: usize) -> Result<Vec<String>> {
