@@ -188,9 +188,11 @@ pub(super) async fn wire(
                 .endpoints
                 .owner_of_link(&link.host_ifname)
                 .is_none_or(|owner| owner == record.container_id);
-            if !ours || !ctx.kernel.link_exists(&link.host_ifname).await? {
+            if !ours {
                 return Err(taken(netns));
             }
+            // Our pair of that name, if it is still there (the reaper may be deleting a retired
+            // one this very moment: then it is gone when we look, and so is its container end).
             ctx.kernel.delete_link(&link.host_ifname).await?;
             match ctx.kernel.wire(&record.netns, link).await {
                 Err(KernelError::Exists { netns, .. }) => Err(taken(netns)),

@@ -171,10 +171,6 @@ impl Kernel for FakeKernel {
             .map(|(n, _)| n.clone()))
     }
 
-    async fn link_exists(&self, name: &str) -> Result<bool> {
-        Ok(self.state.lock().unwrap().links.contains_key(name))
-    }
-
     async fn peer_elsewhere(&self, name: &str) -> Result<bool> {
         // Every fake link is a container's veth.
         Ok(self.state.lock().unwrap().links.contains_key(name))

@@ -130,8 +130,6 @@ pub trait Kernel: Send + Sync + 'static {
     async fn links(&self) -> Result<BTreeMap<String, u32>>;
     /// The name of interface `index`, if it exists.
     async fn link_name(&self, index: u32) -> Result<Option<String>>;
-    /// Whether any link of this name exists (in service or retired).
-    async fn link_exists(&self, name: &str) -> Result<bool>;
     /// Whether a link is a veth whose peer lives in another namespace (a container's, then).
     async fn peer_elsewhere(&self, name: &str) -> Result<bool>;
     /// Deletes a link by name (its veth peer goes with it). A missing link is not an error.

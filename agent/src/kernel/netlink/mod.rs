@@ -156,13 +156,6 @@ impl Kernel for Netlink {
             .and_then(links::link_name))
     }
 
-    async fn link_exists(&self, name: &str) -> Result<bool> {
-        Ok(links::link_by_name(self.handle(), name)
-            .await
-            .map_err(nl(format!("looking up {name}")))?
-            .is_some())
-    }
-
     async fn peer_elsewhere(&self, name: &str) -> Result<bool> {
         let link = links::link_by_name(self.handle(), name)
             .await
