@@ -59,7 +59,7 @@ impl Agent {
         .await
         .map_err(|e| anyhow::anyhow!("connecting to etcd {:?}: {e}", config.etcd.endpoints))?;
         // Kernel facts first: they do not need etcd.
-        let kernel = Netlink::new()?;
+        let kernel = Netlink::new(config.has_ipv6())?;
         let underlay = kernel
             .underlay(config.underlay_interface.as_deref())
             .await

@@ -12,20 +12,31 @@ pub const FORWARDING_V6: &str = "/proc/sys/net/ipv6/conf/{}/forwarding";
 pub const ACCEPT_DAD: &str = "/proc/sys/net/ipv6/conf/{}/accept_dad";
 
 /// Per-veth settings of the host end, as (path template, value); `{}` is the interface name.
+/// A container may never configure its host's end by router advertisements, whatever families
+/// the host routes.
 pub const HOST_VETH: &[(&str, &str)] = &[
     (PROXY_ARP, "1"),
     ("/proc/sys/net/ipv4/neigh/{}/proxy_delay", "0"),
     (FORWARDING, "1"),
     (RP_FILTER, "1"),
     (ACCEPT_RA, "0"),
-    // IPv6 (no rp_filter there: anti-spoofing is a rule). The host end answers neighbour
-    // solicitations for the addresses it routes, forwards, and takes its link-local address
-    // (the containers' gateway) without duplicate address detection: a tentative address
-    // cannot source the solicitations that find a container, so DAD would hold up its traffic.
-    (PROXY_NDP, "1"),
-    (FORWARDING_V6, "1"),
-    (ACCEPT_DAD, "0"),
 ];
+
+/// Per-veth settings of a host with an IPv6 pool (no rp_filter there: anti-spoofing is a
+/// rule). The host end answers neighbour solicitations for the addresses it routes, forwards,
+/// and takes its link-local address (the containers' gateway) without duplicate address
+/// detection: a tentative address cannot source the solicitations that find a container, so
+/// DAD would hold up its traffic. Not written on IPv4-only hosts: nothing there needs them, and
+/// the kernel takes the routing lock for `forwarding` and `proxy_ndp` by retrying the write
+/// until it gets it, which under concurrent attaches burns a core.
+pub const HOST_VETH_V6: &[(&str, &str)] =
+    &[(PROXY_NDP, "1"), (FORWARDING_V6, "1"), (ACCEPT_DAD, "0")];
+
+/// The per-veth settings of a host, with or without IPv6.
+pub fn host_veth(ipv6: bool) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let v6: &'static [(&str, &str)] = if ipv6 { HOST_VETH_V6 } else { &[] };
+    HOST_VETH.iter().chain(v6)
+}
 
 /// Values of per-veth settings already known from a link dump (its device configuration),
 /// by path template: those need no file read.
@@ -58,16 +69,21 @@ fn optional(result: io::Result<bool>) -> io::Result<bool> {
     }
 }
 
-/// Applies `HOST_VETH` to one interface. Returns how many values had to change.
-pub fn configure_host_veth(ifname: &str) -> io::Result<usize> {
-    configure_host_veth_knowing(ifname, &[])
+/// Applies the per-veth settings (`host_veth`) to one interface. Returns how many values had to
+/// change.
+pub fn configure_host_veth(ifname: &str, ipv6: bool) -> io::Result<usize> {
+    configure_host_veth_knowing(ifname, ipv6, &[])
 }
 
-/// Applies `HOST_VETH` to one interface, reading only the settings `known` does not show with
-/// their value already. Returns how many values had to change.
-pub fn configure_host_veth_knowing(ifname: &str, known: &[(&str, i32)]) -> io::Result<usize> {
+/// As `configure_host_veth`, reading only the settings `known` does not show with their value
+/// already. Returns how many values had to change.
+pub fn configure_host_veth_knowing(
+    ifname: &str,
+    ipv6: bool,
+    known: &[(&str, i32)],
+) -> io::Result<usize> {
     let mut changed = 0;
-    for (template, value) in HOST_VETH {
+    for (template, value) in host_veth(ipv6) {
         let right = known
             .iter()
             .any(|(t, v)| t == template && v.to_string() == *value);
@@ -86,11 +102,11 @@ pub fn configure_host_veth_knowing(ifname: &str, known: &[(&str, i32)]) -> io::R
     Ok(changed)
 }
 
-/// The `HOST_VETH` values of one interface that differ from what they should be, described.
+/// The per-veth settings of one interface that differ from what they should be, described.
 /// IPv6 knobs that do not exist (IPv6 disabled) are not a problem.
-pub fn check_host_veth(ifname: &str) -> Vec<String> {
+pub fn check_host_veth(ifname: &str, ipv6: bool) -> Vec<String> {
     let mut problems = vec![];
-    for (template, value) in HOST_VETH {
+    for (template, value) in host_veth(ipv6) {
         let path = template.replace("{}", ifname);
         match read(&path) {
             Ok(actual) if actual == *value => {}
@@ -122,12 +138,11 @@ mod tests {
     fn known_right_values_are_not_read_and_the_rest_is() {
         // An interface that does not exist: every setting that must be read fails to open.
         let name = "weft-no-such-link";
-        let all_right: Vec<(&str, i32)> = HOST_VETH
-            .iter()
+        let all_right: Vec<(&str, i32)> = host_veth(true)
             .filter(|(t, _)| !t.contains("proxy_delay"))
             .map(|(t, v)| (*t, v.parse().unwrap()))
             .collect();
-        let err = configure_host_veth_knowing(name, &all_right).unwrap_err();
+        let err = configure_host_veth_knowing(name, true, &all_right).unwrap_err();
         assert!(
             err.to_string()
                 .contains("neigh/weft-no-such-link/proxy_delay"),
@@ -135,7 +150,7 @@ mod tests {
         );
         let mut wrong = all_right.clone();
         wrong[0].1 = 0;
-        let err = configure_host_veth_knowing(name, &wrong).unwrap_err();
+        let err = configure_host_veth_knowing(name, true, &wrong).unwrap_err();
         assert!(
             err.to_string().contains("conf/weft-no-such-link/proxy_arp"),
             "{err}"

@@ -56,7 +56,11 @@ pub(super) fn check_links_and_sysctls(
                 ),
             ));
         }
-        for (template, want) in VETH_SYSCTLS {
+        let checked = match s.records.has_family(Family::V6) {
+            true => VETH_SYSCTLS.len(),
+            false => VETH_SYSCTLS.len() - IPV6_ONLY,
+        };
+        for (template, want) in &VETH_SYSCTLS[..checked] {
             let path = template.replace("{}", veth);
             match k.sysctls.get(&path).map(String::as_str) {
                 Some(got) if got == *want => {}

@@ -217,7 +217,8 @@ pub(super) const HOST_SYSCTLS: &[(&str, &str)] = &[
 ];
 
 /// The host-end sysctls of every endpoint veth and their wanted values (`{}` = the veth); a
-/// knob whose file is absent (IPv6 off) is not a violation.
+/// knob whose file is absent (IPv6 off) is not a violation. The last three (`IPV6_ONLY`) are
+/// wanted only where an IPv6 pool exists.
 pub(super) const VETH_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/conf/{}/proxy_arp", "1"),
     ("/proc/sys/net/ipv4/neigh/{}/proxy_delay", "0"),
@@ -228,6 +229,9 @@ pub(super) const VETH_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv6/conf/{}/forwarding", "1"),
     ("/proc/sys/net/ipv6/conf/{}/accept_dad", "0"),
 ];
+
+/// How many of `VETH_SYSCTLS`, at its end, only a host with an IPv6 pool sets.
+pub(super) const IPV6_ONLY: usize = 3;
 
 /// What the snapshot needs of a lab host, so hosts can be read in parallel.
 pub(super) struct HostTarget {

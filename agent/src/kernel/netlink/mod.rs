@@ -49,15 +49,19 @@ pub struct Netlink {
     /// settings, reads from files only what the dump does not show right. Each entry serves one
     /// check; everything else (an attach, a netconf notification) reads the files.
     dumped_settings: std::sync::Mutex<std::collections::HashMap<String, sysctl::Known>>,
+    /// Whether this host routes IPv6 to its containers (has an IPv6 pool): its veths then get
+    /// the IPv6 settings too.
+    ipv6: bool,
 }
 
 impl Netlink {
-    pub fn new() -> io::Result<Self> {
+    pub fn new(ipv6: bool) -> io::Result<Self> {
         Ok(Self {
             host: NetlinkHandle::here()?,
             reaper: Some(links::Reaper::start()?),
             dumping: tokio::sync::Mutex::new(()),
             dumped_settings: Default::default(),
+            ipv6,
         })
     }
 
@@ -176,16 +180,16 @@ impl Kernel for Netlink {
     }
 
     fn configure_veth(&self, name: &str) -> io::Result<usize> {
-        sysctl::configure_host_veth(name)
+        sysctl::configure_host_veth(name, self.ipv6)
     }
 
     fn configure_listed_veth(&self, name: &str) -> io::Result<usize> {
         let known = self.dumped_settings.lock().unwrap().remove(name);
-        sysctl::configure_host_veth_knowing(name, &known.unwrap_or_default())
+        sysctl::configure_host_veth_knowing(name, self.ipv6, &known.unwrap_or_default())
     }
 
     fn check_veth(&self, name: &str) -> Vec<String> {
-        sysctl::check_host_veth(name)
+        sysctl::check_host_veth(name, self.ipv6)
     }
 
     async fn routes(&self) -> Result<Vec<Route>> {
@@ -262,9 +266,11 @@ impl Kernel for Netlink {
         }
         // Before the container end comes up: the host end gets its link-local address (the
         // IPv6 gateway) when its carrier does, and must take it without DAD.
-        sysctl::configure_host_veth(&link.host_ifname).map_err(|source| KernelError::Io {
-            what: format!("setting sysctls of {}", link.host_ifname),
-            source,
+        sysctl::configure_host_veth(&link.host_ifname, self.ipv6).map_err(|source| {
+            KernelError::Io {
+                what: format!("setting sysctls of {}", link.host_ifname),
+                source,
+            }
         })?;
         container::configure(&inside.handle, link, netns.path()).await?;
         let host_index = self.index_of(&link.host_ifname).await?;
@@ -318,7 +324,7 @@ impl Kernel for Netlink {
         if !link.header.flags.contains(LinkFlags::Up) {
             problems.push(format!("host veth {host_ifname} is down"));
         }
-        problems.extend(sysctl::check_host_veth(host_ifname));
+        problems.extend(sysctl::check_host_veth(host_ifname, self.ipv6));
         let routes = self.weft_routes().await?;
         for ip in ips {
             let wanted = Route::host(*ip, RouteTarget::Dev(link.header.index));
