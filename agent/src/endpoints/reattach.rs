@@ -125,7 +125,7 @@ pub async fn reattach(
             ports,
             labels,
             netns,
-        } => change(ctx, existing, request, ports || labels, netns).await,
+        } => change(ctx, existing, request, (ports, labels), netns).await,
     }
 }
 
@@ -133,7 +133,7 @@ async fn change(
     ctx: &Context,
     existing: EndpointRecord,
     request: &AttachRequest,
-    rules: bool,
+    changed: (bool, bool),
     netns: Option<String>,
 ) -> Result<EndpointRecord, EndpointError> {
     let added: Vec<_> = request
@@ -166,12 +166,22 @@ async fn change(
         ctx.kernel.delete_link(&record.host_ifname).await?;
         wire(ctx, &record, &link).await?;
     }
-    if rules {
-        // Ports and labels both shape the firewall: published ports and policy rules and sets.
-        crate::policy::sync(ctx, SyncMode::Fast).await?;
-        let mut udp = udp_ports(&existing);
-        udp.extend(udp_ports(&record));
-        ctx.firewall.flush_udp(udp).await;
+    match changed {
+        // Ports shape the firewall (and labels policy): both applied in one sync.
+        (true, _) => {
+            crate::policy::sync(ctx, SyncMode::Fast).await?;
+            let mut udp = udp_ports(&existing);
+            udp.extend(udp_ports(&record));
+            ctx.firewall.flush_udp(udp).await;
+        }
+        // New labels: the endpoint joins its new profiles (before it leaves the old ones), its
+        // address moves between selector sets on every host as the watch brings the record, and
+        // a full sync soon drops the chains and sets no endpoint uses any more.
+        (false, true) => {
+            crate::policy::police_first(ctx, &record).await?;
+            ctx.policy.request_sync();
+        }
+        (false, false) => {}
     }
     info!(container = %record.container_id, ports = ?record.ports, labels = ?record.labels, netns = %record.netns, "attachment changed");
     repair::repair(ctx, &record).await?;

@@ -125,29 +125,32 @@ pub fn restore_input(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Opt
 }
 
 /// The members to add and delete when every wanted set is in place with its type and family
-/// (None when a set must be made or rebuilt: that is `ipset restore`'s work).
+/// (None when a set must be made or rebuilt: that is `ipset restore`'s work). Every addition
+/// comes before every deletion: an endpoint moving from one profile's set to another's is in
+/// both for a moment, never in neither (which would leave it unpoliced).
 fn member_moves<'a>(
     wanted: &'a BTreeMap<String, SetSpec>,
     held: &'a HeldSets,
 ) -> Option<Vec<(Change, &'a String, &'a Member)>> {
-    let mut moves = vec![];
+    let (mut adds, mut dels) = (vec![], vec![]);
     for (name, spec) in wanted {
         let h = held.get(name)?;
         if h.kind != kind_name(spec.kind) || h.family != spec.family.ipset() {
             return None;
         }
-        moves.extend(
+        dels.extend(
             h.members
                 .difference(&spec.members)
                 .map(|m| (Change::Del, name, m)),
         );
-        moves.extend(
+        adds.extend(
             spec.members
                 .difference(&h.members)
                 .map(|m| (Change::Add, name, m)),
         );
     }
-    Some(moves)
+    adds.extend(dels);
+    Some(adds)
 }
 
 /// The held state after `wanted` was restored.
@@ -289,6 +292,38 @@ mod tests {
             family: Family::V4,
             members: members.iter().map(|m| m.parse().unwrap()).collect(),
         }
+    }
+
+    #[test]
+    fn members_move_over_netlink_only_between_sets_in_place_and_join_before_they_leave() {
+        let held = parse_save(
+            "create weft-4t-a hash:net,iface family inet\nadd weft-4t-a 10.65.0.2,weftx\n\
+             create weft-4t-b hash:net,iface family inet\n",
+        );
+        let mut wanted = BTreeMap::new();
+        wanted.insert("weft-4t-a".to_string(), spec(SetKind::Profile, &[]));
+        wanted.insert(
+            "weft-4t-b".to_string(),
+            spec(SetKind::Profile, &["10.65.0.2,weftx"]),
+        );
+        let moves = member_moves(&wanted, &held).unwrap();
+        let moves: Vec<(Change, &str, String)> = moves
+            .iter()
+            .map(|(c, s, m)| (*c, s.as_str(), m.to_string()))
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                (Change::Add, "weft-4t-b", "10.65.0.2,weftx".to_string()),
+                (Change::Del, "weft-4t-a", "10.65.0.2,weftx".to_string()),
+            ]
+        );
+        // A set to make, or one of another type: ipset restore's work.
+        wanted.insert("weft-4t-c".to_string(), spec(SetKind::Profile, &[]));
+        assert!(member_moves(&wanted, &held).is_none());
+        let mut other_type = BTreeMap::new();
+        other_type.insert("weft-4t-a".to_string(), spec(SetKind::Selector, &[]));
+        assert!(member_moves(&other_type, &held).is_none());
     }
 
     #[test]
