@@ -190,33 +190,36 @@ impl Ipset {
 impl SetBackend for Ipset {
     fn sync(&self, wanted: &BTreeMap<String, SetSpec>, mode: SyncMode) -> Result<usize, SetError> {
         let mut held = self.held.lock().unwrap();
-        let current = match (mode, held.take()) {
+        let mut current = match (mode, held.take()) {
             (SyncMode::Fast, Some(known)) => known,
             _ => self.read()?,
         };
-        // Sets of ours not wanted stay until `prune`: rules may still use them.
-        let mut after = current.clone();
-        let Some(input) = restore_input(wanted, &current) else {
-            *held = Some(current);
-            return Ok(0);
-        };
-        let changes = input.lines().count();
         // On failure (someone changed our sets meanwhile) the state stays unknown: the next
-        // sync reads it again. Members only moving in sets that are in place go over netlink.
-        match member_moves(wanted, &current) {
+        // sync reads it again. Members only moving in sets that are in place go over netlink;
+        // anything else is `ipset restore`'s. Sets of ours not wanted stay until `prune`:
+        // rules may still use them.
+        let changes = match member_moves(wanted, &current) {
+            Some(moves) if moves.is_empty() => 0,
             Some(moves) => {
                 let moves: Vec<_> = moves.iter().map(|(c, s, m)| (*c, s.as_str(), *m)).collect();
                 ipset_netlink::apply(&moves).map_err(|e| SetError {
                     command: "ipset (netlink)".into(),
                     message: e.to_string(),
                 })?;
+                moves.len()
             }
-            None => {
-                ipset(&["-exist", "restore"], Some(&input))?;
-            }
+            None => match restore_input(wanted, &current) {
+                Some(input) => {
+                    ipset(&["-exist", "restore"], Some(&input))?;
+                    input.lines().count()
+                }
+                None => 0,
+            },
+        };
+        if changes > 0 {
+            current.extend(as_held(wanted));
         }
-        after.extend(as_held(wanted));
-        *held = Some(after);
+        *held = Some(current);
         Ok(changes)
     }
 
