@@ -541,3 +541,57 @@ async fn a_requested_address_is_given_once_kept_across_containers_and_refused_by
     let c = attach(&w.ctx, asked("c", "10.65.7.2")).await.unwrap();
     assert_eq!(c.ip, ip("10.65.7.2"));
 }
+
+/// A replica joining a profile keeps the members a sync of chains first put there: an endpoint
+/// that joined an existing profile and a new one (chains first) stays in the existing profile's
+/// set when the next replica joins it, before any full sync ran.
+#[tokio::test]
+async fn a_joining_replica_keeps_members_that_a_chains_first_sync_added() {
+    use weft_etcd::policy::policy_from_value;
+    let w = world();
+    let policy = |doc: serde_json::Value| {
+        let policy = policy_from_value(&doc, "").unwrap();
+        weft_etcd::FabricEvent::PolicyPut(Box::new(policy))
+    };
+    w.ctx.policy.apply(
+        vec![
+            policy(serde_json::json!({"name": "in", "selector": "app == 'web'", "ingress": []})),
+            policy(serde_json::json!({"name": "out", "selector": "role == 'x'", "egress": []})),
+        ],
+        1,
+    );
+    let attach_labelled = |id: &str, labels: &[(&str, &str)]| {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        attach(&w.ctx, request(id, "", &[]).with_labels(labels).unwrap())
+    };
+    // The ingress profile in place, and known to a full sync.
+    attach_labelled("first", &[("app", "web")]).await.unwrap();
+    crate::policy::sync(&w.ctx, crate::firewall::SyncMode::Fast)
+        .await
+        .unwrap();
+    // Joins it and a new egress profile: chains first.
+    let both = attach_labelled("both", &[("app", "web"), ("role", "x")])
+        .await
+        .unwrap();
+    // Joins the ingress profile only: in place.
+    attach_labelled("replica", &[("app", "web")]).await.unwrap();
+    let ingress = crate::policy::plan::endpoint_plan(
+        crate::policy::plan::Family::V4,
+        &[&policy_from_value(
+            &serde_json::json!({"name": "in", "selector": "app == 'web'", "ingress": []}),
+            "",
+        )
+        .unwrap()],
+        &both,
+    );
+    let (profile, members) = &ingress[0];
+    let held = w.sets.sets.lock().unwrap()[&profile.set].members.clone();
+    assert!(
+        members.iter().all(|m| held.contains(m)),
+        "{members:?} kept in {held:?}"
+    );
+    assert_eq!(held.len(), 3, "first, both and the replica: {held:?}");
+}

@@ -39,7 +39,7 @@ pub struct FirewallSpec {
     /// When the pool may encapsulate: the underlay addresses VXLAN is accepted from (every
     /// peer's, sorted). Containers may never send VXLAN.
     pub vxlan_peers: Option<Vec<IpAddr>>,
-    /// Network policy's chains (dispatch, per endpoint, per policy) of each family, as `policy`
+    /// Network policy's chains (dispatch, per profile, per policy) of each family, as `policy`
     /// renders them.
     pub policy: FamilyChains,
 }

@@ -123,7 +123,7 @@ impl LastSets {
 }
 
 /// Moves set members for the endpoint changes the watch saw since the last call: no planning,
-/// no firewall work, one `ipset restore` when a member moved. Returns the sets changed.
+/// no firewall work, the moves sent over netlink. Returns the sets changed.
 pub async fn sync_members(ctx: &Context) -> Result<usize, PolicySyncError> {
     let state = &ctx.policy;
     let touched = std::mem::take(&mut *state.touched.lock().unwrap());
@@ -221,10 +221,7 @@ async fn scoped(
     let narrowed = widen(&mut wanted_sets, state.last_sets.lock().unwrap().as_ref());
     let mut set_changes = match wanted_sets.is_empty() && scope == Scope::ChainsFirst {
         true => 0,
-        false => {
-            let sets = state.sets.clone();
-            tokio::task::spawn_blocking(move || sets.sync(&wanted_sets, mode)).await??
-        }
+        false => write_sets(state, wanted_sets, mode).await?,
     };
     let rendered = FamilyChains {
         v4: render(&v4),
@@ -249,8 +246,7 @@ async fn scoped(
         }
     };
     if scope == Scope::Full && !narrowed.is_empty() {
-        let sets = state.sets.clone();
-        set_changes += tokio::task::spawn_blocking(move || sets.sync(&narrowed, mode)).await??;
+        set_changes += write_sets(state, narrowed, mode).await?;
     }
     let mut done = PolicyReport {
         set_changes,
@@ -287,6 +283,26 @@ async fn scoped(
         );
     }
     Ok(done)
+}
+
+/// Writes `wanted` sets and records them as in place: `join` builds on that record, so it must
+/// hold what every write put there (a sync of chains first included), not only full syncs.
+async fn write_sets(
+    state: &super::PolicyState,
+    wanted: BTreeMap<String, SetSpec>,
+    mode: SyncMode,
+) -> Result<usize, PolicySyncError> {
+    let sets = state.sets.clone();
+    let (changes, wanted) = tokio::task::spawn_blocking(move || {
+        let changes = sets.sync(&wanted, mode);
+        (changes, wanted)
+    })
+    .await?;
+    let changes = changes?;
+    if let Some(last) = state.last_sets.lock().unwrap().as_mut() {
+        last.sets.extend(wanted);
+    }
+    Ok(changes)
 }
 
 /// Keeps, in the profile sets about to be written, the members they hold now (as of the last

@@ -17,8 +17,9 @@ use super::member::Member;
 const NFNL_SUBSYS_IPSET: u16 = 6;
 const IPSET_CMD_ADD: u16 = 9;
 const IPSET_CMD_DEL: u16 = 10;
-/// The protocol version this speaks (the kernel takes 6 and 7).
-const IPSET_PROTOCOL: u8 = 7;
+/// The protocol version this speaks: 6, which kernels of protocol 7 still take and older ones
+/// require exactly.
+const IPSET_PROTOCOL: u8 = 6;
 const ATTR_PROTOCOL: u16 = 1;
 const ATTR_SETNAME: u16 = 2;
 const ATTR_DATA: u16 = 7;
@@ -32,8 +33,11 @@ const NLA_F_NET_BYTEORDER: u16 = 0x4000;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLMSG_ERROR: u16 = 0x2;
-/// Requests sent before their acknowledgements are read (well within a socket's buffers).
-const BATCH: usize = 256;
+/// Requests sent before their acknowledgements are read: each acknowledgement takes up to ~1 KB
+/// of the receive buffer (~200 KB by default), so this stays well within it.
+const BATCH: usize = 64;
+/// How long to wait for the kernel's acknowledgements before giving up.
+const REPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -145,11 +149,34 @@ fn acknowledgements(buf: &[u8]) -> Result<Vec<(u32, i32)>, NetlinkError> {
     Ok(out)
 }
 
+fn receive_within(socket: &Socket, limit: std::time::Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let timeout = libc::timeval {
+        tv_sec: limit.as_secs() as libc::time_t,
+        tv_usec: limit.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket, and a timeval of the size given.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    match done {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// Makes `changes` in the sets of this network namespace; stops at the first refusal.
 pub fn apply(changes: &[(Change, &str, &Member)]) -> Result<(), NetlinkError> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
+    receive_within(&socket, REPLY_WITHIN)?;
     for (batch, chunk) in changes.chunks(BATCH).enumerate() {
         let first = (batch * BATCH) as u32 + 1;
         let mut out = vec![];
@@ -199,8 +226,8 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), (6 << 8) | 9);
         assert_eq!(u32::from_ne_bytes(bytes[8..12].try_into().unwrap()), 7);
         assert_eq!(bytes[16], libc::NFPROTO_IPV4 as u8);
-        // protocol attribute: length 5, type 1, version 7, padding.
-        assert_eq!(&bytes[20..28], &[5, 0, 1, 0, 7, 0, 0, 0]);
+        // protocol attribute: length 5, type 1, version 6, padding.
+        assert_eq!(&bytes[20..28], &[5, 0, 1, 0, 6, 0, 0, 0]);
         // set name: length 4 + 10, type 2, "weft-4t-x\0", padded to 16.
         assert_eq!(&bytes[28..32], &[14, 0, 2, 0]);
         assert_eq!(&bytes[32..42], b"weft-4t-x\0");

@@ -150,23 +150,30 @@ fn profile_set(family: Family, direction: Direction, hash: u64) -> String {
     format!("weft-{}{letter}-{hash:016x}", family.digit())
 }
 
-/// What puts an endpoint in a profile's set: its address of the family on its veth, and for
-/// IPv6 egress also the link-local network on its veth (what it sends to this host from a
-/// link-local address is policed too).
+/// What puts an endpoint in a profile's set: its address of the family on its veth; for egress
+/// also the unspecified address (`0.0.0.0`, `::`) on its veth — such packets pass reverse-path
+/// checks to reach its host, and must meet its policy too — and over IPv6 the link-local
+/// network on its veth (what it sends its host from a link-local address).
 pub fn profile_members(
     family: Family,
     direction: Direction,
     endpoint: &EndpointRecord,
 ) -> Vec<Member> {
     let veth = &endpoint.host_ifname;
-    let mut members: Vec<Member> = family
-        .address(endpoint)
-        .map(|ip| Member::on(IpNetwork::from(ip), veth))
-        .into_iter()
-        .collect();
-    if family == Family::V6 && direction == Direction::Egress && !members.is_empty() {
-        let link_local = IpNetwork::new("fe80::".parse().expect("address"), 10).expect("prefix");
-        members.push(Member::on(link_local, veth));
+    let Some(ip) = family.address(endpoint) else {
+        return vec![];
+    };
+    let mut members = vec![Member::on(IpNetwork::from(ip), veth)];
+    if direction == Direction::Egress {
+        let (unspecified, link_local): (IpAddr, _) = match family {
+            Family::V4 => (std::net::Ipv4Addr::UNSPECIFIED.into(), None),
+            Family::V6 => (
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+                IpNetwork::new("fe80::".parse().expect("address"), 10).ok(),
+            ),
+        };
+        members.push(Member::on(IpNetwork::from(unspecified), veth));
+        members.extend(link_local.map(|net| Member::on(net, veth)));
     }
     members
 }

@@ -238,7 +238,8 @@ fn plan_at_scale_is_stable_and_renders_every_local_endpoint() {
         .iter()
         .map(|p| first.sets[&p.set].members.len())
         .sum();
-    assert_eq!(members, 2 * local.len());
+    // Ingress: its address; egress: its address and the unspecified one, on its veth.
+    assert_eq!(members, 3 * local.len());
     let rules: usize = crate::policy::render::render(&first)
         .values()
         .map(|c| c.rules.len())

@@ -1,6 +1,7 @@
-//! Address sets (ipset) for selectors and networks: the seam [`SetBackend`], the real one
-//! ([`Ipset`]: one `ipset restore` per change, members added and deleted one by one, never a
-//! set rebuilt while rules use it) and [`FakeSets`] for unit tests. Only sets named `weft-…`
+//! Address sets (ipset) for selectors, networks and profiles: the seam [`SetBackend`], the real
+//! one ([`Ipset`]: members of sets in place added and deleted over netlink, anything else in one
+//! `ipset restore`; additions before deletions; never a set rebuilt while rules use it) and
+//! [`FakeSets`] for unit tests. Only sets named `weft-…`
 //! are ever touched.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -87,17 +88,19 @@ pub fn parse_save(text: &str) -> HeldSets {
 /// missing.
 pub fn restore_input(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Option<String> {
     let mut lines = vec![];
+    // Every deletion after every addition, as over netlink (`member_moves`).
+    let mut deletes = vec![];
     for (name, spec) in wanted {
         let kind = kind_name(spec.kind);
         let family = spec.family.ipset();
         let create = |name: &str| format!("create {name} {kind} family {family}");
         match held.get(name) {
             Some(h) if h.kind == kind && h.family == family => {
-                for gone in h.members.difference(&spec.members) {
-                    lines.push(format!("del {name} {}", gone));
-                }
                 for new in spec.members.difference(&h.members) {
                     lines.push(format!("add {name} {}", new));
+                }
+                for gone in h.members.difference(&spec.members) {
+                    deletes.push(format!("del {name} {}", gone));
                 }
             }
             Some(_) => {
@@ -118,6 +121,7 @@ pub fn restore_input(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Opt
             }
         }
     }
+    lines.extend(deletes);
     match lines.is_empty() {
         true => None,
         false => Some(lines.join("\n") + "\n"),
@@ -168,6 +172,17 @@ fn as_held(wanted: &BTreeMap<String, SetSpec>) -> HeldSets {
         .collect()
 }
 
+/// Brings `held` to `wanted` with one `ipset restore`; returns the number of changes.
+fn restore(wanted: &BTreeMap<String, SetSpec>, held: &HeldSets) -> Result<usize, SetError> {
+    match restore_input(wanted, held) {
+        Some(input) => {
+            ipset(&["-exist", "restore"], Some(&input))?;
+            Ok(input.lines().count())
+        }
+        None => Ok(0),
+    }
+}
+
 fn ipset(args: &[&str], input: Option<&str>) -> Result<String, SetError> {
     crate::firewall::command::run("ipset", args, input).map_err(|failed| SetError {
         command: failed.command,
@@ -202,19 +217,18 @@ impl SetBackend for Ipset {
             Some(moves) if moves.is_empty() => 0,
             Some(moves) => {
                 let moves: Vec<_> = moves.iter().map(|(c, s, m)| (*c, s.as_str(), *m)).collect();
-                ipset_netlink::apply(&moves).map_err(|e| SetError {
-                    command: "ipset (netlink)".into(),
-                    message: e.to_string(),
-                })?;
-                moves.len()
-            }
-            None => match restore_input(wanted, &current) {
-                Some(input) => {
-                    ipset(&["-exist", "restore"], Some(&input))?;
-                    input.lines().count()
+                match ipset_netlink::apply(&moves) {
+                    Ok(()) => moves.len(),
+                    // Whatever the kernel took or refused, `ipset` brings the sets where they
+                    // should be from what it reads back.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "moving set members over netlink failed; using ipset");
+                        current = self.read()?;
+                        restore(wanted, &current)?
+                    }
                 }
-                None => 0,
-            },
+            }
+            None => restore(wanted, &current)?,
         };
         if changes > 0 {
             current.extend(as_held(wanted));
@@ -354,7 +368,8 @@ mod tests {
         assert_eq!(
             restore_input(&wanted, &held).unwrap(),
             "create weft-4n-c hash:net family inet\nadd weft-4n-c 10.2.0.1\n\
-             del weft-4s-a 10.65.0.2\nadd weft-4s-a 10.65.0.4\n"
+             add weft-4s-a 10.65.0.4\ndel weft-4s-a 10.65.0.2\n",
+            "deletions after every addition"
         );
         assert_eq!(restore_input(&wanted, &as_held(&wanted)), None);
     }
