@@ -335,30 +335,28 @@ mod tests {
     use super::*;
     use crate::policy::plan::SetKind;
 
-    fn profile_set(members: &[&str]) -> SetSpec {
-        SetSpec {
-            kind: SetKind::Profile,
-            family: Family::V4,
-            members: members.iter().map(|m| m.parse().unwrap()).collect(),
-        }
-    }
-
     #[test]
     fn endpoints_leave_a_profile_only_after_the_chains_are_written() {
         let last = LastSets {
             sets: [
-                ("weft-4t-a".to_string(), profile_set(&["10.65.0.2,wefta"])),
-                ("weft-4t-b".to_string(), profile_set(&["10.65.0.3,weftb"])),
+                (
+                    "weft-4t-a".to_string(),
+                    SetSpec::v4_profile(&["10.65.0.2,wefta"]),
+                ),
+                (
+                    "weft-4t-b".to_string(),
+                    SetSpec::v4_profile(&["10.65.0.3,weftb"]),
+                ),
             ]
             .into(),
             selectors: BTreeMap::new(),
         };
         // a's endpoint moved to b (relabelled): b gains it at once, a keeps it until after.
         let mut wanted: BTreeMap<String, SetSpec> = [
-            ("weft-4t-a".to_string(), profile_set(&[])),
+            ("weft-4t-a".to_string(), SetSpec::v4_profile(&[])),
             (
                 "weft-4t-b".to_string(),
-                profile_set(&["10.65.0.3,weftb", "10.65.0.2,wefta"]),
+                SetSpec::v4_profile(&["10.65.0.3,weftb", "10.65.0.2,wefta"]),
             ),
         ]
         .into();

@@ -130,14 +130,6 @@ fn joined(
 mod tests {
     use super::*;
 
-    fn profile_set(members: &[&str]) -> SetSpec {
-        SetSpec {
-            kind: SetKind::Profile,
-            family: Family::V4,
-            members: members.iter().map(|m| m.parse().unwrap()).collect(),
-        }
-    }
-
     fn profile(set: &str) -> ProfileChain {
         ProfileChain {
             chain: set.replace("weft-4t-", "WEFT-TW-"),
@@ -150,8 +142,14 @@ mod tests {
     #[test]
     fn an_attach_joins_its_profiles_and_its_veth_leaves_the_others() {
         let sets: BTreeMap<String, SetSpec> = [
-            ("weft-4t-a".to_string(), profile_set(&["10.65.0.2,wefta"])),
-            ("weft-4t-b".to_string(), profile_set(&["10.65.0.9,weftnew"])),
+            (
+                "weft-4t-a".to_string(),
+                SetSpec::v4_profile(&["10.65.0.2,wefta"]),
+            ),
+            (
+                "weft-4t-b".to_string(),
+                SetSpec::v4_profile(&["10.65.0.9,weftnew"]),
+            ),
         ]
         .into();
         let member = |m: &str| -> Member { m.parse().unwrap() };

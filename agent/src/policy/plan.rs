@@ -102,6 +102,18 @@ pub struct SetSpec {
     pub members: BTreeSet<Member>,
 }
 
+#[cfg(test)]
+impl SetSpec {
+    /// An IPv4 profile set of these members (as `ipset save` prints them), for tests.
+    pub fn v4_profile(members: &[&str]) -> Self {
+        Self {
+            kind: SetKind::Profile,
+            family: Family::V4,
+            members: members.iter().map(|m| m.parse().unwrap()).collect(),
+        }
+    }
+}
+
 /// The address set of a selector: named by a hash of its canonical text, so every host names it
 /// alike and two policies that use one selector share its set.
 pub fn selector_set_name(family: Family, selector: &Selector) -> String {
