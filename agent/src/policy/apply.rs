@@ -215,8 +215,9 @@ async fn scoped(
     let mut wanted_sets = planned_sets.clone();
     if scope == Scope::ChainsFirst {
         // New sets, and the profile sets (where the new endpoint joins its profile).
-        let existing = state.set_names.lock().unwrap();
-        wanted_sets.retain(|name, spec| spec.kind == SetKind::Profile || !existing.contains(name));
+        let last = state.last_sets.lock().unwrap();
+        let exists = |name: &String| last.as_ref().is_some_and(|l| l.sets.contains_key(name));
+        wanted_sets.retain(|name, spec| spec.kind == SetKind::Profile || !exists(name));
     }
     let narrowed = widen(&mut wanted_sets, state.last_sets.lock().unwrap().as_ref());
     let mut set_changes = match wanted_sets.is_empty() && scope == Scope::ChainsFirst {
@@ -256,7 +257,6 @@ async fn scoped(
     if scope == Scope::Full {
         let sets = state.sets.clone();
         let wanted_sets = planned_sets;
-        *state.set_names.lock().unwrap() = wanted_sets.keys().cloned().collect();
         *state.last_sets.lock().unwrap() = Some(LastSets {
             sets: wanted_sets.clone(),
             selectors,

@@ -38,10 +38,9 @@ pub struct PolicyState {
     pub sets: Arc<dyn SetBackend>,
     /// Whether the chains above were written by the last firewall sync that carried them.
     chains_written: std::sync::atomic::AtomicBool,
-    /// Names of the sets the last full sync put in place.
-    set_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
-    /// The sets of the last full sync with their selectors: an endpoint's change moves members
-    /// of these without planning again.
+    /// The sets in place (every set write records what it put there) and the selectors of the
+    /// last full sync: an endpoint's change moves members of these without planning again, and
+    /// a sync of chains first makes only the sets not among them.
     last_sets: std::sync::Mutex<Option<apply::LastSets>>,
     /// Endpoint changes seen by the watch and not yet applied to the sets.
     touched: std::sync::Mutex<Vec<apply::Touched>>,
@@ -62,7 +61,6 @@ impl PolicyState {
                 v6: render::render(&plan::PolicyPlan::default()),
             }),
             sets,
-            set_names: Default::default(),
             last_sets: Default::default(),
             touched: Default::default(),
             chains_written: Default::default(),
