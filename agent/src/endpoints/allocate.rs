@@ -2,7 +2,6 @@
 //! attach or foreign record holds, a veth name no endpoint uses, a new block when the blocks are
 //! full, and the endpoint record written under the address guard.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -21,10 +20,10 @@ use crate::model::{veth_name, ContainerId, Route, RouteTarget};
 pub(super) const ATTEMPTS: usize = 64;
 
 /// The first veth name for `id` that no other endpoint (or pending attach) uses.
-pub fn choose_veth_name(id: &ContainerId, taken: &HashSet<String>) -> String {
+pub fn choose_veth_name(id: &ContainerId, taken: impl Fn(&str) -> bool) -> String {
     (0..)
         .map(|attempt| veth_name(id, attempt))
-        .find(|name| !taken.contains(name))
+        .find(|name| !taken(name))
         .expect("a free name among unboundedly many")
 }
 
@@ -32,7 +31,7 @@ pub fn choose_veth_name(id: &ContainerId, taken: &HashSet<String>) -> String {
 fn open_blocks(blocks: &[IpNetwork], taken: &Taken) -> Vec<IpNetwork> {
     blocks
         .iter()
-        .filter(|b| !taken.retiring.contains(b))
+        .filter(|b| !taken.retiring(b))
         .copied()
         .collect()
 }
@@ -135,11 +134,11 @@ async fn reserve_in(
         let blocks = ctx.cluster.pool_blocks_of(&pool.name, ctx.me());
         let picked = ctx.endpoints.reserve(ctx.tunnel_ip(), |taken| {
             let open = open_blocks(&blocks, taken);
-            let ip = alloc::first_free_ip(&open, &taken.ips)?;
+            let ip = alloc::first_free_ip(&open, |ip| taken.ip(ip))?;
             let block = *open.iter().find(|b| b.contains(ip))?;
             // The second address comes with no veth: an empty name reserves nothing.
             let name = match named {
-                true => choose_veth_name(id, &taken.names),
+                true => choose_veth_name(id, |name| taken.name(name)),
                 false => String::new(),
             };
             Some((ip, name, block))
@@ -243,7 +242,7 @@ pub async fn allocate_tunnel(ctx: &Context) -> Result<IpAddr, EndpointError> {
         let blocks = ctx.cluster.pool_blocks_of(pool, ctx.me());
         let picked = ctx.endpoints.reserve(None, |taken| {
             let open = open_blocks(&blocks, taken);
-            let ip = alloc::first_free_ip(&open, &taken.ips)?;
+            let ip = alloc::first_free_ip(&open, |ip| taken.ip(ip))?;
             let block = *open.iter().find(|b| b.contains(ip))?;
             // No veth comes with it: an empty name reserves nothing.
             Some((ip, String::new(), block))
@@ -318,9 +317,9 @@ mod tests {
     fn clashing_names_move_to_the_next_alternative() {
         let id = ContainerId::new("victim-3507330").unwrap();
         let other = ContainerId::new("victim-476022").unwrap();
-        let taken: HashSet<String> = [veth_name(&other, 0)].into();
-        let name = choose_veth_name(&id, &taken);
+        let taken = veth_name(&other, 0);
+        let name = choose_veth_name(&id, |name| name == taken);
         assert_eq!(name, veth_name(&id, 1));
-        assert_eq!(choose_veth_name(&id, &HashSet::new()), veth_name(&id, 0));
+        assert_eq!(choose_veth_name(&id, |_| false), veth_name(&id, 0));
     }
 }

@@ -19,7 +19,7 @@ mod dual_tests;
 #[cfg(test)]
 mod requested_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use attach::attach;
 pub use check::check;

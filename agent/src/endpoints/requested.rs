@@ -162,8 +162,8 @@ async fn reserve_exact(
     }
     let reserved = ctx
         .endpoints
-        .reserve_exact(ip, block, ctx.tunnel_ip(), |names| match named {
-            true => choose_veth_name(id, names),
+        .reserve_exact(ip, block, ctx.tunnel_ip(), |taken| match named {
+            true => choose_veth_name(id, |name| taken.name(name)),
             // The second address comes with no veth: an empty name reserves nothing.
             false => String::new(),
         });

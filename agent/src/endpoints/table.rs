@@ -14,6 +14,11 @@ use crate::model::ContainerId;
 #[derive(Default)]
 struct Table {
     endpoints: HashMap<String, EndpointRecord>,
+    /// Every address of the endpoints, with its holder's container id: an allocation asks
+    /// whether an address is taken without walking every endpoint.
+    address_holders: HashMap<IpAddr, String>,
+    /// Every endpoint's host veth name, with its holder's container id.
+    link_holders: HashMap<String, String>,
     /// Addresses handed to an attach still writing its record.
     reserved_ips: HashSet<IpAddr>,
     /// Veth names chosen by an attach still writing its record.
@@ -26,24 +31,63 @@ struct Table {
 }
 
 impl Table {
-    /// Veth names of endpoints and of attaches still writing their record.
-    fn taken_names(&self) -> HashSet<String> {
-        let mut names: HashSet<String> = self
-            .endpoints
-            .values()
-            .map(|e| e.host_ifname.clone())
-            .collect();
-        names.extend(self.reserved_names.iter().cloned());
-        names
+    /// Holds `record` (replacing the endpoint of the same container), indexes kept in step.
+    fn put(&mut self, record: EndpointRecord) {
+        self.take(&record.container_id);
+        let id = &record.container_id;
+        for ip in record.addresses() {
+            self.address_holders.insert(ip, id.clone());
+        }
+        self.link_holders
+            .insert(record.host_ifname.clone(), id.clone());
+        self.endpoints.insert(id.clone(), record);
+    }
+
+    /// Lets go of the endpoint of container `id`, indexes kept in step.
+    fn take(&mut self, id: &str) -> Option<EndpointRecord> {
+        let record = self.endpoints.remove(id)?;
+        for ip in record.addresses() {
+            if self.address_holders.get(&ip).is_some_and(|h| h == id) {
+                self.address_holders.remove(&ip);
+            }
+        }
+        if self
+            .link_holders
+            .get(&record.host_ifname)
+            .is_some_and(|h| h == id)
+        {
+            self.link_holders.remove(&record.host_ifname);
+        }
+        Some(record)
     }
 }
 
-/// What an allocation may not hand out, read under one lock.
-pub struct Taken {
-    pub ips: HashSet<IpAddr>,
-    pub names: HashSet<String>,
-    /// Blocks being released: no address of them may be picked.
-    pub retiring: HashSet<IpNetwork>,
+/// What an allocation may not hand out, asked of the table under its lock: addresses of
+/// endpoints, of attaches still writing their record, foreign marks and one more (the host's
+/// tunnel address); veth names of endpoints and of attaches under way; blocks being released.
+/// Each question is a lookup, whatever the number of endpoints.
+pub struct Taken<'a> {
+    table: &'a Table,
+    also: Option<IpAddr>,
+}
+
+impl Taken<'_> {
+    pub fn ip(&self, ip: IpAddr) -> bool {
+        let table = self.table;
+        self.also == Some(ip)
+            || table.address_holders.contains_key(&ip)
+            || table.reserved_ips.contains(&ip)
+            || table.foreign.contains(&ip)
+    }
+
+    pub fn name(&self, name: &str) -> bool {
+        self.table.link_holders.contains_key(name) || self.table.reserved_names.contains(name)
+    }
+
+    /// Whether `block` is being released: no address of it may be picked.
+    pub fn retiring(&self, block: &IpNetwork) -> bool {
+        self.table.retiring.contains(block)
+    }
 }
 
 #[derive(Default)]
@@ -60,13 +104,10 @@ pub struct EndpointTable {
 
 impl EndpointTable {
     pub fn new(endpoints: impl IntoIterator<Item = EndpointRecord>) -> Self {
-        let table = Table {
-            endpoints: endpoints
-                .into_iter()
-                .map(|e| (e.container_id.clone(), e))
-                .collect(),
-            ..Default::default()
-        };
+        let mut table = Table::default();
+        for record in endpoints {
+            table.put(record);
+        }
         Self {
             table: Mutex::new(table),
             ..Default::default()
@@ -148,15 +189,11 @@ impl EndpointTable {
     }
 
     pub fn insert(&self, record: EndpointRecord) {
-        self.table
-            .lock()
-            .unwrap()
-            .endpoints
-            .insert(record.container_id.clone(), record);
+        self.table.lock().unwrap().put(record);
     }
 
     pub fn remove(&self, id: &str) -> Option<EndpointRecord> {
-        self.table.lock().unwrap().endpoints.remove(id)
+        self.table.lock().unwrap().take(id)
     }
 
     /// Every endpoint, by container id.
@@ -208,12 +245,7 @@ impl EndpointTable {
 
     /// The endpoint whose host veth is `name`.
     pub fn owner_of_link(&self, name: &str) -> Option<String> {
-        let table = self.table.lock().unwrap();
-        table
-            .endpoints
-            .values()
-            .find(|e| e.host_ifname == name)
-            .map(|e| e.container_id.clone())
+        self.table.lock().unwrap().link_holders.get(name).cloned()
     }
 
     /// Reserves an address and a veth name chosen by `pick` from what is not taken (endpoints,
@@ -225,20 +257,9 @@ impl EndpointTable {
         pick: impl FnOnce(&Taken) -> Option<(IpAddr, String, T)>,
     ) -> Option<(IpAddr, String, T)> {
         let mut table = self.table.lock().unwrap();
-        let mut ips: HashSet<IpAddr> = table
-            .endpoints
-            .values()
-            .flat_map(|e| e.addresses())
-            .collect();
-        ips.extend(also);
-        ips.extend(table.reserved_ips.iter().copied());
-        ips.extend(table.foreign.iter().copied());
-        let names = table.taken_names();
-        let retiring = table.retiring.clone();
         let picked = pick(&Taken {
-            ips,
-            names,
-            retiring,
+            table: &table,
+            also,
         })?;
         table.reserved_ips.insert(picked.0);
         table.reserved_names.insert(picked.1.clone());
@@ -253,15 +274,11 @@ impl EndpointTable {
         ip: IpAddr,
         block: IpNetwork,
         tunnel: Option<IpAddr>,
-        name: impl FnOnce(&HashSet<String>) -> String,
+        name: impl FnOnce(&Taken) -> String,
     ) -> Result<String, Held> {
         let mut table = self.table.lock().unwrap();
-        if let Some(holder) = table
-            .endpoints
-            .values()
-            .find(|e| e.addresses().any(|a| a == ip))
-        {
-            return Err(Held::Endpoint(holder.container_id.clone()));
+        if let Some(holder) = table.address_holders.get(&ip) {
+            return Err(Held::Endpoint(holder.clone()));
         }
         if tunnel == Some(ip) {
             return Err(Held::Tunnel);
@@ -272,7 +289,10 @@ impl EndpointTable {
         if table.retiring.contains(&block) {
             return Err(Held::Retiring);
         }
-        let name = name(&table.taken_names());
+        let name = name(&Taken {
+            table: &table,
+            also: None,
+        });
         table.reserved_ips.insert(ip);
         table.reserved_names.insert(name.clone());
         Ok(name)
@@ -285,9 +305,7 @@ impl EndpointTable {
         table.reserved_ips.remove(&ip);
         table.reserved_names.remove(name);
         match outcome {
-            Settle::Written(record) => {
-                table.endpoints.insert(record.container_id.clone(), *record);
-            }
+            Settle::Written(record) => table.put(*record),
             Settle::Foreign => {
                 table.foreign.insert(ip);
             }
@@ -302,9 +320,9 @@ impl EndpointTable {
     pub fn retire(&self, block: IpNetwork, also: Option<IpAddr>) -> bool {
         let mut table = self.table.lock().unwrap();
         let used = table
-            .endpoints
-            .values()
-            .flat_map(|e| e.addresses())
+            .address_holders
+            .keys()
+            .copied()
             .chain(table.reserved_ips.iter().copied())
             .chain(table.foreign.iter().copied())
             .chain(also)
@@ -355,4 +373,110 @@ pub enum Settle {
     Written(Box<EndpointRecord>),
     Foreign,
     Abandoned,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(id: &str, ip: &str, ipv6: Option<&str>, veth: &str) -> EndpointRecord {
+        EndpointRecord {
+            container_id: id.into(),
+            host: "h1".into(),
+            ip: ip.parse().unwrap(),
+            host_ifname: veth.into(),
+            ifname: "eth0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            netns: format!("/run/netns/{id}"),
+            owns_netns: false,
+            ports: vec![],
+            created: 1,
+            secondary: false,
+            labels: Default::default(),
+            ipv6: ipv6.map(|ip| ip.parse().unwrap()),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// What the table says is taken, asked as an allocation asks.
+    fn taken(table: &EndpointTable, also: Option<IpAddr>, ips: &[&str], names: &[&str]) -> bool {
+        let mut answer = None;
+        table.reserve(also, |taken| {
+            answer = Some((
+                ips.iter().map(|s| taken.ip(ip(s))).collect::<Vec<_>>(),
+                names.iter().map(|n| taken.name(n)).collect::<Vec<_>>(),
+            ));
+            None::<(IpAddr, String, ())>
+        });
+        let (ips, names) = answer.unwrap();
+        ips.into_iter().chain(names).all(|t| t)
+    }
+
+    #[test]
+    fn addresses_and_names_are_taken_exactly_while_an_endpoint_holds_them() {
+        let table = EndpointTable::new([endpoint("a", "10.65.0.1", Some("fd65::1"), "wefta")]);
+        assert!(taken(&table, None, &["10.65.0.1", "fd65::1"], &["wefta"]));
+        assert!(!taken(&table, None, &["10.65.0.2"], &[]));
+        assert!(!taken(&table, None, &[], &["weftb"]));
+        assert!(taken(&table, Some(ip("10.65.0.9")), &["10.65.0.9"], &[]));
+        assert_eq!(table.owner_of_link("wefta").as_deref(), Some("a"));
+
+        // The same container again with other addresses and veth: the old ones are free.
+        table.insert(endpoint("a", "10.65.0.3", None, "weftc"));
+        assert!(!taken(&table, None, &["10.65.0.1"], &[]));
+        assert!(!taken(&table, None, &["fd65::1"], &[]));
+        assert!(!taken(&table, None, &[], &["wefta"]));
+        assert!(taken(&table, None, &["10.65.0.3"], &["weftc"]));
+        assert_eq!(table.owner_of_link("wefta"), None);
+        assert_eq!(table.owner_of_link("weftc").as_deref(), Some("a"));
+
+        table.remove("a");
+        assert!(!taken(&table, None, &["10.65.0.3"], &[]));
+        assert!(!taken(&table, None, &[], &["weftc"]));
+        assert_eq!(table.owner_of_link("weftc"), None);
+    }
+
+    #[test]
+    fn reservations_hold_until_settled_and_a_written_one_becomes_the_endpoint() {
+        let table = EndpointTable::default();
+        let picked = table.reserve(None, |taken| {
+            (!taken.ip(ip("10.65.0.1"))).then(|| (ip("10.65.0.1"), "wefta".to_string(), ()))
+        });
+        assert!(picked.is_some());
+        assert!(taken(&table, None, &["10.65.0.1"], &["wefta"]));
+        assert_eq!(
+            table.reserve_exact(
+                ip("10.65.0.1"),
+                "10.65.0.0/26".parse().unwrap(),
+                None,
+                |_| { String::new() }
+            ),
+            Err(Held::Pending)
+        );
+        table.settle(
+            ip("10.65.0.1"),
+            "wefta",
+            Settle::Written(Box::new(endpoint("a", "10.65.0.1", None, "wefta"))),
+        );
+        assert_eq!(
+            table.reserve_exact(
+                ip("10.65.0.1"),
+                "10.65.0.0/26".parse().unwrap(),
+                None,
+                |_| { String::new() }
+            ),
+            Err(Held::Endpoint("a".into()))
+        );
+        // An abandoned reservation leaves nothing taken.
+        table.reserve(None, |_| Some((ip("10.65.0.2"), "weftb".to_string(), ())));
+        table.settle(ip("10.65.0.2"), "weftb", Settle::Abandoned);
+        assert!(!taken(&table, None, &["10.65.0.2"], &[]));
+        assert!(!taken(&table, None, &[], &["weftb"]));
+        // A block holding an endpoint's address is not released.
+        assert!(!table.retire("10.65.0.0/26".parse().unwrap(), None));
+        assert!(table.retire("10.65.1.0/26".parse().unwrap(), None));
+    }
 }

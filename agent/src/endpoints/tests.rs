@@ -16,18 +16,18 @@ use crate::kernel::{Kernel, Underlay};
 use crate::model::{port_mapping, AttachRequest, ContainerId, Route, RouteTarget};
 use crate::store::fake::FakeStore;
 
-pub(super) struct World {
-    pub(super) ctx: Context,
+pub(crate) struct World {
+    pub(crate) ctx: Context,
     _state: tempfile::TempDir,
-    pub(super) kernel: Arc<FakeKernel>,
-    pub(super) store: Arc<FakeStore>,
+    pub(crate) kernel: Arc<FakeKernel>,
+    pub(crate) store: Arc<FakeStore>,
     firewall: Arc<FakeFirewall>,
     sets: Arc<crate::policy::sets::FakeSets>,
 }
 
-pub(super) const CONTAINER_NS: &str = "/run/netns/runtime-made";
+pub(crate) const CONTAINER_NS: &str = "/run/netns/runtime-made";
 
-fn world() -> World {
+pub(crate) fn world() -> World {
     world_with(&["--block-size", "30"])
 }
 
@@ -86,7 +86,7 @@ pub(super) fn world_with(args: &[&str]) -> World {
     }
 }
 
-pub(super) fn request(id: &str, netns: &str, ports: &[(u32, u32)]) -> AttachRequest {
+pub(crate) fn request(id: &str, netns: &str, ports: &[(u32, u32)]) -> AttachRequest {
     let ports = ports
         .iter()
         .map(|(h, c)| port_mapping("tcp", *h, *c).unwrap())

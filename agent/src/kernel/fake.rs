@@ -56,6 +56,8 @@ pub struct FakeState {
     pub listening: BTreeSet<(Protocol, u16)>,
     /// The VXLAN device, as last made, with its entries.
     pub tunnel: Option<(VxlanDevice, TunnelState)>,
+    /// How many times all links were listed (a dump: the costly read with many veths).
+    pub link_dumps: usize,
 }
 
 #[derive(Debug, Default)]
@@ -153,7 +155,8 @@ impl Kernel for FakeKernel {
     }
 
     async fn links(&self) -> Result<BTreeMap<String, u32>> {
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
+        state.link_dumps += 1;
         Ok(state
             .links
             .iter()

@@ -4,19 +4,21 @@
 use std::io;
 
 pub const PROXY_ARP: &str = "/proc/sys/net/ipv4/conf/{}/proxy_arp";
+pub const PROXY_DELAY: &str = "/proc/sys/net/ipv4/neigh/{}/proxy_delay";
 pub const FORWARDING: &str = "/proc/sys/net/ipv4/conf/{}/forwarding";
 pub const RP_FILTER: &str = "/proc/sys/net/ipv4/conf/{}/rp_filter";
 pub const ACCEPT_RA: &str = "/proc/sys/net/ipv6/conf/{}/accept_ra";
 pub const PROXY_NDP: &str = "/proc/sys/net/ipv6/conf/{}/proxy_ndp";
 pub const FORWARDING_V6: &str = "/proc/sys/net/ipv6/conf/{}/forwarding";
 pub const ACCEPT_DAD: &str = "/proc/sys/net/ipv6/conf/{}/accept_dad";
+pub const DISABLE_IPV6: &str = "/proc/sys/net/ipv6/conf/{}/disable_ipv6";
 
 /// Per-veth settings of the host end, as (path template, value); `{}` is the interface name.
 /// A container may never configure its host's end by router advertisements, whatever families
 /// the host routes.
 pub const HOST_VETH: &[(&str, &str)] = &[
     (PROXY_ARP, "1"),
-    ("/proc/sys/net/ipv4/neigh/{}/proxy_delay", "0"),
+    (PROXY_DELAY, "0"),
     (FORWARDING, "1"),
     (RP_FILTER, "1"),
     (ACCEPT_RA, "0"),
@@ -32,10 +34,21 @@ pub const HOST_VETH: &[(&str, &str)] = &[
 pub const HOST_VETH_V6: &[(&str, &str)] =
     &[(PROXY_NDP, "1"), (FORWARDING_V6, "1"), (ACCEPT_DAD, "0")];
 
+/// Per-veth settings of a host without an IPv6 pool: no IPv6 on the host end at all. Written
+/// before the container end comes up, so the host end never configures IPv6: with IPv6 on,
+/// the kernel gives every veth a link-local address and its routes, and walks the host's whole
+/// IPv6 routing table each time a veth's carrier comes or goes — per attach and per detach,
+/// a cost growing with the number of endpoints for a family the host does not route.
+pub const HOST_VETH_V4_ONLY: &[(&str, &str)] = &[(DISABLE_IPV6, "1")];
+
 /// The per-veth settings of a host, with or without IPv6.
 pub fn host_veth(ipv6: bool) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    let v6: &'static [(&str, &str)] = if ipv6 { HOST_VETH_V6 } else { &[] };
-    HOST_VETH.iter().chain(v6)
+    let family: &'static [(&str, &str)] = if ipv6 {
+        HOST_VETH_V6
+    } else {
+        HOST_VETH_V4_ONLY
+    };
+    HOST_VETH.iter().chain(family)
 }
 
 /// Values of per-veth settings already known from a link dump (its device configuration),
@@ -133,6 +146,19 @@ pub fn configure_host(ipv6: bool) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_only_host_turns_ipv6_off_on_its_veths_and_a_dual_stack_one_configures_it() {
+        let v4: Vec<_> = host_veth(false).copied().collect();
+        assert!(v4.contains(&(DISABLE_IPV6, "1")));
+        assert!(v4.contains(&(ACCEPT_RA, "0")));
+        assert!(!v4
+            .iter()
+            .any(|(t, _)| HOST_VETH_V6.iter().any(|(v6, _)| v6 == t)));
+        let dual: Vec<_> = host_veth(true).copied().collect();
+        assert!(!dual.iter().any(|(t, _)| *t == DISABLE_IPV6));
+        assert!(dual.contains(&(PROXY_NDP, "1")) && dual.contains(&(ACCEPT_DAD, "0")));
+    }
 
     #[test]
     fn known_right_values_are_not_read_and_the_rest_is() {

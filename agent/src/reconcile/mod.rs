@@ -8,6 +8,8 @@ pub mod apply;
 pub mod monitor;
 pub mod plan;
 pub mod registration;
+#[cfg(test)]
+mod registration_tests;
 pub mod tunnel;
 
 use std::sync::atomic::Ordering;

@@ -126,6 +126,10 @@ async fn settle_unknown(
     let current: std::collections::HashSet<String> =
         unknown.iter().map(|e| e.container_id.clone()).collect();
     sightings.retain(|id, _| current.contains(id));
+    if unknown.is_empty() {
+        // The usual case: no link dump (with thousands of veths, the pass's costliest read).
+        return;
+    }
     let links = ctx.kernel.links().await.unwrap_or_default();
     for record in unknown {
         let id = record.container_id.clone();

@@ -1,11 +1,14 @@
 //! Many endpoints on one host: attach latency with 10 existing endpoints against with N
 //! existing, the agent's restart and first full reconciliation with N, and detaching all N.
+//! The kernel floor's latency (the same kernel work with no agent) is probed at both sizes in
+//! the same host, so what the kernel itself loses with N stands beside what weft loses.
 
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 
 use super::client::{delete_namespaces, namespaces, one_host_lab, rss_mb, Client};
+use super::floor::floor_run;
 use super::restart::restart_agent;
 use super::{timed, Options, Report, Run, CONCURRENCY};
 
@@ -26,6 +29,16 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
     let client = Client::new(&lab, 0)?;
     let ns = namespaces(&lab, "m", n)?;
     let probe_ns = namespaces(&lab, "q", 2 * PROBES)?;
+    let floor_ns = namespaces(&lab, "k", 2 * PROBES)?;
+    let host = lab.hosts[0].name.clone();
+    let floor = |k: usize| {
+        std::thread::sleep(SETTLE);
+        let range = k * PROBES..(k + 1) * PROBES;
+        let run = floor_run(&host, &floor_ns[range.clone()], range.start, 1);
+        // The floor's veths go with their namespaces.
+        delete_namespaces(&floor_ns[range])?;
+        run
+    };
     let attach = |i: usize| {
         let netns = format!("/run/netns/{}", ns[i]);
         client
@@ -34,8 +47,10 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
     };
     timed(FEW, 1, attach)?;
     let at_few = probe(&client, &probe_ns[..PROBES])?;
+    let floor_at_few = floor(0)?;
     let fill = timed(n - FEW, CONCURRENCY, |i| attach(FEW + i))?;
     let at_n = probe(&client, &probe_ns[PROBES..])?;
+    let floor_at_n = floor(1)?;
     let (ready, reconcile_ms) = restart_agent(&mut lab)?;
     let rss = rss_mb(lab.agent_pid(0).unwrap_or_default())?;
     let endpoints = lab.status(0)?["endpoint_count"].as_u64().unwrap_or(0);
@@ -63,6 +78,24 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
         at_n.pct(0.5) / at_few.pct(0.5),
         "x",
         "target <= 1.5",
+    );
+    report.line(
+        &format!("{key}.floor_p50_at_10"),
+        floor_at_few.pct(0.5),
+        "ms",
+        "kernel floor, same host",
+    );
+    report.line(
+        &format!("{key}.floor_p50_at_n"),
+        floor_at_n.pct(0.5),
+        "ms",
+        "kernel floor, same host",
+    );
+    report.line(
+        &format!("{key}.floor_p50_ratio_at_n_over_at_10"),
+        floor_at_n.pct(0.5) / floor_at_few.pct(0.5),
+        "x",
+        "what the kernel itself loses",
     );
     report.line(
         &format!("{key}.fill_rate"),

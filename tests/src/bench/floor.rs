@@ -4,9 +4,10 @@
 //!
 //! Per container, as weft's attach does it: a veth created with its host end up and its peer
 //! born in the container's namespace; a netlink socket opened inside that namespace; there, the
-//! peer looked up, then pipelined on that socket `lo` up, the address, the peer up, the
-//! gateway's on-link route, the default route and the gateway's permanent neighbour; on the
-//! host, the host end looked up, its five sysctls written and its /32 route added.
+//! peer looked up; the host end's six sysctls written (IPv6 off on it, as on weft's IPv4-only
+//! hosts, before the peer's carrier comes up); then pipelined on the inside socket `lo` up,
+//! the address, the peer up, the gateway's on-link route, the default route and the gateway's
+//! permanent neighbour; on the host, the host end looked up and its /32 route added.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
@@ -35,6 +36,7 @@ const SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/conf/{}/forwarding", "1"),
     ("/proc/sys/net/ipv4/conf/{}/rp_filter", "1"),
     ("/proc/sys/net/ipv6/conf/{}/accept_ra", "0"),
+    ("/proc/sys/net/ipv6/conf/{}/disable_ipv6", "1"),
 ];
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
@@ -53,7 +55,7 @@ fn floor(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let batch = Batch::new(&lab, "w", n, concurrency)?;
     let weft = batch.attach(&client, |_| vec![])?.run;
     let ns2 = namespaces(&lab, "f", n)?;
-    let kernel = floor_run(&host, &ns2, concurrency);
+    let kernel = floor_run(&host, &ns2, 0, concurrency);
     batch.remove()?;
     delete_namespaces(&ns2)?;
     let kernel = kernel?;
@@ -70,8 +72,9 @@ fn floor(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
 }
 
 /// Wires one container per namespace in `names` from `concurrency` threads that live in the
-/// lab host's namespace `host_ns`; the clock starts when every thread has its socket.
-fn floor_run(host_ns: &str, names: &[String], concurrency: usize) -> Result<Run> {
+/// lab host's namespace `host_ns`; the clock starts when every thread has its socket. Container
+/// `first + k` goes into `names[k]` (its veth name and address follow from that number).
+pub fn floor_run(host_ns: &str, names: &[String], first: usize, concurrency: usize) -> Result<Run> {
     let next = AtomicUsize::new(0);
     let ready = Barrier::new(concurrency + 1);
     let host_path = format!("/run/netns/{host_ns}");
@@ -90,7 +93,7 @@ fn floor_run(host_ns: &str, names: &[String], concurrency: usize) -> Result<Run>
                             return Ok(samples);
                         };
                         let started = Instant::now();
-                        worker.wire(&format!("/run/netns/{name}"), i)?;
+                        worker.wire(&format!("/run/netns/{name}"), first + i)?;
                         samples.push(started.elapsed());
                     }
                 })
@@ -178,9 +181,9 @@ impl Worker {
                 .build();
             self.host.link().add(veth).execute().await?;
             let index = index_of(&inside, "eth0").await?;
+            write_sysctls(&host_if)?;
             inside_requests(&inside, index, ip).await?;
             let host_index = index_of(&self.host, &host_if).await?;
-            write_sysctls(&host_if)?;
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(ip, 32)
                 .output_interface(host_index)

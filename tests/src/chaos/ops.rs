@@ -94,6 +94,8 @@ pub(super) const SYSCTL_FLIPS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/conf/{}/forwarding", "0"),
     ("/proc/sys/net/ipv4/neigh/{}/proxy_delay", "80"),
     ("/proc/sys/net/ipv6/conf/{}/accept_ra", "1"),
+    // IPv6 back on a veth of an IPv4-only host (a no-op where IPv6 is routed).
+    ("/proc/sys/net/ipv6/conf/{}/disable_ipv6", "0"),
 ];
 
 /// The IPv6 counterpart of a sysctl flip, where there is one (a dual-stack lab's IPv6 turn):

@@ -56,11 +56,13 @@ pub(super) fn check_links_and_sysctls(
                 ),
             ));
         }
-        let checked = match s.records.has_family(Family::V6) {
-            true => VETH_SYSCTLS.len(),
-            false => VETH_SYSCTLS.len() - IPV6_ONLY,
+        let wanted = match s.records.has_family(Family::V6) {
+            true => VETH_SYSCTLS.iter().chain(&[]),
+            false => VETH_SYSCTLS[..VETH_SYSCTLS.len() - IPV6_ONLY]
+                .iter()
+                .chain(VETH_SYSCTLS_V4_ONLY),
         };
-        for (template, want) in &VETH_SYSCTLS[..checked] {
+        for (template, want) in wanted {
             let path = template.replace("{}", veth);
             match k.sysctls.get(&path).map(String::as_str) {
                 Some(got) if got == *want => {}

@@ -138,7 +138,7 @@ pub fn read_host_kernel(ns: &str) -> Result<HostKernel> {
     for link in &links {
         let name = link["ifname"].as_str().unwrap_or("");
         if name.starts_with("weft") && link["group"].as_str() != Some(RETIRED_GROUP) {
-            for knob in VETH_SYSCTLS {
+            for knob in VETH_SYSCTLS.iter().chain(VETH_SYSCTLS_V4_ONLY) {
                 files.push(knob.0.replace("{}", name));
             }
         }
@@ -232,6 +232,10 @@ pub(super) const VETH_SYSCTLS: &[(&str, &str)] = &[
 
 /// How many of `VETH_SYSCTLS`, at its end, only a host with an IPv6 pool sets.
 pub(super) const IPV6_ONLY: usize = 3;
+
+/// The host-end sysctls wanted only where no IPv6 pool exists: IPv6 off on the veth.
+pub(super) const VETH_SYSCTLS_V4_ONLY: &[(&str, &str)] =
+    &[("/proc/sys/net/ipv6/conf/{}/disable_ipv6", "1")];
 
 /// What the snapshot needs of a lab host, so hosts can be read in parallel.
 pub(super) struct HostTarget {

@@ -410,6 +410,7 @@ fn without_an_ipv6_pool_nothing_of_ipv6_is_expected_and_leftovers_are_named() {
         "[h1] ip6tables nat",
         "[h2] ip6tables filter",
         "[h1] namespace /run/netns/c-a default route (V6)",
+        "[h1] sysctl /proc/sys/net/ipv6/conf/weft1/disable_ipv6",
     ] {
         assert!(
             found.contains(&expected.to_string()),
@@ -422,6 +423,9 @@ fn without_an_ipv6_pool_nothing_of_ipv6_is_expected_and_leftovers_are_named() {
         k.routes
             .retain(|r| !r["dst"].as_str().unwrap().contains(':'));
         (k.raw6, k.nat6, k.filter6) = Default::default();
+        for (f, v) in VETH_SYSCTLS_V4_ONLY {
+            k.sysctls.insert(f.replace("{}", "weft1"), v.to_string());
+        }
         if let Some(Ok(c)) = host.containers.get_mut(fixture::NETNS) {
             c.routes6.clear();
         }

@@ -68,7 +68,11 @@ impl Lab {
             .args(&pool_args)
             .args(&self.options.agent_args)
             .args(extra)
-            .env("WEFT_LOG", "info")
+            // `WEFT_LAB_LOG` (a log filter) turns on an agent module's debug lines for a run.
+            .env(
+                "WEFT_LOG",
+                std::env::var("WEFT_LAB_LOG").unwrap_or("info".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))

@@ -7,7 +7,10 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkMessage,
+};
+use netlink_packet_route::AddressFamily;
 use rtnetlink::{LinkMessageBuilder, LinkUnspec};
 
 use super::{errno, nl, Netlink};
@@ -72,7 +75,8 @@ async fn reap(woken: std::sync::mpsc::Receiver<()>) {
 }
 
 /// The per-veth settings a link dump shows (IPv4's and IPv6's device configuration), by
-/// sysctl path template. `proxy_delay` is a neighbour table setting, not among them.
+/// sysctl path template. `proxy_delay` is a neighbour table setting, not among them (the
+/// neighbour table's dump gives it: `neigh_parms`).
 fn dumped_settings(msg: &LinkMessage) -> sysctl::Known {
     use netlink_packet_route::link::{AfSpecInet, AfSpecInet6, AfSpecUnspec};
     let mut known = vec![];
@@ -104,6 +108,7 @@ fn dumped_settings(msg: &LinkMessage) -> sysctl::Known {
                         (sysctl::PROXY_NDP, conf.proxy_ndp),
                         (sysctl::FORWARDING_V6, conf.forwarding),
                         (sysctl::ACCEPT_DAD, conf.accept_dad),
+                        (sysctl::DISABLE_IPV6, conf.disable_ipv6),
                     ]);
                 }
             }
@@ -236,7 +241,14 @@ impl Netlink {
 
     pub(super) async fn weft_links(&self) -> Result<BTreeMap<String, u32>> {
         let _turn = self.dumping.lock().await;
-        let mut links = self.handle().link().get().execute();
+        // No counters: the dump is for names, indexes and settings, and each device's
+        // statistics (IPv6's per-device counters above all) are most of a dump's size.
+        let mut links = self
+            .handle()
+            .link()
+            .get()
+            .set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::SkipStats])
+            .execute();
         let mut found = BTreeMap::new();
         let mut settings = std::collections::HashMap::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
@@ -245,6 +257,14 @@ impl Netlink {
                 if name.starts_with(LINK_PREFIX) && !name.contains('.') && !is_retired(&msg) {
                     found.insert(name.clone(), msg.header.index);
                     settings.insert(name, dumped_settings(&msg));
+                }
+            }
+        }
+        // Unread delays are read from their files by whoever checks them.
+        if let Ok(delays) = super::neigh_parms::proxy_delays(self.handle()).await {
+            for (name, known) in settings.iter_mut() {
+                if let Some(delay) = found.get(name).and_then(|i| delays.get(i)) {
+                    known.push((sysctl::PROXY_DELAY, *delay as i32));
                 }
             }
         }

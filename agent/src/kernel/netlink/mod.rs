@@ -4,6 +4,7 @@
 mod container;
 mod container_v6;
 mod links;
+mod neigh_parms;
 mod routes;
 mod sockets;
 mod tunnel;
