@@ -131,6 +131,12 @@ impl Context {
         self.config.host_name.as_str()
     }
 
+    /// Whether an endpoint's host veth carries IPv6: on a host with an IPv6 pool, or for an
+    /// endpoint holding an IPv6 address (one from before its pool left this host's settings).
+    pub fn veth_has_ipv6(&self, record: &weft_etcd::records::EndpointRecord) -> bool {
+        self.config.has_ipv6() || record.ipv6.is_some()
+    }
+
     /// Asks the reconciler for a pass soon.
     pub fn request_resync(&self) {
         self.resync.notify_one();

@@ -126,7 +126,7 @@ async fn repair_host_side(
     index: u32,
 ) -> Result<(), EndpointError> {
     ctx.kernel
-        .configure_veth(&record.host_ifname)
+        .configure_veth(&record.host_ifname, ctx.veth_has_ipv6(record))
         .map_err(|source| crate::kernel::KernelError::Io {
             what: format!("sysctls of {}", record.host_ifname),
             source,

@@ -198,7 +198,7 @@ impl Kernel for FakeKernel {
         Ok(true)
     }
 
-    fn configure_veth(&self, _name: &str) -> io::Result<usize> {
+    fn configure_veth(&self, _name: &str, _ipv6: bool) -> io::Result<usize> {
         Ok(0)
     }
 

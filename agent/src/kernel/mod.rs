@@ -137,12 +137,14 @@ pub trait Kernel: Send + Sync + 'static {
     /// Takes a container's veth out of service now (its route goes, the link is retired) and has
     /// it deleted in the background. Returns false if there was no such link.
     async fn retire_link(&self, name: &str, ip: IpAddr) -> Result<bool>;
-    /// The per-veth sysctls of a host veth; returns how many had to change.
-    fn configure_veth(&self, name: &str) -> io::Result<usize>;
+    /// The per-veth sysctls of a host veth; returns how many had to change. `ipv6`: the veth
+    /// carries IPv6 (the host has an IPv6 pool, or its endpoint an IPv6 address); without, IPv6
+    /// is off on it.
+    fn configure_veth(&self, name: &str, ipv6: bool) -> io::Result<usize>;
     /// As `configure_veth`, right after `links()`: the settings that listing showed with their
     /// value already are not read again (a full pass checks thousands of veths this way).
-    fn configure_listed_veth(&self, name: &str) -> io::Result<usize> {
-        self.configure_veth(name)
+    fn configure_listed_veth(&self, name: &str, ipv6: bool) -> io::Result<usize> {
+        self.configure_veth(name, ipv6)
     }
     /// The per-veth sysctls that differ from ours, described.
     fn check_veth(&self, name: &str) -> Vec<String>;

@@ -46,11 +46,14 @@ pub async fn read_kernel(ctx: &Context, report: &mut ReconcileReport) -> Option<
 }
 
 pub fn veth_sysctls(ctx: &Context, links: &BTreeMap<String, u32>, report: &mut ReconcileReport) {
-    for name in &ctx.endpoints.flat_map(|e| Some(e.host_ifname.clone())) {
+    let veths = ctx
+        .endpoints
+        .flat_map(|e| Some((e.host_ifname.clone(), ctx.veth_has_ipv6(e))));
+    for (name, ipv6) in &veths {
         if !links.contains_key(name) {
             continue;
         }
-        match ctx.kernel.configure_listed_veth(name) {
+        match ctx.kernel.configure_listed_veth(name, *ipv6) {
             Ok(n) => report.sysctls_fixed += n,
             // The link may have been deleted since it was listed.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -66,10 +66,13 @@ async fn restore_sysctls(ctx: &Context, drift: NetconfDrift) {
             // Only settled endpoints: an attach under way sets the veth's sysctls itself,
             // and a veth being detached no longer matters.
             let owner = ctx.endpoints.owner_of_link(&name);
-            if owner.is_none_or(|id| ctx.endpoints.busy(&id)) {
+            let Some(record) = owner
+                .filter(|id| !ctx.endpoints.busy(id))
+                .and_then(|id| ctx.endpoints.get(&id))
+            else {
                 return;
-            }
-            let result = ctx.kernel.configure_veth(&name);
+            };
+            let result = ctx.kernel.configure_veth(&name, ctx.veth_has_ipv6(&record));
             (name, result)
         }
     };

@@ -31,14 +31,7 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
     let probe_ns = namespaces(&lab, "q", 2 * PROBES)?;
     let floor_ns = namespaces(&lab, "k", 2 * PROBES)?;
     let host = lab.hosts[0].name.clone();
-    let floor = |k: usize| {
-        std::thread::sleep(SETTLE);
-        let range = k * PROBES..(k + 1) * PROBES;
-        let run = floor_run(&host, &floor_ns[range.clone()], range.start, 1);
-        // The floor's veths go with their namespaces.
-        delete_namespaces(&floor_ns[range])?;
-        run
-    };
+    let floor = |k: usize| floor_probe(&host, &floor_ns, k);
     let attach = |i: usize| {
         let netns = format!("/run/netns/{}", ns[i]);
         client
@@ -79,24 +72,7 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
         "x",
         "target <= 1.5",
     );
-    report.line(
-        &format!("{key}.floor_p50_at_10"),
-        floor_at_few.pct(0.5),
-        "ms",
-        "kernel floor, same host",
-    );
-    report.line(
-        &format!("{key}.floor_p50_at_n"),
-        floor_at_n.pct(0.5),
-        "ms",
-        "kernel floor, same host",
-    );
-    report.line(
-        &format!("{key}.floor_p50_ratio_at_n_over_at_10"),
-        floor_at_n.pct(0.5) / floor_at_few.pct(0.5),
-        "x",
-        "what the kernel itself loses",
-    );
+    report_floor(report, &key, &floor_at_few, &floor_at_n);
     report.line(
         &format!("{key}.fill_rate"),
         fill.rate(),
@@ -123,6 +99,39 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
         "8 clients; target <= 10000",
     );
     Ok(())
+}
+
+/// The kernel floor's probe `k` (0: at 10 endpoints, 1: at N): `PROBES` containers wired one at
+/// a time by the floor loop in the lab host, then removed with their namespaces (their veths go
+/// with them), and a quiet moment for the kernel's clean-up.
+fn floor_probe(host: &str, floor_ns: &[String], k: usize) -> Result<Run> {
+    std::thread::sleep(SETTLE);
+    let range = k * PROBES..(k + 1) * PROBES;
+    let run = floor_run(host, &floor_ns[range.clone()], range.start, 1);
+    delete_namespaces(&floor_ns[range])?;
+    std::thread::sleep(SETTLE);
+    run
+}
+
+fn report_floor(report: &mut Report, key: &str, at_few: &Run, at_n: &Run) {
+    report.line(
+        &format!("{key}.floor_p50_at_10"),
+        at_few.pct(0.5),
+        "ms",
+        "kernel floor, same host",
+    );
+    report.line(
+        &format!("{key}.floor_p50_at_n"),
+        at_n.pct(0.5),
+        "ms",
+        "kernel floor, same host",
+    );
+    report.line(
+        &format!("{key}.floor_p50_ratio_at_n_over_at_10"),
+        at_n.pct(0.5) / at_few.pct(0.5),
+        "x",
+        "what the kernel itself loses",
+    );
 }
 
 /// Attaches one container per namespace in `names`, one at a time, and detaches them all

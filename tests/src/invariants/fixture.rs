@@ -186,10 +186,6 @@ fn host_kernel(me: u8, etcd: &BTreeMap<String, String>) -> HostKernel {
         for (f, v) in VETH_SYSCTLS {
             sysctls.insert(f.replace("{}", "weft1"), v.to_string());
         }
-        // A dual-stack host keeps IPv6 on its veths.
-        for (f, _) in VETH_SYSCTLS_V4_ONLY {
-            sysctls.insert(f.replace("{}", "weft1"), "0".to_string());
-        }
         ports = vec![("10.65.0.1", 8080, 80), ("fd65::1", 8080, 80)];
     }
     let (v4, v6): (Vec<_>, Vec<_>) = ports.into_iter().partition(|p| !p.0.contains(':'));

@@ -217,7 +217,7 @@ pub(super) const HOST_SYSCTLS: &[(&str, &str)] = &[
 ];
 
 /// The host-end sysctls of every endpoint veth and their wanted values (`{}` = the veth); a
-/// knob whose file is absent (IPv6 off) is not a violation. The last three (`IPV6_ONLY`) are
+/// knob whose file is absent (IPv6 off) is not a violation. The last four (`IPV6_ONLY`) are
 /// wanted only where an IPv6 pool exists.
 pub(super) const VETH_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/conf/{}/proxy_arp", "1"),
@@ -225,13 +225,14 @@ pub(super) const VETH_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/conf/{}/forwarding", "1"),
     ("/proc/sys/net/ipv4/conf/{}/rp_filter", "1"),
     ("/proc/sys/net/ipv6/conf/{}/accept_ra", "0"),
+    ("/proc/sys/net/ipv6/conf/{}/disable_ipv6", "0"),
     ("/proc/sys/net/ipv6/conf/{}/proxy_ndp", "1"),
     ("/proc/sys/net/ipv6/conf/{}/forwarding", "1"),
     ("/proc/sys/net/ipv6/conf/{}/accept_dad", "0"),
 ];
 
 /// How many of `VETH_SYSCTLS`, at its end, only a host with an IPv6 pool sets.
-pub(super) const IPV6_ONLY: usize = 3;
+pub(super) const IPV6_ONLY: usize = 4;
 
 /// The host-end sysctls wanted only where no IPv6 pool exists: IPv6 off on the veth.
 pub(super) const VETH_SYSCTLS_V4_ONLY: &[(&str, &str)] =

@@ -180,13 +180,13 @@ impl Kernel for Netlink {
         self.retire(name, ip).await
     }
 
-    fn configure_veth(&self, name: &str) -> io::Result<usize> {
-        sysctl::configure_host_veth(name, self.ipv6)
+    fn configure_veth(&self, name: &str, ipv6: bool) -> io::Result<usize> {
+        sysctl::configure_host_veth(name, ipv6)
     }
 
-    fn configure_listed_veth(&self, name: &str) -> io::Result<usize> {
+    fn configure_listed_veth(&self, name: &str, ipv6: bool) -> io::Result<usize> {
         let known = self.dumped_settings.lock().unwrap().remove(name);
-        sysctl::configure_host_veth_knowing(name, self.ipv6, &known.unwrap_or_default())
+        sysctl::configure_host_veth_knowing(name, ipv6, &known.unwrap_or_default())
     }
 
     fn check_veth(&self, name: &str) -> Vec<String> {
@@ -267,11 +267,10 @@ impl Kernel for Netlink {
         }
         // Before the container end comes up: the host end gets its link-local address (the
         // IPv6 gateway) when its carrier does, and must take it without DAD.
-        sysctl::configure_host_veth(&link.host_ifname, self.ipv6).map_err(|source| {
-            KernelError::Io {
-                what: format!("setting sysctls of {}", link.host_ifname),
-                source,
-            }
+        let ipv6 = self.ipv6 || link.ipv6.is_some();
+        sysctl::configure_host_veth(&link.host_ifname, ipv6).map_err(|source| KernelError::Io {
+            what: format!("setting sysctls of {}", link.host_ifname),
+            source,
         })?;
         container::configure(&inside.handle, link, netns.path()).await?;
         let host_index = self.index_of(&link.host_ifname).await?;

@@ -30,10 +30,17 @@ fn takes(line: &str, protocol: Protocol, port: u16) -> bool {
 }
 
 pub fn listening(protocol: Protocol, port: u16) -> io::Result<bool> {
-    if protocol == Protocol::Tcp {
-        return tcp_listening(port);
-    }
-    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+    let files = match protocol {
+        Protocol::Tcp => match tcp_listening(port) {
+            // A kernel without TCP socket diagnostics (`tcp_diag`): the files, slower.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPROTONOSUPPORT)) => {
+                ["/proc/net/tcp", "/proc/net/tcp6"]
+            }
+            answer => return answer,
+        },
+        Protocol::Udp => ["/proc/net/udp", "/proc/net/udp6"],
+    };
+    for file in files {
         let text = match std::fs::read_to_string(file) {
             Ok(text) => text,
             // IPv6 may be disabled: no tcp6/udp6.
@@ -108,6 +115,14 @@ fn listener_ports(datagram: &[u8]) -> io::Result<(Vec<u16>, bool)> {
             break;
         }
         match kind {
+            // A dump cut short ends with its error in the DONE message.
+            NLMSG_DONE if len >= 20 => {
+                let code = i32::from_ne_bytes(at(16)[..4].try_into().unwrap());
+                if code < 0 {
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+                return Ok((ports, true));
+            }
             NLMSG_DONE => return Ok((ports, true)),
             NLMSG_ERROR if len >= 20 => {
                 let code = i32::from_ne_bytes(at(16)[..4].try_into().unwrap());
@@ -182,6 +197,10 @@ mod tests {
         let refused = message(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes());
         let err = listener_ports(&refused).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        // A dump cut short: its error comes in the DONE message, and is not "no listener".
+        let cut = message(NLMSG_DONE, &(-libc::EINTR).to_ne_bytes());
+        let err = listener_ports(&cut).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINTR));
     }
 
     #[test]
