@@ -447,29 +447,17 @@ mod tests {
         });
         assert!(picked.is_some());
         assert!(taken(&table, None, &["10.65.0.1"], &["wefta"]));
-        assert_eq!(
-            table.reserve_exact(
-                ip("10.65.0.1"),
-                "10.65.0.0/26".parse().unwrap(),
-                None,
-                |_| { String::new() }
-            ),
-            Err(Held::Pending)
-        );
+        let exact = || {
+            let block = "10.65.0.0/26".parse().unwrap();
+            table.reserve_exact(ip("10.65.0.1"), block, None, |_| String::new())
+        };
+        assert_eq!(exact(), Err(Held::Pending));
         table.settle(
             ip("10.65.0.1"),
             "wefta",
             Settle::Written(Box::new(endpoint("a", "10.65.0.1", None, "wefta"))),
         );
-        assert_eq!(
-            table.reserve_exact(
-                ip("10.65.0.1"),
-                "10.65.0.0/26".parse().unwrap(),
-                None,
-                |_| { String::new() }
-            ),
-            Err(Held::Endpoint("a".into()))
-        );
+        assert_eq!(exact(), Err(Held::Endpoint("a".into())));
         // An abandoned reservation leaves nothing taken.
         table.reserve(None, |_| Some((ip("10.65.0.2"), "weftb".to_string(), ())));
         table.settle(ip("10.65.0.2"), "weftb", Settle::Abandoned);

@@ -265,8 +265,9 @@ impl Kernel for Netlink {
             }
             other => other.map_err(nl(format!("creating veth {}", link.host_ifname)))?,
         }
-        // Before the container end comes up: the host end gets its link-local address (the
-        // IPv6 gateway) when its carrier does, and must take it without DAD.
+        // Before the container end comes up: with IPv6, the host end gets its link-local
+        // address (the IPv6 gateway) when its carrier does, and must take it without DAD;
+        // without, IPv6 is off on it before the carrier could set any of it up.
         let ipv6 = self.ipv6 || link.ipv6.is_some();
         sysctl::configure_host_veth(&link.host_ifname, ipv6).map_err(|source| KernelError::Io {
             what: format!("setting sysctls of {}", link.host_ifname),
