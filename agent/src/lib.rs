@@ -26,3 +26,5 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

@@ -381,19 +381,8 @@ mod tests {
 
     fn endpoint(id: &str, ip: &str, ipv6: Option<&str>, veth: &str) -> EndpointRecord {
         EndpointRecord {
-            container_id: id.into(),
-            host: "h1".into(),
-            ip: ip.parse().unwrap(),
-            host_ifname: veth.into(),
-            ifname: "eth0".into(),
-            mac: "02:00:00:00:00:01".into(),
-            netns: format!("/run/netns/{id}"),
-            owns_netns: false,
-            ports: vec![],
-            created: 1,
-            secondary: false,
-            labels: Default::default(),
             ipv6: ipv6.map(|ip| ip.parse().unwrap()),
+            ..crate::testing::endpoint("h1", id, ip, veth)
         }
     }
 

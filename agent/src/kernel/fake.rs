@@ -202,10 +202,6 @@ impl Kernel for FakeKernel {
         Ok(0)
     }
 
-    fn check_veth(&self, _name: &str) -> Vec<String> {
-        vec![]
-    }
-
     async fn routes(&self) -> Result<Vec<Route>> {
         Ok(self.state.lock().unwrap().routes.iter().copied().collect())
     }

@@ -146,8 +146,6 @@ pub trait Kernel: Send + Sync + 'static {
     fn configure_listed_veth(&self, name: &str, ipv6: bool) -> io::Result<usize> {
         self.configure_veth(name, ipv6)
     }
-    /// The per-veth sysctls that differ from ours, described.
-    fn check_veth(&self, name: &str) -> Vec<String>;
 
     /// Every `proto weft` route of the main table.
     async fn routes(&self) -> Result<Vec<Route>>;

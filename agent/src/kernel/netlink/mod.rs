@@ -189,10 +189,6 @@ impl Kernel for Netlink {
         sysctl::configure_host_veth_knowing(name, ipv6, &known.unwrap_or_default())
     }
 
-    fn check_veth(&self, name: &str) -> Vec<String> {
-        sysctl::check_host_veth(name, self.ipv6)
-    }
-
     async fn routes(&self) -> Result<Vec<Route>> {
         self.weft_routes().await
     }
@@ -325,7 +321,8 @@ impl Kernel for Netlink {
         if !link.header.flags.contains(LinkFlags::Up) {
             problems.push(format!("host veth {host_ifname} is down"));
         }
-        problems.extend(sysctl::check_host_veth(host_ifname, self.ipv6));
+        let ipv6 = self.ipv6 || ips.iter().any(IpAddr::is_ipv6);
+        problems.extend(sysctl::check_host_veth(host_ifname, ipv6));
         let routes = self.weft_routes().await?;
         for ip in ips {
             let wanted = Route::host(*ip, RouteTarget::Dev(link.header.index));

@@ -168,21 +168,7 @@ mod tests {
     use super::*;
 
     fn endpoint(id: &str, ip: &str) -> EndpointRecord {
-        EndpointRecord {
-            container_id: id.into(),
-            host: "h1".into(),
-            ip: ip.parse().unwrap(),
-            host_ifname: format!("weft-{id}"),
-            ifname: "eth0".into(),
-            mac: "02:00:00:00:00:01".into(),
-            netns: "/run/netns/x".into(),
-            owns_netns: false,
-            ports: vec![],
-            created: 0,
-            secondary: false,
-            labels: Default::default(),
-            ipv6: None,
-        }
+        crate::testing::endpoint("h1", id, ip, &format!("weft-{id}"))
     }
 
     fn pool(cidr: &str, block_size: u8) -> PoolRecord {

@@ -14,21 +14,7 @@ fn route(dst: &str, target: RouteTarget) -> Route {
 }
 
 fn endpoint(id: &str, ip: &str, veth: &str) -> EndpointRecord {
-    EndpointRecord {
-        container_id: id.into(),
-        host: "a".into(),
-        ip: ip.parse().unwrap(),
-        host_ifname: veth.into(),
-        ifname: "eth0".into(),
-        mac: "02:00:00:00:00:01".into(),
-        netns: format!("/run/netns/{id}"),
-        owns_netns: false,
-        ports: vec![],
-        created: 0,
-        secondary: false,
-        labels: Default::default(),
-        ipv6: None,
-    }
+    crate::testing::endpoint("a", id, ip, veth)
 }
 
 fn cluster() -> ClusterView {
