@@ -151,6 +151,7 @@ impl Agent {
             routes_replaced = first.routes_replaced,
             routes_deleted = first.routes_deleted,
             ms = first.duration.as_secs_f64() * 1e3,
+            steps = %first.steps,
             "initial reconciliation done"
         );
         let ctx = self.ctx.clone();

@@ -18,6 +18,7 @@ pub mod cni;
 pub mod etcd;
 pub mod invariants;
 pub mod lab;
+pub mod passes;
 pub mod probe;
 pub mod sh;
 pub mod soak;

@@ -128,6 +128,11 @@ pub trait Kernel: Send + Sync + 'static {
 
     /// The index of every `weft*` link in service (retired ones are on their way out), by name.
     async fn links(&self) -> Result<BTreeMap<String, u32>>;
+    /// As `links`, keeping what the listing shows of each veth's settings for the
+    /// `configure_listed_veth` checks that follow it (a full pass).
+    async fn links_with_settings(&self) -> Result<BTreeMap<String, u32>> {
+        self.links().await
+    }
     /// The name of interface `index`, if it exists.
     async fn link_name(&self, index: u32) -> Result<Option<String>>;
     /// Whether a link is a veth whose peer lives in another namespace (a container's, then).
@@ -141,8 +146,9 @@ pub trait Kernel: Send + Sync + 'static {
     /// carries IPv6 (the host has an IPv6 pool, or its endpoint an IPv6 address); without, IPv6
     /// is off on it.
     fn configure_veth(&self, name: &str, ipv6: bool) -> io::Result<usize>;
-    /// As `configure_veth`, right after `links()`: the settings that listing showed with their
-    /// value already are not read again (a full pass checks thousands of veths this way).
+    /// As `configure_veth`, right after `links_with_settings()`: the settings that listing
+    /// showed with their value already are not read again (a full pass checks thousands of
+    /// veths this way).
     fn configure_listed_veth(&self, name: &str, ipv6: bool) -> io::Result<usize> {
         self.configure_veth(name, ipv6)
     }

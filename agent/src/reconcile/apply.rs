@@ -31,10 +31,18 @@ pub fn host_sysctls(ctx: &Context, report: &mut ReconcileReport) {
 }
 
 /// Routes are read before links: a route seen here has its link in the list read next, so a
-/// container being attached right now is never mistaken for stale.
-pub async fn read_kernel(ctx: &Context, report: &mut ReconcileReport) -> Option<KernelState> {
+/// container being attached right now is never mistaken for stale. With `settings`, the links'
+/// settings are kept for `veth_sysctls` (a full pass).
+pub async fn read_kernel(
+    ctx: &Context,
+    settings: bool,
+    report: &mut ReconcileReport,
+) -> Option<KernelState> {
     let routes = ctx.kernel.routes().await;
-    let links = ctx.kernel.links().await;
+    let links = match settings {
+        true => ctx.kernel.links_with_settings().await,
+        false => ctx.kernel.links().await,
+    };
     match (routes, links) {
         (Ok(routes), Ok(links)) => Some(KernelState { routes, links }),
         (Err(e), _) | (_, Err(e)) => {

@@ -10,6 +10,7 @@ pub mod plan;
 pub mod registration;
 #[cfg(test)]
 mod registration_tests;
+pub mod steps;
 pub mod tunnel;
 
 use std::sync::atomic::Ordering;
@@ -21,6 +22,7 @@ use tracing::info;
 use crate::context::Context;
 use crate::telemetry::metrics;
 use plan::{DeadHostTracker, LeakTracker};
+use steps::{Laps, Step, StepTimes};
 
 /// How much a reconciliation pass checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,8 @@ pub struct ReconcileReport {
     pub tunnel_changes: usize,
     pub errors: usize,
     pub duration: Duration,
+    /// Where the time went.
+    pub steps: StepTimes,
 }
 
 impl ReconcileReport {
@@ -118,15 +122,19 @@ impl Reconciler {
     pub async fn pass(&self, pass: Pass) -> ReconcileReport {
         let _one = self.one_at_a_time.lock().await;
         let started = Instant::now();
+        let mut laps = Laps::start();
         let mut report = ReconcileReport::default();
         let full = pass == Pass::Full;
         if full {
             apply::host_sysctls(&self.ctx, &mut report);
             self.ctx.endpoints.forget_foreign();
+            laps.lap(Step::Host);
         }
         apply::undelivered(&self.ctx).await;
+        laps.lap(Step::Undelivered);
         if full {
             apply::unverified(&self.ctx, &mut report).await;
+            laps.lap(Step::Unverified);
         }
         // A record of ours deleted (seen by the watch) is checked at once, all of them at every
         // full pass.
@@ -134,11 +142,15 @@ impl Reconciler {
             let mut sightings = std::mem::take(&mut self.trackers.lock().unwrap().unknown_records);
             registration::check(&self.ctx, &mut sightings).await;
             self.trackers.lock().unwrap().unknown_records = sightings;
+            laps.lap(Step::Registration);
         }
         let table = apply::TableSnapshot::take(&self.ctx);
-        if let Some(kernel) = apply::read_kernel(&self.ctx, &mut report).await {
+        let kernel = apply::read_kernel(&self.ctx, full, &mut report).await;
+        laps.lap(Step::ReadKernel);
+        if let Some(kernel) = kernel {
             if full {
                 apply::veth_sysctls(&self.ctx, &kernel.links, &mut report);
+                laps.lap(Step::VethSysctls);
             }
             let leaks = {
                 let observed = apply::observe_leaks(&self.ctx, table, &kernel.links);
@@ -158,22 +170,28 @@ impl Reconciler {
             };
             let relinked = !leaks.repair.is_empty() || !leaks.orphans.is_empty();
             apply::leaks(&self.ctx, leaks, &mut report).await;
+            laps.lap(Step::Leaks);
             // A veth made again has a new index (and its own route already): read again, or
             // the route diff would take its route for stale.
             let kernel = match relinked {
-                true => apply::read_kernel(&self.ctx, &mut report).await,
+                true => apply::read_kernel(&self.ctx, false, &mut report).await,
                 false => Some(kernel),
             };
+            laps.lap(Step::ReadKernel);
             if let Some(kernel) = kernel {
                 self.routes(&kernel, &mut report).await;
+                laps.lap(Step::Routes);
             }
         }
         if full {
             apply::firewall(&self.ctx, &mut report).await;
+            laps.lap(Step::Firewall);
         }
         crate::bgp::sync(&self.ctx, full);
+        laps.lap(Step::Bgp);
         report.duration = started.elapsed();
-        self.record(full, &report);
+        report.steps = laps.times();
+        self.record(pass, &report);
         report
     }
 
@@ -239,12 +257,21 @@ impl Reconciler {
         }
     }
 
-    fn record(&self, full: bool, report: &ReconcileReport) {
+    fn record(&self, pass: Pass, report: &ReconcileReport) {
+        let full = pass == Pass::Full;
         let metrics = &self.ctx.metrics;
         metrics
             .repairs
             .fetch_add(report.repairs() as u64, Ordering::Relaxed);
         metrics.reconcile_seconds.observe(report.duration);
+        metrics.passes.record(full, &report.steps);
+        if full {
+            tracing::debug!(
+                ms = report.duration.as_secs_f64() * 1e3,
+                steps = %report.steps,
+                "full pass"
+            );
+        }
         metrics
             .last_pass_ms
             .store(metrics::now_ms(), Ordering::Relaxed);

@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::reconcile::steps::{Step, StepTimes};
+
 /// Upper bounds (seconds) of the latency histograms' buckets.
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -46,6 +48,60 @@ impl Histogram {
     }
 }
 
+/// Reconciliation passes by kind (full, routes only): how many, and the time each step took
+/// over all of them.
+#[derive(Default)]
+pub struct PassTimes {
+    /// `[full, routes]`.
+    count: [AtomicU64; 2],
+    /// Per kind, microseconds spent in each step (`Step::ALL`'s order).
+    step_micros: [[AtomicU64; Step::ALL.len()]; 2],
+}
+
+impl PassTimes {
+    pub fn record(&self, full: bool, steps: &StepTimes) {
+        let kind = usize::from(!full);
+        self.count[kind].fetch_add(1, Ordering::Relaxed);
+        for (step, took) in steps.taken() {
+            self.step_micros[kind][step as usize]
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let kinds = ["full", "routes"];
+        let passes: Vec<(String, u64)> = kinds
+            .iter()
+            .zip(&self.count)
+            .map(|(k, n)| (format!("{{pass=\"{k}\"}}"), n.load(Ordering::Relaxed)))
+            .collect();
+        let mut steps = vec![];
+        for (kind, micros) in kinds.iter().zip(&self.step_micros) {
+            for (step, m) in Step::ALL.iter().zip(micros) {
+                let labels = format!("{{pass=\"{kind}\",step=\"{}\"}}", step.name());
+                steps.push((labels, m.load(Ordering::Relaxed) as f64 / 1e6));
+            }
+        }
+        family(
+            out,
+            "counter",
+            "weft_reconcile_passes_total",
+            "Reconciliation passes by kind: full (every resync interval) or routes only (after events).",
+            &passes.iter().map(|(l, n)| (l.as_str(), *n)).collect::<Vec<_>>(),
+        );
+        family(
+            out,
+            "counter",
+            "weft_reconcile_step_seconds_total",
+            "Time spent in each step of the reconciliation passes, by kind of pass.",
+            &steps
+                .iter()
+                .map(|(l, s)| (l.as_str(), *s))
+                .collect::<Vec<_>>(),
+        );
+    }
+}
+
 /// Counters and histograms the agent updates as it works.
 #[derive(Default)]
 pub struct Metrics {
@@ -56,6 +112,7 @@ pub struct Metrics {
     pub attach_seconds: Histogram,
     pub detach_seconds: Histogram,
     pub reconcile_seconds: Histogram,
+    pub passes: PassTimes,
     pub repairs: AtomicU64,
     /// Blocks given back to their pool after staying empty.
     pub blocks_released: AtomicU64,
@@ -150,6 +207,7 @@ impl Metrics {
             "weft_reconcile_duration_seconds",
             "Time of one reconciliation pass.",
         );
+        self.passes.render(out);
         counter(
             out,
             "weft_repairs_total",
@@ -263,5 +321,42 @@ mod tests {
         assert!(out.contains("x_seconds_bucket{le=\"0.05\"} 2"));
         assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(out.contains("x_seconds_count 2"));
+    }
+
+    #[test]
+    fn pass_times_add_up_by_kind_and_step() {
+        let passes = PassTimes::default();
+        let mut laps = crate::reconcile::steps::Laps::start();
+        std::thread::sleep(Duration::from_millis(2));
+        laps.lap(Step::Firewall);
+        passes.record(true, &laps.times());
+        passes.record(true, &laps.times());
+        passes.record(false, &Default::default());
+        let mut out = String::new();
+        passes.render(&mut out);
+        assert!(
+            out.contains("weft_reconcile_passes_total{pass=\"full\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("weft_reconcile_passes_total{pass=\"routes\"} 1"),
+            "{out}"
+        );
+        let firewall: f64 = out
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "weft_reconcile_step_seconds_total{pass=\"full\",step=\"firewall\"} ",
+                )
+            })
+            .and_then(|v| v.parse().ok())
+            .expect("the full passes' firewall step");
+        assert!(firewall >= 0.004, "{out}");
+        assert!(
+            out.contains(
+                "weft_reconcile_step_seconds_total{pass=\"routes\",step=\"firewall\"} 0\n"
+            ),
+            "{out}"
+        );
     }
 }

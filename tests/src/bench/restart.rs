@@ -3,12 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 
 use super::batch::Batch;
 use super::client::{one_host_lab, rss_mb, Client};
 use super::{Options, Report, CONCURRENCY};
+use crate::passes::{self, Totals};
 use crate::Lab;
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
@@ -53,10 +54,45 @@ pub fn restart_agent(lab: &mut Lab) -> Result<(Duration, f64)> {
     lab.start_agent(0)?;
     lab.wait_agent(0, Duration::from_secs(60))?;
     let ready = started.elapsed();
-    Ok((
-        ready,
-        initial_reconciliation_ms(&lab.agent_log(0)[before..]),
-    ))
+    let log = &lab.agent_log(0)[before..];
+    if let Some(steps) = log
+        .lines()
+        .find(|l| l.contains("initial reconciliation done"))
+        .and_then(|l| l.split("steps=").nth(1))
+    {
+        println!("  first full pass, by step (ms): {steps}");
+    }
+    Ok((ready, initial_reconciliation_ms(log)))
+}
+
+/// Full passes of host 0's agent with nothing to change: it is restarted with a resync interval
+/// of a second, and its totals are read over a few intervals in which nothing is asked of it.
+pub fn full_passes_at_rest(lab: &mut Lab) -> Result<passes::Kind> {
+    lab.stop_agent(0, Signal::SIGTERM)?;
+    lab.start_agent_with(0, &["--resync-interval", "1s"])?;
+    lab.wait_agent(0, Duration::from_secs(60))?;
+    // The first pass (timed by `restart_agent`) and what it sets off go first.
+    std::thread::sleep(Duration::from_secs(2));
+    let ns = lab.hosts[0].name.clone();
+    let before = Totals::read(&ns)?;
+    std::thread::sleep(Duration::from_secs(5));
+    let full = Totals::read(&ns)?
+        .since(&before)
+        .context("the agent restarted while its passes were timed")?
+        .of("full");
+    if full.passes < 2 {
+        bail!(
+            "the agent made {} full passes in 5 s, with a 1 s interval",
+            full.passes
+        );
+    }
+    println!(
+        "  full pass at rest: {:.1} ms over {} passes, by step (ms): {}",
+        full.mean_ms(),
+        full.passes,
+        full.steps_ms()
+    );
+    Ok(full)
 }
 
 /// The duration the agent logged for its first full reconciliation (NaN if not logged).

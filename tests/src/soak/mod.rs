@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::lab::{Lab, LabOptions};
-use crate::{invariants, sh};
+use crate::{invariants, passes, sh};
 use churn::{unix_now, Tally};
 use report::{SoakReport, Window};
 
@@ -106,10 +106,7 @@ pub fn run(options: &SoakOptions) -> Result<SoakReport> {
         .hosts
         .iter()
         .zip(&reconcile_samples)
-        .map(|(host, samples)| {
-            let (early, late) = reconcile_trend(samples);
-            (host.name.clone(), early, late)
-        })
+        .map(|(host, samples)| (host.name.clone(), passes::trend(samples)))
         .collect();
 
     let mut leaks = vec![];
@@ -180,8 +177,8 @@ struct Faults {
     windows: Vec<Window>,
     /// Each agent's memory at the early mark (KiB).
     early_memory: Vec<u64>,
-    /// Per agent, its reconciler totals (seconds, passes) sampled through the run.
-    reconcile_samples: Vec<Vec<(f64, u64)>>,
+    /// Per agent, its reconciler totals sampled through the run.
+    reconcile_samples: Vec<Vec<passes::Totals>>,
 }
 
 /// How often the agents' reconcile totals are read.
@@ -203,7 +200,7 @@ fn inject_faults(lab: &mut Lab, options: &SoakOptions, started: Instant) -> Resu
             next_sample += SAMPLE_EVERY;
             for (i, host) in lab.hosts.iter().enumerate() {
                 // An agent being restarted has no listener for a moment: no sample then.
-                if let Ok(totals) = sh::reconcile_totals(&host.name) {
+                if let Ok(totals) = passes::Totals::read(&host.name) {
                     samples[i].push(totals);
                 }
             }
@@ -261,51 +258,4 @@ fn agent_rss(lab: &Lab, i: usize) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-/// The mean reconcile pass time (ms) over the first and over the last third of an agent's
-/// samples of its totals (seconds, passes). An interval over which the totals went down spans a
-/// restart of the agent and is left out.
-pub fn reconcile_trend(samples: &[(f64, u64)]) -> (f64, f64) {
-    let intervals: Vec<(f64, u64)> = samples
-        .windows(2)
-        .filter(|w| w[1].1 >= w[0].1 && w[1].0 >= w[0].0)
-        .map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1))
-        .collect();
-    let third = (intervals.len() / 3).max(1).min(intervals.len());
-    let mean = |part: &[(f64, u64)]| {
-        let (seconds, passes) = part
-            .iter()
-            .fold((0.0, 0), |(s, p), (ds, dp)| (s + ds, p + dp));
-        match passes {
-            0 => 0.0,
-            n => seconds / n as f64 * 1e3,
-        }
-    };
-    (
-        mean(&intervals[..third]),
-        mean(&intervals[intervals.len() - third..]),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_reconcile_trend_skips_restarts_and_compares_thirds() {
-        // (seconds, passes): 10 ms passes, a restart, then 20 ms passes.
-        let samples = [
-            (0.0, 0),
-            (0.1, 10),
-            (0.2, 20),
-            (0.01, 1),
-            (0.21, 11),
-            (0.41, 21),
-        ];
-        let (early, late) = reconcile_trend(&samples);
-        assert!((early - 10.0).abs() < 1e-9, "{early}");
-        assert!((late - 20.0).abs() < 1e-9, "{late}");
-        assert_eq!(reconcile_trend(&[]), (0.0, 0.0));
-    }
 }

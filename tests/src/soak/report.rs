@@ -6,6 +6,7 @@ use std::fmt::Write;
 use tonic::Code;
 
 use super::churn::Failed;
+use crate::passes::{Trend, KINDS};
 
 /// A time during which requests may answer `UNAVAILABLE`: an agent down or an etcd member
 /// restarting (Unix seconds).
@@ -37,8 +38,8 @@ pub fn unexcused<'a>(failed: &'a [Failed], windows: &[Window]) -> Vec<&'a Failed
 
 /// Per host: (name, memory early, memory at the end) in KiB.
 pub type Memory = Vec<(String, u64, u64)>;
-/// Per host: (name, mean reconcile pass ms in the first third of the run, in the last third).
-pub type Reconcile = Vec<(String, f64, f64)>;
+/// Per host: its passes in the first third of the run and in the last.
+pub type Reconcile = Vec<(String, Trend)>;
 
 #[derive(Debug, Default)]
 pub struct SoakReport {
@@ -92,11 +93,17 @@ impl SoakReport {
                 ));
             }
         }
-        for (host, early, late) in &self.reconcile {
-            if *late > RECONCILE_FLOOR_MS && *late > early * RECONCILE_GROWTH {
-                problems.push(format!(
-                    "{host}: mean reconcile pass went from {early:.1} ms to {late:.1} ms"
-                ));
+        for (host, trend) in &self.reconcile {
+            for kind in KINDS {
+                let (early, late) = (
+                    trend.early.of(kind).mean_ms(),
+                    trend.late.of(kind).mean_ms(),
+                );
+                if late > RECONCILE_FLOOR_MS && late > early * RECONCILE_GROWTH {
+                    problems.push(format!(
+                        "{host}: mean {kind} pass went from {early:.1} ms to {late:.1} ms"
+                    ));
+                }
             }
         }
         if self.attaches == 0 {
@@ -144,12 +151,22 @@ impl SoakReport {
                 "  {host}: agent memory {early} KiB early, {end} KiB at the end"
             );
         }
-        for (host, early, late) in &self.reconcile {
-            let _ = writeln!(
-                out,
-                "  {host}: mean reconcile pass {early:.1} ms in the first third of the churn, \
-                 {late:.1} ms in the last"
-            );
+        for (host, trend) in &self.reconcile {
+            for kind in KINDS {
+                let (early, late) = (trend.early.of(kind), trend.late.of(kind));
+                let _ = writeln!(
+                    out,
+                    "  {host}: mean {kind} pass {:.1} ms ({} passes) in the first third of the \
+                     churn, {:.1} ms ({} passes) in the last\n    early steps (ms): {}\n    \
+                     late steps (ms):  {}",
+                    early.mean_ms(),
+                    early.passes,
+                    late.mean_ms(),
+                    late.passes,
+                    early.steps_ms(),
+                    late.steps_ms(),
+                );
+            }
         }
         let problems = self.problems();
         let _ = writeln!(out, "leaks: {}", self.leaks.len());
@@ -215,12 +232,31 @@ mod tests {
             seconds: 60.0,
             attaches: 10,
             memory: vec![("h1".into(), 10_000, 11_000), ("h2".into(), 10_000, 13_000)],
-            reconcile: vec![("h1".into(), 2.0, 4.5), ("h2".into(), 10.0, 30.0)],
+            reconcile: vec![
+                ("h1".into(), full_passes(2.0, 4.5)),
+                ("h2".into(), full_passes(10.0, 30.0)),
+            ],
             ..Default::default()
         };
         let problems = report.problems();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("h2: agent memory"));
-        assert!(problems[1].starts_with("h2: mean reconcile"));
+        assert!(problems[1].starts_with("h2: mean full pass"));
+    }
+
+    /// A trend of one full pass taking `early` ms in the first third and `late` in the last.
+    fn full_passes(early: f64, late: f64) -> Trend {
+        let totals = |ms: f64| {
+            crate::passes::Totals::parse(&format!(
+                "weft_reconcile_passes_total{{pass=\"full\"}} 1\n\
+                 weft_reconcile_step_seconds_total{{pass=\"full\",step=\"routes\"}} {}\n",
+                ms / 1e3
+            ))
+            .unwrap()
+        };
+        Trend {
+            early: totals(early),
+            late: totals(late),
+        }
     }
 }

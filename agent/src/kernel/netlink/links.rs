@@ -7,10 +7,7 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkMessage,
-};
-use netlink_packet_route::AddressFamily;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec};
 
 use super::{errno, nl, Netlink};
@@ -72,50 +69,6 @@ async fn reap(woken: std::sync::mpsc::Receiver<()>) {
         }
         while woken.try_recv().is_ok() {}
     }
-}
-
-/// The per-veth settings a link dump shows (IPv4's and IPv6's device configuration), by
-/// sysctl path template. `proxy_delay` is a neighbour table setting, not among them (the
-/// neighbour table's dump gives it: `neigh_parms`).
-fn dumped_settings(msg: &LinkMessage) -> sysctl::Known {
-    use netlink_packet_route::link::{AfSpecInet, AfSpecInet6, AfSpecUnspec};
-    let mut known = vec![];
-    let families = msg.attributes.iter().filter_map(|a| match a {
-        LinkAttribute::AfSpecUnspec(families) => Some(families),
-        _ => None,
-    });
-    for family in families.flatten() {
-        match family {
-            AfSpecUnspec::Inet(inet) => {
-                for conf in inet.iter().filter_map(|c| match c {
-                    AfSpecInet::DevConf(conf) => Some(conf),
-                    _ => None,
-                }) {
-                    known.extend([
-                        (sysctl::PROXY_ARP, conf.proxy_arp),
-                        (sysctl::FORWARDING, conf.forwarding),
-                        (sysctl::RP_FILTER, conf.rp_filter),
-                    ]);
-                }
-            }
-            AfSpecUnspec::Inet6(inet6) => {
-                for conf in inet6.iter().filter_map(|c| match c {
-                    AfSpecInet6::DevConf(conf) => Some(conf),
-                    _ => None,
-                }) {
-                    known.extend([
-                        (sysctl::ACCEPT_RA, conf.accept_ra),
-                        (sysctl::PROXY_NDP, conf.proxy_ndp),
-                        (sysctl::FORWARDING_V6, conf.forwarding),
-                        (sysctl::ACCEPT_DAD, conf.accept_dad),
-                        (sysctl::DISABLE_IPV6, conf.disable_ipv6),
-                    ]);
-                }
-            }
-            _ => {}
-        }
-    }
-    known
 }
 
 /// Whether a link is retired (awaiting deletion).
@@ -239,36 +192,44 @@ impl Netlink {
         Ok(true)
     }
 
-    pub(super) async fn weft_links(&self) -> Result<BTreeMap<String, u32>> {
-        let _turn = self.dumping.lock().await;
-        // No counters: the dump is for names, indexes and settings, and each device's
-        // statistics (IPv6's per-device counters above all) are most of a dump's size.
-        let mut links = self
-            .handle()
-            .link()
-            .get()
-            .set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::SkipStats])
-            .execute();
+    /// Our container veths in service, by name; with `settings`, what the dump shows of their
+    /// settings (and the neighbour table of their `proxy_delay`) is kept for the checks of a
+    /// full pass.
+    pub(super) async fn weft_links(&self, settings: bool) -> Result<BTreeMap<String, u32>> {
+        let dumper = self.link_dumper.clone();
+        let dumped = tokio::task::spawn_blocking(move || {
+            // Container veths only: the tunnel device's name has a '.'.
+            let ours = |name: &str| name.starts_with(LINK_PREFIX) && !name.contains('.');
+            dumper.lock().unwrap().dump(ours)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|dumped| dumped)
+        .map_err(|source| KernelError::Io {
+            what: "listing links".into(),
+            source,
+        })?;
+        let in_service = dumped.into_iter().filter(|l| l.group != RETIRED_GROUP);
+        if !settings {
+            return Ok(in_service.map(|l| (l.name, l.index)).collect());
+        }
         let mut found = BTreeMap::new();
-        let mut settings = std::collections::HashMap::new();
-        while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
-            if let Some(name) = link_name(&msg) {
-                // Container veths only: the tunnel device's name has a '.'.
-                if name.starts_with(LINK_PREFIX) && !name.contains('.') && !is_retired(&msg) {
-                    found.insert(name.clone(), msg.header.index);
-                    settings.insert(name, dumped_settings(&msg));
-                }
-            }
-        }
+        let mut known = std::collections::HashMap::new();
         // Unread delays are read from their files by whoever checks them.
-        if let Ok(delays) = super::neigh_parms::proxy_delays(self.handle()).await {
-            for (name, known) in settings.iter_mut() {
-                if let Some(delay) = found.get(name).and_then(|i| delays.get(i)) {
-                    known.push((sysctl::PROXY_DELAY, *delay as i32));
-                }
+        let delays = {
+            let _turn = self.dumping.lock().await;
+            super::neigh_parms::proxy_delays(self.handle())
+                .await
+                .unwrap_or_default()
+        };
+        for mut link in in_service {
+            if let Some(delay) = delays.get(&link.index) {
+                link.settings.push((sysctl::PROXY_DELAY, *delay as i32));
             }
+            found.insert(link.name.clone(), link.index);
+            known.insert(link.name, link.settings);
         }
-        *self.dumped_settings.lock().unwrap() = settings;
+        *self.dumped_settings.lock().unwrap() = known;
         Ok(found)
     }
 

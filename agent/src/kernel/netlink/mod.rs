@@ -3,6 +3,7 @@
 
 mod container;
 mod container_v6;
+mod link_dump;
 mod links;
 mod neigh_parms;
 mod routes;
@@ -12,6 +13,7 @@ mod tunnel;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use netlink_packet_route::address::AddressAttribute;
@@ -50,6 +52,9 @@ pub struct Netlink {
     /// settings, reads from files only what the dump does not show right. Each entry serves one
     /// check; everything else (an attach, a netconf notification) reads the files.
     dumped_settings: std::sync::Mutex<std::collections::HashMap<String, sysctl::Known>>,
+    /// The socket of full link dumps, opened with the others in the host's namespace (the dump
+    /// runs on a blocking thread, which may be in any).
+    link_dumper: Arc<std::sync::Mutex<link_dump::LinkDumper>>,
     /// Whether this host routes IPv6 to its containers (has an IPv6 pool): its veths then get
     /// the IPv6 settings too.
     ipv6: bool,
@@ -62,6 +67,7 @@ impl Netlink {
             reaper: Some(links::Reaper::start()?),
             dumping: tokio::sync::Mutex::new(()),
             dumped_settings: Default::default(),
+            link_dumper: Arc::new(std::sync::Mutex::new(link_dump::LinkDumper::open()?)),
             ipv6,
         })
     }
@@ -150,7 +156,11 @@ impl Kernel for Netlink {
     }
 
     async fn links(&self) -> Result<BTreeMap<String, u32>> {
-        self.weft_links().await
+        self.weft_links(false).await
+    }
+
+    async fn links_with_settings(&self) -> Result<BTreeMap<String, u32>> {
+        self.weft_links(true).await
     }
 
     async fn link_name(&self, index: u32) -> Result<Option<String>> {
