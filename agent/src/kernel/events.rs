@@ -4,56 +4,101 @@
 use std::collections::HashSet;
 use std::io;
 
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_route::route::{RouteAttribute, RouteProtocol};
-use netlink_packet_route::RouteNetlinkMessage;
-
-use crate::kernel::netns::NetlinkHandle;
+use crate::kernel::netlink::link_dump::parse_link;
+use crate::kernel::nlbytes;
 use crate::model::{LINK_PREFIX, RETIRED_GROUP, RT_PROTO_WEFT};
 
 /// Kernel changes that may need repair: one of our routes, links or permanent neighbour (and
-/// FDB) entries deleted.
+/// FDB) entries deleted, or notifications lost (the socket overflowed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelEvent {
     RouteDeleted,
     LinkDeleted,
     NeighbourDeleted,
+    Lost,
 }
 
-/// Subscribes to link and route notifications in the agent's namespace and forwards the
-/// ones that touch what we own.
-/// `tunnel` holds the index of the tunnel device (0 when there is none), kept current by the
-/// reconciler.
-pub fn kernel_events(
-    tunnel: std::sync::Arc<std::sync::atomic::AtomicU32>,
-) -> io::Result<(NetlinkHandle, tokio::sync::mpsc::Receiver<KernelEvent>)> {
-    use futures::StreamExt;
-    use netlink_packet_core::NetlinkPayload;
-    let (connection, handle, mut messages) = rtnetlink::new_multicast_connection(&[
-        rtnetlink::MulticastGroup::Link,
-        rtnetlink::MulticastGroup::Ipv4Route,
-        rtnetlink::MulticastGroup::Ipv6Route,
-        rtnetlink::MulticastGroup::Neigh,
-    ])?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        let forward = async move {
-            let mut retiring = Retiring::default();
-            while let Some((message, _)) = messages.next().await {
-                let NetlinkPayload::InnerMessage(message) = message.payload else {
-                    continue;
-                };
-                let tunnel = tunnel.load(std::sync::atomic::Ordering::Relaxed);
-                let Some(event) = retiring.classify(&message, tunnel) else {
-                    continue;
-                };
-                // A full channel already holds a pending repair; dropping is fine.
-                let _ = tx.try_send(event);
-            }
-        };
-        tokio::join!(connection, forward);
-    });
-    Ok((NetlinkHandle { handle, task }, rx))
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_NEIGH: u32 = 3;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const RTM_DELROUTE: u16 = 25;
+const RTM_DELNEIGH: u16 = 29;
+const RTA_OIF: u16 = 4;
+
+/// A socket that receives the link, route and neighbour notifications of the agent's
+/// namespace.
+pub fn kernel_events() -> io::Result<netlink_sys::TokioSocket> {
+    use netlink_sys::AsyncSocket;
+    let mut socket = netlink_sys::TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+    socket.socket_mut().bind_auto()?;
+    for group in [
+        RTNLGRP_LINK,
+        RTNLGRP_NEIGH,
+        RTNLGRP_IPV4_ROUTE,
+        RTNLGRP_IPV6_ROUTE,
+    ] {
+        socket.socket_ref().add_membership(group)?;
+    }
+    // Room for the notifications of a burst of attaches and detaches; past it they are lost,
+    // and the loss itself sets off a pass.
+    socket.socket_ref().set_rx_buf_sz(4usize << 20)?;
+    Ok(socket)
+}
+
+/// What a notification says, of what the agent reacts to. Read in place: every attach and
+/// detach sends several link messages of a kilobyte and more, and decoding each whole was a
+/// twentieth of the agent's time under concurrent attaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A link appeared or changed (`deleted`: went away).
+    Link {
+        deleted: bool,
+        index: u32,
+        name: String,
+        group: u32,
+    },
+    /// A route went away.
+    RouteDeleted { protocol: u8, oif: Option<u32> },
+    /// A neighbour or FDB entry went away.
+    NeighbourDeleted { ifindex: u32 },
+}
+
+/// The notices in one datagram of notifications (other messages, and malformed ones, are
+/// skipped).
+pub fn notices(datagram: &[u8]) -> Vec<Notice> {
+    nlbytes::messages(datagram)
+        .map_while(Result::ok)
+        .filter_map(|m| notice(m.kind, m.payload))
+        .collect()
+}
+
+fn notice(kind: u16, payload: &[u8]) -> Option<Notice> {
+    match kind {
+        RTM_NEWLINK | RTM_DELLINK => {
+            let link = parse_link(payload)?;
+            Some(Notice::Link {
+                deleted: kind == RTM_DELLINK,
+                index: link.index,
+                name: link.name,
+                group: link.group,
+            })
+        }
+        // struct rtmsg (12 bytes; the protocol at 5), then attributes.
+        RTM_DELROUTE => Some(Notice::RouteDeleted {
+            protocol: *payload.get(5)?,
+            oif: nlbytes::attributes(payload.get(12..)?)
+                .find(|(k, _)| *k == RTA_OIF)
+                .and_then(|(_, v)| nlbytes::u32_value(v)),
+        }),
+        // struct ndmsg (12 bytes; the interface at 4).
+        RTM_DELNEIGH if payload.len() >= 12 => Some(Notice::NeighbourDeleted {
+            ifindex: nlbytes::u32_at(payload, 4),
+        }),
+        _ => None,
+    }
 }
 
 /// A sysctl of ours that the kernel announced (RTM_NEWNETCONF) with a value other than ours.
@@ -147,18 +192,6 @@ pub fn netconf_events() -> io::Result<netlink_sys::TokioSocket> {
     Ok(socket)
 }
 
-fn link_is_ours(link: &LinkMessage) -> bool {
-    link.attributes
-        .iter()
-        .any(|a| matches!(a, LinkAttribute::IfName(n) if n.starts_with(LINK_PREFIX)))
-}
-
-fn is_retired(link: &LinkMessage) -> bool {
-    link.attributes
-        .iter()
-        .any(|a| matches!(a, LinkAttribute::Group(g) if *g == RETIRED_GROUP))
-}
-
 /// The links the agent retired (moved to its retired group on detach, to be deleted in a
 /// batch), learnt from the notifications themselves: what goes with them — their routes, then
 /// the links — was the agent's own doing and needs no repair pass. With thousands of endpoints a
@@ -172,29 +205,31 @@ pub struct Retiring {
 impl Retiring {
     /// The repair a notification calls for, if any (`tunnel`: the tunnel device's index, 0
     /// when there is none).
-    pub fn classify(&mut self, message: &RouteNetlinkMessage, tunnel: u32) -> Option<KernelEvent> {
-        use RouteNetlinkMessage as M;
-        match message {
-            M::NewLink(link) if link_is_ours(link) && is_retired(link) => {
-                self.indexes.insert(link.header.index);
-                None
-            }
-            M::DelLink(link) if link_is_ours(link) => {
-                let retired = self.indexes.remove(&link.header.index) || is_retired(link);
+    pub fn classify(&mut self, notice: &Notice, tunnel: u32) -> Option<KernelEvent> {
+        match notice {
+            Notice::Link {
+                deleted,
+                index,
+                name,
+                group,
+            } if name.starts_with(LINK_PREFIX) => {
+                let retired = *group == RETIRED_GROUP;
+                if !deleted {
+                    if retired {
+                        self.indexes.insert(*index);
+                    }
+                    return None;
+                }
+                let retired = self.indexes.remove(index) || retired;
                 (!retired).then_some(KernelEvent::LinkDeleted)
             }
-            M::DelRoute(route) if route.header.protocol == RouteProtocol::Other(RT_PROTO_WEFT) => {
-                let through_retired = route
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, RouteAttribute::Oif(i) if self.indexes.contains(i)));
+            Notice::RouteDeleted { protocol, oif } if *protocol == RT_PROTO_WEFT => {
+                let through_retired = oif.is_some_and(|i| self.indexes.contains(&i));
                 (!through_retired).then_some(KernelEvent::RouteDeleted)
             }
             // Neighbour and FDB entries of the tunnel device only: the host's other entries
             // come and go all the time.
-            M::DelNeighbour(neighbour)
-                if neighbour.header.ifindex != 0 && neighbour.header.ifindex == tunnel =>
-            {
+            Notice::NeighbourDeleted { ifindex } if *ifindex != 0 && *ifindex == tunnel => {
                 Some(KernelEvent::NeighbourDeleted)
             }
             _ => None,
@@ -206,30 +241,87 @@ impl Retiring {
 mod tests {
     use super::*;
 
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+    use netlink_packet_route::neighbour::NeighbourMessage;
+    use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
+    use netlink_packet_route::RouteNetlinkMessage as M;
+
+    /// The notice a message makes, encoded as the kernel sends it by `netlink_packet_route`.
+    fn notice_of(message: M) -> Notice {
+        let mut message = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::InnerMessage(message),
+        );
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        let mut read = notices(&bytes);
+        assert_eq!(read.len(), 1, "{read:?}");
+        read.remove(0)
+    }
+
     fn link(index: u32, name: &str, group: Option<u32>) -> LinkMessage {
         let mut link = LinkMessage::default();
         link.header.index = index;
         link.attributes.push(LinkAttribute::IfName(name.into()));
+        link.attributes.push(LinkAttribute::Mtu(1500));
         if let Some(group) = group {
             link.attributes.push(LinkAttribute::Group(group));
         }
         link
     }
 
-    fn weft_route(oif: u32) -> RouteNetlinkMessage {
-        let mut route = netlink_packet_route::route::RouteMessage::default();
+    fn new_link(index: u32, name: &str, group: Option<u32>) -> Notice {
+        notice_of(M::NewLink(link(index, name, group)))
+    }
+
+    fn del_link(index: u32, name: &str, group: Option<u32>) -> Notice {
+        notice_of(M::DelLink(link(index, name, group)))
+    }
+
+    fn weft_route(oif: u32) -> Notice {
+        let mut route = RouteMessage::default();
         route.header.protocol = RouteProtocol::Other(RT_PROTO_WEFT);
+        route.attributes.push(RouteAttribute::Priority(5));
         route.attributes.push(RouteAttribute::Oif(oif));
-        RouteNetlinkMessage::DelRoute(route)
+        notice_of(M::DelRoute(route))
+    }
+
+    #[test]
+    fn notifications_are_read_in_place() {
+        assert_eq!(
+            new_link(7, "weft7", Some(RETIRED_GROUP)),
+            Notice::Link {
+                deleted: false,
+                index: 7,
+                name: "weft7".into(),
+                group: RETIRED_GROUP
+            }
+        );
+        assert_eq!(
+            weft_route(9),
+            Notice::RouteDeleted {
+                protocol: RT_PROTO_WEFT,
+                oif: Some(9)
+            }
+        );
+        let mut neighbour = NeighbourMessage::default();
+        neighbour.header.ifindex = 12;
+        assert_eq!(
+            notice_of(M::DelNeighbour(neighbour)),
+            Notice::NeighbourDeleted { ifindex: 12 }
+        );
+        // Other messages are no notice; a truncated one ends the datagram.
+        assert!(notices(&[0u8; 10]).is_empty());
     }
 
     #[test]
     fn what_goes_with_a_retired_link_asks_for_no_repair() {
-        use RouteNetlinkMessage as M;
         let mut retiring = Retiring::default();
         // Someone else deletes a veth and a route of ours: repaired.
         assert_eq!(
-            retiring.classify(&M::DelLink(link(5, "weft5", Some(0))), 0),
+            retiring.classify(&del_link(5, "weft5", Some(0)), 0),
             Some(KernelEvent::LinkDeleted)
         );
         assert_eq!(
@@ -238,12 +330,12 @@ mod tests {
         );
         // The agent retires veth 7: its routes and then the link go quietly.
         assert_eq!(
-            retiring.classify(&M::NewLink(link(7, "weft7", Some(RETIRED_GROUP))), 0),
+            retiring.classify(&new_link(7, "weft7", Some(RETIRED_GROUP)), 0),
             None
         );
         assert_eq!(retiring.classify(&weft_route(7), 0), None);
         assert_eq!(
-            retiring.classify(&M::DelLink(link(7, "weft7", Some(RETIRED_GROUP))), 0),
+            retiring.classify(&del_link(7, "weft7", Some(RETIRED_GROUP)), 0),
             None
         );
         // Once gone, its index may be reused by a link that is not retired.
@@ -253,21 +345,23 @@ mod tests {
         );
         // Links that are not ours, and changes that are not retirements, are no event.
         assert_eq!(
-            retiring.classify(&M::NewLink(link(8, "eth1", Some(RETIRED_GROUP))), 0),
+            retiring.classify(&new_link(8, "eth1", Some(RETIRED_GROUP)), 0),
             None
         );
-        assert_eq!(
-            retiring.classify(&M::DelLink(link(8, "eth1", None)), 0),
-            None
-        );
-        assert_eq!(
-            retiring.classify(&M::NewLink(link(9, "weft9", None)), 0),
-            None
-        );
+        assert_eq!(retiring.classify(&del_link(8, "eth1", None), 0), None);
+        assert_eq!(retiring.classify(&new_link(9, "weft9", None), 0), None);
         assert_eq!(
             retiring.classify(&weft_route(9), 0),
             Some(KernelEvent::RouteDeleted)
         );
+        // A neighbour entry of the tunnel device only.
+        let gone = |ifindex| Notice::NeighbourDeleted { ifindex };
+        assert_eq!(
+            retiring.classify(&gone(4), 4),
+            Some(KernelEvent::NeighbourDeleted)
+        );
+        assert_eq!(retiring.classify(&gone(5), 4), None);
+        assert_eq!(retiring.classify(&gone(0), 0), None);
     }
 
     fn netconf(family: u8, attrs: &[(u16, i32)]) -> Vec<u8> {

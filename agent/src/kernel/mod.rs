@@ -7,6 +7,7 @@ pub mod events;
 pub mod fake;
 pub mod netlink;
 pub mod netns;
+pub mod nlbytes;
 pub mod sysctl;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -89,6 +89,23 @@ fn optional(result: io::Result<bool>) -> io::Result<bool> {
     }
 }
 
+/// Writes the per-veth settings (`host_veth`) of a veth made just now, reading none first: a
+/// new device starts from the `default` values, unknown here, and a write of the value a
+/// setting already has changes nothing. One file operation per setting instead of two, on
+/// every attach.
+pub fn set_new_host_veth(ifname: &str, ipv6: bool) -> io::Result<()> {
+    for (template, value) in host_veth(ipv6) {
+        let path = template.replace("{}", ifname);
+        let result = std::fs::write(&path, value).map(|()| true);
+        if path.contains("/ipv6/") {
+            optional(result)?;
+        } else {
+            result.map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// Applies the per-veth settings (`host_veth`) to one interface. Returns how many values had to
 /// change.
 pub fn configure_host_veth(ifname: &str, ipv6: bool) -> io::Result<usize> {

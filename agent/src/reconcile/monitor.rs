@@ -10,17 +10,38 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::kernel::events::{self, NetconfDrift};
 
-/// Asks for a repair pass whenever one of our routes or links is deleted.
+/// Asks for a repair pass whenever one of our routes or links is deleted, or notifications
+/// were lost.
 pub async fn run_kernel_monitor(ctx: Arc<Context>) {
-    let (_handle, mut events) = match events::kernel_events(ctx.tunnel_index.clone()) {
-        Ok(events) => events,
+    use netlink_sys::AsyncSocketExt;
+    let socket = match events::kernel_events() {
+        Ok(socket) => socket,
         Err(e) => {
             warn!(error = %e, "cannot watch kernel events; relying on periodic resync");
             return;
         }
     };
-    while events.recv().await.is_some() {
-        ctx.request_resync();
+    let mut retiring = events::Retiring::default();
+    loop {
+        let event = match socket.recv_from_full().await {
+            Ok((datagram, _)) => {
+                let tunnel = ctx.tunnel_index.load(Ordering::Relaxed);
+                events::notices(&datagram)
+                    .iter()
+                    .filter_map(|n| retiring.classify(n, tunnel))
+                    .last()
+            }
+            Err(e) => {
+                // ENOBUFS: notifications were lost, a deletion among them maybe: a pass
+                // finds out. Anything else would repeat at once, so pause first.
+                debug!(error = %e, "kernel notification socket");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some(events::KernelEvent::Lost)
+            }
+        };
+        if event.is_some() {
+            ctx.request_resync();
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 use super::batch::Batch;
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
+use super::cpu::Cpu;
 use super::{Better, Options, Report, Run, CONCURRENCY};
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -53,15 +54,37 @@ fn floor(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let host = lab.hosts[0].name.clone();
     let client = Client::new(&lab, 0)?;
     let batch = Batch::new(&lab, "w", n, concurrency)?;
+    let pids = [lab.agent_pid(0), lab.etcd[0].pid()].map(Option::unwrap_or_default);
+    let cpu = Cpu::now(&pids);
     let weft = batch.attach(&client, |_| vec![])?.run;
+    let (weft_cpu, processes) = cpu.per(n);
     let ns2 = namespaces(&lab, "f", n)?;
+    let cpu = Cpu::now(&[]);
     let kernel = floor_run(&host, &ns2, 0, concurrency);
+    let (kernel_cpu, _) = cpu.per(n);
     batch.remove()?;
     delete_namespaces(&ns2)?;
     let kernel = kernel?;
     let key = format!("floor.n{n}.c{concurrency}");
     report.run(&format!("{key}.weft"), &weft);
     report.run(&format!("{key}.kernel"), &kernel);
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    report.line(
+        &format!("{key}.weft.cpu_per_container"),
+        ms(weft_cpu),
+        "ms",
+        &format!(
+            "machine; the agent's {:.2} ms, etcd's {:.2} ms",
+            ms(processes[0]),
+            ms(processes[1])
+        ),
+    );
+    report.line(
+        &format!("{key}.kernel.cpu_per_container"),
+        ms(kernel_cpu),
+        "ms",
+        "machine",
+    );
     report.ratio(
         &format!("{key}.rate_ratio_weft_over_floor"),
         weft.rate() / kernel.rate(),

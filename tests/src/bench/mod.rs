@@ -12,6 +12,7 @@ pub mod batch;
 pub mod client;
 pub mod cni;
 pub mod convergence;
+pub mod cpu;
 pub mod dataplane;
 pub mod dualstack;
 pub mod endpoints;

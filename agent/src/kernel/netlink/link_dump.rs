@@ -9,7 +9,7 @@ use std::io;
 use netlink_sys::protocols::NETLINK_ROUTE;
 use netlink_sys::{Socket, SocketAddr};
 
-use crate::kernel::sysctl;
+use crate::kernel::{nlbytes, sysctl};
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -135,23 +135,16 @@ fn read_datagram(
     links: &mut Vec<DumpedLink>,
 ) -> io::Result<Read> {
     let mut read = Read::default();
-    let mut rest = datagram;
-    while rest.len() >= 16 {
-        let len = u32_at(rest, 0) as usize;
-        if len < 16 || len > rest.len() {
-            return Err(malformed("a message's length"));
-        }
-        let message = &rest[..len];
-        rest = &rest[align(len).min(rest.len())..];
-        let (kind, flags, payload) = (u16_at(message, 4), u16_at(message, 6), &message[16..]);
-        if u32_at(message, 8) != seq {
+    for message in nlbytes::messages(datagram) {
+        let message = message.map_err(|_| malformed("message length"))?;
+        if message.seq != seq {
             // An answer to an earlier, abandoned request on this socket.
             continue;
         }
-        read.interrupted |= flags & NLM_F_DUMP_INTR != 0;
-        match kind {
+        read.interrupted |= message.flags & NLM_F_DUMP_INTR != 0;
+        match message.kind {
             NLMSG_DONE | NLMSG_ERROR => {
-                let code = payload.get(..4).map_or(0, |c| u32_at(c, 0) as i32);
+                let code = nlbytes::u32_value(message.payload).unwrap_or(0) as i32;
                 if code < 0 {
                     return Err(io::Error::from_raw_os_error(-code));
                 }
@@ -159,8 +152,14 @@ fn read_datagram(
                 return Ok(read);
             }
             RTM_NEWLINK => {
-                if let Some(link) = parse_link(payload, keep)? {
-                    links.push(link);
+                let link = parse_link(message.payload).ok_or_else(|| malformed("link message"))?;
+                if keep(&link.name) {
+                    links.push(DumpedLink {
+                        settings: link.spec.map(settings).unwrap_or_default(),
+                        index: link.index,
+                        name: link.name,
+                        group: link.group,
+                    });
                 }
             }
             _ => {}
@@ -169,85 +168,57 @@ fn read_datagram(
     Ok(read)
 }
 
-/// A link message's payload (ifinfomsg, then attributes), if `keep` takes its name.
-fn parse_link(payload: &[u8], keep: &impl Fn(&str) -> bool) -> io::Result<Option<DumpedLink>> {
-    if payload.len() < 16 {
-        return Err(malformed("a link message"));
-    }
-    let index = u32_at(payload, 4);
-    let (mut name, mut group, mut spec) = (None, 0, None);
-    for (kind, value) in attributes(&payload[16..]) {
+/// What a link message (`RTM_NEWLINK` or `RTM_DELLINK`) says of the link: its index, name and
+/// group, and its per-family settings (`IFLA_AF_SPEC`) to read if wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkHeader<'a> {
+    pub index: u32,
+    pub name: String,
+    pub group: u32,
+    pub spec: Option<&'a [u8]>,
+}
+
+/// Reads a link message's payload (ifinfomsg, then attributes); None when too short.
+pub fn parse_link(payload: &[u8]) -> Option<LinkHeader<'_>> {
+    let attributes = payload.get(16..)?;
+    let mut link = LinkHeader {
+        index: nlbytes::u32_at(payload, 4),
+        name: String::new(),
+        group: 0,
+        spec: None,
+    };
+    for (kind, value) in nlbytes::attributes(attributes) {
         match kind {
-            IFLA_IFNAME => {
-                let bytes = value.split(|b| *b == 0).next().unwrap_or_default();
-                name = Some(String::from_utf8_lossy(bytes).into_owned());
-            }
-            IFLA_GROUP if value.len() >= 4 => group = u32_at(value, 0),
-            IFLA_AF_SPEC => spec = Some(value),
+            IFLA_IFNAME => link.name = nlbytes::string_value(value),
+            IFLA_GROUP => link.group = nlbytes::u32_value(value).unwrap_or(0),
+            IFLA_AF_SPEC => link.spec = Some(value),
             _ => {}
         }
     }
-    let Some(name) = name.filter(|n| keep(n)) else {
-        return Ok(None);
-    };
-    Ok(Some(DumpedLink {
-        index,
-        name,
-        group,
-        settings: spec.map(settings).unwrap_or_default(),
-    }))
+    Some(link)
 }
 
 /// The settings in an `IFLA_AF_SPEC`.
 fn settings(spec: &[u8]) -> sysctl::Known {
     let mut known = vec![];
-    for (family, conf) in attributes(spec) {
+    for (family, conf) in nlbytes::attributes(spec) {
         let (wanted, layout): (u16, &[(&'static str, usize)]) = match family {
             AF_INET => (IFLA_INET_CONF, &INET_CONF),
             AF_INET6 => (IFLA_INET6_CONF, &INET6_CONF),
             _ => continue,
         };
-        for (kind, values) in attributes(conf) {
+        for (kind, values) in nlbytes::attributes(conf) {
             if kind != wanted {
                 continue;
             }
             for (path, i) in layout {
-                if let Some(v) = values.get(i * 4..i * 4 + 4) {
-                    known.push((*path, u32_at(v, 0) as i32));
+                if let Some(v) = values.get(i * 4..).and_then(nlbytes::u32_value) {
+                    known.push((*path, v as i32));
                 }
             }
         }
     }
     known
-}
-
-/// The attributes in a run of them: (type without the nested and byte-order flags, value).
-/// A malformed tail ends the run.
-fn attributes(mut run: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if run.len() < 4 {
-            return None;
-        }
-        let len = u16_at(run, 0) as usize;
-        if len < 4 || len > run.len() {
-            return None;
-        }
-        let attribute = (u16_at(run, 2) & 0x3fff, &run[4..len]);
-        run = &run[align(len).min(run.len())..];
-        Some(attribute)
-    })
-}
-
-fn align(len: usize) -> usize {
-    (len + 3) & !3
-}
-
-fn u16_at(bytes: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([bytes[at], bytes[at + 1]])
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap())
 }
 
 fn malformed(what: &str) -> io::Error {
@@ -260,6 +231,7 @@ fn malformed(what: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::nlbytes::{u16_at, u32_at};
     use futures::TryStreamExt;
     use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
     use netlink_packet_route::link::{

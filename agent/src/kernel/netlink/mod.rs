@@ -3,7 +3,7 @@
 
 mod container;
 mod container_v6;
-mod link_dump;
+pub(crate) mod link_dump;
 mod links;
 mod neigh_parms;
 mod routes;
@@ -275,7 +275,7 @@ impl Kernel for Netlink {
         // address (the IPv6 gateway) when its carrier does, and must take it without DAD;
         // without, IPv6 is off on it before the carrier could set any of it up.
         let ipv6 = self.ipv6 || link.ipv6.is_some();
-        sysctl::configure_host_veth(&link.host_ifname, ipv6).map_err(|source| KernelError::Io {
+        sysctl::set_new_host_veth(&link.host_ifname, ipv6).map_err(|source| KernelError::Io {
             what: format!("setting sysctls of {}", link.host_ifname),
             source,
         })?;
