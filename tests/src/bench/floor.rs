@@ -27,6 +27,7 @@ use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use super::batch::Batch;
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
 use super::cpu::Cpu;
+use crate::passes::Totals;
 use super::{Better, Options, Report, Run, CONCURRENCY};
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -56,8 +57,19 @@ fn floor(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let batch = Batch::new(&lab, "w", n, concurrency)?;
     let pids = [lab.agent_pid(0), lab.etcd[0].pid()].map(Option::unwrap_or_default);
     let cpu = Cpu::now(&pids);
+    let passes = Totals::read(&host)?;
     let weft = batch.attach(&client, |_| vec![])?.run;
     let (weft_cpu, processes) = cpu.per(n);
+    if let Some(passes) = Totals::read(&host)?.since(&passes) {
+        // The agent's own passes during the attaches (set off by them), on the same CPUs.
+        let routes = passes.of("routes");
+        println!(
+            "  weft's agent made {} routes passes during the attaches, {:.1} ms each: {}",
+            routes.passes,
+            routes.mean_ms(),
+            routes.steps_ms()
+        );
+    }
     let ns2 = namespaces(&lab, "f", n)?;
     let cpu = Cpu::now(&[]);
     let kernel = floor_run(&host, &ns2, 0, concurrency);
