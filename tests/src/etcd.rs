@@ -142,6 +142,12 @@ impl EtcdServer {
             initial.join(","),
             "--initial-cluster-state".into(),
             "new".into(),
+            // As an operator runs it (README, "Operating it"): without compaction every
+            // attach and detach leaves revisions behind, and reads of a prefix slow with churn.
+            "--auto-compaction-mode".into(),
+            "periodic".into(),
+            "--auto-compaction-retention".into(),
+            "5m".into(),
         ];
         if let Some(tls) = &tls {
             for (flag, path) in [

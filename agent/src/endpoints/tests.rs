@@ -27,6 +27,15 @@ pub(crate) struct World {
 
 pub(crate) const CONTAINER_NS: &str = "/run/netns/runtime-made";
 
+impl World {
+    /// The context shared as the agent's loops hold it, with the fake kernel, and what else
+    /// the world keeps alive (its state directory among it).
+    pub(crate) fn shared(self) -> (Arc<Context>, Arc<FakeKernel>, Box<dyn std::any::Any>) {
+        let rest = (self._state, self.store, self.firewall, self.sets);
+        (Arc::new(self.ctx), self.kernel, Box::new(rest))
+    }
+}
+
 pub(crate) fn world() -> World {
     world_with(&["--block-size", "30"])
 }

@@ -4,8 +4,7 @@
 use std::collections::HashSet;
 use std::io;
 
-use crate::kernel::netlink::link_dump::parse_link;
-use crate::kernel::nlbytes;
+use crate::kernel::nlbytes::{self, parse_link};
 use crate::model::{LINK_PREFIX, RETIRED_GROUP, RT_PROTO_WEFT};
 
 /// Kernel changes that may need repair: one of our routes, links or permanent neighbour (and
@@ -44,8 +43,29 @@ pub fn kernel_events() -> io::Result<netlink_sys::TokioSocket> {
     }
     // Room for the notifications of a burst of attaches and detaches; past it they are lost,
     // and the loss itself sets off a pass.
-    socket.socket_ref().set_rx_buf_sz(4usize << 20)?;
+    receive_buffer(socket.socket_ref(), 4 << 20)?;
     Ok(socket)
+}
+
+/// Asks for a receive buffer of `bytes`: beyond `net.core.rmem_max` with `SO_RCVBUFFORCE` (the
+/// agent has CAP_NET_ADMIN), up to it with `SO_RCVBUF` otherwise.
+fn receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a socket this process holds open, and an int option given with its size.
+        let done = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if done == 0 {
+            return Ok(());
+        }
+    }
+    Err(io::Error::last_os_error())
 }
 
 /// What a notification says, of what the agent reacts to. Read in place: every attach and
@@ -127,44 +147,30 @@ const NETCONFA_IFINDEX_ALL: i32 = -1;
 /// `accept_ra` and `accept_dad` are never announced; the periodic resync covers those.
 /// netlink-packet-route does not decode these messages, hence the hand-written parser.
 pub fn parse_netconf(datagram: &[u8]) -> Vec<NetconfDrift> {
-    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-    let i32_at = |b: &[u8], i: usize| i32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let align = |n: usize| (n + 3) & !3;
     let mut drifts = vec![];
-    let mut offset = 0;
-    while offset + 16 <= datagram.len() {
-        let len = u32::from_ne_bytes(datagram[offset..offset + 4].try_into().unwrap()) as usize;
-        if len < 16 || offset + len > datagram.len() {
-            break;
-        }
-        let message = &datagram[offset..offset + len];
-        offset += align(len);
+    for message in nlbytes::messages(datagram).map_while(Result::ok) {
         // struct netconfmsg { u8 ncm_family; } padded to 4 bytes, then attributes.
-        let family = message.get(16).copied().unwrap_or(0);
+        let family = message.payload.first().copied().unwrap_or(0);
         let inet = family == libc::AF_INET as u8 || family == libc::AF_INET6 as u8;
-        if u16_at(message, 4) != RTM_NEWNETCONF || len < 20 || !inet {
+        let Some(attributes) = message.payload.get(4..) else {
+            continue;
+        };
+        if message.kind != RTM_NEWNETCONF || !inet {
             continue;
         }
         let (mut ifindex, mut wrong_forwarding, mut wrong_link) = (None, false, false);
         let mut values = 0;
-        let mut at = 20;
-        while at + 4 <= message.len() {
-            let attr_len = u16_at(message, at) as usize;
-            if attr_len < 4 || at + attr_len > message.len() {
-                break;
+        for (kind, value) in nlbytes::attributes(attributes) {
+            let Some(value) = nlbytes::u32_value(value).map(|v| v as i32) else {
+                continue;
+            };
+            values += (kind != NETCONFA_IFINDEX) as usize;
+            match kind {
+                NETCONFA_IFINDEX => ifindex = Some(value),
+                NETCONFA_FORWARDING => wrong_forwarding |= value != 1,
+                NETCONFA_RP_FILTER | NETCONFA_PROXY_NEIGH => wrong_link |= value != 1,
+                _ => {}
             }
-            let kind = u16_at(message, at + 2);
-            if attr_len >= 8 {
-                let value = i32_at(message, at + 4);
-                values += (kind != NETCONFA_IFINDEX) as usize;
-                match kind {
-                    NETCONFA_IFINDEX => ifindex = Some(value),
-                    NETCONFA_FORWARDING => wrong_forwarding |= value != 1,
-                    NETCONFA_RP_FILTER | NETCONFA_PROXY_NEIGH => wrong_link |= value != 1,
-                    _ => {}
-                }
-            }
-            at += align(attr_len);
         }
         if values != 1 {
             continue;

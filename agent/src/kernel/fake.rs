@@ -58,6 +58,8 @@ pub struct FakeState {
     pub tunnel: Option<(VxlanDevice, TunnelState)>,
     /// How many times all links were listed (a dump: the costly read with many veths).
     pub link_dumps: usize,
+    /// How many of those dumps kept the links' settings (`links_with_settings`).
+    pub settings_dumps: usize,
 }
 
 #[derive(Debug, Default)]
@@ -163,6 +165,11 @@ impl Kernel for FakeKernel {
             .filter(|(_, l)| !l.retired)
             .map(|(n, l)| (n.clone(), l.index))
             .collect())
+    }
+
+    async fn links_with_settings(&self) -> Result<BTreeMap<String, u32>> {
+        self.state.lock().unwrap().settings_dumps += 1;
+        self.links().await
     }
 
     async fn link_name(&self, index: u32) -> Result<Option<String>> {

@@ -33,7 +33,8 @@ pub fn messages(mut datagram: &[u8]) -> impl Iterator<Item = Result<Message<'_>,
 }
 
 /// A message whose length does not fit its datagram.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a netlink message's length runs past its datagram")]
 pub struct Malformed;
 
 /// The attributes in a run of them: (type without the nested and byte-order flags, value).
@@ -51,6 +52,40 @@ pub fn attributes(mut run: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
         run = &run[align(len).min(run.len())..];
         Some(attribute)
     })
+}
+
+const IFLA_IFNAME: u16 = 3;
+const IFLA_AF_SPEC: u16 = 26;
+const IFLA_GROUP: u16 = 27;
+
+/// What a link message (`RTM_NEWLINK` or `RTM_DELLINK`) says of the link: its index, name and
+/// group, and its per-family settings (`IFLA_AF_SPEC`) to read if wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkHeader<'a> {
+    pub index: u32,
+    pub name: String,
+    pub group: u32,
+    pub spec: Option<&'a [u8]>,
+}
+
+/// Reads a link message's payload (ifinfomsg, then attributes); None when too short.
+pub fn parse_link(payload: &[u8]) -> Option<LinkHeader<'_>> {
+    let attributes = payload.get(16..)?;
+    let mut link = LinkHeader {
+        index: u32_at(payload, 4),
+        name: String::new(),
+        group: 0,
+        spec: None,
+    };
+    for (kind, value) in self::attributes(attributes) {
+        match kind {
+            IFLA_IFNAME => link.name = string_value(value),
+            IFLA_GROUP => link.group = u32_value(value).unwrap_or(0),
+            IFLA_AF_SPEC => link.spec = Some(value),
+            _ => {}
+        }
+    }
+    Some(link)
 }
 
 /// An attribute's value as a u32, if it holds one.

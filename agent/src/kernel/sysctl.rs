@@ -89,14 +89,23 @@ fn optional(result: io::Result<bool>) -> io::Result<bool> {
     }
 }
 
-/// Writes the per-veth settings (`host_veth`) of a veth made just now, reading none first: a
-/// new device starts from the `default` values, unknown here, and a write of the value a
-/// setting already has changes nothing. One file operation per setting instead of two, on
-/// every attach.
+/// Settings whose every write takes the kernel's routing lock, whether or not the value changes
+/// (`addrconf_fixup_forwarding`, `addrconf_disable_ipv6`, retried until the lock is free): read
+/// first, and written only when they differ.
+const LOCKING_WRITES: [&str; 2] = [FORWARDING_V6, DISABLE_IPV6];
+
+/// Writes the per-veth settings (`host_veth`) of a veth made just now. A new device starts from
+/// the `default` values, unknown here; the kernel takes a write of the value a setting already
+/// has as a no-op, so most are written without a read first (one file operation instead of
+/// two, on every attach). `LOCKING_WRITES` are the exception: for them a needless write costs
+/// the routing lock.
 pub fn set_new_host_veth(ifname: &str, ipv6: bool) -> io::Result<()> {
     for (template, value) in host_veth(ipv6) {
         let path = template.replace("{}", ifname);
-        let result = std::fs::write(&path, value).map(|()| true);
+        let result = match LOCKING_WRITES.contains(template) {
+            true => ensure(&path, value),
+            false => std::fs::write(&path, value).map(|()| true),
+        };
         if path.contains("/ipv6/") {
             optional(result)?;
         } else {

@@ -6,6 +6,8 @@
 
 pub mod apply;
 pub mod monitor;
+#[cfg(test)]
+mod pass_tests;
 pub mod plan;
 pub mod registration;
 #[cfg(test)]

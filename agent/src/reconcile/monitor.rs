@@ -22,20 +22,31 @@ pub async fn run_kernel_monitor(ctx: Arc<Context>) {
         }
     };
     let mut retiring = events::Retiring::default();
+    let mut failures = 0u32;
     loop {
         let event = match socket.recv_from_full().await {
             Ok((datagram, _)) => {
+                failures = 0;
                 let tunnel = ctx.tunnel_index.load(Ordering::Relaxed);
                 events::notices(&datagram)
                     .iter()
                     .filter_map(|n| retiring.classify(n, tunnel))
                     .last()
             }
+            // Notifications were lost, a deletion among them maybe: a pass finds out.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                debug!("kernel notifications lost (socket overflow); a pass catches up");
+                Some(events::KernelEvent::Lost)
+            }
+            // Anything else would repeat at once: said once, and read again after a pause
+            // that grows to 5 s; meanwhile passes stand in for the notifications.
             Err(e) => {
-                // ENOBUFS: notifications were lost, a deletion among them maybe: a pass
-                // finds out. Anything else would repeat at once, so pause first.
-                debug!(error = %e, "kernel notification socket");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failures += 1;
+                if failures == 1 {
+                    warn!(error = %e, "cannot read kernel notifications; retrying");
+                }
+                let pause = Duration::from_millis(100) * failures.min(50);
+                tokio::time::sleep(pause).await;
                 Some(events::KernelEvent::Lost)
             }
         };

@@ -91,7 +91,7 @@ fn many(report: &mut Report, n: usize) -> Result<()> {
         &format!("{key}.reconcile"),
         reconcile_ms,
         "ms",
-        "first full reconciliation, at start",
+        "first full reconciliation, at start; target <= 200",
     );
     report.line(
         &format!("{key}.resync"),

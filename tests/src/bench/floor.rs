@@ -27,8 +27,8 @@ use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use super::batch::Batch;
 use super::client::{delete_namespaces, namespaces, one_host_lab, Client};
 use super::cpu::Cpu;
-use crate::passes::Totals;
 use super::{Better, Options, Report, Run, CONCURRENCY};
+use crate::passes::Totals;
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const HOST_MAC: [u8; 6] = [0xee; 6];
@@ -55,7 +55,10 @@ fn floor(report: &mut Report, n: usize, concurrency: usize) -> Result<()> {
     let host = lab.hosts[0].name.clone();
     let client = Client::new(&lab, 0)?;
     let batch = Batch::new(&lab, "w", n, concurrency)?;
-    let pids = [lab.agent_pid(0), lab.etcd[0].pid()].map(Option::unwrap_or_default);
+    let pids = [
+        lab.agent_pid(0).context("the agent's pid")?,
+        lab.etcd[0].pid().context("etcd's pid")?,
+    ];
     let cpu = Cpu::now(&pids);
     let passes = Totals::read(&host)?;
     let weft = batch.attach(&client, |_| vec![])?.run;

@@ -95,6 +95,10 @@ impl SoakReport {
         }
         for (host, trend) in &self.reconcile {
             for kind in KINDS {
+                // A kind the early third never saw has nothing to grow from.
+                if trend.early.of(kind).passes == 0 {
+                    continue;
+                }
                 let (early, late) = (
                     trend.early.of(kind).mean_ms(),
                     trend.late.of(kind).mean_ms(),

@@ -20,9 +20,6 @@ const NLM_F_DUMP: u16 = 0x300;
 /// Set on a dump's messages when the table changed while it was dumped.
 const NLM_F_DUMP_INTR: u16 = 0x10;
 
-const IFLA_IFNAME: u16 = 3;
-const IFLA_AF_SPEC: u16 = 26;
-const IFLA_GROUP: u16 = 27;
 const IFLA_EXT_MASK: u16 = 29;
 /// `IFLA_EXT_MASK`: no per-device counters (most of a dump's size, and unused).
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
@@ -47,9 +44,6 @@ const INET6_CONF: [(&str, usize); 5] = [
     (sysctl::ACCEPT_DAD, 27),
 ];
 
-/// Dumps are retried this many times when the kernel says the table changed during one.
-const ATTEMPTS: usize = 3;
-
 /// One link as the dump shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct DumpedLink {
@@ -66,29 +60,58 @@ pub(super) struct LinkDumper {
     seq: u32,
 }
 
+fn open_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
 impl LinkDumper {
     /// A dumper of the calling thread's namespace.
     pub(super) fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Self { socket, seq: 0 })
+        Ok(Self {
+            socket: open_socket()?,
+            seq: 0,
+        })
     }
 
-    /// The links whose name `keep` accepts. A dump that the kernel marks as interrupted (links
-    /// came or went meanwhile) is made again, up to three times; the last is taken as it is.
-    pub(super) fn dump(&mut self, keep: impl Fn(&str) -> bool) -> io::Result<Vec<DumpedLink>> {
-        for attempt in 1.. {
+    /// The links whose name `keep` accepts, with their settings if `settings`. With
+    /// `settings` (a full pass), a dump that the kernel marks as interrupted (links came or went
+    /// meanwhile, and one may be missing) is made once more; otherwise it is taken as it is,
+    /// and the next pass reads again. A dump that fails leaves the socket mid-answer: a fresh
+    /// one replaces it, opened by this thread (the agent's threads all live in the host's
+    /// namespace).
+    pub(super) fn dump(
+        &mut self,
+        keep: impl Fn(&str) -> bool,
+        settings: bool,
+    ) -> io::Result<Vec<DumpedLink>> {
+        let attempts = if settings { 2 } else { 1 };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             self.seq = self.seq.wrapping_add(1);
-            let (links, interrupted) = self.dump_once(&keep)?;
-            if !interrupted || attempt == ATTEMPTS {
+            let (links, interrupted) = match self.dump_once(&keep, settings) {
+                Ok(dumped) => dumped,
+                Err(e) => {
+                    if let Ok(fresh) = open_socket() {
+                        self.socket = fresh;
+                    }
+                    return Err(e);
+                }
+            };
+            if !interrupted || attempt == attempts {
                 return Ok(links);
             }
         }
-        unreachable!("the attempts end with a return")
     }
 
-    fn dump_once(&mut self, keep: &impl Fn(&str) -> bool) -> io::Result<(Vec<DumpedLink>, bool)> {
+    fn dump_once(
+        &mut self,
+        keep: &impl Fn(&str) -> bool,
+        settings: bool,
+    ) -> io::Result<(Vec<DumpedLink>, bool)> {
         self.socket.send(&request(self.seq), 0)?;
         let mut links = vec![];
         let mut interrupted = false;
@@ -96,13 +119,26 @@ impl LinkDumper {
         loop {
             reply.clear();
             self.socket.recv(&mut reply, 0)?;
-            let read = read_datagram(&reply, self.seq, keep, &mut links)?;
+            let wanted = Wanted {
+                seq: self.seq,
+                keep,
+                settings,
+            };
+            let read = read_datagram(&reply, &wanted, &mut links)?;
             interrupted |= read.interrupted;
             if read.done {
                 return Ok((links, interrupted));
             }
         }
     }
+}
+
+/// What a dump's datagrams are read for: the answer to request `seq`, the links `keep` takes,
+/// their settings if `settings`.
+struct Wanted<'a, F> {
+    seq: u32,
+    keep: &'a F,
+    settings: bool,
 }
 
 /// `RTM_GETLINK`, a dump of all families' links without counters.
@@ -128,16 +164,15 @@ struct Read {
     interrupted: bool,
 }
 
-fn read_datagram(
+fn read_datagram<F: Fn(&str) -> bool>(
     datagram: &[u8],
-    seq: u32,
-    keep: &impl Fn(&str) -> bool,
+    wanted: &Wanted<'_, F>,
     links: &mut Vec<DumpedLink>,
 ) -> io::Result<Read> {
     let mut read = Read::default();
     for message in nlbytes::messages(datagram) {
         let message = message.map_err(|_| malformed("message length"))?;
-        if message.seq != seq {
+        if message.seq != wanted.seq {
             // An answer to an earlier, abandoned request on this socket.
             continue;
         }
@@ -152,13 +187,18 @@ fn read_datagram(
                 return Ok(read);
             }
             RTM_NEWLINK => {
-                let link = parse_link(message.payload).ok_or_else(|| malformed("link message"))?;
-                if keep(&link.name) {
+                let link = nlbytes::parse_link(message.payload)
+                    .ok_or_else(|| malformed("link message"))?;
+                if (wanted.keep)(&link.name) {
+                    let known = match (wanted.settings, link.spec) {
+                        (true, Some(spec)) => settings(spec),
+                        _ => vec![],
+                    };
                     links.push(DumpedLink {
-                        settings: link.spec.map(settings).unwrap_or_default(),
                         index: link.index,
                         name: link.name,
                         group: link.group,
+                        settings: known,
                     });
                 }
             }
@@ -166,36 +206,6 @@ fn read_datagram(
         }
     }
     Ok(read)
-}
-
-/// What a link message (`RTM_NEWLINK` or `RTM_DELLINK`) says of the link: its index, name and
-/// group, and its per-family settings (`IFLA_AF_SPEC`) to read if wanted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkHeader<'a> {
-    pub index: u32,
-    pub name: String,
-    pub group: u32,
-    pub spec: Option<&'a [u8]>,
-}
-
-/// Reads a link message's payload (ifinfomsg, then attributes); None when too short.
-pub fn parse_link(payload: &[u8]) -> Option<LinkHeader<'_>> {
-    let attributes = payload.get(16..)?;
-    let mut link = LinkHeader {
-        index: nlbytes::u32_at(payload, 4),
-        name: String::new(),
-        group: 0,
-        spec: None,
-    };
-    for (kind, value) in nlbytes::attributes(attributes) {
-        match kind {
-            IFLA_IFNAME => link.name = nlbytes::string_value(value),
-            IFLA_GROUP => link.group = nlbytes::u32_value(value).unwrap_or(0),
-            IFLA_AF_SPEC => link.spec = Some(value),
-            _ => {}
-        }
-    }
-    Some(link)
 }
 
 /// The settings in an `IFLA_AF_SPEC`.
@@ -244,12 +254,18 @@ mod tests {
     fn encoded(index: u32, name: &str, seq: u32, flags: u16) -> Vec<u8> {
         let mut link = LinkMessage::default();
         link.header.index = index;
+        // Every setting read, and each of its neighbours, has a value of its own: a setting
+        // read from the wrong slot shows.
         let mut inet = InetDevConf::default();
-        (inet.forwarding, inet.proxy_arp, inet.rp_filter) = (1, 1, 2);
-        inet.accept_local = 1;
+        (inet.forwarding, inet.mc_forwarding, inet.proxy_arp) = (11, 12, 13);
+        (inet.accept_redirects, inet.shared_media, inet.rp_filter) = (14, 17, 18);
+        inet.accept_source_route = 19;
         let mut inet6 = Inet6DevConf::default();
-        (inet6.forwarding, inet6.accept_ra, inet6.proxy_ndp) = (1, 0, 1);
-        (inet6.disable_ipv6, inet6.accept_dad, inet6.hoplimit) = (1, 0, 64);
+        (inet6.forwarding, inet6.hoplimit, inet6.mtu6) = (21, 22, 23);
+        (inet6.accept_ra, inet6.accept_redirects) = (24, 25);
+        (inet6.accept_ra_rt_info_max_plen, inet6.proxy_ndp) = (42, 43);
+        (inet6.optimistic_dad, inet6.mc_forwarding) = (44, 46);
+        (inet6.disable_ipv6, inet6.accept_dad, inet6.force_tllao) = (47, 48, 49);
         link.attributes = vec![
             LinkAttribute::IfName(name.into()),
             LinkAttribute::Mtu(1500),
@@ -287,12 +303,22 @@ mod tests {
         name.starts_with("weft")
     }
 
+    /// The answer to request `seq`, `weft*` links with their settings.
+    fn wanted(seq: u32) -> Wanted<'static, fn(&str) -> bool> {
+        const WEFT: fn(&str) -> bool = weft;
+        Wanted {
+            seq,
+            keep: &WEFT,
+            settings: true,
+        }
+    }
+
     #[test]
     fn a_link_is_read_as_netlink_packet_route_encodes_it() {
         let mut datagram = encoded(42, "weft1a2b", 5, 0);
         datagram.extend(encoded(1, "lo", 5, 0));
         let mut links = vec![];
-        let read = read_datagram(&datagram, 5, &weft, &mut links).unwrap();
+        let read = read_datagram(&datagram, &wanted(5), &mut links).unwrap();
         assert_eq!(read, Read::default());
         assert_eq!(links.len(), 1, "lo is not kept");
         let link = &links[0];
@@ -303,19 +329,19 @@ mod tests {
         let mut settings = link.settings.clone();
         settings.sort();
         let mut expected = vec![
-            (sysctl::FORWARDING, 1),
-            (sysctl::PROXY_ARP, 1),
-            (sysctl::RP_FILTER, 2),
-            (sysctl::FORWARDING_V6, 1),
-            (sysctl::ACCEPT_RA, 0),
-            (sysctl::PROXY_NDP, 1),
-            (sysctl::DISABLE_IPV6, 1),
-            (sysctl::ACCEPT_DAD, 0),
+            (sysctl::FORWARDING, 11),
+            (sysctl::PROXY_ARP, 13),
+            (sysctl::RP_FILTER, 18),
+            (sysctl::FORWARDING_V6, 21),
+            (sysctl::ACCEPT_RA, 24),
+            (sysctl::PROXY_NDP, 43),
+            (sysctl::DISABLE_IPV6, 47),
+            (sysctl::ACCEPT_DAD, 48),
         ];
         expected.sort();
         assert_eq!(settings, expected);
 
-        let read = read_datagram(&done(5, 0), 5, &weft, &mut links).unwrap();
+        let read = read_datagram(&done(5, 0), &wanted(5), &mut links).unwrap();
         assert!(read.done);
     }
 
@@ -323,19 +349,19 @@ mod tests {
     fn interruptions_errors_and_stale_answers_are_told_apart() {
         let mut links = vec![];
         let intr = encoded(3, "weft0003", 9, NLM_F_DUMP_INTR);
-        let read = read_datagram(&intr, 9, &weft, &mut links).unwrap();
+        let read = read_datagram(&intr, &wanted(9), &mut links).unwrap();
         assert!(read.interrupted);
         // A message of another request is not part of this dump.
         let stale = encoded(4, "weft0004", 8, 0);
-        read_datagram(&stale, 9, &weft, &mut links).unwrap();
+        read_datagram(&stale, &wanted(9), &mut links).unwrap();
         assert_eq!(links.len(), 1);
         // A dump cut short says so in its DONE message.
-        let err = read_datagram(&done(9, -libc::EINTR), 9, &weft, &mut links).unwrap_err();
+        let err = read_datagram(&done(9, -libc::EINTR), &wanted(9), &mut links).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINTR));
         // A length past the datagram's end is malformed, not read beyond.
         let mut cut = encoded(5, "weft0005", 9, 0);
         cut.truncate(cut.len() - 8);
-        assert!(read_datagram(&cut, 9, &weft, &mut links).is_err());
+        assert!(read_datagram(&cut, &wanted(9), &mut links).is_err());
     }
 
     #[test]
@@ -350,17 +376,59 @@ mod tests {
         assert_eq!(u32_at(&request, 36), RTEXT_FILTER_SKIP_STATS);
     }
 
-    #[tokio::test]
-    async fn this_namespace_dumps_the_links_netlink_packet_route_lists() {
+    /// In a namespace of its own (a thread that leaves the test's namespace; root, as the
+    /// suite runs): a veth pair whose settings are set apart from their defaults, dumped and
+    /// compared with their files, and the dump's links with `netlink_packet_route`'s listing.
+    #[test]
+    fn a_real_dump_agrees_with_the_settings_files_and_the_library() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a namespace of the test's own (the suite runs as root)");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(dump_a_namespace_of_our_own());
+        })
+        .join()
+        .unwrap();
+    }
+
+    async fn dump_a_namespace_of_our_own() {
+        let (connection, handle, _) = rtnetlink::new_connection().unwrap();
+        tokio::spawn(connection);
+        let veth = rtnetlink::LinkVeth::new("weftdump0", "weftdump1").build();
+        handle.link().add(veth).execute().await.unwrap();
+        let writes = [
+            ("/proc/sys/net/ipv4/conf/weftdump0/proxy_arp", "1"),
+            ("/proc/sys/net/ipv4/conf/weftdump0/rp_filter", "2"),
+            ("/proc/sys/net/ipv4/conf/weftdump0/forwarding", "1"),
+            ("/proc/sys/net/ipv6/conf/weftdump0/accept_ra", "2"),
+            ("/proc/sys/net/ipv6/conf/weftdump0/proxy_ndp", "1"),
+            ("/proc/sys/net/ipv6/conf/weftdump0/forwarding", "1"),
+            ("/proc/sys/net/ipv6/conf/weftdump0/accept_dad", "2"),
+        ];
+        for (path, value) in writes {
+            std::fs::write(path, value).unwrap();
+        }
         let mut dumper = LinkDumper::open().unwrap();
+        let ours = dumper.dump(|n| n == "weftdump0", true).unwrap();
+        assert_eq!(ours.len(), 1);
+        assert_eq!(ours[0].settings.len(), 8, "{:?}", ours[0].settings);
+        for (template, value) in &ours[0].settings {
+            let file = sysctl::read(&template.replace("{}", "weftdump0")).unwrap();
+            assert_eq!(file, value.to_string(), "{template}");
+        }
+        assert!(dumper.dump(|n| n == "weftdump0", false).unwrap()[0]
+            .settings
+            .is_empty());
+
         let mut dumped: Vec<(u32, String)> = dumper
-            .dump(|_| true)
+            .dump(|_| true, false)
             .unwrap()
             .into_iter()
             .map(|l| (l.index, l.name))
             .collect();
-        let (connection, handle, _) = rtnetlink::new_connection().unwrap();
-        tokio::spawn(connection);
         let mut listed = vec![];
         let mut links = handle.link().get().execute();
         while let Some(link) = links.try_next().await.unwrap() {
@@ -369,10 +437,7 @@ mod tests {
         }
         dumped.sort();
         listed.sort();
+        assert_eq!(dumped.len(), 3, "lo and the pair: {dumped:?}");
         assert_eq!(dumped, listed);
-        let lo = dumper.dump(|n| n == "lo").unwrap();
-        assert_eq!(lo.len(), 1);
-        assert_eq!(lo[0].index, 1);
-        assert!(lo[0].settings.iter().any(|(p, _)| *p == sysctl::FORWARDING));
     }
 }

@@ -200,7 +200,10 @@ impl Netlink {
         let dumped = tokio::task::spawn_blocking(move || {
             // Container veths only: the tunnel device's name has a '.'.
             let ours = |name: &str| name.starts_with(LINK_PREFIX) && !name.contains('.');
-            dumper.lock().unwrap().dump(ours)
+            let mut dumper = dumper
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            dumper.dump(ours, settings)
         })
         .await
         .map_err(io::Error::other)

@@ -3,7 +3,7 @@
 
 mod container;
 mod container_v6;
-pub(crate) mod link_dump;
+mod link_dump;
 mod links;
 mod neigh_parms;
 mod routes;
@@ -47,13 +47,13 @@ pub struct Netlink {
     /// The kernel runs one dump at a time per netlink socket and answers a second with EBUSY;
     /// tasks sharing `host` (the reconciler, attaches, checks) take turns.
     dumping: tokio::sync::Mutex<()>,
-    /// Our veths' settings as the last link dump showed them (its device configuration), for
+    /// Our veths' settings as the last `links_with_settings` dump showed them, for
     /// `configure_listed_veth`: a full pass, which lists the links right before it checks the
     /// settings, reads from files only what the dump does not show right. Each entry serves one
     /// check; everything else (an attach, a netconf notification) reads the files.
     dumped_settings: std::sync::Mutex<std::collections::HashMap<String, sysctl::Known>>,
-    /// The socket of full link dumps, opened with the others in the host's namespace (the dump
-    /// runs on a blocking thread, which may be in any).
+    /// The socket of link dumps, opened with the others in the host's namespace (a socket's
+    /// namespace is fixed when it is opened); dumps run on a blocking thread.
     link_dumper: Arc<std::sync::Mutex<link_dump::LinkDumper>>,
     /// Whether this host routes IPv6 to its containers (has an IPv6 pool): its veths then get
     /// the IPv6 settings too.
