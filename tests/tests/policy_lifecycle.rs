@@ -1,7 +1,7 @@
 //! Network policy end to end (issue 16), its lifecycle: deleting policies leaves nothing
-//! behind, tampering is repaired and leftovers go at start, hostile policies and labels are
-//! refused naming the field with nothing changed, and rendered rules round-trip through
-//! iptables-save.
+//! behind, detached replicas leave their profiles, tampering is repaired and leftovers go at
+//! start, hostile policies and labels are refused naming the field with nothing changed, and
+//! rendered rules round-trip through iptables-save.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -74,6 +74,104 @@ fn deleting_policies_restores_behaviour_and_leaves_nothing_behind() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Whether some `weft-` set of host `i` still holds a pair of `veth`.
+fn holds_veth(lab: &Lab, i: usize, veth: &str) -> bool {
+    let suffix = format!(",{veth}");
+    pl::sets(lab, i).is_ok_and(|s| s.values().flatten().any(|m| m.ends_with(&suffix)))
+}
+
+/// Waits up to 3 s for `done`.
+fn soon(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// Attaches a replica of `app=web` on h1: (netns name, ip, host veth).
+fn replica(lab: &Lab, id: &str) -> (String, String, String) {
+    let endpoint = lab
+        .ctl_json(0, &["attach", id, "--label", "app=web"])
+        .unwrap();
+    let field = |k: &str| endpoint[k].as_str().unwrap().to_string();
+    let netns = field("netns").rsplit('/').next().unwrap().to_string();
+    (netns, field("ip"), field("host_ifname"))
+}
+
+#[test]
+fn a_detached_replica_leaves_its_profile_and_the_last_one_takes_the_profile_away() {
+    let mut lab = Lab::new(LabOptions {
+        start_agents: false,
+        ..Default::default()
+    })
+    .unwrap();
+    for i in 0..lab.hosts.len() {
+        lab.start_agent_env(i, &[], &[("WEFT_LOG", "info,weft_agent::policy=debug")])
+            .unwrap();
+        lab.wait_agent(i, Duration::from_secs(30)).unwrap();
+    }
+    let (_, _, veth1) = replica(&lab, "w1");
+    let (w2_ns, w2_ip, veth2) = replica(&lab, "w2");
+    let (c_ns, _) = attach(&lab, 1, "c", &["role=client"], &[]).unwrap();
+    serve(&mut lab, &w2_ns);
+    pl::apply(
+        &lab,
+        &json!({"name": "web", "selector": "app == 'web'", "ingress": [
+        {"action": "allow", "protocol": "tcp", "source": {"selector": "role == 'client'"}}]}),
+    )
+    .unwrap();
+    assert!(soon(
+        || holds_veth(&lab, 0, &veth1) && holds_veth(&lab, 0, &veth2)
+    ));
+    let chain = pl::profile_chain(&lab, 0, &veth2, "weft-4t-").unwrap();
+    assert_eq!(
+        pl::profile_chain(&lab, 0, &veth1, "weft-4t-"),
+        Some(chain.clone())
+    );
+    assert!(becomes(&c_ns, &w2_ip, Probe::Tcp(80), true));
+
+    // One replica goes: its pairs leave the profile's sets, by the policy loop's leave (no
+    // plan of the host needed), and the other is policed by the same chain as before.
+    let before = lab.agent_log(0).len();
+    lab.ctl_json(0, &["detach", "w1"]).unwrap();
+    assert!(
+        soon(|| !holds_veth(&lab, 0, &veth1)),
+        "w1's pairs left: {:#?}",
+        pl::sets(&lab, 0)
+    );
+    assert!(
+        lab.agent_log(0)[before..].contains("endpoints left their profiles' sets"),
+        "the leave took them out"
+    );
+    assert_eq!(
+        pl::profile_chain(&lab, 0, &veth2, "weft-4t-"),
+        Some(chain.clone())
+    );
+    assert!(
+        probe::reach(&c_ns, &w2_ip, Probe::Tcp(80)),
+        "w2 still served"
+    );
+
+    // The last replica goes: the profile's sets and chain go with it.
+    lab.ctl_json(0, &["detach", "w2"]).unwrap();
+    assert!(
+        soon(|| !holds_veth(&lab, 0, &veth2)
+            && !pl::filter_rules(&lab, 0)
+                .unwrap()
+                .iter()
+                .any(|r| r.contains(&chain))),
+        "the profile's chain and sets are gone: {:#?}",
+        pl::filter_rules(&lab, 0)
+    );
+    // A replica attached again is policed from its first packet, as any first one.
+    let (_, _, veth1) = replica(&lab, "w1");
+    assert_eq!(pl::profile_chain(&lab, 0, &veth1, "weft-4t-"), Some(chain));
 }
 
 #[test]

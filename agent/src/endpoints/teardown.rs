@@ -26,10 +26,11 @@ pub async fn roll_back(ctx: &Context, record: &EndpointRecord) {
     if let Err(e) = ctx.journal.remove(&record.container_id) {
         errors.push(format!("removing journal entry: {e}"));
     }
-    // Its policy chains go with the next policy sync; its set memberships with the watch's
-    // news of its deleted record.
+    // Its pairs leave its profiles' sets from the policy loop (a profile left empty, with its
+    // chain, at the plan that asks for); its selector memberships with the watch's news of its
+    // deleted record.
     if ctx.policy.selects(record) {
-        ctx.policy.request_sync();
+        ctx.policy.leave(record);
     }
     if !record.ports.is_empty() {
         let synced = ctx
@@ -54,7 +55,7 @@ pub async fn dismantle(ctx: &Context, record: &EndpointRecord) -> Vec<String> {
     let mut errors = vec![];
     ctx.endpoints.remove(&record.container_id);
     if ctx.policy.selects(record) {
-        ctx.policy.request_sync();
+        ctx.policy.leave(record);
     }
     if !record.ports.is_empty() {
         let synced = ctx

@@ -6,11 +6,13 @@
 //! `sets` is the address-set seam (ipset, with a fake; `member` its members, `ipset_netlink`
 //! the member moves without the `ipset` program); `apply` carries a plan out: sets first, then
 //! the chains (through the firewall seam, in one restore), then sets no rule uses any more are
-//! destroyed; `join` puts an attaching endpoint into profiles that are in place, writing no rule.
+//! destroyed; `join` puts an attaching endpoint into profiles that are in place, writing no rule,
+//! and `leave` takes a departed one out of them.
 
 pub mod apply;
 pub mod ipset_netlink;
 mod join;
+pub mod leave;
 pub mod member;
 pub mod plan;
 pub mod render;
@@ -44,6 +46,8 @@ pub struct PolicyState {
     last_sets: std::sync::Mutex<Option<apply::LastSets>>,
     /// Endpoint changes seen by the watch and not yet applied to the sets.
     touched: std::sync::Mutex<Vec<apply::Touched>>,
+    /// Host veths of local endpoints that left, whose pairs are still in profile sets.
+    left: std::sync::Mutex<Vec<String>>,
     /// Wakes the policy loop for a sync soon.
     wake: Notify,
     /// Generations of the inputs: a sync that read them at generation G covers changes up to G.
@@ -63,6 +67,7 @@ impl PolicyState {
             sets,
             last_sets: Default::default(),
             touched: Default::default(),
+            left: Default::default(),
             chains_written: Default::default(),
             wake: Notify::new(),
             wanted: AtomicU64::new(0),
@@ -140,6 +145,13 @@ impl PolicyState {
         self.wake.notify_one();
     }
 
+    /// A local endpoint some policy selected left (detached, or its attach rolled back): its
+    /// pairs leave its profiles' sets soon, without a plan where none is needed.
+    pub fn leave(&self, endpoint: &EndpointRecord) {
+        self.left.lock().unwrap().push(endpoint.host_ifname.clone());
+        self.wake.notify_one();
+    }
+
     /// Whether some policy selects this endpoint (for either direction): its chains must be in
     /// place before its first packet.
     pub fn selects(&self, endpoint: &EndpointRecord) -> bool {
@@ -182,6 +194,10 @@ pub async fn run(ctx: Arc<crate::context::Context>, period: std::time::Duration)
         };
         if let Err(e) = apply::sync_members(&ctx).await {
             tracing::warn!(error = %e, "moving address set members failed; a full sync follows");
+            ctx.policy.request_sync();
+        }
+        if let Err(e) = leave::apply(&ctx).await {
+            tracing::warn!(error = %e, "taking left endpoints out of their profiles failed; a full sync follows");
             ctx.policy.request_sync();
         }
         // An endpoint's change anywhere in the fabric wakes every host's loop; moving members

@@ -5,13 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use weft_agent::policy::plan::{selector_set_name, Family};
 use weft_etcd::policy::Selector;
 use weft_proto::v1 as pb;
 
 use super::client::{delete_namespaces, namespaces, Client};
+use super::cpu::Cpu;
 use super::dataplane::iperf;
 use super::{timed, Options, Report, Run};
 use crate::lab::policy as policy_lab;
@@ -72,18 +73,27 @@ fn attach_labelled(
     })
 }
 
+/// A batch of sequential attaches and then detaches, and the agent's CPU time per detach
+/// (over the detaches and the half second after them: what a detach sets off in the
+/// background counts).
+struct Batch {
+    attach: Run,
+    detach: Run,
+    agent_cpu_per_detach: Duration,
+}
+
 /// Attaches `n` endpoints into pre-made namespaces, one at a time, labelled like the fabric's
 /// (`selected`: each one some policy selects once the policies exist) or with a label no policy
-/// selects; returns their latencies.
+/// selects, then detaches them one at a time.
 fn attach_batch(
     lab: &Lab,
     client: &Client,
     tag: &str,
     n: usize,
     selected: bool,
-) -> Result<(Run, Vec<String>)> {
+) -> Result<(Batch, Vec<String>)> {
     let ns = namespaces(lab, tag, n)?;
-    let run = timed(n, 1, |i| {
+    let attach = timed(n, 1, |i| {
         let labels = match selected {
             true => labels(i),
             false => [("app".to_string(), "none".to_string())].into(),
@@ -91,7 +101,9 @@ fn attach_batch(
         let netns = format!("/run/netns/{}", ns[i]);
         attach_labelled(client, 0, format!("{tag}{i}"), netns, labels)
     })?;
-    for i in 0..n {
+    let agent = lab.agent_pid(0).context("the agent's pid")?;
+    let cpu = Cpu::now(&[agent]);
+    let detach = timed(n, 1, |i| {
         client.call(0, move |mut c| {
             let id = format!("{tag}{i}");
             Box::pin(async move {
@@ -99,9 +111,16 @@ fn attach_batch(
                     .await
                     .map(|_| ())
             })
-        })?;
-    }
-    Ok((run, ns))
+        })
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, agent_cpu) = cpu.per(n);
+    let batch = Batch {
+        attach,
+        detach,
+        agent_cpu_per_detach: agent_cpu[0],
+    };
+    Ok((batch, ns))
 }
 
 pub fn run(report: &mut Report, options: &Options) -> Result<()> {
@@ -158,18 +177,28 @@ fn policy(report: &mut Report, endpoints: usize, count: usize) -> Result<()> {
     delete_namespaces(&ns)?;
     let (unselected, ns) = attach_batch(&lab, &clients[0], "up", 100, false)?;
     delete_namespaces(&ns)?;
-    report.run("policy.attach.without_policy", &without);
-    report.run("policy.attach.with_policy", &with);
-    let ratio = with.pct(0.5) / without.pct(0.5);
+    report.run("policy.attach.without_policy", &without.attach);
+    report.run("policy.attach.with_policy", &with.attach);
+    let ratio = with.attach.pct(0.5) / without.attach.pct(0.5);
     report.line("policy.attach.p50_ratio", ratio, "x", "target <= 1.5");
-    report.run("policy.attach.with_policy_unselected", &unselected);
-    let ratio = unselected.pct(0.5) / without.pct(0.5);
+    report.run("policy.attach.with_policy_unselected", &unselected.attach);
+    let ratio = unselected.attach.pct(0.5) / without.attach.pct(0.5);
     report.line(
         "policy.attach.p50_ratio_unselected",
         ratio,
         "x",
         "no policy selects it",
     );
+    report.run("policy.detach.without_policy", &without.detach);
+    report.run("policy.detach.with_policy", &with.detach);
+    for (name, batch) in [("without_policy", &without), ("with_policy", &with)] {
+        report.line(
+            &format!("policy.detach.{name}.agent_cpu"),
+            batch.agent_cpu_per_detach.as_secs_f64() * 1e3,
+            "ms",
+            "the agent's CPU per detach, what it sets off included",
+        );
+    }
 
     membership(report, &lab, &clients[0], endpoints)?;
     resync(report, &mut lab)?;
