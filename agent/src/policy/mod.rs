@@ -12,7 +12,7 @@
 pub mod apply;
 pub mod ipset_netlink;
 mod join;
-pub mod leave;
+mod leave;
 pub mod member;
 pub mod plan;
 pub mod render;

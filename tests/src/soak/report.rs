@@ -60,9 +60,12 @@ pub struct SoakReport {
 /// The memory bound: the end within 1.2x of the early figure.
 pub const MEMORY_GROWTH: f64 = 1.2;
 /// Reconcile time is flat when the late mean is within 2x of the early one (or under 5 ms: the
-/// machine's noise at that scale is larger than any trend).
+/// machine's noise at that scale is larger than any trend). A kind of pass is judged only when
+/// both thirds hold at least 10 of them: a mean of two or three passes is one pass that met a
+/// fault window or a busy moment (in a 3-minute run, routes passes come a few per third).
 pub const RECONCILE_GROWTH: f64 = 2.0;
 const RECONCILE_FLOOR_MS: f64 = 5.0;
+const RECONCILE_MIN_PASSES: u64 = 10;
 
 impl SoakReport {
     pub fn lost_pings(&self) -> usize {
@@ -95,14 +98,11 @@ impl SoakReport {
         }
         for (host, trend) in &self.reconcile {
             for kind in KINDS {
-                // A kind the early third never saw has nothing to grow from.
-                if trend.early.of(kind).passes == 0 {
+                let (early, late) = (trend.early.of(kind), trend.late.of(kind));
+                if early.passes.min(late.passes) < RECONCILE_MIN_PASSES {
                     continue;
                 }
-                let (early, late) = (
-                    trend.early.of(kind).mean_ms(),
-                    trend.late.of(kind).mean_ms(),
-                );
+                let (early, late) = (early.mean_ms(), late.mean_ms());
                 if late > RECONCILE_FLOOR_MS && late > early * RECONCILE_GROWTH {
                     problems.push(format!(
                         "{host}: mean {kind} pass went from {early:.1} ms to {late:.1} ms"
@@ -237,8 +237,10 @@ mod tests {
             attaches: 10,
             memory: vec![("h1".into(), 10_000, 11_000), ("h2".into(), 10_000, 13_000)],
             reconcile: vec![
-                ("h1".into(), full_passes(2.0, 4.5)),
-                ("h2".into(), full_passes(10.0, 30.0)),
+                ("h1".into(), full_passes(2.0, 4.5, 10)),
+                ("h2".into(), full_passes(10.0, 30.0, 10)),
+                // Too few passes in a third for their mean to be a trend.
+                ("h3".into(), full_passes(1.0, 7.0, 6)),
             ],
             ..Default::default()
         };
@@ -248,13 +250,14 @@ mod tests {
         assert!(problems[1].starts_with("h2: mean full pass"));
     }
 
-    /// A trend of one full pass taking `early` ms in the first third and `late` in the last.
-    fn full_passes(early: f64, late: f64) -> Trend {
+    /// A trend of `passes` full passes taking `early` ms each in the first third and `late` in
+    /// the last.
+    fn full_passes(early: f64, late: f64, passes: u64) -> Trend {
         let totals = |ms: f64| {
             crate::passes::Totals::parse(&format!(
-                "weft_reconcile_passes_total{{pass=\"full\"}} 1\n\
+                "weft_reconcile_passes_total{{pass=\"full\"}} {passes}\n\
                  weft_reconcile_step_seconds_total{{pass=\"full\",step=\"routes\"}} {}\n",
-                ms / 1e3
+                ms * passes as f64 / 1e3
             ))
             .unwrap()
         };
