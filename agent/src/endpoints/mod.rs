@@ -17,6 +17,8 @@ pub mod teardown;
 #[cfg(test)]
 mod dual_tests;
 #[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
 mod requested_tests;
 #[cfg(test)]
 pub(crate) mod tests;

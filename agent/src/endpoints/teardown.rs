@@ -26,9 +26,9 @@ pub async fn roll_back(ctx: &Context, record: &EndpointRecord) {
     if let Err(e) = ctx.journal.remove(&record.container_id) {
         errors.push(format!("removing journal entry: {e}"));
     }
-    // Its pairs leave its profiles' sets from the policy loop (a profile left empty, with its
-    // chain, at the plan that asks for); its selector memberships with the watch's news of its
-    // deleted record.
+    // Its pairs leave its profiles' sets from the policy loop (a profile it leaves empty goes,
+    // chain and sets, with the plan the loop then asks for); its selector memberships with the
+    // watch's news of its deleted record.
     if ctx.policy.selects(record) {
         ctx.policy.leave(record);
     }

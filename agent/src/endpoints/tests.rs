@@ -21,8 +21,8 @@ pub(crate) struct World {
     _state: tempfile::TempDir,
     pub(crate) kernel: Arc<FakeKernel>,
     pub(crate) store: Arc<FakeStore>,
-    firewall: Arc<FakeFirewall>,
-    sets: Arc<crate::policy::sets::FakeSets>,
+    pub(crate) firewall: Arc<FakeFirewall>,
+    pub(crate) sets: Arc<crate::policy::sets::FakeSets>,
 }
 
 pub(crate) const CONTAINER_NS: &str = "/run/netns/runtime-made";
@@ -343,106 +343,6 @@ async fn the_second_interface_of_a_namespace_takes_the_default_route_when_the_fi
     assert_eq!(w.ctx.journal.load().unwrap(), vec![promoted]);
 }
 
-/// An endpoint a policy selects gets its chains and its selectors' sets as it attaches; new
-/// labels on a repeated attach are recorded and applied; a failing policy write rolls back.
-#[tokio::test]
-async fn labels_are_recorded_and_selected_endpoints_are_policed_as_they_attach() {
-    use weft_etcd::policy::policy_from_value;
-    let w = world();
-    let policy_of_web = || {
-        policy_from_value(
-            &serde_json::json!({"name": "web", "selector": "app == 'web'", "ingress": [
-                {"action": "allow", "source": {"selector": "role == 'front'"}}]}),
-            "",
-        )
-        .unwrap()
-    };
-    w.ctx.policy.apply(
-        vec![weft_etcd::FabricEvent::PolicyPut(Box::new(policy_of_web()))],
-        1,
-    );
-    let labelled = |labels: &[(&str, &str)]| {
-        let labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        request("web", CONTAINER_NS, &[])
-            .with_labels(labels)
-            .unwrap()
-    };
-    let record = attach(&w.ctx, labelled(&[("app", "web")])).await.unwrap();
-    assert_eq!(record.labels["app"], "web");
-    // Its ingress profile's chain is written, and its set holds the endpoint on its veth.
-    let profile = crate::policy::plan::endpoint_plan(
-        crate::policy::plan::Family::V4,
-        &[&policy_of_web()],
-        &record,
-    );
-    let [(profile, members)] = profile.as_slice() else {
-        panic!("one profile: {profile:?}");
-    };
-    let chain = profile.chain.clone();
-    assert!(w
-        .firewall
-        .applied
-        .lock()
-        .unwrap()
-        .policy
-        .v4
-        .contains_key(&chain));
-    assert_eq!(
-        w.sets.sets.lock().unwrap()[&profile.set].members,
-        members.iter().cloned().collect()
-    );
-    let stored = w
-        .store
-        .state
-        .lock()
-        .unwrap()
-        .endpoints
-        .values()
-        .next()
-        .cloned()
-        .unwrap();
-    assert_eq!(stored.labels, record.labels);
-
-    // Relabelled out of the policy's selector: the record changes, the chain goes.
-    let record = attach(&w.ctx, labelled(&[("app", "db")])).await.unwrap();
-    assert_eq!(record.labels["app"], "db");
-    let stored = w
-        .store
-        .state
-        .lock()
-        .unwrap()
-        .endpoints
-        .values()
-        .next()
-        .cloned()
-        .unwrap();
-    assert_eq!(stored.labels["app"], "db");
-    assert!(!w
-        .firewall
-        .applied
-        .lock()
-        .unwrap()
-        .policy
-        .v4
-        .contains_key(&chain));
-
-    // A selected endpoint whose policy cannot be written is not attached (its profile gone
-    // with the last endpoint in it, so its chains must be written again).
-    detach(&w.ctx, &ContainerId::new("web").unwrap())
-        .await
-        .unwrap();
-    crate::policy::sync(&w.ctx, crate::firewall::SyncMode::Fast)
-        .await
-        .unwrap();
-    w.firewall.fail(true);
-    assert!(attach(&w.ctx, labelled(&[("app", "web")])).await.is_err());
-    w.firewall.fail(false);
-    w.assert_nothing_left();
-}
-
 #[tokio::test]
 async fn a_block_being_released_is_never_allocated_from_and_an_emptied_one_goes() {
     let w = world();
@@ -549,58 +449,4 @@ async fn a_requested_address_is_given_once_kept_across_containers_and_refused_by
         .unwrap();
     let c = attach(&w.ctx, asked("c", "10.65.7.2")).await.unwrap();
     assert_eq!(c.ip, ip("10.65.7.2"));
-}
-
-/// A replica joining a profile keeps the members a sync of chains first put there: an endpoint
-/// that joined an existing profile and a new one (chains first) stays in the existing profile's
-/// set when the next replica joins it, before any full sync ran.
-#[tokio::test]
-async fn a_joining_replica_keeps_members_that_a_chains_first_sync_added() {
-    use weft_etcd::policy::policy_from_value;
-    let w = world();
-    let policy = |doc: serde_json::Value| {
-        let policy = policy_from_value(&doc, "").unwrap();
-        weft_etcd::FabricEvent::PolicyPut(Box::new(policy))
-    };
-    w.ctx.policy.apply(
-        vec![
-            policy(serde_json::json!({"name": "in", "selector": "app == 'web'", "ingress": []})),
-            policy(serde_json::json!({"name": "out", "selector": "role == 'x'", "egress": []})),
-        ],
-        1,
-    );
-    let attach_labelled = |id: &str, labels: &[(&str, &str)]| {
-        let labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        attach(&w.ctx, request(id, "", &[]).with_labels(labels).unwrap())
-    };
-    // The ingress profile in place, and known to a full sync.
-    attach_labelled("first", &[("app", "web")]).await.unwrap();
-    crate::policy::sync(&w.ctx, crate::firewall::SyncMode::Fast)
-        .await
-        .unwrap();
-    // Joins it and a new egress profile: chains first.
-    let both = attach_labelled("both", &[("app", "web"), ("role", "x")])
-        .await
-        .unwrap();
-    // Joins the ingress profile only: in place.
-    attach_labelled("replica", &[("app", "web")]).await.unwrap();
-    let ingress = crate::policy::plan::endpoint_plan(
-        crate::policy::plan::Family::V4,
-        &[&policy_from_value(
-            &serde_json::json!({"name": "in", "selector": "app == 'web'", "ingress": []}),
-            "",
-        )
-        .unwrap()],
-        &both,
-    );
-    let (profile, members) = &ingress[0];
-    let held = w.sets.sets.lock().unwrap()[&profile.set].members.clone();
-    assert!(
-        members.iter().all(|m| held.contains(m)),
-        "{members:?} kept in {held:?}"
-    );
-    assert_eq!(held.len(), 3, "first, both and the replica: {held:?}");
 }

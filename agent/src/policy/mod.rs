@@ -12,7 +12,7 @@
 pub mod apply;
 pub mod ipset_netlink;
 mod join;
-mod leave;
+pub(crate) mod leave;
 pub mod member;
 pub mod plan;
 pub mod render;
@@ -163,7 +163,7 @@ impl PolicyState {
     }
 
     /// Whether a full sync was asked for and has not run since.
-    fn full_sync_pending(&self) -> bool {
+    pub(crate) fn full_sync_pending(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
         self.applied.load(SeqCst) < self.wanted.load(SeqCst)
     }

@@ -97,17 +97,26 @@ impl SoakReport {
             }
         }
         for (host, trend) in &self.reconcile {
+            let mut judged = 0;
             for kind in KINDS {
                 let (early, late) = (trend.early.of(kind), trend.late.of(kind));
                 if early.passes.min(late.passes) < RECONCILE_MIN_PASSES {
                     continue;
                 }
+                judged += 1;
                 let (early, late) = (early.mean_ms(), late.mean_ms());
                 if late > RECONCILE_FLOOR_MS && late > early * RECONCILE_GROWTH {
                     problems.push(format!(
                         "{host}: mean {kind} pass went from {early:.1} ms to {late:.1} ms"
                     ));
                 }
+            }
+            // Full passes come every resync interval: a run without enough of them to judge
+            // cannot say reconcile time stayed flat.
+            if judged == 0 {
+                problems.push(format!(
+                    "{host}: too few reconcile passes in a third to judge their time"
+                ));
             }
         }
         if self.attaches == 0 {
@@ -239,15 +248,17 @@ mod tests {
             reconcile: vec![
                 ("h1".into(), full_passes(2.0, 4.5, 10)),
                 ("h2".into(), full_passes(10.0, 30.0, 10)),
-                // Too few passes in a third for their mean to be a trend.
+                // Too few passes in a third for their mean to be a trend, and so nothing
+                // judged at all.
                 ("h3".into(), full_passes(1.0, 7.0, 6)),
             ],
             ..Default::default()
         };
         let problems = report.problems();
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].starts_with("h2: agent memory"));
         assert!(problems[1].starts_with("h2: mean full pass"));
+        assert!(problems[2].starts_with("h3: too few reconcile passes"));
     }
 
     /// A trend of `passes` full passes taking `early` ms each in the first third and `late` in
